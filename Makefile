@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the main job end to end) and `make test` (the whole suite).
+# Each creates .venv in the repository root when missing and installs the project with pinned versions.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS ?= dali,deepspeed,dev
+
+.PHONY: demo test test-slow bench venv clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m supcon_scale.demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Longer checks (full-size benchmarks smoke, long multi-node runs); not part of `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

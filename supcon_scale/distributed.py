@@ -1,0 +1,206 @@
+"""Process-group set-up and the few collectives the rest of the package needs.
+
+Only this module and `engines/` touch `torch.distributed`. Works under torchrun, the deepspeed launcher and SLURM
+(srun) by reading their environment; without any of them it is a single process with no group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits in the job. `rank` is the global rank: seeds and data shards derive from it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> Context:
+    """Join the process group described by the launcher's environment and seed every RNG.
+
+    Model-init RNGs get the same `seed` on every rank (so replicas start equal); augmentation seeds derive from the
+    global rank separately (see `rank_seed`).
+    """
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    seed_everything(seed)
+    return Context(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, *salt: int) -> int:
+    """A per-rank seed from the *global* rank (solo-learn's local-rank seeds collided across nodes)."""
+    return int(np.random.SeedSequence([seed, rank, *salt]).generate_state(1)[0])
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the current default group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor (for logging); the input is returned unchanged without a group."""
+    if not dist.is_initialized():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def local_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's local batch size (one small all-gather), to detect uneven batches before a collective hangs."""
+    if not dist.is_initialized():
+        return [n]
+    t = torch.tensor([n], device=device, dtype=torch.long)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradient over ranks and returns this rank's slice.
+
+    The sum matters: every rank's loss depends on every rank's embeddings, so the gradient of embedding k is the sum
+    of all ranks' contributions (lightly's GatherLayer returned only its own slice, FACTS.md section 2).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rank = dist.get_rank()
+        ctx.sizes = sizes
+        ctx.rank = rank
+        x = x.contiguous()  # pytorch #120386: non-contiguous buffers gave wrong gathers
+        biggest = max(sizes)
+        if x.shape[0] < biggest:  # uneven local batches: pad, gather, trim
+            pad = x.new_zeros((biggest - x.shape[0], *x.shape[1:]))
+            x = torch.cat([x, pad])
+        parts = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(parts, x)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `x` ([n, ...], n may differ by rank) from all ranks with gradients flowing back to the owners.
+
+    Returns the gathered tensor and the offset of this rank's rows in it. Without a group it returns `(x, 0)`.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    sizes = local_sizes(x.shape[0], x.device)
+    gathered = _GatherWithGrad.apply(x, sizes)
+    return gathered, sum(sizes[: dist.get_rank()])
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Gather without gradient (labels, label vectors); uneven sizes allowed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    with torch.no_grad():
+        sizes = local_sizes(x.shape[0], x.device)
+        biggest = max(sizes)
+        x = x.contiguous()
+        if x.shape[0] < biggest:
+            x = torch.cat([x, x.new_zeros((biggest - x.shape[0], *x.shape[1:]))])
+        parts = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(parts, x)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])

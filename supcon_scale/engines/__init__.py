@@ -1,0 +1,1 @@
+"""supcon_scale.engines"""

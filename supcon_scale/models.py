@@ -1,0 +1,61 @@
+"""Encoder (any timm model) + projection head, returning L2-normalised embeddings."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from supcon_scale.config import ModelConfig
+
+
+class SupConModel(nn.Module):
+    """`encoder` maps images to pooled features h; `head` maps h to the embedding z (normalised in `forward`).
+
+    After training the head is thrown away and the encoder alone is exported (the paper's protocol).
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.encoder(x)).float(), dim=-1)
+
+
+def create_encoder(name: str, cifar_stem: bool = False, pretrained: bool = False) -> nn.Module:
+    """A timm model without classifier (`num_classes=0`): its output is the pooled feature vector."""
+    try:
+        encoder = timm.create_model(name, num_classes=0, pretrained=pretrained)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise ValueError(f"model.encoder: {exc}") from None
+    if cifar_stem:
+        _to_cifar_stem(encoder)
+    return encoder
+
+
+def _to_cifar_stem(encoder: nn.Module) -> None:
+    """3x3 stride-1 first conv without max-pool, the usual ResNet variant for 32 px images."""
+    conv = getattr(encoder, "conv1", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError("model.cifar_stem: only ResNet-style encoders with a single conv1 stem support it")
+    encoder.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    encoder.maxpool = nn.Identity()
+
+
+def create_head(kind: str, in_dim: int, hidden_dim: int | None, out_dim: int) -> nn.Module:
+    if kind == "linear":  # the official TF release: a single 2048 -> 128 layer
+        return nn.Linear(in_dim, out_dim)
+    hidden = hidden_dim or in_dim  # the PyTorch reference: 2048 -> 2048 -> 128
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def build(cfg: ModelConfig) -> SupConModel:
+    encoder = create_encoder(cfg.encoder, cfg.cifar_stem)
+    head = create_head(cfg.head, encoder.num_features, cfg.head_hidden_dim, cfg.feat_dim)
+    model = SupConModel(encoder, head)
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
