@@ -1,0 +1,83 @@
+"""DistributedDataParallel engine (gloo on CPU, NCCL on GPU); a plain module in a single process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from supcon_scale import optim
+from supcon_scale.config import RunConfig
+from supcon_scale.distributed import Context, all_reduce_min
+from supcon_scale.engines.base import Engine
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
+        super().__init__(cfg, ctx)
+        model = model.to(ctx.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.wrapped: nn.Module = (
+            DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+            if ctx.distributed
+            else model
+        )
+        self.optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
+        self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
+        # Loss scaling only for fp16; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wrapped(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> bool:
+        if self.scaler.is_enabled():
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale_before
+        else:
+            # Every rank must agree before stepping (grads are already all-reduced, but a NaN on one replica's
+            # non-synchronised state would otherwise diverge the replicas); one tiny all-reduce, no extra sync per
+            # parameter (torchtitan's approach, FACTS.md section 9).
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None])
+            stepped = bool(all_reduce_min(finite.all().to(torch.int32)).item())
+            if stepped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.scheduler.step()
+        else:
+            self.skipped_steps += 1
+        return stepped
+
+    def unwrapped(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
