@@ -40,10 +40,20 @@ META = "meta.json"
 # Encoder export: what evaluation and downstream users load
 
 
-def export_encoder(encoder: nn.Module, path: str | Path, encoder_name: str, cifar_stem: bool = False) -> Path:
-    """Write the encoder as a timm-compatible state dict (`timm.create_model(name, num_classes=0)` loads it)."""
+def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's entries of a full SupConModel state dict, with the `encoder.` prefix removed."""
+    return {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
+
+
+def export_encoder(
+    encoder: nn.Module | dict[str, torch.Tensor], path: str | Path, encoder_name: str, cifar_stem: bool = False
+) -> Path:
+    """Write the encoder (a module or its state dict) as a timm state dict: `timm.create_model(name,
+    num_classes=0).load_state_dict(...)` accepts it."""
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
+    if isinstance(encoder, nn.Module):
+        encoder = encoder.state_dict()
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.items()}
     tmp = path.with_name(f".tmp-{path.name}")
     save_file(state, str(tmp), metadata={"encoder": encoder_name, "cifar_stem": str(int(cifar_stem))})
     _fsync(tmp)
@@ -133,7 +143,6 @@ def save(
     step: int,
     epoch: int,
     engine_state: dict[str, Any],
-    encoder: nn.Module,
     config: dict[str, Any],
     data_state: dict[str, Any],
     keep_last: int = 3,
@@ -161,7 +170,7 @@ def save(
         train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
         _save_torch(train_state, tmp / "train_state.pt")
         model_cfg = config["model"]
-        export_encoder(encoder, tmp / "encoder.safetensors", model_cfg["encoder"], model_cfg.get("cifar_stem", False))
+        export_encoder(encoder_state(engine_state["model"]), tmp / "encoder.safetensors", model_cfg["encoder"], model_cfg.get("cifar_stem", False))
         meta = {
             "step": step,
             "epoch": epoch,
@@ -204,6 +213,15 @@ def _purge(root: Path, keep_last: int) -> None:
     for stale in root.glob(".tmp-*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def copy_atomic(src: Path, dst: Path) -> Path:
+    """Copy a file so that `dst` is either the old file or the complete new one, never a partial copy."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copyfile(src, tmp)
+    _fsync(tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def _save_torch(obj: Any, path: Path) -> None:

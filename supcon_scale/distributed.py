@@ -204,3 +204,10 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def record(fn):
+    """torchrun's error recorder: a worker's traceback reaches the launcher's summary (FACTS.md section 9)."""
+    from torch.distributed.elastic.multiprocessing.errors import record as _record
+
+    return _record(fn)

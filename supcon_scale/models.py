@@ -16,13 +16,15 @@ class SupConModel(nn.Module):
     After training the head is thrown away and the encoder alone is exported (the paper's protocol).
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, normalize: bool = True):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.encoder(x)).float(), dim=-1)
+        out = self.head(self.encoder(x))
+        return F.normalize(out.float(), dim=-1) if self.normalize else out
 
 
 def create_encoder(name: str, cifar_stem: bool = False, pretrained: bool = False) -> nn.Module:
@@ -52,10 +54,13 @@ def create_head(kind: str, in_dim: int, hidden_dim: int | None, out_dim: int) ->
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
-def build(cfg: ModelConfig) -> SupConModel:
+def build(cfg: ModelConfig, num_classes: int | None = None) -> SupConModel:
+    """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline)."""
     encoder = create_encoder(cfg.encoder, cfg.cifar_stem)
-    head = create_head(cfg.head, encoder.num_features, cfg.head_hidden_dim, cfg.feat_dim)
-    model = SupConModel(encoder, head)
+    if num_classes is None:
+        model = SupConModel(encoder, create_head(cfg.head, encoder.num_features, cfg.head_hidden_dim, cfg.feat_dim))
+    else:
+        model = SupConModel(encoder, nn.Linear(encoder.num_features, num_classes), normalize=False)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

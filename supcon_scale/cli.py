@@ -1,0 +1,90 @@
+"""`supcon-scale <subcommand>`: each subcommand is a thin call into the library.
+
+Run under torchrun as `torchrun ... -m supcon_scale.cli train --config CONFIG [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# Subcommands implemented elsewhere, as "module:function" taking argv and returning an exit status. Imported only
+# when called, so `--help` stays fast and a missing optional extra only matters to the command that needs it.
+DELEGATED = {
+    "check-data": ("supcon_scale.data.badfiles:main", "scan a dataset for files that cannot be decoded"),
+    "linear-eval": ("supcon_scale.evaluation.linear:main", "linear evaluation of a checkpoint (frozen encoder)"),
+    "knn": ("supcon_scale.evaluation.knn:main", "weighted kNN accuracy of a checkpoint"),
+    "imagenet-c": ("supcon_scale.evaluation.robustness:main", "corruption robustness (mCE) of checkpoints"),
+    "demo": ("supcon_scale.demo:main", "the end-to-end demo on the bundled digits (CPU)"),
+}
+
+EXIT_USAGE = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from supcon_scale import config, distributed, trainer
+    from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted
+
+    cfg = config.load(args.config, args.overrides)
+    ctx = distributed.init(cfg.engine.backend, cfg.seed)
+    try:
+        trainer.fit(cfg, ctx)
+    except Preempted as exc:
+        print(f"supcon-scale: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except NonFiniteError as exc:
+        print(f"supcon-scale: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _make_demo_data(args: argparse.Namespace) -> int:
+    from supcon_scale.data.folder import make_demo_data
+
+    out = make_demo_data(args.dir, size=args.size)
+    print(f"wrote the digits to {out}/train and {out}/val")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supcon-scale", description="Supervised Contrastive training at scale.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="pre-train an encoder (run under torchrun or the deepspeed launcher)")
+    t.add_argument("--config", type=Path, help="YAML recipe (configs/...); `base:` inheritance allowed")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.global_batch_size=512 loss.temperature=0.1")
+    t.set_defaults(func=_train)
+    d = sub.add_parser("make-demo-data", help="write scikit-learn's digits as JPEGs in the ImageNet folder layout")
+    d.add_argument("dir", type=Path)
+    d.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    d.set_defaults(func=_make_demo_data)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from supcon_scale.config import ConfigError
+
+    try:
+        if argv and argv[0] in DELEGATED:
+            module, func = DELEGATED[argv[0]][0].split(":")
+            return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+        args = parser().parse_args(argv)
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"supcon-scale: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"supcon-scale: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    from supcon_scale.distributed import record
+
+    sys.exit(record(main)())

@@ -1,0 +1,151 @@
+"""The training loop: data -> engine -> loss -> step, with logging, checkpoints, resume and preemption."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from supcon_scale import checkpoint, config, data, engines, losses, models
+from supcon_scale.console import MetricsLog, TrainProgress, console
+from supcon_scale.distributed import Context, all_reduce_mean
+from supcon_scale.engines import Engine
+from supcon_scale.losses.cross_entropy import CrossEntropyLoss
+from supcon_scale.resilience import NonFiniteGuard, Preempted, PreemptionHandler
+
+# Called after every optimizer step as hook(step, epoch); used by the kNN monitor and by fault-injection tests.
+StepHook = Callable[[int, int], None]
+
+
+@dataclass
+class FitResult:
+    step: int
+    epoch: int
+    loss: float
+    seconds: float
+    encoder_path: Path | None
+    skipped_steps: int
+
+
+def train_step(engine: Engine, criterion: torch.nn.Module, views: list[torch.Tensor], labels: torch.Tensor):
+    """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics)."""
+    b = labels.shape[0]
+    with engine.autocast():
+        out = engine(torch.cat(views))
+    out = out.float().reshape(len(views), b, -1).transpose(0, 1)  # [B, V, D]
+    loss = criterion(out, labels)
+    engine.backward(loss)
+    return loss.detach(), engine.step()
+
+
+def build_criterion(cfg: config.LossConfig) -> torch.nn.Module:
+    return CrossEntropyLoss() if cfg.name == "cross_entropy" else losses.build(cfg)
+
+
+def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -> FitResult:
+    """Train `cfg` on this process's share of the job and export the encoder; returns where it stopped."""
+    cfg.validate(ctx.world_size)
+    out_dir = Path(cfg.out_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out_dir / "config.yaml")
+
+    loader = data.build_train_loader(cfg.data, ctx, cfg.seed, out_dir)
+    model = models.build(cfg.model, loader.num_classes if cfg.loss.name == "cross_entropy" else None)
+    total_steps = cfg.train.epochs * loader.steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    warmup_steps = min(total_steps, round(cfg.train.warmup_epochs * loader.steps_per_epoch))
+    engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
+    criterion = build_criterion(cfg.loss)
+
+    step, epoch = _resume(cfg, engine, loader)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
+    preemption = PreemptionHandler(cfg.train.preempt_signal)
+    newest = checkpoint.latest(out_dir)
+    loss_value, start, window_start, window_views = float("nan"), time.time(), time.time(), 0
+
+    saved_step = step
+
+    def save() -> None:
+        nonlocal newest, saved_step
+        newest = checkpoint.save(
+            out_dir, step, epoch, engine.state_dict(), cfg.to_dict(), loader.state_dict(), cfg.train.keep_last,
+            extra_meta={"loss_convention": criterion.convention()},
+        )
+        saved_step = step
+
+    engine.train()
+    try:
+        with TrainProgress(total_steps, step, enabled=ctx.is_main and cfg.train.progress) as progress:
+            while step < total_steps and epoch < cfg.train.epochs:
+                for views, labels in loader:
+                    loss, stepped = train_step(engine, criterion, views, labels)
+                    step += 1
+                    window_views += len(views) * labels.shape[0] * ctx.world_size
+                    if not stepped:
+                        guard.update(step, loss.item(), stepped, str(newest) if newest else None)
+                    if step % cfg.train.log_every == 0 or step == total_steps:
+                        loss_value = all_reduce_mean(loss).item()
+                        rate = window_views / max(time.time() - window_start, 1e-9)
+                        metrics.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": engine.lr,
+                                       "views_per_s": rate, "skipped_steps": engine.skipped_steps})
+                        progress.update(step, f"epoch {epoch} loss {loss_value:.4f} {rate:,.0f} views/s")
+                        window_start, window_views = time.time(), 0
+                    for hook in hooks:
+                        hook(step, epoch)
+                    if preemption.requested(ctx.device):
+                        save()
+                        raise Preempted(f"preempted at step {step}; checkpoint {newest}")
+                    if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+                        save()
+                    if step >= total_steps:
+                        break
+                if step != saved_step:  # the end of an epoch, or of the run
+                    save()
+                if step >= total_steps:
+                    break
+                epoch += 1
+                loader.set_epoch(epoch)
+    finally:
+        preemption.close()
+
+    encoder_path = out_dir / "encoder.safetensors"
+    if ctx.is_main and newest is not None:
+        checkpoint.copy_atomic(newest / "encoder.safetensors", encoder_path)
+        console.print(f"[green]done[/] step {step}, epoch {epoch}: encoder exported to {encoder_path}")
+    return FitResult(step, epoch, loss_value, time.time() - start, encoder_path if newest else None, engine.skipped_steps)
+
+
+def _resume(cfg: config.RunConfig, engine: Engine, loader: Any) -> tuple[int, int]:
+    """Restore engine, data position and RNG from `train.resume`; returns (step, epoch) to continue from."""
+    path = cfg.train.resume
+    if path == "auto":
+        found = checkpoint.latest(cfg.out_dir)
+        if found is None:
+            loader.set_epoch(0)
+            return 0, 0
+        path = str(found)
+    if path is None:
+        loader.set_epoch(0)
+        return 0, 0
+    meta, engine_state, rank_state = checkpoint.load(path)
+    if meta["config"]["model"]["encoder"] != cfg.model.encoder:
+        raise ValueError(
+            f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
+            f"this run has model.encoder={cfg.model.encoder}"
+        )
+    engine.load_state_dict(engine_state)
+    if rank_state is None:
+        raise ValueError(
+            f"train.resume: {path} was saved by {meta['world_size']} ranks; this rank has no saved position "
+            f"(world size now differs)"
+        )
+    loader.load_state_dict(rank_state["data"])
+    checkpoint.set_rng_state(rank_state["rng"])
+    console.print(f"resumed from {path} at step {meta['step']}, epoch {meta['epoch']}")
+    return int(meta["step"]), int(meta["epoch"])

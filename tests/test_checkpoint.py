@@ -1,0 +1,111 @@
+"""Checkpoints: complete-or-invisible directories, safe loading, purge, RNG and encoder export round trips."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from supcon_scale import checkpoint, config, models
+
+
+def _state(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = config.load(None, ["model.encoder=resnet18", "model.feat_dim=16"])
+    model = models.build(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return cfg, model, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": {}}
+
+
+def test_save_load_round_trip(tmp_path: Path):
+    cfg, model, state = _state()
+    path = checkpoint.save(tmp_path, 7, 1, state, cfg.to_dict(), {"epoch": 1, "batch": 3})
+    assert path.name == "step_00000007" and checkpoint.latest(tmp_path) == path
+    meta, loaded, rank_state = checkpoint.load(path)
+    assert meta["step"] == 7 and meta["epoch"] == 1 and meta["world_size"] == 1
+    assert meta["loss"]["variant"] == "out" and meta["config"]["model"]["encoder"] == "resnet18"
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v), k
+    buf = next(iter(state["optimizer"]["state"].values()))["momentum_buffer"]
+    assert torch.equal(next(iter(loaded["optimizer"]["state"].values()))["momentum_buffer"], buf)
+    assert rank_state["data"] == {"epoch": 1, "batch": 3}
+
+
+def test_exported_encoder_is_a_plain_timm_state_dict(tmp_path: Path):
+    cfg, model, state = _state()
+    path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
+    from safetensors.torch import load_file
+
+    plain = timm.create_model("resnet18", num_classes=0)
+    plain.load_state_dict(load_file(str(path / "encoder.safetensors")))  # strict: every key and shape matches
+    encoder, meta = checkpoint.load_encoder(path)
+    assert meta["encoder"] == "resnet18" and not encoder.training
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(encoder(x), model.encoder(x))
+    torch.testing.assert_close(plain.eval()(x), model.encoder(x))
+
+
+def test_incomplete_checkpoint_is_invisible_and_purge_keeps_newest(tmp_path: Path):
+    cfg, _, state = _state()
+    for step in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, step, 0, state, cfg.to_dict(), {}, keep_last=2)
+    root = checkpoint.checkpoint_root(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
+    # A save killed before meta.json: the directory exists under its final name but is never picked.
+    half = root / "step_00000009"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path).name == "step_00000004"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.load(half)
+
+
+def test_refuses_arbitrary_pickles(tmp_path: Path):
+    cfg, _, state = _state()
+    path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"optimizer": Evil()}, path / "train_state.pt")
+    with pytest.raises(ValueError, match=r"train_state.pt: refused to load"):
+        checkpoint.load(path)
+
+
+def test_mismatched_model_names_keys_and_shapes(tmp_path: Path):
+    enc = models.create_encoder("resnet18")
+    path = checkpoint.export_encoder(enc, tmp_path / "encoder.safetensors", "resnet18")
+    target = models.create_encoder("resnet34")
+    from safetensors.torch import load_file
+
+    with pytest.raises(ValueError, match=r"does not fit this model: missing layer1.2.*"):
+        checkpoint.load_matching(target, load_file(str(path)), str(path))
+    narrow = timm.create_model("resnet18", num_classes=0, stem_width=32, stem_type="deep")
+    with pytest.raises(ValueError, match=r"unexpected conv1.weight"):
+        checkpoint.load_matching(narrow, load_file(str(path)), str(path))
+
+
+def test_rng_state_round_trip():
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    saved = checkpoint.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoint.set_rng_state(saved)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_meta_is_plain_json(tmp_path: Path):
+    cfg, _, state = _state()
+    path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
+    meta = json.loads((path / "meta.json").read_text())
+    assert config.from_dict(meta["config"]) == cfg
