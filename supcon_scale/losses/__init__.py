@@ -1,1 +1,5 @@
-"""supcon_scale.losses"""
+"""Contrastive losses: SupCon (L_out / L_in), SimCLR (no labels) and GenSCL (label vectors), dense or tiled."""
+
+from supcon_scale.losses.supcon import SupConLoss, build
+
+__all__ = ["SupConLoss", "build"]
