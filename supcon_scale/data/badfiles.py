@@ -1,0 +1,131 @@
+"""Find images that cannot be decoded before any loader sees them (FACTS.md sections 5 and 9).
+
+DALI cannot skip a corrupt file mid-run (the pipeline dies), so every backend indexes through `check_paths`:
+each file is fully decoded once (JPEGs in draft mode, which still entropy-decodes the whole stream, so truncation is
+caught) and the bad ones are either skipped and listed in `bad_files.txt` or stop the run before training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supcon_scale.data.folder import IMAGE_EXTENSIONS
+
+BAD_FILES_NAME = "bad_files.txt"
+
+
+@dataclass
+class ScanReport:
+    """Decodable paths and `(path, reason)` for the rest, both in input order."""
+
+    good: list[str] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"good": len(self.good), "bad": [{"path": p, "reason": r} for p, r in self.bad]}
+
+
+def check_file(path: str) -> str | None:
+    """None when `path` decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
+    from PIL import Image
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()  # raises on truncated data (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is False by default)
+            img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file bad; the reason is reported
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"cannot decode: {reason}"
+    return None
+
+
+def _check_chunk(paths: list[str]) -> list[str | None]:
+    return [check_file(p) for p in paths]
+
+
+def default_workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def check_paths(paths: list[str], workers: int | None = None) -> ScanReport:
+    """Decode every path (in `workers` processes for large lists) and split them into good and bad."""
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(paths) < 512:
+        reasons = _check_chunk(paths)
+    else:
+        chunk = max(64, len(paths) // (workers * 8))
+        chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            reasons = [r for part in pool.map(_check_chunk, chunks) for r in part]
+    report = ScanReport()
+    for path, reason in zip(paths, reasons):
+        if reason is None:
+            report.good.append(path)
+        else:
+            report.bad.append((path, reason))
+    return report
+
+
+def image_files(root: Path) -> list[str]:
+    """Every file with an image extension under `root`, sorted (hidden folders skipped)."""
+    if not root.is_dir():
+        raise ValueError(f"check-data: directory not found: {root}")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(out)
+
+
+def scan(root: Path, workers: int | None = None) -> ScanReport:
+    """Check every image file under `root` (recursively)."""
+    return check_paths(image_files(Path(root)), workers)
+
+
+def write_bad_files(report: ScanReport, out_dir: Path) -> Path:
+    """`out_dir/bad_files.txt`: one `path<TAB>reason` per line (the run's deny-list)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / BAD_FILES_NAME
+    path.write_text("".join(f"{p}\t{r}\n" for p, r in report.bad))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`supcon-scale check-data DIR`: table of undecodable images; exit 1 when any is found, 2 on bad input."""
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="supcon-scale check-data", description=main.__doc__)
+    parser.add_argument("dir", type=Path, help="dataset folder, scanned recursively")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the report as JSON")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        report = scan(args.dir, args.workers)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    table = Table(title=f"check-data {args.dir}: {len(report.good)} good, {len(report.bad)} bad")
+    table.add_column("bad file")
+    table.add_column("reason")
+    for p, r in report.bad:
+        table.add_row(p, r)
+    console.print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"root": str(args.dir), **report.to_dict()}, indent=2))
+    return 1 if report.bad else 0
