@@ -1,0 +1,66 @@
+"""Real gloo ranks each holding a slice of one global batch: the DDP average equals the single-process loss/gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multiproc import run_ranks
+from supcon_scale.losses import SupConLoss
+
+CASES = [  # (impl, variant, contrast, label kind)
+    ("dense", "out", "all", "ints"),
+    ("tiled", "out", "all", "ints"),
+    ("dense", "in", "one", "ints"),
+    ("tiled", "in", "all", "soft"),
+    ("tiled", "out", "one", "none"),
+    ("dense", "out", "all", "soft"),
+]
+
+
+def global_batch(total: int, kind: str):
+    g = torch.Generator().manual_seed(total)
+    feats = torch.randn(total, 2, 6, generator=g, dtype=torch.float64)
+    ints = torch.randint(0, 3, (total,), generator=g)
+    ints[-1] = 7  # one class seen once: anchors without positives on the last rank
+    if kind == "ints":
+        return feats, ints
+    if kind == "none":
+        return feats, None
+    onehot = torch.nn.functional.one_hot(ints, 8).double()
+    lam = torch.rand(total, 1, generator=g, dtype=torch.float64)
+    return feats, lam * onehot + (1 - lam) * onehot[torch.randperm(total, generator=g)]
+
+
+def loss_and_grad(impl, variant, contrast, feats, labels):
+    f = feats.clone().requires_grad_(True)
+    loss = SupConLoss(temperature=0.2, variant=variant, contrast=contrast, impl=impl, block_size=3)(f, labels)
+    loss.backward()
+    return loss.item(), f.grad
+
+
+def rank_fn(rank: int, world: int, sizes: list[int]):
+    """Every case on this rank's slice of the global batch; returns [(loss, grad)] per case."""
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    out = []
+    for impl, variant, contrast, kind in CASES:
+        feats, labels = global_batch(sum(sizes), kind)
+        out.append(loss_and_grad(impl, variant, contrast, feats[start:end], None if labels is None else labels[start:end]))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [3, 5], [4, 4, 4], [2, 5, 3]], ids=["2even", "2uneven", "3even", "3uneven"])
+def test_ranks_average_to_single_process(sizes):
+    world = len(sizes)
+    results = run_ranks(rank_fn, world, sizes)
+    for i, (impl, variant, contrast, kind) in enumerate(CASES):
+        feats, labels = global_batch(sum(sizes), kind)
+        want_loss, want_grad = loss_and_grad(impl, variant, contrast, feats, labels)
+        losses = [results[r][i][0] for r in range(world)]
+        assert abs(sum(losses) / world - want_loss) <= 1e-10 * abs(want_loss), (CASES[i], losses, want_loss)
+        start = 0
+        for r, n in enumerate(sizes):
+            grad = results[r][i][1] / world
+            ref = want_grad[start : start + n]
+            assert (grad - ref).abs().max() <= 1e-10 * want_grad.abs().max(), (CASES[i], r)
+            start += n
