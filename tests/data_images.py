@@ -60,3 +60,52 @@ def write_bad_cases(root: Path) -> tuple[list[Path], list[Path]]:
     p.write_text("this is a text file, not a JPEG\n" * 20)
     bad.append(p)
     return sorted(bad), good
+
+
+GRADIENT_SIZE = 64
+
+
+def write_gradients(root: Path, count: int = 48, size: int = GRADIENT_SIZE) -> Path:
+    """`root/train/g<k>/<i>.png`: R = 4x+2, G = 4y+2, B = 0, so a view's pixels reveal its crop box and flip."""
+    ramp = (4 * np.arange(size) + 2).clip(0, 255).astype(np.uint8)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[..., 0] = ramp[None, :]
+    img[..., 1] = ramp[:, None]
+    for i in range(count):
+        folder = root / "train" / f"g{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+def view_stats(views: np.ndarray, size: int = GRADIENT_SIZE) -> dict[str, float]:
+    """Grayscale fraction, and over the colour views the flip fraction and mean crop area (fraction of the image).
+
+    `views` are un-normalised RGB in 0..255, [N, 3, S, S]. Output column j samples source x = x0 + (j + 1/2) w / S,
+    so columns 0 and S-1 differ by 4 w (S-1)/S in R; rows likewise in G.
+    """
+    s = views.shape[-1]
+    gray = np.abs(views[:, 0] - views[:, 2]).max(axis=(1, 2)) < 3.0
+    colour = views[~gray]
+    left, right = colour[:, 0, :, 0].mean(axis=1), colour[:, 0, :, -1].mean(axis=1)
+    top, bottom = colour[:, 1, 0, :].mean(axis=1), colour[:, 1, -1, :].mean(axis=1)
+    w = np.abs(right - left) / 4 * s / (s - 1)
+    h = np.abs(bottom - top) / 4 * s / (s - 1)
+    return {
+        "gray": float(gray.mean()),
+        "flip": float((left > right).mean()),
+        "area": float((w * h / size**2).mean()),
+    }
+
+
+def reference_crop_area(scale: tuple[float, float], ratio: tuple[float, float], size: int, n: int = 200_000) -> float:
+    """Mean area fraction of Inception-style random-resized-crop, brute force in float64 (10 tries, then whole)."""
+    rng = np.random.default_rng(0)
+    area = size * size * rng.uniform(*scale, size=(n, 10))
+    r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), size=(n, 10)))
+    w, h = np.round(np.sqrt(area * r)), np.round(np.sqrt(area / r))
+    ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = ok.argmax(axis=1)
+    rows = np.arange(n)
+    frac = np.where(ok.any(axis=1), w[rows, first] * h[rows, first] / size**2, 1.0)
+    return float(frac.mean())

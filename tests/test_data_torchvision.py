@@ -83,21 +83,27 @@ def test_labels_match_folders_and_epoch_covers_each_file_once(coded):
     assert seen != first  # a new order each epoch
 
 
-def _rank_identities(rank: int, world: int, root: str) -> dict[bool, list[list[tuple[int, int]]]]:
+BACKENDS = ("torchvision", "dali-cpu")
+
+
+def _rank_identities(rank: int, world: int, root: str) -> dict[tuple[str, bool], list[list[tuple[int, int]]]]:
     out = {}
-    for drop_last, batch in ((True, 8), (False, 12)):
-        cfg = coded_cfg(Path(root), global_batch_size=batch, drop_last=drop_last)
-        loader = build_train_loader(cfg, Context(rank=rank, world_size=world), seed=5, out_dir=None)
-        loader.set_epoch(2)
-        out[drop_last] = [identities(v, l) for v, l in loader]
-        assert len(out[drop_last]) == loader.steps_per_epoch
+    for backend in BACKENDS:
+        for drop_last, batch in ((True, 8), (False, 12)):
+            cfg = coded_cfg(Path(root), backend=backend, global_batch_size=batch, drop_last=drop_last, dali_threads=1)
+            loader = build_train_loader(cfg, Context(rank=rank, world_size=world), seed=5, out_dir=None)
+            loader.set_epoch(2)
+            out[backend, drop_last] = [identities(v, l) for v, l in loader]
+            assert len(out[backend, drop_last]) == loader.steps_per_epoch
     return out
 
 
 def test_two_ranks_see_every_file_once(coded):
+    """Both backends, sharded by global rank: every file once per epoch, equal batch counts and sizes per rank."""
     results = run_ranks(_rank_identities, 2, str(coded))
-    for drop_last in (True, False):
-        per_rank = [r[drop_last] for r in results]
+    for key in results[0]:
+        drop_last = key[1]
+        per_rank = [r[key] for r in results]
         assert len(per_rank[0]) == len(per_rank[1])  # same number of steps on every rank
         for b0, b1 in zip(*per_rank):
             assert len(b0) == len(b1)

@@ -1,0 +1,321 @@
+"""The DALI backend: `fn.readers.file` + decode + V augmented views per image, on the GPU (mixed) or the CPU.
+
+One pipeline per epoch reads the epoch's file list, already shuffled and sharded by `EpochPlan` (the same order as the
+torchvision backend): the list is the concatenation of every global rank's samples, so `shard_id=rank,
+num_shards=world` gives each rank exactly its share and every file is read once per epoch (drop-last aside). The
+pipeline is seeded from (seed, global rank, epoch) and built with `enable_checkpointing=True`, so a saved position
+rebuilds it and continues with the same remaining batches. The GPU and CPU pipelines share `augment_view`; only the
+decoder device differs, so the CPU tests cover the GPU graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from supcon_scale import distributed
+from supcon_scale.config import DataConfig
+from supcon_scale.data.sharding import EpochPlan, build_index, check_position, num_classes
+from supcon_scale.data.spec import AugmentSpec, spec_from_config
+
+log = logging.getLogger(__name__)
+
+# Decode once and take V random-resized-crops (True: V region-of-interest decodes instead). Measured by
+# tools/bench_dataloader.py on a 2-core CPU (docs/BENCHMARKS.md, "Data loading"): decode-once is faster on the CPU.
+ROI_DECODE_DEFAULT = False
+READER = "Reader"
+
+
+def _dali() -> Any:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"data.backend=dali needs NVIDIA DALI: pip install supcon_scale[dali] ({exc})"
+        ) from None
+    import nvidia.dali as dali
+
+    return dali
+
+
+def resolve_device(backend: str, ctx: distributed.Context) -> str:
+    """'gpu' or 'cpu' for data.backend dali | dali-cpu | dali-gpu on this process."""
+    has_gpu = ctx.device.type == "cuda" and torch.cuda.is_available()
+    if backend == "dali-cpu":
+        return "cpu"
+    if backend == "dali-gpu":
+        if not has_gpu:
+            raise ValueError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
+        return "gpu"
+    if backend == "dali":
+        return "gpu" if has_gpu else "cpu"
+    raise ValueError(f"data.backend: {backend!r} is not a DALI backend")
+
+
+def _coin(p: float) -> Any:
+    from nvidia.dali import fn, types
+
+    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+
+def _uniform(lo: float, hi: float) -> Any:
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=(lo, hi))
+
+
+def augment_view(x: Any, spec: AugmentSpec) -> Any:
+    """The spec's stages after the crop, then flip + normalise to float CHW; runs on CPU or GPU DataNodes alike.
+
+    Colour jitter and a grayscale stage that follows it fuse into one `color_twist`: brightness, contrast, hue and
+    saturation are one linear colour transform, and grayscale is saturation 0, so the product is exact.
+    """
+    from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug import auto_augment, rand_augment
+
+    stages = list(spec.stages)
+    shape = (spec.image_size, spec.image_size)
+    i = 0
+    while i < len(stages):
+        stage = stages[i]
+        if stage == "jitter":
+            b, c, s, h = spec.jitter
+            on = _coin(spec.jitter_p)
+            saturation = 1.0 + on * _uniform(-s, s)
+            if i + 1 < len(stages) and stages[i + 1] == "grayscale":
+                saturation = saturation * (1.0 - _coin(spec.grayscale_p))
+                i += 1
+            x = fn.color_twist(
+                x,
+                brightness=1.0 + on * _uniform(-b, b),
+                contrast=1.0 + on * _uniform(-c, c),
+                saturation=saturation,
+                hue=on * _uniform(-360.0 * h, 360.0 * h),  # torchvision's hue is a fraction of the circle
+            )
+        elif stage == "grayscale":
+            x = fn.color_twist(x, saturation=1.0 - _coin(spec.grayscale_p))
+        elif stage == "blur":
+            if fn.random.coin_flip(probability=spec.blur_p):
+                x = fn.gaussian_blur(x, window_size=spec.blur_kernel, sigma=_uniform(*spec.blur_sigma))
+        elif stage == "randaugment":
+            x = rand_augment.rand_augment(
+                x, n=spec.randaugment_n, m=spec.randaugment_m, num_magnitude_bins=spec.randaugment_bins, shape=shape
+            )
+        elif stage == "autoaugment":
+            x = auto_augment.auto_augment_image_net(x, shape=shape)
+        else:  # pragma: no cover - PRESET_STAGES and this list are kept in step
+            raise AssertionError(f"unknown stage {stage}")
+        i += 1
+    # Flip last, fused into the normalisation: every later-stage op is mirror-symmetric in distribution.
+    return fn.crop_mirror_normalize(
+        x,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255.0 * m for m in spec.mean],
+        std=[255.0 * s for s in spec.std],
+        mirror=fn.random.coin_flip(probability=spec.flip_p),
+    )
+
+
+def crop_views(encoded: Any, spec: AugmentSpec, views: int, decoder: str, roi: bool, hw_decoder_load: float) -> list:
+    """V random-resized-crops at `image_size`: one decode + V crops, or V ROI decodes (`roi=True`)."""
+    from nvidia.dali import fn, types
+
+    size = (spec.image_size, spec.image_size)
+    hw = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
+    crop = dict(random_area=list(spec.crop_scale), random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
+    if roi:
+        return [
+            fn.resize(
+                fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB, **crop, **hw),
+                size=size,
+                antialias=True,
+            )
+            for _ in range(views)
+        ]
+    image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **hw)
+    return [fn.random_resized_crop(image, size=size, antialias=True, **crop) for _ in range(views)]
+
+
+def build_pipeline(
+    files: list[str],
+    labels: list[int],
+    spec: AugmentSpec,
+    *,
+    views: int,
+    batch_size: int,
+    shard_id: int,
+    num_shards: int,
+    device: str,
+    device_id: int | None,
+    num_threads: int,
+    seed: int,
+    roi: bool = ROI_DECODE_DEFAULT,
+    hw_decoder_load: float = 0.75,
+    checkpoint: bytes | None = None,
+) -> Any:
+    """The two-view training pipeline over `files` in the given order (no reader-side shuffling)."""
+    dali = _dali()
+    from nvidia.dali import fn
+
+    @dali.pipeline_def(enable_conditionals=True)
+    def two_view():
+        encoded, label = fn.readers.file(
+            files=files,
+            labels=labels,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=False,
+            pad_last_batch=True,
+            name=READER,
+        )
+        decoder = "mixed" if device == "gpu" else "cpu"
+        out = [augment_view(v, spec) for v in crop_views(encoded, spec, views, decoder, roi, hw_decoder_load)]
+        return (*out, label)
+
+    with warnings.catch_warnings():  # DALI's own auto_aug still calls its deprecated experimental aliases
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pipe = two_view(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            seed=seed,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+            prefetch_queue_depth=2,
+        )
+        pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """The DESIGN.md data contract over DALI pipelines; see `supcon_scale.data.build_train_loader`."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        ctx: distributed.Context,
+        seed: int,
+        out_dir: Path | None,
+        *,
+        roi: bool = ROI_DECODE_DEFAULT,
+    ):
+        _dali()
+        self.cfg, self.ctx, self.seed, self.roi = cfg, ctx, seed, roi
+        self.device = resolve_device(cfg.backend, ctx)
+        self.backend = f"dali-{self.device}"
+        self.index, self.bad_files = build_index(cfg, ctx, out_dir)
+        self.num_classes = num_classes(cfg, self.index)
+        self.spec = spec_from_config(cfg.augment, cfg.image_size)
+        self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
+        self.steps_per_epoch = self.plan.steps
+        self.local_batch = self.plan.local_batch
+        self.epoch = 0
+        self.position = 0
+        self._checkpoint: bytes | None = None  # DALI state matching (epoch, position) after load_state_dict
+        self._iter: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order; a position restored for this same epoch is kept, any other starts at 0."""
+        if epoch != self.epoch:
+            self._close()
+            self.epoch, self.position, self._checkpoint = epoch, 0, None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.position
+
+    def epoch_files(self, epoch: int) -> tuple[list[str], list[int]]:
+        """Every rank's samples for `epoch`, rank 0's first: DALI's contiguous shard r is then global rank r's share."""
+        idx = np.concatenate([self.plan.rank_indices(self.seed, epoch, r) for r in range(self.ctx.world_size)])
+        return [self.index.paths[i] for i in idx], [self.index.labels[i] for i in idx]
+
+    def _open(self) -> Any:
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        files, labels = self.epoch_files(self.epoch)
+        pipe = build_pipeline(
+            files,
+            labels,
+            self.spec,
+            views=self.cfg.views,
+            batch_size=self.local_batch,
+            shard_id=self.ctx.rank,
+            num_shards=self.ctx.world_size,
+            device=self.device,
+            device_id=(self.ctx.device.index or 0) if self.device == "gpu" else None,
+            num_threads=self.cfg.dali_threads,
+            seed=distributed.rank_seed(self.seed, self.ctx.rank, self.epoch) % 2**31,
+            roi=self.roi,
+            hw_decoder_load=self.cfg.hw_decoder_load,
+            checkpoint=self._checkpoint,
+        )
+        names = [f"view{v}" for v in range(self.cfg.views)] + ["label"]
+        # Shards hold whole batches under drop_last (EpochPlan trims), else the last batch is partial on every rank.
+        policy = LastBatchPolicy.DROP if self.cfg.drop_last else LastBatchPolicy.PARTIAL
+        with warnings.catch_warnings():  # the first run traces DALI's auto_aug deprecated aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False)
+
+    def _close(self) -> None:
+        self._iter = None
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        if self.position >= self.steps_per_epoch:
+            self.position, self._checkpoint = 0, None  # a finished epoch iterated again starts over
+            self._close()
+        if self._iter is None or self.position == 0:
+            self._iter = self._open()
+        cuda = self.device == "gpu"
+        for batch in self._iter:
+            out = batch[0]
+            views = [out[f"view{v}"] for v in range(self.cfg.views)]
+            if cuda:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels = out["label"].reshape(-1).to(self.ctx.device, dtype=torch.int64, non_blocking=True)
+            self.position += 1
+            yield [v.to(self.ctx.device, non_blocking=True) for v in views], labels
+            if self.position >= self.steps_per_epoch:
+                break
+        assert self.position == self.steps_per_epoch, (self.position, self.steps_per_epoch)
+        self._close()
+
+    def state_dict(self) -> dict[str, int | str | torch.Tensor]:
+        """Position plus DALI's serialized reader/RNG checkpoint as a uint8 tensor (loads with weights_only=True)."""
+        state: dict[str, int | str | torch.Tensor] = {
+            "backend": self.backend,
+            "epoch": self.epoch,
+            "batch": self.position,
+            "world_size": self.ctx.world_size,
+            "seed": self.seed,
+            "num_samples": len(self.index),
+            "dali_checkpoint": torch.zeros(0, dtype=torch.uint8),
+        }
+        blob = None
+        if 0 < self.position < self.steps_per_epoch and self._iter is not None:
+            blob = self._iter.checkpoints()[0]
+        elif self.position and self._checkpoint is not None:
+            blob = self._checkpoint
+        if blob is not None:
+            raw = blob.encode("utf-8", "surrogateescape") if isinstance(blob, str) else bytes(blob)
+            state["dali_checkpoint"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        check_position(
+            state, world_size=self.ctx.world_size, backend=self.backend, num_samples=len(self.index),
+            steps=self.steps_per_epoch,
+        )
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
+        self._close()
+        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
+        blob = state.get("dali_checkpoint")
+        self._checkpoint = bytes(blob.numpy().tobytes()) if isinstance(blob, torch.Tensor) and blob.numel() else None
+        if 0 < self.position < self.steps_per_epoch and self._checkpoint is None:
+            raise ValueError("data position is mid-epoch but holds no DALI checkpoint; cannot resume exactly")

@@ -1,0 +1,141 @@
+"""DALI backend (CPU pipelines, device_id=None): contract, determinism, resume, and agreement with torchvision."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_images import CLASSES, PER_CLASS, reference_crop_area, view_stats, write_coded, write_gradients
+from supcon_scale.config import AugmentConfig, DataConfig
+from supcon_scale.data import build_train_loader
+from supcon_scale.data.folder import make_demo_data
+from supcon_scale.distributed import Context
+from test_data_torchvision import MEAN, STD, coded_cfg, identities
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return make_demo_data(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory) -> Path:
+    return write_coded(tmp_path_factory.mktemp("coded"))
+
+
+def dali_cfg(root: Path, **kw) -> DataConfig:
+    base = dict(root=str(root), backend="dali-cpu", global_batch_size=16, image_size=24, dali_threads=2)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("preset", ["simclr", "autoaugment"])  # stacked_randaugment: the resume test
+def test_views_shape_dtype_and_range(digits, preset):
+    cfg = dali_cfg(digits, views=3, augment=AugmentConfig(preset=preset))
+    loader = build_train_loader(cfg, Context(), seed=0, out_dir=None)
+    assert loader.num_classes == 10 and loader.steps_per_epoch == 1437 // 16
+    views, labels = next(iter(loader))
+    assert len(views) == 3
+    for v in views:
+        assert v.shape == (16, 3, 24, 24) and v.dtype == torch.float32
+        pixels = v * STD + MEAN
+        assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+        assert pixels.max() - pixels.min() > 0.5
+    assert labels.dtype == torch.int64 and labels.shape == (16,)
+    assert labels.min() >= 0 and labels.max() < 10
+    for b in range(16):
+        assert not torch.allclose(views[0][b], views[1][b])
+
+
+@pytest.mark.parametrize("roi", [False, True])
+def test_labels_match_folders_and_epoch_covers_each_file_once(coded, roi):
+    from supcon_scale.data.dali import DaliLoader
+
+    loader = DaliLoader(coded_cfg(coded, backend="dali-cpu", dali_threads=2), Context(), seed=3, out_dir=None, roi=roi)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        seen = [c for views, labels in loader for c in identities(views, labels)]
+        assert sorted(seen) == [(k, i) for k in range(CLASSES) for i in range(PER_CLASS)]
+
+
+def test_same_seed_same_batches(digits):
+    def batches(seed: int) -> list[torch.Tensor]:
+        loader = build_train_loader(dali_cfg(digits, global_batch_size=8, image_size=16), Context(), seed, None)
+        loader.set_epoch(1)
+        out = []
+        for views, labels in loader:
+            out.append(torch.cat([torch.stack(views).flatten(), labels.float()]))
+            if len(out) == 3:
+                break
+        return out
+
+    a, b, c = batches(7), batches(7), batches(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_resume_mid_epoch_yields_the_remaining_batches(coded):
+    cfg = coded_cfg(coded, backend="dali-cpu", augment=AugmentConfig(preset="stacked_randaugment"), dali_threads=2)
+    full = build_train_loader(cfg, Context(), seed=1, out_dir=None)
+    full.set_epoch(2)
+    reference = [(torch.stack(v), l) for v, l in full]
+
+    first = build_train_loader(cfg, Context(), seed=1, out_dir=None)
+    first.set_epoch(2)
+    it = iter(first)
+    for _ in range(2):
+        next(it)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["epoch"] == 2 and state["batch"] == 2 and state["backend"] == "dali-cpu"
+
+    resumed = build_train_loader(cfg, Context(), seed=1, out_dir=None)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    rest = [(torch.stack(v), l) for v, l in resumed]
+    assert len(rest) == len(reference) - 2
+    pixels = torch.cat([v for v, _ in reference]) * STD + MEAN
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+    for (va, la), (vb, lb) in zip(reference[2:], rest):
+        assert torch.equal(la, lb) and torch.equal(va, vb)
+    with pytest.raises(ValueError, match="world size 2 .* world size 1"):
+        resumed.load_state_dict({**state, "world_size": 2})
+    with pytest.raises(ValueError, match="torchvision"):
+        resumed.load_state_dict({**state, "backend": "torchvision"})
+
+
+def test_dali_gpu_without_a_gpu_is_a_clear_error(coded):
+    with pytest.raises(ValueError, match="data.backend=dali-gpu needs a CUDA GPU"):
+        build_train_loader(coded_cfg(coded, backend="dali-gpu"), Context(), 0, None)
+    assert build_train_loader(coded_cfg(coded, backend="dali"), Context(), 0, None).backend == "dali-cpu"
+
+
+def _stats(root: Path, backend: str) -> dict[str, float]:
+    aug = AugmentConfig(preset="simclr", jitter_p=0.0, blur_p=0.0, grayscale_p=0.3)
+    cfg = DataConfig(
+        root=str(root), backend=backend, global_batch_size=16, image_size=32, views=4, workers=0, dali_threads=2,
+        augment=aug,
+    )
+    loader = build_train_loader(cfg, Context(), seed=11, out_dir=None)
+    views = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        views += [((torch.cat(v) * STD + MEAN) * 255).numpy() for v, _ in loader]
+    return view_stats(np.concatenate(views).astype(np.float64))
+
+
+def test_backends_agree_on_augmentation_statistics(tmp_path):
+    """Gradient images reveal crop box, flip and grayscale; 384 views per backend, tolerances about 3.5 sigma."""
+    root = write_gradients(tmp_path)
+    tv, dali = _stats(root, "torchvision"), _stats(root, "dali-cpu")
+    expected_area = reference_crop_area((0.08, 1.0), (3 / 4, 4 / 3), 64)
+    for stats in (tv, dali):
+        assert abs(stats["gray"] - 0.3) < 0.08, stats
+        assert abs(stats["flip"] - 0.5) < 0.1, stats
+        assert abs(stats["area"] - expected_area) < 0.06, (stats, expected_area)
+    assert abs(tv["area"] - dali["area"]) < 0.07, (tv, dali)
+    assert abs(tv["gray"] - dali["gray"]) < 0.1 and abs(tv["flip"] - dali["flip"]) < 0.14, (tv, dali)
