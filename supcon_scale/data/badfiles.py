@@ -120,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     table = Table(title=f"check-data {args.dir}: {len(report.good)} good, {len(report.bad)} bad")
-    table.add_column("bad file")
-    table.add_column("reason")
+    table.add_column(f"bad file (under {args.dir})", overflow="fold")
+    table.add_column("reason", overflow="fold")
     for p, r in report.bad:
-        table.add_row(p, r)
+        table.add_row(os.path.relpath(p, args.dir), r)
     console.print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,69 @@
+"""The synthetic backend: random normalised views made on the device, no files, to measure training without I/O."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from supcon_scale import distributed
+from supcon_scale.config import DataConfig
+from supcon_scale.data.sharding import check_position
+
+BACKEND = "synthetic"
+STEPS_PER_EPOCH = 100
+DEFAULT_CLASSES = 1000
+
+
+class SyntheticLoader:
+    """`STEPS_PER_EPOCH` batches per epoch; batch k of an epoch depends only on (seed, epoch, rank, k)."""
+
+    backend = BACKEND
+    bad_files = 0
+
+    def __init__(self, cfg: DataConfig, ctx: distributed.Context, seed: int):
+        if cfg.global_batch_size % ctx.world_size:
+            raise ValueError(
+                f"data.global_batch_size={cfg.global_batch_size} is not divisible by the world size {ctx.world_size}"
+            )
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
+        self.num_classes = cfg.num_classes or DEFAULT_CLASSES
+        self.local_batch = cfg.global_batch_size // ctx.world_size
+        self.steps_per_epoch = STEPS_PER_EPOCH
+        self.num_samples = STEPS_PER_EPOCH * cfg.global_batch_size
+        self.epoch = 0
+        self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.position
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        if self.position >= self.steps_per_epoch:
+            self.position = 0
+        s, b, dev = self.cfg.image_size, self.local_batch, self.ctx.device
+        while self.position < self.steps_per_epoch:
+            g = torch.Generator(device=dev)
+            g.manual_seed(distributed.rank_seed(self.seed, self.ctx.rank, self.epoch, self.position))
+            views = [torch.randn(b, 3, s, s, generator=g, device=dev) for _ in range(self.cfg.views)]
+            if dev.type == "cuda":
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels = torch.randint(0, self.num_classes, (b,), generator=g, device=dev, dtype=torch.int64)
+            self.position += 1
+            yield views, labels
+
+    def state_dict(self) -> dict[str, int | str]:
+        return {
+            "backend": BACKEND, "epoch": self.epoch, "batch": self.position, "world_size": self.ctx.world_size,
+            "seed": self.seed, "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        check_position(
+            state, world_size=self.ctx.world_size, backend=BACKEND, num_samples=self.num_samples,
+            steps=self.steps_per_epoch,
+        )
+        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
