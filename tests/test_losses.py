@@ -247,3 +247,25 @@ def test_user_mistakes_raise_value_error():
         SupConLoss(temperature=0.0)
     with pytest.raises(ValueError, match="loss.variant"):
         SupConLoss(variant="mean")
+
+
+def test_bench_loss_tool_smoke(tmp_path):
+    """tools/bench_loss.py end to end at a tiny M (fresh subprocess per case); no timing assertions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_loss.py"
+    proc = subprocess.run(
+        [sys.executable, str(tool), "--views", "64", "--dim", "8", "--impls", "tiled,dense,matmul,peer",
+         "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == ["tiled", "dense", "matmul", "peer"]
+    for r in rows:
+        assert {"impl", "views", "dim", "device", "seconds", "peak_bytes", "baseline_bytes"} <= set(r)
+        assert r["views"] == 64 and r["seconds"] > 0 and r["peak_bytes"] >= r["baseline_bytes"] > 0
+    bad = subprocess.run([sys.executable, str(tool), "--impls", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--impls" in bad.stderr

@@ -34,7 +34,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     """Rows to unit length; an all-zero row stays zero with a zero gradient (F.normalize would give grad/eps)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     nonzero = norm > 0
-    return torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    return x * inv  # one [M, D] temporary: the loss's memory budget is a handful of these
 
 
 @dataclass
@@ -77,15 +78,19 @@ class Positives:
         return (self.anchor_vecs[rows] @ self.contrast_vecs[cols].T).to(dtype)
 
     def weighted_sum(self, za: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:
-        """sum_c w_rc (z_r . z_c), self excluded, without the [n, M] matrix: class sums (ids) or Y^T Z (vectors)."""
-        self_dot = (za * zc[self.self_col]).sum(1)
+        """sum_c w_rc (z_r . z_c), self excluded, without the [n, M] matrix: class sums (ids) or Y^T Z (vectors).
+
+        The self term z_r . z_r is |z_r|^2, 1 for a unit row and 0 for a zero row, and has zero gradient through the
+        normalisation, so it is subtracted as that constant (saving two [M, D] temporaries).
+        """
+        self_dot = (torch.linalg.vector_norm(za.detach(), dim=1) > 0).to(za.dtype)
         if self.anchor_vecs is None:
             k = int(self.contrast_ids.max()) + 1
             sums = zc.new_zeros((k, zc.shape[1])).index_add(0, self.contrast_ids, zc)
-            return (za * sums[self.anchor_ids]).sum(1) - self_dot
+            return torch.linalg.vecdot(za, sums[self.anchor_ids]) - self_dot
         proj = self.contrast_vecs.to(zc.dtype).T @ zc  # [C, D]
         ya = self.anchor_vecs.to(zc.dtype)
-        return ((ya @ proj) * za).sum(1) - self.self_weight().to(zc.dtype) * self_dot
+        return torch.linalg.vecdot(ya @ proj, za) - self.self_weight().to(zc.dtype) * self_dot
 
 
 class SupConLoss(nn.Module):
@@ -100,7 +105,7 @@ class SupConLoss(nn.Module):
         base_temperature: float = 0.07,
         gather: bool = True,
         impl: Impl = "dense",
-        block_size: int = 2048,
+        block_size: int = 1024,
         auto_threshold: int = 2**24,
         name: Literal["supcon", "simclr", "genscl"] = "supcon",
     ):

@@ -1,0 +1,172 @@
+"""Loss benchmark: median forward+backward time and peak memory per implementation, one fresh process per case.
+
+`matmul` is the bare `Z @ Z.T` forward+backward measured in the same run (the speed baseline); `peer` is
+pytorch-metric-learning's SupConLoss when installed. On the CPU each case runs in a fresh subprocess so its peak
+RSS is its own; `baseline_bytes` is that process's peak once the inputs exist, before the loss runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+IMPLS = ("dense", "tiled", "matmul", "peer")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_case(impl: str, views: int, dim: int, device: str, repeats: int, classes: int = 1000) -> dict:
+    """Time `repeats` forward+backward passes of one implementation on M = `views` embeddings (in this process)."""
+    import torch
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(views // 2, 2, dim, generator=gen).to(dev)
+    labels = torch.randint(0, classes, (views // 2,), generator=gen).to(dev)
+    fn = _loss_fn(impl)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _peak_rss_bytes()
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up (thread pools, allocator) and is not timed
+        f = feats.requires_grad_(True)  # no copy: the inputs already count in the baseline
+        f.grad = None
+        start = time.perf_counter()
+        fn(f, labels).backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times = times[1:]
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_rss_bytes()
+    return {
+        "impl": impl, "views": views, "dim": dim, "device": device, "seconds": statistics.median(times),
+        "peak_bytes": int(peak), "baseline_bytes": int(baseline), "repeats": repeats,
+    }
+
+
+def _loss_fn(impl: str):
+    import torch
+
+    if impl == "matmul":
+        def bare(f, labels):
+            z = f.reshape(-1, f.shape[-1])
+            return (z @ z.T).sum()
+        return bare
+    if impl == "peer":
+        try:
+            from pytorch_metric_learning.losses import SupConLoss as PeerLoss
+        except ImportError:
+            raise SystemExit("impl peer needs pytorch-metric-learning (pip install supcon_scale[dev])") from None
+        peer = PeerLoss(temperature=0.1)
+
+        def run_peer(f, labels):
+            return peer(torch.nn.functional.normalize(f.reshape(-1, f.shape[-1]), dim=1), labels.repeat_interleave(2))
+        return run_peer
+    from supcon_scale.losses import SupConLoss
+
+    return SupConLoss(temperature=0.1, impl=impl, gather=False)
+
+
+def _parse_list(text: str, cast, name: str) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name}: expected a comma-separated list, got {text!r}") from None
+
+
+def _run_subprocess(impl: str, views: int, dim: int, device: str, repeats: int, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "supcon_scale.losses.bench", "--case", f"{impl},{views},{dim},{device},{repeats}"]
+    row = {"impl": impl, "views": views, "dim": dim, "device": device, "seconds": None, "peak_bytes": None,
+           "baseline_bytes": None, "repeats": repeats}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {**row, "error": f"exit {proc.returncode}: {last}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_loss", description=__doc__.splitlines()[0])
+    parser.add_argument("--views", default="4096,12288", help="comma-separated M = batch x views (default 4096,12288)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--impls", default="dense,tiled,matmul", help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it is reported failed")
+    parser.add_argument("--json", dest="json_path", help="write the rows as JSON here")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
+    args = parser.parse_args(argv)
+    if args.case:
+        impl, views, dim, device, repeats = args.case.split(",")
+        print(json.dumps(run_case(impl, int(views), int(dim), device, int(repeats))))
+        return 0
+    views = _parse_list(args.views, int, "views")
+    impls = _parse_list(args.impls, str, "impls")
+    bad = [i for i in impls if i not in IMPLS]
+    if bad or not impls:
+        parser.error(f"--impls: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(IMPLS)}")
+    if any(m < 2 or m % 2 for m in views):
+        parser.error("--views: every M must be an even number >= 2 (two views per image)")
+    if args.repeats < 1 or args.dim < 1:
+        parser.error("--repeats and --dim must be >= 1")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+    rows = [
+        _run_subprocess(impl, m, args.dim, args.device, args.repeats, args.timeout) for m in views for impl in impls
+    ]
+    _print_table(rows, _machine(args.device))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _machine(device: str) -> str:
+    import os
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _print_table(rows: list[dict], machine: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"SupCon loss forward+backward ({machine})")
+    for col in ("impl", "M", "D", "median s", "x matmul", "peak above baseline"):
+        table.add_column(col, justify="left" if col == "impl" else "right")
+    bare = {(r["views"], r["dim"]): r["seconds"] for r in rows if r["impl"] == "matmul" and r["seconds"]}
+    for r in rows:
+        if r["seconds"] is None:
+            table.add_row(r["impl"], str(r["views"]), str(r["dim"]), r.get("error", "failed"), "", "")
+            continue
+        ref = bare.get((r["views"], r["dim"]))
+        above = (r["peak_bytes"] - r["baseline_bytes"]) / 2**20
+        table.add_row(r["impl"], str(r["views"]), str(r["dim"]), f"{r['seconds']:.3f}",
+                      f"{r['seconds'] / ref:.2f}" if ref else "-", f"{above:,.1f} MiB")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
