@@ -1,0 +1,201 @@
+"""DeepSpeed engine: `deepspeed.initialize` with our optimizer (LARS/SGD/AdamW) and LambdaLR as client objects.
+
+Precision is DeepSpeed's `torch_autocast` section (bf16 activations, fp32 parameters, fp32 gradient reduction), not
+its `bf16` section: that one casts the whole module, BatchNorm included, to bf16 and wraps the optimizer in
+`BF16_Optimizer`, whose flattened fp32 partitions break layer-wise LARS exactly as ZeRO does (FACTS.md section 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from supcon_scale import optim
+from supcon_scale.config import RunConfig
+from supcon_scale.distributed import Context, all_reduce_min
+from supcon_scale.engines.base import AUTOCAST_DTYPES, Engine
+
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Sections of a user JSON that would replace what this engine owns (client optimizer, schedule, precision, batch).
+OWNED_KEYS = ("optimizer", "scheduler", "fp16", "bf16", "amp", "train_batch_size", "train_micro_batch_size_per_gpu")
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """Import deepspeed (an optional extra), selecting its CPU accelerator on a machine without CUDA."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(
+            f"engine.name=deepspeed needs DeepSpeed: pip install supcon_scale[deepspeed] ({exc})"
+        ) from None
+    return deepspeed
+
+
+def check_supported(cfg: RunConfig) -> None:
+    """Refuse the combinations this engine cannot make exact, with the reason."""
+    if cfg.optim.name == "lars" and cfg.engine.zero_stage >= 1:
+        raise ValueError(
+            f"engine.zero_stage={cfg.engine.zero_stage} with optim.name=lars is refused: ZeRO hands the optimizer "
+            "flattened partitions, so LARS's per-layer trust ratios would be computed on chunks (FACTS.md section 4, "
+            "DeepSpeed #490); use engine.zero_stage=0 (exact), engine.name=fsdp, or optim.name=sgd"
+        )
+    if cfg.engine.zero_stage == 3:
+        raise ValueError(
+            "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for ResNets "
+            "(ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, or fsdp"
+        )
+    if cfg.precision == "fp16":
+        raise ValueError(
+            "precision=fp16 with engine.name=deepspeed is not supported: use precision=bf16 (the paper's precision) "
+            "or engine.name=ddp, whose GradScaler counts skipped fp16 steps"
+        )
+
+
+def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config generated from the run config, with `engine.deepspeed_config` merged underneath."""
+    user: dict[str, Any] = {}
+    if cfg.engine.deepspeed_config:
+        path = Path(cfg.engine.deepspeed_config)
+        if not path.is_file():
+            raise ValueError(f"engine.deepspeed_config: file not found: {path}")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"engine.deepspeed_config {path}: invalid JSON ({exc})") from None
+        owned = [k for k in OWNED_KEYS if k in user]
+        if owned:
+            raise ValueError(
+                f"engine.deepspeed_config {path}: remove {', '.join(owned)} -- the optimizer, schedule, precision "
+                "and batch size come from the run config (optim.*, precision, data.global_batch_size)"
+            )
+        if user.get("gradient_accumulation_steps", 1) != 1:
+            raise ValueError(
+                f"engine.deepspeed_config {path}: gradient_accumulation_steps must be 1 -- accumulating micro-batches "
+                "does not give the same contrastive batch (each micro-batch only sees its own negatives)"
+            )
+    dtype = AUTOCAST_DTYPES.get(cfg.precision)
+    generated: dict[str, Any] = {
+        "train_batch_size": cfg.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.global_batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # Empty safe-module list: gradients are reduced in fp32 (DeepSpeed would otherwise reduce conv/linear
+        # gradients in bf16).
+        "torch_autocast": {
+            "enabled": dtype is not None,
+            "dtype": DTYPE_NAMES.get(dtype, "bfloat16"),
+            "lower_precision_safe_modules": [],
+        },
+    }
+    merged = dict(user)
+    for key, value in generated.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed data parallelism (ZeRO 0 for LARS; ZeRO 0-2 for SGD/AdamW) over an existing process group."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
+        super().__init__(cfg, ctx)
+        check_supported(cfg)
+        deepspeed = import_deepspeed(ctx.device)
+        # No channels-last parameters: DeepSpeed broadcasts each parameter as a flat byte view, which needs a
+        # contiguous tensor. Channels-last inputs still give channels-last activations.
+        model = model.to(ctx.device)
+        optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
+        scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
+        if not dist.is_initialized():  # a single process: DeepSpeed still wants a (1-rank) group
+            deepspeed.init_distributed(dist_backend="gloo" if ctx.device.type == "cpu" else "nccl", auto_mpi_discovery=False)
+        self.zero_stage = cfg.engine.zero_stage
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(cfg, ctx.world_size),
+            dist_init_required=False,
+        )
+        self.model = model
+        self.base_optimizer = optimizer
+        self._skip = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed has no non-finite check outside fp16; ranks agree on the loss before any gradient is reduced, so
+        # a bad step is skipped everywhere (bf16 has fp32's range: a finite loss gives finite gradients in practice).
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+        self._skip = not bool(all_reduce_min(finite).item())
+        if not self._skip:
+            self.engine.backward(loss)
+
+    def step(self) -> bool:
+        if self._skip:
+            self._skip = False
+            self.skipped_steps += 1
+            self.engine.zero_grad()
+            return False
+        self.engine.step()  # optimizer step, zero_grad and lr_scheduler.step()
+        return True
+
+    def unwrapped(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective. Rank 0 gets the full model; ZeRO 1/2 optimizer partitions are gathered to rank 0 by rank."""
+        model_sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.zero_stage == 0:
+            optim_sd: dict[str, Any] = self.base_optimizer.state_dict()
+        else:
+            mine = {
+                "base": self.optimizer.optimizer.state_dict(),
+                "fp32_partitions": [t.detach().cpu() for t in self.optimizer.single_partition_of_fp32_groups],
+            }
+            gathered: list[Any] | None = [None] * self.ctx.world_size if self.ctx.is_main else None
+            if dist.is_initialized() and self.ctx.world_size > 1:
+                dist.gather_object(mine, gathered, dst=0)
+            else:
+                gathered = [mine]
+            optim_sd = {"zero_stage": self.zero_stage, "per_rank": gathered if self.ctx.is_main else None}
+        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "scaler": None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every rank passes the full saved state (as `checkpoint.load` gives it); ZeRO state needs the same world."""
+        self.model.load_state_dict(state["model"])
+        optim_sd = state["optimizer"]
+        if self.zero_stage == 0:
+            self.base_optimizer.load_state_dict(optim_sd)
+        else:
+            per_rank = optim_sd.get("per_rank") if isinstance(optim_sd, dict) else None
+            if per_rank is None or len(per_rank) != self.ctx.world_size:
+                n = "?" if per_rank is None else len(per_rank)
+                raise ValueError(
+                    f"rank {self.ctx.rank}: the checkpoint's ZeRO-{self.zero_stage} optimizer state was saved by {n} "
+                    f"ranks; it can only be restored on the same world size (now {self.ctx.world_size})"
+                )
+            mine = per_rank[self.ctx.rank]
+            self.optimizer.optimizer.load_state_dict(mine["base"])
+            for dst, src in zip(self.optimizer.single_partition_of_fp32_groups, mine["fp32_partitions"]):
+                dst.data.copy_(src)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def lr(self) -> float:
+        return self.base_optimizer.param_groups[0]["lr"]

@@ -1,0 +1,266 @@
+"""Engines (ddp, fsdp, deepspeed) on 2 gloo ranks against one process on the global batch, refusals, SyncBN, bf16."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from multiproc import run_ranks
+from supcon_scale import config, engines, models, optim
+from supcon_scale.distributed import Context, all_gather_no_grad, all_reduce_mean, all_gather_with_grad, broadcast_object
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+GLOBAL_B, VIEWS, SIZE, STEPS = 8, 2, 16, 3
+
+
+def tiny_cfg(engine: str, *overrides: str) -> config.RunConfig:
+    """resnet18 at 16 px, LARS with exclusions and a large LR so three steps move every weight.
+
+    torch's SyncBatchNorm refuses CPU tensors, so equivalence runs batch norm in eval mode (fixed statistics, the
+    affine weights still trained and excluded from LARS): each sample's forward is then independent of the split.
+    """
+    base = [
+        f"engine.name={engine}", "engine.zero_stage=0", "model.encoder=resnet18", "model.head=linear",
+        "model.feat_dim=16", "model.sync_bn=false", "model.channels_last=true", f"data.global_batch_size={GLOBAL_B}",
+        f"data.image_size={SIZE}", "optim.name=lars", "optim.base_lr=8.0", "optim.weight_decay=0.001",
+        "optim.schedule=constant",
+    ]
+    return config.load(None, base + list(overrides))
+
+
+def batch(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    views = [torch.randn(GLOBAL_B, 3, SIZE, SIZE, generator=g) for _ in range(VIEWS)]
+    return views, torch.randint(0, 3, (GLOBAL_B,), generator=g)
+
+
+def contrastive_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SupCon L_out (FACTS.md section 1) over local anchors against the gathered contrast set, tau = 0.1.
+
+    Written here, independently of supcon_scale.losses, in float64: the engines are what is under test.
+    """
+    b, v, _ = features.shape
+    z = features.double().transpose(0, 1).reshape(v * b, -1)
+    y = labels.repeat(v)
+    all_z, offset = all_gather_with_grad(z)
+    all_y = all_gather_no_grad(y)
+    # rows: anchors of this rank (view-major locally), columns: global (rank-major, view-major inside a rank)
+    logits = z @ all_z.T / 0.1
+    own = torch.arange(z.shape[0]) + offset
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(z.shape[0]), own] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    pos = (y[:, None] == all_y[None, :]) & ~self_mask
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    per_anchor = -(log_prob.masked_fill(~pos, 0).sum(1)) / pos.sum(1)
+    return per_anchor.mean().float()
+
+
+def local_views(views: list[torch.Tensor], rank: int, world: int) -> list[torch.Tensor]:
+    n = GLOBAL_B // world
+    return [v[rank * n : (rank + 1) * n] for v in views]
+
+
+def step_once(engine: engines.Engine, views: list[torch.Tensor], labels: torch.Tensor) -> float:
+    b = labels.shape[0]
+    with engine.autocast():
+        out = engine(torch.cat(views))
+    feats = out.float().reshape(len(views), b, -1).transpose(0, 1)
+    loss = contrastive_loss(feats, labels)
+    engine.backward(loss)
+    engine.step()
+    return float(all_reduce_mean(loss.detach()))  # the global loss: the mean of the ranks' local-anchor means
+
+
+def as_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in state.items() if v.is_floating_point()}
+
+
+def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, ...]) -> dict | None:
+    """3 steps on this rank's share; then save, load into a fresh engine and check one more step matches."""
+    cfg = tiny_cfg(engine_name, *overrides)
+    ctx = Context(rank=rank, world_size=world, local_rank=rank)
+    torch.manual_seed(cfg.seed)
+    engine = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
+    engine.train(False)
+    losses = []
+    for s in range(STEPS):
+        views, labels = batch(s)
+        n = GLOBAL_B // world
+        losses.append(step_once(engine, local_views(views, rank, world), labels[rank * n : (rank + 1) * n]))
+    state = engine.state_dict()
+    weights = as_numpy(state["model"]) if rank == 0 else None
+    # resume: a fresh engine with other initial weights loads the state and must take the same 4th step
+    # a deep copy: state_dict() tensors may alias the live parameters and momentum buffers (the real flow saves them)
+    full = copy.deepcopy(broadcast_object(state if rank == 0 else None))
+    torch.manual_seed(cfg.seed + 1)
+    fresh = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
+    fresh.train(False)
+    fresh.load_state_dict(full)
+    views, labels = batch(STEPS)
+    n = GLOBAL_B // world
+    mine = (local_views(views, rank, world), labels[rank * n : (rank + 1) * n])
+    step_once(engine, *mine)
+    step_once(fresh, *mine)
+    after, after_fresh = engine.state_dict()["model"], fresh.state_dict()["model"]
+    if rank != 0:
+        return None
+    resume_err = max(float((after[k].float() - after_fresh[k].float()).abs().max()) for k in after if after[k].is_floating_point())
+    return {"weights": weights, "losses": losses, "resume_err": resume_err, "keys": sorted(state["model"])}
+
+
+def reference(*overrides: str) -> tuple[dict[str, np.ndarray], list[float], list[str]]:
+    """One process, plain BatchNorm, the whole global batch: what every engine must reproduce."""
+    cfg = tiny_cfg("ddp", *overrides)
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model).to(memory_format=torch.channels_last)
+    opt = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
+    model.train(False)
+    init = as_numpy(model.state_dict())
+    losses = []
+    for s in range(STEPS):
+        views, labels = batch(s)
+        out = model(torch.cat(views)).reshape(VIEWS, GLOBAL_B, -1).transpose(0, 1)
+        loss = contrastive_loss(out, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    final = as_numpy(model.state_dict())
+    moved = [float(np.abs(final[k] - init[k]).max()) > 0 for k in final if "running" not in k]
+    assert sum(moved) >= 0.9 * len(moved)  # the comparison is of trained weights, not of the initial ones
+    return final, losses, sorted(model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def lars_reference():
+    return reference()
+
+
+def assert_same_weights(got: dict, ref: dict[str, np.ndarray], keys: list[str], ref_keys: list[str]) -> None:
+    assert keys == ref_keys  # rank 0's full state uses the plain model's keys
+    params = [k for k in ref if "running" not in k]
+    for k in params:
+        np.testing.assert_allclose(got["weights"][k], ref[k], rtol=2e-4, atol=2e-5, err_msg=k)
+    assert got["resume_err"] < 1e-6
+
+
+@pytest.mark.parametrize(
+    "engine_name,overrides",
+    [("ddp", ()), ("fsdp", ()), ("deepspeed", ("engine.zero_stage=0",))],
+)
+def test_lars_engine_matches_one_process(engine_name, overrides, lars_reference):
+    ref, ref_losses, ref_keys = lars_reference
+    got = run_ranks(_train_ranks, 2, engine_name, overrides, timeout=240)[0]
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
+    assert_same_weights(got, ref, got["keys"], ref_keys)
+
+
+def test_deepspeed_zero2_sgd_matches_one_process():
+    over = ("optim.name=sgd", "optim.base_lr=0.5")
+    ref, ref_losses, ref_keys = reference(*over)
+    got = run_ranks(_train_ranks, 2, "deepspeed", (*over, "engine.zero_stage=2"), timeout=240)[0]
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
+    assert_same_weights(got, ref, got["keys"], ref_keys)
+
+
+def test_fsdp_lars_uses_global_norms_not_shard_norms():
+    """timm's foreach LARS on FSDP2 DTensor shards: the trust ratio must use the whole tensor's norm."""
+    out = run_ranks(_dtensor_norms, 2)
+    w = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    assert out[0] == pytest.approx(float(w.norm()), rel=1e-6)
+    assert out[0] == out[1]
+
+
+def _dtensor_norms(rank: int, world: int) -> float:
+    from torch.distributed.fsdp import fully_shard
+
+    lin = nn.Linear(4, 6, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(24, dtype=torch.float32).reshape(6, 4))
+    fully_shard(lin)
+    norm = torch._foreach_norm([lin.weight])[0]
+    assert lin.weight.to_local().shape[0] == 3  # really sharded
+    return float(norm.full_tensor())
+
+
+@pytest.mark.parametrize(
+    "engine_name,overrides,message",
+    [
+        ("deepspeed", ("engine.zero_stage=1",), "flattened partitions"),
+        ("deepspeed", ("engine.zero_stage=3", "optim.name=sgd"), "engine.zero_stage=3"),
+        ("deepspeed", ("precision=fp16",), "precision=fp16"),
+        ("fsdp", ("precision=fp16",), "precision=fp16"),
+    ],
+)
+def test_refused_combinations(engine_name, overrides, message):
+    cfg = tiny_cfg(engine_name, *overrides)
+    with pytest.raises(ValueError, match=message):
+        engines.build(cfg, Context(), models.build(cfg.model), total_steps=10, warmup_steps=0)
+
+
+def test_deepspeed_json_cannot_accumulate_gradients(tmp_path):
+    from supcon_scale.engines.deepspeed import ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"gradient_accumulation_steps": 4}')
+    cfg = tiny_cfg("deepspeed", f"engine.deepspeed_config={path}")
+    with pytest.raises(ValueError, match="same contrastive batch"):
+        ds_config(cfg, 2)
+    path.write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(ValueError, match="engine.deepspeed_config"):
+        ds_config(cfg, 2)
+    path.write_text('{"zero_optimization": {"stage": 2, "overlap_comm": false}, "wall_clock_breakdown": false}')
+    merged = ds_config(cfg, 2)
+    assert merged["zero_optimization"] == {"stage": 0, "overlap_comm": False}  # the run config wins
+    assert merged["train_micro_batch_size_per_gpu"] == GLOBAL_B // 2
+
+
+def _bf16_run(rank: int, world: int, engine_name: str) -> list[float]:
+    cfg = tiny_cfg(engine_name, "precision=bf16")
+    ctx = Context(rank=rank, world_size=world, local_rank=rank)
+    torch.manual_seed(0)
+    engine = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
+    engine.train()
+    out = []
+    for s in range(2):
+        views, labels = batch(s)
+        n = GLOBAL_B // world
+        out.append(step_once(engine, local_views(views, rank, world), labels[rank * n : (rank + 1) * n]))
+    return out + [engine.skipped_steps]
+
+
+def test_bf16_runs_finish_with_finite_loss():
+    for name in ("ddp", "fsdp", "deepspeed"):
+        result = run_ranks(_bf16_run, 2, name, timeout=240)
+        assert all(np.isfinite(result[0][:-1])), name
+        assert result[0][-1] == 0, name
+
+
+def test_sync_bn_conversion_and_cpu_refusal():
+    """models.build(sync_bn=True) converts every BatchNorm; torch's SyncBatchNorm itself refuses CPU tensors.
+
+    The 2-rank statistics check (SyncBN == BatchNorm on the global batch) needs a GPU per rank: torch raises
+    "SyncBatchNorm expected input tensor to be on GPU" on the CPU, which is what this asserts here.
+    """
+    cfg = tiny_cfg("ddp", "model.sync_bn=true")
+    model = models.build(cfg.model)
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 20  # resnet18: 20 BatchNorm layers
+    out = run_ranks(_syncbn_cpu, 2)
+    assert all("GPU" in msg for msg in out)
+
+
+def _syncbn_cpu(rank: int, world: int) -> str:
+    bn = nn.SyncBatchNorm(4)
+    try:
+        bn(torch.randn(4, 4, 3, 3))
+    except ValueError as exc:
+        return str(exc)
+    return "ran on CPU"
