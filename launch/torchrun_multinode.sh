@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Multi-node training with torchrun and c10d rendezvous. Run the same command on every node:
+#   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=node0 NPROC_PER_NODE=8 \
+#     launch/torchrun_multinode.sh configs/imagenet/supcon_resnet50.yaml [key=value ...]
+# The trainer resumes from its newest checkpoint by itself (train.resume=auto is passed), so torchrun's
+# --max-restarts can restart every worker with the same arguments. Exit status 3 = checkpointed after preemption.
+set -euo pipefail
+CONFIG=${1:?usage: $0 CONFIG [key=value ...]}
+shift
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+PYTHON=${PYTHON:-python}
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-supcon}" \
+  --max_restarts "$MAX_RESTARTS" \
+  -m supcon_scale.cli train --config "$CONFIG" train.resume=auto "$@"
