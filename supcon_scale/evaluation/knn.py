@@ -1,0 +1,128 @@
+"""Weighted k-nearest-neighbour monitor (InstDisc / DINO style): cosine similarity, top-k, weights exp(sim / T).
+
+Cheap enough to run every few epochs during pre-training (`train.knn_every_epochs`) and as `supcon-scale knn`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from supcon_scale import distributed
+from supcon_scale.evaluation.features import default_device, extract_features
+
+Source = str | Path | torch.utils.data.Dataset | tuple[torch.Tensor, torch.Tensor]
+
+
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores `[Q, C]`: for each query, the sum of exp(cos / T) over its k most similar train rows per class."""
+    if k < 1:
+        raise ValueError(f"knn.k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"knn.temperature must be > 0, got {temperature}")
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, bank.shape[0])
+    out = []
+    for q in F.normalize(query_features.float(), dim=1).split(chunk):  # [chunk, N] at a time, never [Q, N]
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        scores = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weights.dtype)
+        scores.scatter_add_(1, train_labels[idx], weights)
+        out.append(scores)
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def _features(encoder: nn.Module, source: Source, image_size: int | None, batch_size: int, device: torch.device, workers: int):
+    if isinstance(source, tuple):
+        return source[0].to(device), source[1].to(device)
+    if isinstance(source, (str, Path)):
+        from supcon_scale.data.eval import EvalDataset
+
+        if image_size is None:
+            raise ValueError("knn: image_size is required when train/val are folders")
+        source = EvalDataset(source, "", image_size)
+    f, y, _ = extract_features(encoder, source, batch_size=batch_size, device=device, num_workers=workers)
+    return f.to(device), y.to(device)
+
+
+def knn_eval(
+    encoder: nn.Module,
+    train: Source,
+    val: Source,
+    *,
+    image_size: int | None = None,
+    k: int = 200,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """{"top1", "top5"} (fractions) of a weighted kNN classifier; `train`/`val` are split folders
+    (`<class>/<image>`), datasets yielding `(image, label)`, or `(features, labels)` tensors.
+
+    Feature extraction is sharded over ranks when a process group is up; every rank returns the same numbers.
+    """
+    from supcon_scale.evaluation.linear import topk_accuracy
+
+    device = default_device(device)
+    tx, ty = _features(encoder, train, image_size, batch_size, device, num_workers)
+    vx, vy = _features(encoder, val, image_size, batch_size, device, num_workers)
+    num_classes = int(max(int(ty.max()), int(vy.max())) + 1)
+    scores = knn_scores(tx, ty, vx, num_classes=num_classes, k=k, temperature=temperature)
+    return {**topk_accuracy(scores, vy), "k": min(k, len(ty)), "temperature": temperature, "num_train": len(ty), "num_val": len(vy)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`supcon-scale knn --checkpoint PATH --data DIR [--k 200] [--temperature 0.07] [--json OUT]`."""
+    from supcon_scale.checkpoint import load_encoder
+    from supcon_scale.evaluation.linear import checkpoint_image_size
+
+    p = argparse.ArgumentParser(prog="knn", description="Weighted kNN accuracy of a frozen encoder (train -> val).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="dataset root holding train/ and val/")
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    ctx = distributed.init()
+    try:
+        encoder, meta = load_encoder(args.checkpoint)
+        size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
+        root = Path(args.data)
+        result = knn_eval(
+            encoder, root / "train", root / "val", image_size=size, k=args.k, temperature=args.temperature,
+            batch_size=args.batch_size, device=args.device or ctx.device, num_workers=args.workers,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"knn: error: {exc}", file=sys.stderr)
+        distributed.teardown()
+        return 2
+    if ctx.is_main:
+        from rich.console import Console
+
+        Console().print(f"kNN (k={result['k']}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  top-5 {100 * result['top5']:.2f}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
+    distributed.teardown()
+    return 0

@@ -1,0 +1,458 @@
+"""ImageNet-C style robustness: build a "-C" copy of any folder dataset, read one, score checkpoints, mCE, plots.
+
+Layout of a "-C" root: `ROOT/<corruption>/<severity>/<class>/<image>` (the ImageNet-C release). Metrics follow
+Hendrycks & Dietterich (FACTS.md section 7): CE_c = mean_s E_{s,c} / baseline_c, relative CE_c =
+(mean_s E_{s,c} - E_clean) / (baseline_c - baseline_clean), mCE / relative mCE = 100 x their mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from supcon_scale import distributed
+from supcon_scale.data.folder import FolderIndex, index_folder
+from supcon_scale.evaluation.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, MIN_SIDE, SEVERITIES, corrupt, image_seed
+
+# AlexNet's ImageNet-C errors, averaged over severities (FACTS.md section 7), and its clean error.
+ALEXNET_ERRORS: dict[str, float] = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640, "defocus_blur": 0.819880,
+    "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360, "snow": 0.866816, "frost": 0.826572,
+    "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204, "elastic_transform": 0.646056,
+    "pixelate": 0.717840, "jpeg_compression": 0.606500,
+}  # fmt: skip
+ALEXNET_CLEAN_ERROR = 0.4348
+MANIFEST = "_generation.json"
+
+__all__ = [
+    "ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "CORRUPTIONS", "EXTRA_CORRUPTIONS", "corruption_errors_to_mce",
+    "generate_c", "index_c", "evaluate_c", "robustness_report", "main",
+]  # fmt: skip
+
+
+def _mean(values: float | Sequence[float]) -> float:
+    if isinstance(values, (int, float)):
+        return float(values)
+    values = [float(v) for v in values]
+    return math.fsum(values) / len(values)
+
+
+def corruption_errors_to_mce(
+    errors: Mapping[str, Sequence[float]],
+    clean_error: float | None = None,
+    baseline: str | Mapping[str, float | Sequence[float]] = "alexnet",
+) -> dict[str, Any]:
+    """CE per corruption, mCE, and with `clean_error` relative CE / relative mCE, all in percent.
+
+    `errors` maps each corruption to its per-severity error rates (fractions). `baseline` is "alexnet" or a mapping
+    of corruption -> error (a fraction, or per-severity fractions that are averaged) plus "clean" for its clean error.
+    The means run over the corruptions in `errors`; each must have a baseline entry.
+    """
+    if isinstance(baseline, str):
+        if baseline != "alexnet":
+            raise ValueError(f"baseline: expected 'alexnet' or a mapping of corruption errors, got {baseline!r}")
+        base = {**ALEXNET_ERRORS, "clean": ALEXNET_CLEAN_ERROR}
+    else:
+        base = dict(baseline)
+    if not errors:
+        raise ValueError("errors: no corruptions given")
+    missing = [c for c in errors if c not in base]
+    if missing:
+        raise ValueError(f"baseline: no error for corruption(s) {', '.join(missing)}")
+    for c, e in errors.items():
+        if isinstance(e, (int, float)) or len(e) == 0:
+            raise ValueError(f"errors.{c}: expected a list of per-severity error rates, got {e!r}")
+        if not all(0.0 <= float(v) <= 1.0 for v in e):
+            raise ValueError(f"errors.{c}: error rates must be fractions in [0, 1], got {list(e)}")
+    zero = [c for c in errors if _mean(base[c]) == 0]
+    if zero:
+        raise ValueError(f"baseline: zero error on {', '.join(zero)}; CE is undefined there")
+    ce = {c: 100.0 * _mean(e) / _mean(base[c]) for c, e in errors.items()}
+    out: dict[str, Any] = {"ce": ce, "mce": math.fsum(ce.values()) / len(ce), "corruptions": list(errors)}
+    if clean_error is not None:
+        if "clean" not in base:
+            raise ValueError("baseline: relative CE needs the baseline's clean error under the key 'clean'")
+        bclean = _mean(base["clean"])
+        rel = {}
+        for c, e in errors.items():
+            gap = _mean(base[c]) - bclean
+            if gap == 0:
+                raise ValueError(f"baseline.{c}: equals the baseline's clean error; relative CE is undefined")
+            rel[c] = 100.0 * (_mean(e) - float(clean_error)) / gap
+        out["relative_ce"] = rel
+        out["relative_mce"] = math.fsum(rel.values()) / len(rel)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _prepare(image, image_size: int | None):
+    """The ImageNet-C geometry before corrupting: resize short side to size/0.875, centre-crop `image_size`."""
+    from PIL import Image
+
+    if image_size is None:
+        return image
+    w, h = image.size
+    short = round(image_size / 0.875)
+    scale = short / min(w, h)
+    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def _generate_one(task: tuple[str, str, list[str], list[int], int | None, int, int, str, int]) -> tuple[int, int]:
+    """Worker: decode one image once, write every (corruption, severity) copy that is not there yet."""
+    from PIL import Image
+
+    src, rel, corruptions, severities, image_size, work_size, seed, out_dir, quality = task
+    todo = [(c, s) for c in corruptions for s in severities if not (Path(out_dir) / c / str(s) / rel).is_file()]
+    if not todo:
+        return 0, len(corruptions) * len(severities)
+    with Image.open(src) as img:
+        img = _prepare(img.convert("RGB"), image_size)
+    size = img.size
+    up = work_size / min(size) if min(size) < work_size else 1.0
+    work = img.resize((math.ceil(size[0] * up), math.ceil(size[1] * up)), Image.BICUBIC) if up > 1 else img
+    arr = np.asarray(work, dtype=np.uint8)
+    for c, s in todo:
+        out = Image.fromarray(corrupt(arr, c, s, seed=image_seed(seed, rel, c, s)))
+        if up > 1:  # back to the stored size: a small image is corrupted at work_size, then shrunk (area filter)
+            out = out.resize(size, Image.BOX)
+        dst = Path(out_dir) / c / str(s) / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
+        out.save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, dst)  # complete or absent: an interrupted run resumes where it stopped
+    return len(todo), len(corruptions) * len(severities) - len(todo)
+
+
+def generate_c(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    image_size: int | None = None,
+    work_size: int = MIN_SIDE,
+    seed: int = 0,
+    workers: int | None = None,
+    quality: int = 85,
+    per_class: int | None = None,
+) -> dict[str, Any]:
+    """Write `out_dir/<corruption>/<severity>/<class>/<image>.jpg` for every image of the split folder `source`.
+
+    Cached (existing files are kept, so a re-run is cheap and an interrupted one resumes), reproducible (each
+    image's seed derives from `seed`, its relative path, corruption and severity, whatever the worker count),
+    parallel (`workers` processes). `image_size` applies ImageNet-C's resize + centre-crop before corrupting.
+    Images with a side below `work_size` (at least 32, imagecorruptions' minimum) are upscaled (bicubic),
+    corrupted, and shrunk back (area filter). JPEG quality 85 as in the ImageNet-C release. `per_class` keeps the
+    first N images of each class (a faster subset, recorded in the manifest).
+    """
+    unknown = [c for c in corruptions if c not in ALL_CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"--corruptions: unknown {', '.join(unknown)}; choose from {', '.join(ALL_CORRUPTIONS)}")
+    bad = [s for s in severities if s not in SEVERITIES]
+    if bad:
+        raise ValueError(f"--severities: must be in 1..5, got {bad}")
+    if work_size < MIN_SIDE:
+        raise ValueError(f"work_size must be >= {MIN_SIDE} (imagecorruptions' minimum), got {work_size}")
+    source, out_dir = Path(source), Path(out_dir)
+    index = index_folder(source)
+    params = {"source": str(source.resolve()), "image_size": image_size, "work_size": work_size, "seed": seed, "quality": quality, "per_class": per_class}
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        diff = [k for k in params if old.get("params", {}).get(k) != params[k]]
+        if diff:
+            raise ValueError(f"--c-root: {out_dir} was generated with other settings ({', '.join(diff)}); use a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks, seen = [], {}
+    for path, label in zip(index.paths, index.labels):
+        seen[label] = seen.get(label, 0) + 1
+        if per_class is not None and seen[label] > per_class:
+            continue
+        rel = str(Path(index.classes[label]) / (Path(path).stem + ".jpg"))
+        tasks.append((path, rel, list(corruptions), list(severities), image_size, work_size, seed, str(out_dir), quality))
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    start = time.perf_counter()
+    written = cached = 0
+    if workers <= 1:
+        results = map(_generate_one, tasks)
+    else:
+        import multiprocessing as mp
+
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        results = pool.map(_generate_one, tasks, chunksize=max(1, len(tasks) // (workers * 8)))
+    try:
+        for w, c in results:
+            written, cached = written + w, cached + c
+    finally:
+        if workers > 1:
+            pool.shutdown()
+    seconds = time.perf_counter() - start
+    all_corruptions = sorted(set(json.loads(manifest.read_text())["corruptions"]) | set(corruptions)) if manifest.is_file() else list(corruptions)
+    all_severities = sorted(set(json.loads(manifest.read_text())["severities"]) | set(severities)) if manifest.is_file() else list(severities)
+    info = {"params": params, "corruptions": all_corruptions, "severities": all_severities, "images": len(tasks)}
+    manifest.write_text(json.dumps(info, indent=2))
+    return {"written": written, "cached": cached, "seconds": seconds, "images_per_s": written / max(seconds, 1e-9), "workers": workers, **info}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and scoring
+
+
+def index_c(root: str | Path, corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES) -> dict[tuple[str, int], FolderIndex]:
+    """Index `root/<corruption>/<severity>/`; a missing corruption or severity folder is a ValueError naming it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--c-root: directory not found: {root}")
+    out = {}
+    for c in corruptions:
+        if c not in ALL_CORRUPTIONS:
+            raise ValueError(f"--corruptions: unknown {c!r}; choose from {', '.join(ALL_CORRUPTIONS)}")
+        if not (root / c).is_dir():
+            raise ValueError(f"--c-root: missing corruption folder {root / c}")
+        for s in severities:
+            if not (root / c / str(s)).is_dir():
+                raise ValueError(f"--c-root: missing severity folder {root / c / str(s)}")
+            out[(c, s)] = index_folder(root / c / str(s))
+    return out
+
+
+class _CDataset(torch.utils.data.Dataset):
+    """All (corruption, severity) folders as one dataset, so one sharded pass scores everything."""
+
+    def __init__(self, indexes: list[FolderIndex], transform):
+        self.items = [(p, y) for ix in indexes for p, y in zip(ix.paths, ix.labels)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+def _crop_transform(image_size: int):
+    """ImageNet-C evaluation: the images are already sized, so centre-crop + normalise only (FACTS.md section 7)."""
+    from torchvision.transforms import v2
+
+    from supcon_scale.data.eval import IMAGENET_MEAN, IMAGENET_STD
+
+    return v2.Compose([v2.PILToTensor(), v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def evaluate_c(
+    model: nn.Module,
+    c_root: str | Path,
+    *,
+    image_size: int,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    classes: Sequence[str] | None = None,
+    resize: bool = False,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Top-1 error per corruption and severity of `model` (images -> logits): {"errors": {c: [e_s...]}, "images_per_s"}.
+
+    `resize=True` uses the clean resize + centre-crop view (for "-C" copies generated without `image_size`).
+    Sharded over ranks when a process group is up.
+    """
+    from supcon_scale.data.eval import eval_transform
+    from supcon_scale.evaluation.features import extract_features
+
+    indexes = index_c(c_root, corruptions, severities)
+    keys = list(indexes)
+    for (c, s), ix in indexes.items():
+        if classes is not None and list(ix.classes) != list(classes):
+            raise ValueError(f"--c-root: class folders of {Path(c_root) / c / str(s)} differ from the classifier's")
+    transform = eval_transform(image_size) if resize else _crop_transform(image_size)
+    dataset = _CDataset([indexes[k] for k in keys], transform)
+    logits, labels, timing = extract_features(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    wrong = (logits.argmax(1) != labels).float()
+    errors: dict[str, list[float]] = {c: [] for c in corruptions}
+    start = 0
+    for k in keys:
+        n = len(indexes[k])
+        errors[k[0]].append(float(wrong[start : start + n].mean()))
+        start += n
+    return {"errors": errors, "images": len(dataset), "seconds": timing["seconds"], "images_per_s": timing["images_per_s"]}
+
+
+def robustness_report(
+    checkpoints: Mapping[str, str | Path],
+    c_root: str | Path,
+    clean_root: str | Path,
+    out_dir: str | Path,
+    baseline_name: str | None = None,
+    *,
+    image_size: int | None = None,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    preset: str = "fast",
+    probes: Mapping[str, str | Path] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Score several checkpoints on a "-C" root side by side; write robustness.json and the two PNG plots.
+
+    Each encoder gets a linear probe (`preset`, trained on `clean_root/train`; or a saved head from `probes`), its
+    clean error on `clean_root/val`, and its errors on every corruption and severity. CE/mCE are normalised by
+    AlexNet (`baseline_name=None`, ImageNet-C) or by the model named `baseline_name` (any other dataset), whose
+    own mCE is then 100 by construction.
+    """
+    from supcon_scale.checkpoint import load_encoder
+    from supcon_scale.data.eval import EvalDataset
+    from supcon_scale.evaluation.features import extract_features
+    from supcon_scale.evaluation.linear import checkpoint_image_size, fit_linear_probe, load_probe, topk_accuracy
+    from supcon_scale.evaluation.plots import plot_accuracy_vs_severity, plot_ce_bars
+
+    if not checkpoints:
+        raise ValueError("--checkpoint: give at least one NAME=PATH")
+    if baseline_name is not None and baseline_name not in checkpoints:
+        raise ValueError(f"--baseline: {baseline_name!r} is not one of the checkpoints ({', '.join(checkpoints)})")
+    c_root, clean_root, out_dir = Path(c_root), Path(clean_root), Path(out_dir)
+    manifest = c_root / MANIFEST
+    generated = json.loads(manifest.read_text())["params"] if manifest.is_file() else None
+    resize = generated is not None and generated.get("image_size") is None
+    models: dict[str, dict[str, Any]] = {}
+    for name, path in checkpoints.items():
+        encoder, meta = load_encoder(path)
+        size = image_size or (generated or {}).get("image_size") or checkpoint_image_size(path, meta.get("cifar_stem") == "1")
+        if probes and name in probes:
+            probe = load_probe(encoder, probes[name]).to(device or "cpu")
+            f, y, _ = extract_features(probe, EvalDataset(clean_root, "val", size), batch_size=batch_size, device=device, num_workers=num_workers)
+            linear = {**topk_accuracy(f, y), "probe": str(probes[name])}
+        else:
+            probe, linear = fit_linear_probe(encoder, clean_root, image_size=size, preset=preset, batch_size=batch_size, device=device, num_workers=num_workers)
+        res = evaluate_c(probe, c_root, image_size=size, corruptions=corruptions, severities=severities, classes=probe.classes or None, resize=resize, batch_size=batch_size, device=device, num_workers=num_workers)
+        models[name] = {"checkpoint": str(path), "encoder": meta.get("encoder"), "image_size": size, "clean_top1": linear["top1"], "clean_error": 1.0 - linear["top1"], "linear": linear, **res}
+    scored = [c for c in corruptions if baseline_name is not None or c in ALEXNET_ERRORS]
+    if baseline_name is None:
+        baseline: str | dict[str, Any] = "alexnet"
+    else:
+        b = models[baseline_name]
+        scored = [c for c in scored if _mean(b["errors"][c]) > 0]  # CE against a zero baseline error is undefined
+        baseline = {**{c: b["errors"][c] for c in scored}, "clean": b["clean_error"]}
+    for m in models.values():
+        m.update(corruption_errors_to_mce({c: m["errors"][c] for c in scored}, m["clean_error"], baseline))
+    report = {
+        "baseline": baseline_name or "alexnet", "c_root": str(c_root), "clean_root": str(clean_root),
+        "corruptions": list(corruptions), "scored_corruptions": scored, "severities": list(severities),
+        "generation": generated, "models": models,
+    }  # fmt: skip
+    plots = {"accuracy_vs_severity": str(out_dir / "accuracy_vs_severity.png"), "ce_per_corruption": str(out_dir / "ce_per_corruption.png")}
+    report["plots"] = plots
+    report["json"] = str(out_dir / "robustness.json")
+    if distributed.world()[0] == 0:  # every rank holds the same numbers; one writes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_accuracy_vs_severity(models, plots["accuracy_vs_severity"])
+        plot_ce_bars(models, plots["ce_per_corruption"], reference=baseline_name or "AlexNet")
+        (out_dir / "robustness.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Robustness (CE normalised by {report['baseline']})")
+    for col in ("model", "clean top-1", "mean C top-1", "mCE", "relative mCE", "images/s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in report["models"].items():
+        mean_err = float(np.mean([e for es in m["errors"].values() for e in es]))
+        table.add_row(name, f"{100 * m['clean_top1']:.2f}", f"{100 * (1 - mean_err):.2f}", f"{m['mce']:.1f}", f"{m.get('relative_mce', float('nan')):.1f}", f"{m['images_per_s']:.0f}")
+    Console().print(table)
+    Console().print(f"plots: {report['plots']['accuracy_vs_severity']}, {report['plots']['ce_per_corruption']}")
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag}: expected NAME=PATH, got {v!r}")
+        out[name] = path
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagenet_c", description="ImageNet-C style robustness: generate a -C dataset and/or score checkpoints (CE, mCE, plots).")
+    p.add_argument("--c-root", required=True, help="ROOT/<corruption>/<severity>/<class>/<image> (written by --generate-from)")
+    p.add_argument("--generate-from", default=None, help="a split folder (<class>/<image>) to build the -C copy from")
+    p.add_argument("--checkpoint", action="append", help="NAME=PATH, repeat to compare models")
+    p.add_argument("--probe", action="append", help="NAME=PATH of a head saved by linear_eval --save-probe")
+    p.add_argument("--clean", default=None, help="dataset root with train/ (probe) and val/ (clean error)")
+    p.add_argument("--baseline", default=None, help="normalise CE by this checkpoint's errors (default: AlexNet)")
+    p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
+    p.add_argument("--extra", action="store_true", help="also the 4 extra corruptions (reported, not in mCE vs AlexNet)")
+    p.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES))
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--work-size", type=int, default=MIN_SIDE, help="corrupt smaller images at this size (then shrink back)")
+    p.add_argument("--per-class", type=int, default=None, help="generate only the first N images per class")
+    p.add_argument("--preset", default="fast", help="linear probe preset when no --probe is given")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/robustness")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tools/imagenet_c.py` / `supcon-scale imagenet-c`: exit 0, or 2 with a one-line reason on bad input."""
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    corruptions = list(dict.fromkeys(args.corruptions + (list(EXTRA_CORRUPTIONS) if args.extra else [])))
+    ctx = distributed.init(seed=args.seed)
+    try:
+        if args.generate_from:
+            if ctx.is_main:
+                g = generate_c(
+                    args.generate_from, args.c_root, corruptions=corruptions, severities=args.severities,
+                    image_size=args.image_size, work_size=args.work_size, seed=args.seed, workers=args.workers, per_class=args.per_class,
+                )  # fmt: skip
+                Console().print(f"generated {g['written']} images ({g['cached']} cached) in {g['seconds']:.1f} s, {g['images_per_s']:.0f} images/s -> {args.c_root}")
+            distributed.barrier()
+        checkpoints = _pairs(args.checkpoint, "--checkpoint")
+        if checkpoints:
+            if not args.clean:
+                raise ValueError("--clean: needed with --checkpoint (train/ for the probe, val/ for the clean error)")
+            report = robustness_report(
+                checkpoints, args.c_root, args.clean, args.out, args.baseline, image_size=args.image_size,
+                corruptions=corruptions, severities=args.severities, preset=args.preset, probes=_pairs(args.probe, "--probe"),
+                batch_size=args.batch_size, device=args.device or ctx.device, num_workers=args.workers or 0,
+            )  # fmt: skip
+            if ctx.is_main:
+                print_report(report)
+        elif not args.generate_from:
+            raise ValueError("--checkpoint: nothing to do; give --generate-from and/or --checkpoint NAME=PATH")
+    except ValueError as exc:
+        print(f"imagenet_c: error: {exc}", file=sys.stderr)
+        distributed.teardown()
+        return 2
+    distributed.teardown()
+    return 0

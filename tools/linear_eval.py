@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Linear evaluation of a frozen encoder: `python tools/linear_eval.py --checkpoint PATH --data DIR [--json OUT]`."""
+
+import sys
+
+from supcon_scale.evaluation.linear import main
+
+if __name__ == "__main__":
+    sys.exit(main())
