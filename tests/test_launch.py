@@ -91,3 +91,18 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
     loss = losses.build(cfg.loss)(feats, torch.tensor([0, 1, 0, 1]))
     engine.backward(loss)
     assert engine.step() and torch.isfinite(loss)
+
+
+def test_bench_train_smoke(tmp_path):
+    import json
+
+    from supcon_scale.engines.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--model", "resnet18", "--batch-per-gpu", "2", "--image-size", "32", "--steps", "1", "--warmup", "0",
+                 "--precision", "fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ce, supcon = report["results"]
+    assert (ce["loss"], supcon["loss"]) == ("cross_entropy", "supcon")
+    assert supcon["views_per_s"] == pytest.approx(2 * supcon["images_per_s"])
+    assert main(["--batch-per-gpu", "1"]) == 2
