@@ -54,6 +54,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
         config.save(cfg, out_dir / "config.yaml")
 
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, out_dir)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever ran before
     model = models.build(cfg.model, loader.num_classes if cfg.loss.name == "cross_entropy" else None)
     total_steps = cfg.train.epochs * loader.steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -147,5 +148,9 @@ def _resume(cfg: config.RunConfig, engine: Engine, loader: Any) -> tuple[int, in
         )
     loader.load_state_dict(rank_state["data"])
     checkpoint.set_rng_state(rank_state["rng"])
-    console.print(f"resumed from {path} at step {meta['step']}, epoch {meta['epoch']}")
-    return int(meta["step"]), int(meta["epoch"])
+    step, epoch = int(meta["step"]), int(meta["epoch"])
+    console.print(f"resumed from {path} at step {step}, epoch {epoch}")
+    if len(loader) == 0:  # saved at the end of its epoch: continue with the next one
+        epoch += 1
+        loader.set_epoch(epoch)
+    return step, epoch

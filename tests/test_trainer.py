@@ -1,0 +1,134 @@
+"""The training loop through its public entry points: resume equals an uninterrupted run; the real CLI trains."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from supcon_scale import checkpoint, config, distributed, models, trainer
+from supcon_scale.data.folder import make_demo_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """The demo digits cut to 24 training images per class, so each test trains in seconds."""
+    root = make_demo_data(tmp_path_factory.mktemp("digits"))
+    for folder in (root / "train").iterdir():
+        for extra in sorted(folder.iterdir())[24:]:
+            extra.unlink()
+    return root
+
+
+def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
+    return config.load(
+        REPO / "configs/demo/digits.yaml",
+        [f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64", "data.image_size=16", "train.epochs=2",
+         "train.warmup_epochs=1", "train.log_every=1", "train.progress=false", *extra],
+    )
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_epoch_one_matches_uninterrupted(digits: Path, tmp_path: Path):
+    ctx = distributed.init(seed=0)
+    full = trainer.fit(_cfg(digits, tmp_path / "full"), ctx)
+    steps_per_epoch = full.step // 2
+
+    def crash_in_second_epoch(step: int, epoch: int) -> None:
+        if step == steps_per_epoch + 1:
+            raise Crash
+
+    distributed.seed_everything(123)  # resume must not depend on the RNG state of the new process
+    with pytest.raises(Crash):
+        trainer.fit(_cfg(digits, tmp_path / "resumed"), ctx, hooks=(crash_in_second_epoch,))
+    assert checkpoint.latest(tmp_path / "resumed").name == f"step_{steps_per_epoch:08d}"
+    distributed.seed_everything(456)
+    resumed = trainer.fit(_cfg(digits, tmp_path / "resumed", "train.resume=auto"), ctx)
+    assert resumed.step == full.step
+
+    a = load_file(str(checkpoint.latest(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(checkpoint.latest(tmp_path / "resumed") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    # and the run actually trained: the weights moved away from their (seeded) initialisation
+    torch.manual_seed(0)
+    init = models.build(_cfg(digits, tmp_path).model).encoder.conv1.weight
+    trained = load_file(str(tmp_path / "full/encoder.safetensors"))["conv1.weight"]
+    assert not torch.allclose(trained, init)
+
+
+def test_metrics_config_and_encoder_written(digits: Path, tmp_path: Path):
+    ctx = distributed.init(seed=0)
+    result = trainer.fit(_cfg(digits, tmp_path, "train.max_steps=3"), ctx)
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["lr"] > 0 for r in rows)
+    assert config.load(tmp_path / "config.yaml").train.max_steps == 3
+    encoder, meta = checkpoint.load_encoder(tmp_path / "encoder.safetensors")
+    assert meta["encoder"] == "resnet18"
+
+
+def test_cross_entropy_baseline_trains(digits: Path, tmp_path: Path):
+    ctx = distributed.init(seed=0)
+    result = trainer.fit(_cfg(digits, tmp_path, "loss.name=cross_entropy", "train.max_steps=2"), ctx)
+    meta = json.loads((checkpoint.latest(tmp_path) / "meta.json").read_text())
+    assert result.step == 2 and meta["loss_convention"]["name"] == "cross_entropy"
+
+
+def _cli(*args: str, env_extra: dict | None = None, module: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, *(module or ["-m", "supcon_scale.cli"]), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_cli_help_for_every_command():
+    from supcon_scale.cli import DELEGATED
+
+    for command in ["train", "make-demo-data", *DELEGATED]:
+        proc = _cli(command, "--help")
+        assert proc.returncode == 0, (command, proc.stderr)
+        assert "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("loss.temprature=0.1", "did you mean loss.temperature?"), ("loss.temperature=0", "loss.temperature must be > 0")],
+)
+def test_cli_config_error_exits_2_with_one_line(override: str, message: str):
+    proc = _cli("train", "--config", "configs/demo/digits.yaml", override)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_trains_on_two_torchrun_ranks(digits: Path, tmp_path: Path):
+    proc = _cli(
+        "--standalone", "--nproc_per_node=2", "-m", "supcon_scale.cli", "train",
+        "--config", "configs/demo/digits.yaml", f"data.root={digits}", f"out_dir={tmp_path}",
+        "train.max_steps=2", "train.progress=false", "data.global_batch_size=64",
+        module=["-m", "torch.distributed.run"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((checkpoint.latest(tmp_path) / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2
+    assert (tmp_path / "encoder.safetensors").is_file()
+
+
+def test_cli_batch_not_divisible_by_world(digits: Path, tmp_path: Path):
+    proc = _cli(
+        "--standalone", "--nproc_per_node=2", "-m", "supcon_scale.cli", "train",
+        "--config", "configs/demo/digits.yaml", f"data.root={digits}", f"out_dir={tmp_path}",
+        "data.global_batch_size=63", module=["-m", "torch.distributed.run"],
+    )
+    assert proc.returncode != 0
+    assert "data.global_batch_size=63 is not divisible by the world size 2" in proc.stderr
