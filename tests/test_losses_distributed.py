@@ -36,7 +36,7 @@ def loss_and_grad(impl, variant, contrast, feats, labels):
     f = feats.clone().requires_grad_(True)
     loss = SupConLoss(temperature=0.2, variant=variant, contrast=contrast, impl=impl, block_size=3)(f, labels)
     loss.backward()
-    return loss.item(), f.grad
+    return loss.item(), f.grad.tolist()  # plain lists: tensors over the queue need the sender alive until read
 
 
 def rank_fn(rank: int, world: int, sizes: list[int]):
@@ -56,11 +56,12 @@ def test_ranks_average_to_single_process(sizes):
     for i, (impl, variant, contrast, kind) in enumerate(CASES):
         feats, labels = global_batch(sum(sizes), kind)
         want_loss, want_grad = loss_and_grad(impl, variant, contrast, feats, labels)
+        want_grad = torch.tensor(want_grad, dtype=torch.float64)
         losses = [results[r][i][0] for r in range(world)]
         assert abs(sum(losses) / world - want_loss) <= 1e-10 * abs(want_loss), (CASES[i], losses, want_loss)
         start = 0
         for r, n in enumerate(sizes):
-            grad = results[r][i][1] / world
+            grad = torch.tensor(results[r][i][1], dtype=torch.float64) / world
             ref = want_grad[start : start + n]
             assert (grad - ref).abs().max() <= 1e-10 * want_grad.abs().max(), (CASES[i], r)
             start += n
