@@ -9,11 +9,10 @@ from typing import Any, Callable
 
 import torch
 
-from supcon_scale import checkpoint, config, data, engines, losses, models
+from supcon_scale import checkpoint, config, data, engines, models, objectives
 from supcon_scale.console import MetricsLog, TrainProgress, console
 from supcon_scale.distributed import Context, all_reduce_mean
 from supcon_scale.engines import Engine
-from supcon_scale.losses.cross_entropy import CrossEntropyLoss
 from supcon_scale.resilience import NonFiniteGuard, Preempted, PreemptionHandler
 
 # Called after every optimizer step as hook(step, epoch); used by the kNN monitor and by fault-injection tests.
@@ -30,19 +29,16 @@ class FitResult:
     skipped_steps: int
 
 
-def train_step(engine: Engine, criterion: torch.nn.Module, views: list[torch.Tensor], labels: torch.Tensor):
+def train_step(engine: Engine, objective: objectives.Objective, views: list[torch.Tensor], labels: torch.Tensor):
     """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics)."""
     b = labels.shape[0]
     with engine.autocast():
+        views, targets = objective.prepare(views, labels)
         out = engine(torch.cat(views))
     out = out.float().reshape(len(views), b, -1).transpose(0, 1)  # [B, V, D]
-    loss = criterion(out, labels)
+    loss = objective(out, targets)
     engine.backward(loss)
     return loss.detach(), engine.step()
-
-
-def build_criterion(cfg: config.LossConfig) -> torch.nn.Module:
-    return CrossEntropyLoss() if cfg.name == "cross_entropy" else losses.build(cfg)
 
 
 def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -> FitResult:
@@ -61,7 +57,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
         total_steps = min(total_steps, cfg.train.max_steps)
     warmup_steps = min(total_steps, round(cfg.train.warmup_epochs * loader.steps_per_epoch))
     engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
-    criterion = build_criterion(cfg.loss)
+    objective = objectives.build(cfg, loader.num_classes, ctx)
 
     step, epoch = _resume(cfg, engine, loader)
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
@@ -76,7 +72,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
         nonlocal newest, saved_step
         newest = checkpoint.save(
             out_dir, step, epoch, engine.state_dict(), cfg.to_dict(), loader.state_dict(), cfg.train.keep_last,
-            extra_meta={"loss_convention": criterion.convention()},
+            extra_meta={"loss_convention": objective.convention()},
         )
         saved_step = step
 
@@ -85,7 +81,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
         with TrainProgress(total_steps, step, enabled=ctx.is_main and cfg.train.progress) as progress:
             while step < total_steps and epoch < cfg.train.epochs:
                 for views, labels in loader:
-                    loss, stepped = train_step(engine, criterion, views, labels)
+                    loss, stepped = train_step(engine, objective, views, labels)
                     step += 1
                     window_views += len(views) * labels.shape[0] * ctx.world_size
                     if not stepped:

@@ -94,7 +94,7 @@ class Positives:
 
 
 class SupConLoss(nn.Module):
-    """Supervised contrastive loss; `loss(features [B, V, D], labels [B] | [B, C] | None)` -> fp32 scalar."""
+    """Supervised contrastive loss; `loss(features [B, V, D], labels [B] | [B, C] | [B, V, C] | None)` -> fp32."""
 
     def __init__(
         self,
@@ -165,10 +165,12 @@ class SupConLoss(nn.Module):
         if self.name == "simclr":
             labels = None
         b, v, d = features.shape
-        if labels is not None and (labels.ndim not in (1, 2) or labels.shape[0] != b):
+        if labels is not None and (
+            labels.ndim not in (1, 2, 3) or labels.shape[0] != b or (labels.ndim == 3 and labels.shape[1] != v)
+        ):
             raise ValueError(
-                f"labels must be [{b}] integers or [{b}, classes] label vectors to match features, "
-                f"got shape {tuple(labels.shape)}"
+                f"labels must be [{b}] integers, [{b}, classes] or per-view [{b}, {v}, classes] label vectors to "
+                f"match features, got shape {tuple(labels.shape)}"
             )
         if labels is not None and labels.ndim == 1 and labels.is_floating_point():
             raise ValueError("labels of shape [batch] must be integers; use [batch, classes] for label vectors")
@@ -223,7 +225,10 @@ class SupConLoss(nn.Module):
             _, compact = torch.unique(all_labels, return_inverse=True)
             contrast_ids = compact.repeat_interleave(v)
             return Positives(contrast_ids[self_col], contrast_ids, None, None, self_col)
-        vecs = normalize(all_labels.to(torch.float64)).repeat_interleave(v, dim=0)
+        if labels.ndim == 3:  # per-view vectors (GenSCL mixes each view on its own): rows are sample-major already
+            vecs = normalize(all_labels.to(torch.float64).reshape(-1, all_labels.shape[-1]))
+        else:
+            vecs = normalize(all_labels.to(torch.float64)).repeat_interleave(v, dim=0)
         return Positives(None, None, vecs[self_col], vecs, self_col)
 
     def _use_tiled(self, n: int, m: int) -> bool:

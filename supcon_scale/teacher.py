@@ -1,0 +1,66 @@
+"""The frozen teacher of GenSCL's knowledge distillation: its softened predictions become label vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from supcon_scale import checkpoint, config, models
+
+
+class Teacher(nn.Module):
+    """Eval mode, no gradient, ever: `train()` is a no-op so the trainer's mode switches cannot reach it."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.temperature = temperature
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x).float() / self.temperature, dim=-1)
+
+
+def load(cfg: config.KDConfig, num_classes: int) -> Teacher:
+    """A teacher from a supcon_scale cross-entropy run (checkpoint or run directory) or a timm name + weights file."""
+    if cfg.teacher is None:
+        raise ValueError("kd.teacher: set a timm model name (with kd.checkpoint) or a cross-entropy run directory")
+    source = Path(cfg.teacher)
+    if source.is_dir():
+        model = _from_run(source)
+    else:
+        try:
+            model = timm.create_model(cfg.teacher, num_classes=num_classes)
+        except RuntimeError as exc:
+            raise ValueError(f"kd.teacher: {exc}") from None
+        if cfg.checkpoint is None:
+            raise ValueError(f"kd.checkpoint: the timm teacher {cfg.teacher} needs a weights file")
+        weights = Path(cfg.checkpoint)
+        if not weights.is_file():
+            raise ValueError(f"kd.checkpoint: file not found: {weights}")
+        state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+        checkpoint.load_matching(model, state, str(weights))
+    return Teacher(model, cfg.temperature)
+
+
+def _from_run(path: Path) -> nn.Module:
+    """A classifier trained by this project with `loss.name: cross_entropy` (its head is the linear classifier)."""
+    ckpt = path if checkpoint.is_complete(path) else checkpoint.latest(path)
+    if ckpt is None:
+        raise ValueError(f"kd.teacher: no complete checkpoint in {path}")
+    meta = json.loads((ckpt / checkpoint.META).read_text())
+    if meta["config"]["loss"]["name"] != "cross_entropy":
+        raise ValueError(f"kd.teacher: {ckpt} is a {meta['config']['loss']['name']} run; a teacher must be a classifier")
+    state = load_file(str(ckpt / "model.safetensors"))
+    run_cfg = config.from_dict(meta["config"])
+    model = models.build(run_cfg.model, num_classes=state["head.weight"].shape[0])
+    checkpoint.load_matching(model, state, str(ckpt))
+    return model

@@ -1,0 +1,118 @@
+"""GenSCL objective: per-view label vectors against a float64 brute force, the frozen teacher, a short real run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from supcon_scale import checkpoint, config, distributed, objectives, teacher, trainer
+from supcon_scale.data.folder import make_demo_data
+from supcon_scale.losses import SupConLoss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def genscl_brute_force(features: torch.Tensor, vectors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Seed 001 / FACTS.md section 1 in float64: w_ia = cos(y_i, y_a) (diagonal zeroed),
+    L_i = -sum_a w_ia log softmax_a(s_ia) / sum_a w_ia, averaged over anchors with positive weight."""
+    b, v, d = features.shape
+    z = torch.nn.functional.normalize(features.double().reshape(b * v, d), dim=1)
+    y = torch.nn.functional.normalize(vectors.double().reshape(b * v, -1), dim=1)
+    m = b * v
+    total, count = 0.0, 0
+    for i in range(m):
+        others = [a for a in range(m) if a != i]
+        s = torch.stack([z[i] @ z[a] / tau for a in others])
+        log_p = s - torch.logsumexp(s, 0)
+        w = torch.stack([y[i] @ y[a] for a in others])
+        if w.sum() > 1e-6:
+            total = total - (w * log_p).sum() / w.sum()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
+def test_per_view_label_vectors_match_brute_force(impl: str):
+    torch.manual_seed(0)
+    feats = torch.randn(6, 2, 5, dtype=torch.float64, requires_grad=True)
+    vectors = torch.softmax(torch.randn(6, 2, 4, dtype=torch.float64) * 2, dim=-1)
+    loss = SupConLoss(temperature=0.5, impl=impl, block_size=5, name="genscl")(feats, vectors)
+    (g,) = torch.autograd.grad(loss, feats)
+    ref_feats = feats.detach().clone().requires_grad_(True)
+    ref = genscl_brute_force(ref_feats, vectors, 0.5)
+    (g_ref,) = torch.autograd.grad(ref, ref_feats)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = make_demo_data(tmp_path_factory.mktemp("digits"))
+    for folder in (root / "train").iterdir():
+        for extra in sorted(folder.iterdir())[24:]:
+            extra.unlink()
+    return root
+
+
+def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
+    return config.load(
+        REPO / "configs/demo/digits.yaml",
+        [f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64", "data.image_size=16",
+         "train.max_steps=2", "train.progress=false", *extra],
+    )
+
+
+@pytest.fixture(scope="module")
+def ce_run(digits: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ce")
+    trainer.fit(_cfg(digits, out, "loss.name=cross_entropy"), distributed.init(seed=0))
+    return out
+
+
+def test_teacher_is_frozen_and_outputs_distributions(ce_run: Path):
+    t = teacher.load(config.KDConfig(teacher=str(ce_run), temperature=2.0), num_classes=10)
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    t.train()  # the trainer's mode switches must not reach it
+    assert not t.model.training and all(not p.requires_grad for p in t.parameters())
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    probs = t(x)
+    assert not probs.requires_grad
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    assert all(torch.equal(v, t.state_dict()[k]) for k, v in before.items())  # eval mode: BN stats untouched
+
+
+def test_teacher_must_be_a_classifier(tmp_path: Path, digits: Path):
+    trainer.fit(_cfg(digits, tmp_path), distributed.init(seed=0))
+    with pytest.raises(ValueError, match="a teacher must be a classifier"):
+        teacher.load(config.KDConfig(teacher=str(tmp_path)), num_classes=10)
+    with pytest.raises(ValueError, match="kd.checkpoint: the timm teacher resnet18 needs a weights file"):
+        teacher.load(config.KDConfig(teacher="resnet18"), num_classes=10)
+
+
+def test_genscl_run_with_mixing_and_teacher(digits: Path, ce_run: Path, tmp_path: Path):
+    cfg = _cfg(digits, tmp_path, "loss.name=genscl", "mix.mixup_alpha=0.8", "mix.cutmix_alpha=1.0",
+               f"kd.teacher={ce_run}", "kd.alpha=1.0", "kd.temperature=2.0")
+    result = trainer.fit(cfg, distributed.init(seed=0))
+    assert result.step == 2 and math.isfinite(result.loss)
+    meta = json.loads((checkpoint.latest(tmp_path) / "meta.json").read_text())
+    assert meta["loss_convention"]["name"] == "genscl" and meta["loss_convention"]["teacher"] is True
+
+
+def test_objective_prepare_shapes_and_teacher_only(ce_run: Path):
+    cfg = config.load(None, ["loss.name=genscl", "mix.mixup_alpha=1.0", f"kd.teacher={ce_run}", "kd.alpha=inf"])
+    obj = objectives.build(cfg, num_classes=10, ctx=distributed.Context())
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    labels = torch.tensor([0, 1, 2, 3])
+    views, (vectors, soft) = obj.prepare(views, labels)
+    assert vectors.shape == (4, 2, 10) and soft.shape == (4, 2, 10)
+    feats = torch.randn(4, 2, 8)
+    # alpha = inf: the teacher's labels alone
+    torch.testing.assert_close(obj(feats, (vectors, soft)), obj.loss(feats, soft))
+
+
+def test_mix_options_warn_without_genscl():
+    cfg = config.load(None, ["mix.mixup_alpha=1.0"])
+    with pytest.warns(UserWarning, match="only act with loss.name=genscl"):
+        objectives.build(cfg, num_classes=10, ctx=distributed.Context())
