@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from supcon_scale.config import ModelConfig
 
@@ -47,6 +51,56 @@ def _to_cifar_stem(encoder: nn.Module) -> None:
     encoder.maxpool = nn.Identity()
 
 
+class _FrozenBatchNormStats:
+    """During recomputation, batch norm normalises with batch statistics as before but must not fold them into the
+    running averages a second time (timm's `set_grad_checkpointing` updates them twice). Momentum 0 keeps the
+    averages exactly (x*1 + 0*y); `track_running_stats=False` would change the saved tensors, which checkpoint
+    rejects."""
+
+    def __init__(self, module: nn.Module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                      for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        for m, (momentum, count) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def _checkpointed_forward(stage: nn.Module, forward, x: torch.Tensor) -> torch.Tensor:
+    if not (stage.training and torch.is_grad_enabled()):
+        return forward(x)
+    contexts = lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(stage))  # noqa: E731
+    return checkpoint(forward, x, use_reentrant=False, context_fn=contexts)
+
+
+def stages(encoder: nn.Module) -> list[nn.Module]:
+    """The residual stages of a ResNet-style encoder (`layer1..4` in timm's ResNet, `stages` elsewhere)."""
+    found = [getattr(encoder, f"layer{i}") for i in range(1, 5) if hasattr(encoder, f"layer{i}")]
+    if not found and isinstance(getattr(encoder, "stages", None), nn.Sequential):
+        found = list(encoder.stages)
+    return found
+
+
+def enable_activation_checkpointing(encoder: nn.Module) -> int:
+    """Recompute each stage's activations in backward instead of storing them; returns the number of stages.
+
+    The stage's `forward` is replaced on the instance, so parameter names (and exported state dicts) do not change.
+    """
+    found = stages(encoder)
+    if not found:
+        raise ValueError("model.activation_checkpointing: the encoder has no layer1..4 or stages to checkpoint")
+    for stage in found:
+        stage.forward = functools.partial(_checkpointed_forward, stage, stage.forward)
+    return len(found)
+
+
 def create_head(kind: str, in_dim: int, hidden_dim: int | None, out_dim: int) -> nn.Module:
     if kind == "linear":  # the official TF release: a single 2048 -> 128 layer
         return nn.Linear(in_dim, out_dim)
@@ -63,4 +117,6 @@ def build(cfg: ModelConfig, num_classes: int | None = None) -> SupConModel:
         model = SupConModel(encoder, nn.Linear(encoder.num_features, num_classes), normalize=False)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model.encoder)
     return model
