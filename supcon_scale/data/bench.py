@@ -1,0 +1,282 @@
+"""`tools/bench_dataloader.py`: steady-state throughput of the training loaders on one spec, plus a DALI profile.
+
+Every backend runs the same AugmentSpec over the same files in one process, alternating backends for `--repeats`
+rounds (the best round counts, so background load hurts every backend alike). `--profile` times cumulative DALI CPU
+pipelines (read, + decode, + crops, + each stage, + normalise) to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from supcon_scale.config import AugmentConfig, DataConfig
+from supcon_scale.distributed import Context
+
+SYNTHETIC_SIZE = (500, 375)
+
+
+def write_synthetic(out: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+    """`n` realistic JPEGs (quality 90, 500x375): random crops and flips of scikit-learn's bundled photographs."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # two 427x640 RGB photographs
+    rng = np.random.default_rng(seed)
+    w, h = SYNTHETIC_SIZE
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        y = rng.integers(0, photo.shape[0] - h + 1)
+        x = rng.integers(0, photo.shape[1] - w + 1)
+        crop = photo[y : y + h, x : x + w]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        folder = out / "train" / f"class{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"{i:06d}.jpg", quality=90)
+    return out
+
+
+class _Sampler:
+    """Peak RSS of this process and its children (DataLoader workers), and GPU memory in use, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak_rss = 0
+        self.peak_gpu = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _gpu_used(self) -> int:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = 0
+            try:
+                rss = self.proc.memory_info().rss + sum(
+                    c.memory_info().rss for c in self.proc.children(recursive=True)
+                )
+            except Exception:  # noqa: BLE001 - a worker that exits mid-sample
+                pass
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_gpu = max(self.peak_gpu, self._gpu_used())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "_Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    proc = psutil.Process()
+    t = proc.cpu_times()
+    total = t.user + t.system
+    for c in proc.children(recursive=True):
+        try:
+            ct = c.cpu_times()
+            total += ct.user + ct.system
+        except Exception:  # noqa: BLE001
+            pass
+    return total
+
+
+def measure(cfg: DataConfig, warmup: int, batches: int, roi: bool = False) -> dict[str, Any]:
+    """Images/s over `batches` batches after `warmup` (epochs wrap as needed), CPU use and peak memory."""
+    from supcon_scale.data import build_train_loader
+    from supcon_scale.data.dali import DaliLoader
+
+    ctx = Context()
+    with _Sampler() as sampler:
+        if cfg.backend.startswith("dali"):
+            loader = DaliLoader(cfg, ctx, seed=0, out_dir=None, roi=roi)
+        else:
+            loader = build_train_loader(cfg, ctx, seed=0, out_dir=None)
+        done, epoch, t0, cpu0 = 0, 0, 0.0, 0.0
+        while done < warmup + batches:
+            loader.set_epoch(epoch)
+            for views, _ in loader:
+                done += 1
+                if done == warmup:
+                    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+                if done == warmup + batches:
+                    break
+            epoch += 1
+        wall = time.perf_counter() - t0
+        cpu = _cpu_seconds() - cpu0
+        del loader
+    images = batches * cfg.global_batch_size
+    return {
+        "images_per_s": images / wall,
+        "views_per_s": images * cfg.views / wall,
+        "cpu_util_pct": 100.0 * cpu / wall / (os.cpu_count() or 1),
+        "peak_rss_mib": sampler.peak_rss / 2**20,
+        "peak_gpu_mib": sampler.peak_gpu / 2**20 if sampler.peak_gpu else None,
+    }
+
+
+def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> list[dict[str, Any]]:
+    """Cumulative DALI CPU pipelines: read, +decode, +V crops (+flip+normalise), +each stage; median batch of each."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from supcon_scale.data import dali as D
+    from supcon_scale.data.folder import index_folder
+    from supcon_scale.data.sharding import train_dir
+    from supcon_scale.data.spec import spec_from_config
+
+    index = index_folder(train_dir(root))
+    spec = spec_from_config(cfg.augment, cfg.image_size)
+    # Every pipeline after "decode" ends in flip+normalise, so all of them output the same float CHW views.
+    steps: list[tuple[str, Any]] = [("read", None), ("decode", None), ("crops+flip+normalise", ())]
+    for k in range(1, len(spec.stages) + 1):
+        steps.append(("+" + spec.stages[k - 1], spec.stages[:k]))
+
+    pipes = []
+    for name, stages in steps:
+
+        @pipeline_def(enable_conditionals=True)
+        def pipe_fn():
+            enc, _ = fn.readers.file(files=index.paths, labels=index.labels, name=D.READER, random_shuffle=False)
+            if name == "read":
+                return enc
+            if name == "decode":
+                return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+            crops = D.crop_views(enc, spec, cfg.views, "cpu", D.ROI_DECODE_DEFAULT, 0.0)
+            return tuple(D.augment_view(c, replace(spec, stages=tuple(stages))) for c in crops)
+
+        # Synchronous execution, so one run() is one batch's work.
+        pipe = pipe_fn(
+            batch_size=cfg.global_batch_size, num_threads=cfg.dali_threads, device_id=None, seed=0,
+            exec_async=False, exec_pipelined=False, prefetch_queue_depth=1,
+        )
+        pipe.build()
+        pipe.run()
+        pipes.append(pipe)
+    # Rounds alternate over the pipelines; the per-step figure is the lowest round median (resists background load).
+    best = [float("inf")] * len(steps)
+    for _ in range(rounds):
+        for k, pipe in enumerate(pipes):
+            times = []
+            for _ in range(batches):
+                t0 = time.perf_counter()
+                pipe.run()
+                times.append(time.perf_counter() - t0)
+            best[k] = min(best[k], float(np.median(times)) * 1000)
+    rows, previous = [], 0.0
+    for (name, _), ms in zip(steps, best):
+        rows.append({"step": name, "ms_per_batch": ms, "added_ms": ms - previous})
+        previous = ms
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benchmark the training data loaders (images/s, views/s, CPU, memory) and write a table and JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    p = argparse.ArgumentParser(prog="bench_dataloader", description=main.__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="an image folder (ROOT/train/<class>/... or ROOT/<class>/...)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="write N realistic 500x375 JPEGs and use them")
+    p.add_argument("--synthetic-dir", type=Path, default=Path("runs/bench_data"), help="where --synthetic writes")
+    p.add_argument("--backends", default="dali-cpu,torchvision", help="comma list of dali-gpu,dali-cpu,torchvision")
+    p.add_argument("--dali-decode", default="once,roi", help="DALI view decoding: once (1 decode + V crops), roi")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
+    p.add_argument("--preset", default="stacked_randaugment")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3, help="batches before timing")
+    p.add_argument("--batches", type=int, default=20, help="timed batches")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best counts")
+    p.add_argument("--profile", action="store_true", help="also time cumulative DALI CPU stages")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT")
+    args = p.parse_args(argv)
+    console = Console()
+
+    root = args.data
+    if args.synthetic is not None:
+        if args.synthetic < args.batch_size:
+            console.print(f"[red]error:[/red] --synthetic {args.synthetic} is smaller than --batch-size")
+            return 2
+        root = write_synthetic(args.synthetic_dir, args.synthetic)
+    if not Path(root).is_dir():
+        console.print(f"[red]error:[/red] --data: directory not found: {root}")
+        return 2
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(backends) - {"dali-gpu", "dali-cpu", "torchvision"}
+    if unknown:
+        console.print(f"[red]error:[/red] --backends: unknown {sorted(unknown)}")
+        return 2
+    aug = AugmentConfig(preset=args.preset)  # type: ignore[arg-type]
+    runs: list[tuple[str, bool]] = []
+    for b in backends:
+        for mode in ([m.strip() for m in args.dali_decode.split(",")] if b.startswith("dali") else ["once"]):
+            runs.append((b, mode == "roi"))
+    best: dict[tuple[str, bool], dict[str, Any]] = {}
+    for _ in range(args.repeats):
+        for backend, roi in runs:
+            cfg = DataConfig(
+                root=str(root), backend=backend, global_batch_size=args.batch_size, image_size=args.image_size,  # type: ignore[arg-type]
+                views=args.views, workers=args.threads, dali_threads=args.threads, augment=aug, drop_last=True,
+            )
+            r = measure(cfg, args.warmup, args.batches, roi=roi)
+            if (backend, roi) not in best or r["images_per_s"] > best[backend, roi]["images_per_s"]:
+                best[backend, roi] = r
+    base = best.get(("torchvision", False))
+    rows = []
+    for (backend, roi), r in best.items():
+        rows.append({
+            "backend": backend, "decode": "roi" if roi else ("once" if backend != "torchvision" else "pil"),
+            "preset": args.preset, "batch_size": args.batch_size, "threads": args.threads, "views": args.views,
+            "image_size": args.image_size, **r,
+            "vs_torchvision": r["images_per_s"] / base["images_per_s"] if base else None,
+        })
+    table = Table(title=f"data loading: {root}, preset {args.preset}, batch {args.batch_size}, {args.threads} threads")
+    for col in ("backend", "decode", "images/s", "views/s", "x torchvision", "CPU %", "peak RSS MiB", "GPU MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["backend"], r["decode"], f"{r['images_per_s']:.1f}", f"{r['views_per_s']:.1f}",
+            f"{r['vs_torchvision']:.2f}" if r["vs_torchvision"] else "-", f"{r['cpu_util_pct']:.0f}",
+            f"{r['peak_rss_mib']:.0f}", f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] else "-",
+        )
+    console.print(table)
+    profile = None
+    if args.profile:
+        cfg = DataConfig(
+            root=str(root), backend="dali-cpu", global_batch_size=args.batch_size, image_size=args.image_size,
+            views=args.views, dali_threads=args.threads, augment=aug,
+        )
+        profile = profile_dali(Path(root), cfg, args.batches)
+        ptable = Table(title="DALI CPU profile (cumulative pipelines)")
+        for col in ("step", "ms/batch", "added ms"):
+            ptable.add_column(col, justify="right")
+        for r in profile:
+            ptable.add_row(r["step"], f"{r['ms_per_batch']:.1f}", f"{r['added_ms']:.1f}")
+        console.print(ptable)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "profile": profile, "cpu_count": os.cpu_count()}, indent=2))
+    return 0
