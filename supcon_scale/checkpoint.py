@@ -79,10 +79,20 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """`load_state_dict(strict=True)` with a one-line error naming missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
+    check_matching(module.state_dict(), state, source)
+    module.load_state_dict(state)
+
+
+def check_matching(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a one-line ValueError naming missing, unexpected and mis-shaped keys of `state` against `own`."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    # numel 0: a ZeRO-3 partitioned parameter, whose local shape says nothing about the model's
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and own[k].numel() > 0 and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -92,7 +102,6 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str
         if shapes:
             parts.append(f"shape mismatch {'; '.join(shapes[:5])}{' ...' if len(shapes) > 5 else ''}")
         raise ValueError(f"checkpoint {source} does not fit this model: {' | '.join(parts)}")
-    module.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,21 +18,23 @@ DELEGATED = {
     "knn": ("supcon_scale.evaluation.knn:main", "weighted kNN accuracy of a checkpoint"),
     "imagenet-c": ("supcon_scale.evaluation.robustness:main", "corruption robustness (mCE) of checkpoints"),
     "demo": ("supcon_scale.demo:main", "the end-to-end demo on the bundled digits (CPU)"),
+    "torchrun": ("supcon_scale.resilience:torchrun_main", "torchrun that exits 3 when the job was preempted"),
 }
 
 EXIT_USAGE = 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from supcon_scale import config, distributed, trainer
-    from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted
+    from supcon_scale import config, distributed, faults, trainer
+    from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted, notify_agent
 
     cfg = config.load(args.config, args.overrides)
     ctx = distributed.init(cfg.engine.backend, cfg.seed)
     try:
-        trainer.fit(cfg, ctx)
+        trainer.fit(cfg, ctx, hooks=faults.install(ctx.rank))  # no hooks unless $SUPCON_FAULTS is set (tests)
     except Preempted as exc:
         print(f"supcon-scale: {exc}", file=sys.stderr)
+        notify_agent()
         return EXIT_PREEMPTED
     except NonFiniteError as exc:
         print(f"supcon-scale: error: {exc}", file=sys.stderr)

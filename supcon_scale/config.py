@@ -279,6 +279,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys of older configs (and of the SupContrast reference scripts) -> their current name.
+RENAMED = {
+    "loss.temp": "loss.temperature",
+    "data.batch_size": "data.global_batch_size",
+    "optim.lr": "optim.base_lr",
+    "optim.learning_rate": "optim.base_lr",
+    "train.save_freq": "train.checkpoint_every_steps",
+    "train.save_every": "train.checkpoint_every_steps",
+    "train.warm_epochs": "train.warmup_epochs",
+}
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
@@ -287,6 +299,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
+        if key not in fields and dotted in RENAMED:
+            raise ConfigError(f"config key {dotted} was renamed to {RENAMED[dotted]} (an older config?)")
         if key not in fields:
             near = difflib.get_close_matches(str(key), sorted(fields), n=1)
             hint = f" (did you mean {(path + '.' if path else '') + near[0]}?)" if near else ""

@@ -60,11 +60,22 @@ def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> Con
             backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After an elastic restart the agent's store still holds the dead attempt's gloo addresses: a fresh
+            # rank could read them and fail "Connection refused". A per-attempt prefix keeps attempts apart.
+            client = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+            )
+            store = dist.PrefixStore(f"supcon_scale/attempt_{restart}/", client)
         dist.init_process_group(
             backend=backend,
+            store=store,
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     seed_everything(seed)

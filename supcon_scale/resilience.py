@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 
 import torch
 
@@ -11,6 +13,8 @@ from supcon_scale import distributed
 
 # The trainer exits with this status after a preemption checkpoint; launch/slurm.sbatch requeues on it.
 EXIT_PREEMPTED = 3
+# Signals that mean "this job is being preempted": the agent forwards them to the workers (see `torchrun_main`).
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 class Preempted(Exception):
@@ -65,3 +69,44 @@ class NonFiniteGuard:
                 f"step {step}: {self.in_a_row} non-finite steps in a row (loss={loss}); "
                 f"newest good checkpoint: {newest_checkpoint or 'none'}"
             )
+
+
+def notify_agent() -> None:
+    """After a preemption checkpoint, tell this node's torchrun agent to stop instead of restarting the workers.
+
+    A worker exiting with EXIT_PREEMPTED looks like a crash to torchrun, which restarts it when
+    `--max-restarts` > 0 (and never returns 3 itself). SIGTERM is in the agent's default signals to handle: it
+    shuts the workers down and raises SignalException, which `torchrun_main` turns into EXIT_PREEMPTED. Only the
+    node's local rank 0 does it, and only once the checkpoint is complete on every rank.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK", "0") == "0":
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """`supcon-scale torchrun ...`: torchrun whose exit status is EXIT_PREEMPTED when the job was preempted.
+
+    Plain torchrun exits 1 both when its workers exit with EXIT_PREEMPTED and when it is itself signalled, so a
+    launcher script cannot tell "requeue" from "crashed". The agent also handles SIGUSR1/SIGUSR2 here (plain
+    torchrun dies of them, leaving its workers behind) and forwards them, as SLURM's `--signal` sends them.
+    """
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
+        argv = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", *argv]
+    try:
+        run.main(argv)
+    except SignalException as exc:
+        if exc.sigval.name in PREEMPT_SIGNALS:
+            print(f"supcon-scale torchrun: {exc.sigval.name}: workers checkpointed and stopped; exit "
+                  f"{EXIT_PREEMPTED} (requeue)", file=sys.stderr)
+            return EXIT_PREEMPTED
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        if EXIT_PREEMPTED in codes:
+            return EXIT_PREEMPTED
+        return 1
+    return 0

@@ -32,13 +32,22 @@ class FitResult:
 def train_step(engine: Engine, objective: objectives.Objective, views: list[torch.Tensor], labels: torch.Tensor):
     """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics)."""
     b = labels.shape[0]
+    # A skipped (non-finite) step must leave no trace, but its forward already updated the batch-norm running
+    # statistics, with NaN. They are small (~0.1% of ResNet-50's parameters): keep a copy to put back.
+    buffers = [t for t in engine.unwrapped().buffers() if t.is_floating_point()]
+    saved = [t.detach().clone() for t in buffers]
     with engine.autocast():
         views, targets = objective.prepare(views, labels)
         out = engine(torch.cat(views))
     out = out.float().reshape(len(views), b, -1).transpose(0, 1)  # [B, V, D]
     loss = objective(out, targets)
     engine.backward(loss)
-    return loss.detach(), engine.step()
+    stepped = engine.step()
+    if not stepped:
+        with torch.no_grad():
+            for t, kept in zip(buffers, saved):
+                t.copy_(kept)
+    return loss.detach(), stepped
 
 
 def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -> FitResult:
@@ -50,6 +59,13 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
         config.save(cfg, out_dir / "config.yaml")
 
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, out_dir)
+    if loader.num_classes < 2 and cfg.loss.name != "simclr":
+        # One class: every other sample is a positive and none is a negative, so SupCon only pulls embeddings
+        # together (collapse) and cross-entropy has nothing to learn. SimCLR ignores labels and is fine.
+        raise ValueError(
+            f"data.root: {cfg.data.root} has a single class; loss.name={cfg.loss.name} needs at least 2 "
+            "(use loss.name=simclr for unlabelled data)"
+        )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever ran before
     model = models.build(cfg.model, loader.num_classes if cfg.loss.name == "cross_entropy" else None)
     total_steps = cfg.train.epochs * loader.steps_per_epoch
@@ -84,8 +100,8 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
                     loss, stepped = train_step(engine, objective, views, labels)
                     step += 1
                     window_views += len(views) * labels.shape[0] * ctx.world_size
-                    if not stepped:
-                        guard.update(step, loss.item(), stepped, str(newest) if newest else None)
+                    # every step: a good one resets the count of bad steps "in a row"
+                    guard.update(step, loss.item() if not stepped else 0.0, stepped, str(newest) if newest else None)
                     if step % cfg.train.log_every == 0 or step == total_steps:
                         loss_value = all_reduce_mean(loss).item()
                         rate = window_views / max(time.time() - window_start, 1e-9)
@@ -131,11 +147,19 @@ def _resume(cfg: config.RunConfig, engine: Engine, loader: Any) -> tuple[int, in
         loader.set_epoch(0)
         return 0, 0
     meta, engine_state, rank_state = checkpoint.load(path)
+    saved_world = int(meta["world_size"])
+    if saved_world != loader.ctx.world_size:
+        # The data position and per-rank RNG streams are per rank: refuse rather than drop or repeat samples.
+        raise ValueError(
+            f"train.resume: {path} was saved by {saved_world} ranks but this run has {loader.ctx.world_size}; "
+            f"relaunch with {saved_world} ranks (or start a new out_dir)"
+        )
     if meta["config"]["model"]["encoder"] != cfg.model.encoder:
         raise ValueError(
             f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
             f"this run has model.encoder={cfg.model.encoder}"
         )
+    checkpoint.check_matching(engine.unwrapped().state_dict(), engine_state["model"], str(path))
     engine.load_state_dict(engine_state)
     if rank_state is None:
         raise ValueError(
