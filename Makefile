@@ -17,8 +17,9 @@ $(STAMP): setup.py constraints.txt
 
 venv: $(STAMP)
 
+# `make demo GENSCL=1` adds a GenSCL run with the cross-entropy model as its teacher.
 demo: $(STAMP)
-	$(PY) -m supcon_scale.demo $(DEMO_ARGS)
+	$(PY) -m supcon_scale.demo $(if $(GENSCL),--genscl) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

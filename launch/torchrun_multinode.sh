@@ -3,7 +3,8 @@
 #   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=node0 NPROC_PER_NODE=8 \
 #     launch/torchrun_multinode.sh configs/imagenet/supcon_resnet50.yaml [key=value ...]
 # The trainer resumes from its newest checkpoint by itself (train.resume=auto is passed), so torchrun's
-# --max-restarts can restart every worker with the same arguments. Exit status 3 = checkpointed after preemption.
+# --max-restarts can restart every worker with the same arguments. `supcon-scale torchrun` is torchrun (same
+# arguments) that exits 3 when the job checkpointed after a preemption signal (plain torchrun exits 1).
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [key=value ...]}
 shift
@@ -14,7 +15,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python}
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m supcon_scale.cli torchrun \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-supcon}" \
   --max_restarts "$MAX_RESTARTS" \

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> dict:
     from supcon_scale.checkpoint import load_encoder
     from supcon_scale.data.folder import make_demo_data
     from supcon_scale.evaluation.linear import linear_eval
-    from supcon_scale.evaluation.robustness import robustness_report
+    from supcon_scale.evaluation.robustness import generate_c, robustness_report
 
     start = time.time()
     out = Path(args.out)
@@ -40,21 +40,25 @@ def run(args: argparse.Namespace) -> dict:
     if not (data_root / "val").is_dir():
         make_demo_data(data_root)
     common = [f"data.root={data_root}", *args.overrides]
-    runs = {"supcon": (args.config, out / "supcon"), "cross_entropy": (args.ce_config, out / "cross_entropy")}
-    for name, (cfg_path, run_dir) in runs.items():
-        _torchrun(cfg_path, args.nproc, [f"out_dir={run_dir}", *common])
+    runs = {"supcon": (args.config, out / "supcon", []), "cross_entropy": (args.ce_config, out / "cross_entropy", [])}
+    if args.genscl:  # after the cross-entropy run: it is GenSCL's teacher
+        runs["genscl"] = (args.genscl_config, out / "genscl", [f"kd.teacher={out / 'cross_entropy'}"])
+    for name, (cfg_path, run_dir, extra) in runs.items():
+        _torchrun(cfg_path, args.nproc, [f"out_dir={run_dir}", *common, *extra])
 
     cfg = config.load(args.config, common)
     results = {}
-    for name, (_, run_dir) in runs.items():
+    for name, (_, run_dir, _) in runs.items():
         encoder, _ = load_encoder(run_dir / "encoder.safetensors")
         results[name] = linear_eval(encoder, data_root, image_size=cfg.data.image_size, preset="fast")
         console.print(f"{name}: linear top-1 {results[name]['top1']:.4f}")
 
     robustness = None
     if not args.skip_robustness:
+        # A subset keeps the demo short: the first `per_class` val images of each digit, 15 corruptions x 5 severities.
+        generate_c(data_root / "val", out / "data-C", per_class=args.c_per_class, seed=cfg.seed)
         robustness = robustness_report(
-            {name: run_dir / "encoder.safetensors" for name, (_, run_dir) in runs.items()},
+            {name: run_dir / "encoder.safetensors" for name, (_, run_dir, _) in runs.items()},
             c_root=out / "data-C",
             clean_root=data_root,
             out_dir=out / "robustness",
@@ -67,23 +71,23 @@ def run(args: argparse.Namespace) -> dict:
         "linear_top5": results["supcon"]["top5"],
         "ce_top1": results["cross_entropy"]["top1"],
         "ce_top5": results["cross_entropy"]["top5"],
+        **({"genscl_top1": results["genscl"]["top1"]} if "genscl" in results else {}),
         "wall_time_s": time.time() - start,
         "nproc": args.nproc,
         "config": cfg.to_dict(),
         "robustness": robustness,
     }
-    rows = [
-        ("SupCon (2 ranks) + linear", summary["linear_top1"], summary["linear_top5"]),
-        ("Cross-entropy + linear", summary["ce_top1"], summary["ce_top5"]),
-    ]
-    extra_cols: list[str] = []
+    labels = {"supcon": "SupCon + linear", "cross_entropy": "Cross-entropy + linear", "genscl": "GenSCL (KD) + linear"}
+    columns = ["model", "top-1", "top-5"]
+    rows = [(labels[n], r["top1"], r["top5"]) for n, r in results.items()]
     if robustness is not None:
-        extra_cols = ["mCE (vs CE = 100)", "relative mCE"]
-        rows = [r + (robustness["models"][n]["mce"], robustness["models"][n].get("relative_mce", float("nan")))
-                for r, n in zip(rows, ("supcon", "cross_entropy"))]
-    console.print(table(f"digits demo ({summary['wall_time_s']:.0f} s)", ["model", "top-1", "top-5", *extra_cols], rows))
+        columns += ["mCE (CE = 100)", "relative mCE"]
+        rows = [row + (robustness["models"][n]["mce"], robustness["models"][n].get("relative_mce", float("nan")))
+                for row, n in zip(rows, results)]
+    title = f"digits demo: {args.nproc} torchrun ranks, {summary['wall_time_s']:.0f} s"
+    console.print(table(title, columns, rows))
     if robustness is not None:
-        console.print(f"robustness plots: {', '.join(robustness.get('plots', []))}")
+        console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {out / 'summary.json'}")
     return summary
@@ -95,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=Path("configs/demo/digits.yaml"))
     p.add_argument("--ce-config", type=Path, default=Path("configs/demo/digits_ce.yaml"))
     p.add_argument("--nproc", type=int, default=2, help="torchrun ranks (gloo on CPU)")
+    p.add_argument("--genscl-config", type=Path, default=Path("configs/demo/digits_genscl.yaml"))
+    p.add_argument("--genscl", action="store_true", help="also train GenSCL with the cross-entropy model as teacher")
     p.add_argument("--skip-robustness", action="store_true")
+    p.add_argument("--c-per-class", type=int, default=8, help="val images per digit in digits-C (75 versions each)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs")
     run(p.parse_args(argv))
     return 0

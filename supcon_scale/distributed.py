@@ -202,6 +202,42 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return gathered, sum(sizes[: dist.get_rank()])
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; every rank's output feeds its own loss, so the input's gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce (sum); the input itself without a group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _AllReduceSumWithGrad.apply(x)
+
+
+def cuda_sync_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode batch norm of `x` with statistics over all ranks, through torch's fused CUDA kernels."""
+    from torch.nn.modules._functions import SyncBatchNorm as _SyncBatchNormFn
+
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    return _SyncBatchNormFn.apply(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, momentum, dist.group.WORLD,
+        dist.get_world_size(),
+    )
+
+
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Gather without gradient (labels, label vectors); uneven sizes allowed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

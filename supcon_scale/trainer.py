@@ -77,6 +77,8 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
 
     step, epoch = _resume(cfg, engine, loader)
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
+    if cfg.train.knn_every_epochs:
+        hooks = (*hooks, _knn_monitor(cfg, engine, metrics, loader.steps_per_epoch))
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
     preemption = PreemptionHandler(cfg.train.preempt_signal)
     newest = checkpoint.latest(out_dir)
@@ -134,15 +136,27 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -
     return FitResult(step, epoch, loss_value, time.time() - start, encoder_path if newest else None, engine.skipped_steps)
 
 
+def _knn_monitor(cfg: config.RunConfig, engine: Engine, metrics: MetricsLog, steps_per_epoch: int) -> StepHook:
+    """Weighted kNN (k=200, T=0.07) of the encoder on `data.root/val` every `train.knn_every_epochs` epochs."""
+    from supcon_scale.evaluation.knn import knn_eval  # evaluation sits beside the trainer; imported only when used
+
+    root = Path(cfg.data.root)
+    every = steps_per_epoch * cfg.train.knn_every_epochs
+
+    def hook(step: int, epoch: int) -> None:
+        if step % every == 0:
+            result = knn_eval(engine.unwrapped().encoder, root / "train", root / "val", image_size=cfg.data.image_size)
+            metrics.write({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
+
+    return hook
+
+
 def _resume(cfg: config.RunConfig, engine: Engine, loader: Any) -> tuple[int, int]:
     """Restore engine, data position and RNG from `train.resume`; returns (step, epoch) to continue from."""
     path = cfg.train.resume
     if path == "auto":
         found = checkpoint.latest(cfg.out_dir)
-        if found is None:
-            loader.set_epoch(0)
-            return 0, 0
-        path = str(found)
+        path = str(found) if found is not None else None
     if path is None:
         loader.set_epoch(0)
         return 0, 0

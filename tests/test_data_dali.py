@@ -32,9 +32,17 @@ def dali_cfg(root: Path, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("preset", ["simclr", "autoaugment"])  # stacked_randaugment: the resume test
-def test_views_shape_dtype_and_range(digits, preset):
-    cfg = dali_cfg(digits, views=3, augment=AugmentConfig(preset=preset))
+@pytest.mark.parametrize(
+    "augment",
+    [
+        AugmentConfig(preset="simclr"),
+        AugmentConfig(preset="autoaugment"),  # stacked_randaugment: the resume test
+        AugmentConfig(preset="simclr", jitter=(0.4, 0.4, 0.0, 0.0), grayscale_p=0.0),  # zero strengths (the demo)
+    ],
+    ids=["simclr", "autoaugment", "zero-saturation-hue"],
+)
+def test_views_shape_dtype_and_range(digits, augment):
+    cfg = dali_cfg(digits, views=3, augment=augment)
     loader = build_train_loader(cfg, Context(), seed=0, out_dir=None)
     assert loader.num_classes == 10 and loader.steps_per_epoch == 1437 // 16
     views, labels = next(iter(loader))

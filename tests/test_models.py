@@ -52,4 +52,36 @@ def test_activation_checkpointing_same_grads_and_bn_stats_updated_once():
 def test_sync_bn_conversion():
     model = models.build(config.ModelConfig(encoder="resnet18", sync_bn=True))
     kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    assert kinds == {torch.nn.SyncBatchNorm}
+    assert kinds == {models.GlobalBatchNorm}  # torch.nn.SyncBatchNorm on CUDA, gloo-capable on CPU
+
+
+def _global_bn_rank(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    x_full, w_full = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 3 + 1, torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    bn = models.convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3))).double().train()
+    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    x = x_full[part].clone().requires_grad_(True)
+    y = bn(x)
+    (y * w_full[part]).sum().backward()
+    m = bn[0]
+    return {"y": y.detach().tolist(), "x_grad": x.grad.tolist(), "w_grad": m.weight.grad.tolist(),
+            "mean": m.running_mean.tolist(), "var": m.running_var.tolist()}
+
+
+def test_global_batchnorm_on_gloo_equals_one_process_batchnorm():
+    from multiproc import run_ranks
+
+    ranks = run_ranks(_global_bn_rank, 2)
+    torch.manual_seed(0)
+    x_full, w_full = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 3 + 1, torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    ref = torch.nn.BatchNorm2d(3).double().train()
+    x = x_full.clone().requires_grad_(True)
+    y = ref(x)
+    (y * w_full).sum().backward()
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(torch.cat([t(r["y"]) for r in ranks]), y.detach())
+    torch.testing.assert_close(torch.cat([t(r["x_grad"]) for r in ranks]), x.grad)
+    torch.testing.assert_close(t(ranks[0]["w_grad"]) + t(ranks[1]["w_grad"]), ref.weight.grad)
+    for r in ranks:
+        torch.testing.assert_close(t(r["mean"]), ref.running_mean)
+        torch.testing.assert_close(t(r["var"]), ref.running_var)

@@ -132,3 +132,11 @@ def test_cli_batch_not_divisible_by_world(digits: Path, tmp_path: Path):
     )
     assert proc.returncode != 0
     assert "data.global_batch_size=63 is not divisible by the world size 2" in proc.stderr
+
+
+def test_knn_monitor_logs_accuracy(digits: Path, tmp_path: Path):
+    ctx = distributed.init(seed=0)
+    trainer.fit(_cfg(digits, tmp_path, "train.epochs=1", "train.knn_every_epochs=1", "train.warmup_epochs=0"), ctx)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert len(knn) == 1 and 0.1 < knn[0]["knn_top1"] <= knn[0]["knn_top5"] <= 1.0  # above chance on 10 digits

@@ -64,9 +64,10 @@ def _coin_bool(p: float) -> Any:
 
 
 def _uniform(lo: float, hi: float) -> Any:
+    """A per-sample uniform draw; a constant for an empty range (a jitter strength of 0), which DALI rejects."""
     from nvidia.dali import fn
 
-    return fn.random.uniform(range=(lo, hi))
+    return fn.random.uniform(range=(lo, hi)) if hi > lo else float(lo)
 
 
 def augment_view(x: Any, spec: AugmentSpec) -> Any:
