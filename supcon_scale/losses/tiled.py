@@ -91,6 +91,7 @@ class TiledLogSumExp(torch.autograd.Function):
             lse_all = sums.log_().add_(shift)
         ctx.save_for_backward(za, zc, lse_all, lse_pos)
         ctx.pos, ctx.tiles, ctx.inv_tau, ctx.with_pos = pos, tiles, inv_tau, with_pos
+        ctx.shared = za is zc  # one process, every view an anchor: both gradients go into one [M, D] buffer
         return lse_all, lse_pos
 
     @staticmethod
@@ -100,7 +101,7 @@ class TiledLogSumExp(torch.autograd.Function):
         pos, inv_tau = ctx.pos, ctx.inv_tau
         self_col = pos.self_col
         grad_za = torch.zeros_like(za)
-        grad_zc = torch.zeros_like(zc)
+        grad_zc = grad_za if ctx.shared else torch.zeros_like(zc)
         for tile in ctx.tiles:
             r0, r1, c0, c1 = tile[:4]
             s = _block_logits(za, zc, self_col, tile, inv_tau)
@@ -117,7 +118,7 @@ class TiledLogSumExp(torch.autograd.Function):
             g = g_all[r0:r1, None] * inv_tau
             grad_za[r0:r1].addcmul_(torch.mm(s, zc[c0:c1]), g)
             grad_zc[c0:c1].addmm_(s.T, za[r0:r1] * g)
-        return grad_za, grad_zc, None, None, None, None
+        return grad_za, (None if ctx.shared else grad_zc), None, None, None, None
 
 
 def log_sum_exps(
