@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from supcon_scale import distributed
 from supcon_scale.losses import tiled
@@ -30,12 +31,28 @@ Impl = Literal["dense", "tiled", "auto"]
 _MIN_VECTOR_WEIGHT = 1e-6
 
 
+class _Normalize(torch.autograd.Function):
+    """Rows to unit length with a hand-written backward: one [M, D] buffer instead of autograd's three or four."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        inv = torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal_().mul_(norm > 0)
+        z = x * inv
+        ctx.save_for_backward(z, inv)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        z, inv = ctx.saved_tensors
+        # d(x/|x|) = (g - z (g . z)) / |x|; a zero row has inv = 0 and so a zero gradient
+        dot = torch.linalg.vecdot(grad, z).unsqueeze(-1)
+        return torch.addcmul(grad, z, dot, value=-1.0).mul_(inv)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Rows to unit length; an all-zero row stays zero with a zero gradient (F.normalize would give grad/eps)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    nonzero = norm > 0
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-    return x * inv  # one [M, D] temporary: the loss's memory budget is a handful of these
+    return _Normalize.apply(x)
 
 
 @dataclass
@@ -85,12 +102,51 @@ class Positives:
         """
         self_dot = (torch.linalg.vector_norm(za.detach(), dim=1) > 0).to(za.dtype)
         if self.anchor_vecs is None:
-            k = int(self.contrast_ids.max()) + 1
-            sums = zc.new_zeros((k, zc.shape[1])).index_add(0, self.contrast_ids, zc)
-            return torch.linalg.vecdot(za, sums[self.anchor_ids]) - self_dot
+            return _ClassSumDot.apply(za, zc, self.anchor_ids, self.contrast_ids) - self_dot
         proj = self.contrast_vecs.to(zc.dtype).T @ zc  # [C, D]
         ya = self.anchor_vecs.to(zc.dtype)
         return torch.linalg.vecdot(ya @ proj, za) - self.self_weight().to(zc.dtype) * self_dot
+
+
+class _ClassSumDot(torch.autograd.Function):
+    """z_r . (sum of the contrast rows of r's class), row by row, through [classes, D] sums only.
+
+    Autograd would keep the gathered [M, D] class sums for backward and build two more [M, D] temporaries there;
+    this keeps the [classes, D] sums and works in row chunks. When the anchors are the contrast set (one process,
+    every view an anchor) both gradients land in one buffer.
+    """
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, za, zc, anchor_ids, contrast_ids):
+        k = int(contrast_ids.max()) + 1
+        sums = zc.new_zeros((k, zc.shape[1])).index_add_(0, contrast_ids, zc)
+        out = za.new_empty(za.shape[0])
+        for i in range(0, za.shape[0], _ClassSumDot.CHUNK):
+            j = i + _ClassSumDot.CHUNK
+            out[i:j] = torch.linalg.vecdot(za[i:j], sums[anchor_ids[i:j]])
+        ctx.save_for_backward(za, sums, anchor_ids, contrast_ids)
+        ctx.shared = za is zc
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        za, sums, anchor_ids, contrast_ids = ctx.saved_tensors
+        grad_sums = torch.zeros_like(sums)  # d/d sums_k = sum over anchors r of class k of g_r z_r
+        grad_za = torch.empty_like(za)
+        for i in range(0, za.shape[0], _ClassSumDot.CHUNK):
+            j = i + _ClassSumDot.CHUNK
+            g = grad[i:j, None]
+            grad_sums.index_add_(0, anchor_ids[i:j], za[i:j] * g)
+            torch.mul(sums[anchor_ids[i:j]], g, out=grad_za[i:j])
+        if ctx.shared:  # za is zc: add the contrast side's gradient, sums_{class(c)}, into the same buffer
+            for i in range(0, za.shape[0], _ClassSumDot.CHUNK):
+                j = i + _ClassSumDot.CHUNK
+                grad_za[i:j] += grad_sums[contrast_ids[i:j]]
+            return grad_za, None, None, None
+        return grad_za, grad_sums[contrast_ids], None, None
 
 
 class SupConLoss(nn.Module):
