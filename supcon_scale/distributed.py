@@ -110,29 +110,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a tensor (for logging); the input is returned unchanged without a group."""
+def _all_reduce(value: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
+    """A reduced copy of `value` (no gradient); the input itself without a group."""
     if not dist.is_initialized():
         return value
     out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor (for logging)."""
+    return _all_reduce(value, dist.ReduceOp.SUM) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    return _all_reduce(value, dist.ReduceOp.MIN)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

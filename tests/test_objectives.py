@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from supcon_scale import checkpoint, config, distributed, objectives, teacher, trainer
-from supcon_scale.data.folder import make_demo_data
 from supcon_scale.losses import SupConLoss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,12 +47,8 @@ def test_per_view_label_vectors_match_brute_force(impl: str):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = make_demo_data(tmp_path_factory.mktemp("digits"))
-    for folder in (root / "train").iterdir():
-        for extra in sorted(folder.iterdir())[24:]:
-            extra.unlink()
-    return root
+def digits(small_digits: Path) -> Path:
+    return small_digits
 
 
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:

@@ -21,20 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from supcon_scale import checkpoint, config, distributed, trainer
-from supcon_scale.data.folder import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for any one subprocess; the test kills it after that
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The demo digits cut to 24 training images per class (240 images: 3 steps of 64 per epoch)."""
-    root = make_demo_data(tmp_path_factory.mktemp("digits"))
-    for folder in (root / "train").iterdir():
-        for extra in sorted(folder.iterdir())[24:]:
-            extra.unlink()
-    return root
+def digits(small_digits: Path) -> Path:
+    return small_digits
 
 
 def _overrides(digits: Path, out: Path, *extra: str) -> list[str]:

@@ -11,19 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from supcon_scale import checkpoint, config, distributed, models, trainer
-from supcon_scale.data.folder import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The demo digits cut to 24 training images per class, so each test trains in seconds."""
-    root = make_demo_data(tmp_path_factory.mktemp("digits"))
-    for folder in (root / "train").iterdir():
-        for extra in sorted(folder.iterdir())[24:]:
-            extra.unlink()
-    return root
+def digits(small_digits: Path) -> Path:
+    return small_digits
 
 
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:

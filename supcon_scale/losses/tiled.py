@@ -28,12 +28,19 @@ def _tiles(n: int, m: int, block: int, self_cols: list[int]) -> Iterator[tuple[i
             yield r0, r1, c0, c1, bisect_left(self_cols, c0, r0, r1), bisect_left(self_cols, c1, r0, r1)
 
 
+def _block_buffer(za: torch.Tensor, zc: torch.Tensor, block: int) -> torch.Tensor:
+    """One reusable block of logits: allocating a fresh one per tile lets the C allocator keep tens of MiB."""
+    return za.new_empty(min(block, za.shape[0]) * min(block, zc.shape[0]))
+
+
 def _block_logits(
-    za: torch.Tensor, zc: torch.Tensor, self_col: torch.Tensor, tile: tuple[int, ...], inv_tau: float
+    za: torch.Tensor, zc: torch.Tensor, self_col: torch.Tensor, tile: tuple[int, ...], inv_tau: float,
+    buf: torch.Tensor,
 ) -> torch.Tensor:
-    """s = z_a z_c^T / tau for one block, self-similarity set to -inf (masked out of every denominator)."""
+    """s = z_a z_c^T / tau for one block (written into `buf`), self-similarity set to -inf (out of every denominator)."""
     r0, r1, c0, c1, i0, i1 = tile
-    s = torch.mm(za[r0:r1] * inv_tau, zc[c0:c1].T)  # scaling the [rows, D] side saves a pass over the block
+    s = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+    torch.mm(za[r0:r1] * inv_tau, zc[c0:c1].T, out=s)  # scaling the [rows, D] side saves a pass over the block
     if i1 > i0:
         s[torch.arange(i0 - r0, i1 - r0, device=s.device), self_col[i0:i1] - c0] = -math.inf
     return s
@@ -74,9 +81,10 @@ class TiledLogSumExp(torch.autograd.Function):
         shift = inv_tau * float(za.detach().norm(dim=1).max()) * float(zc.detach().norm(dim=1).max())
         fixed = 2 * shift <= _EXP_RANGE.get(za.dtype, 0.0)
         sums = za.new_zeros(n)
+        buf = _block_buffer(za, zc, block)
         for tile in tiles:
             r0, r1 = tile[0], tile[1]
-            s = _block_logits(za, zc, self_col, tile, inv_tau)
+            s = _block_logits(za, zc, self_col, tile, inv_tau, buf)
             if fixed:
                 sums[r0:r1] += s.sub_(shift).exp_().sum(1)
                 if with_pos:
@@ -90,7 +98,7 @@ class TiledLogSumExp(torch.autograd.Function):
         if fixed:
             lse_all = sums.log_().add_(shift)
         ctx.save_for_backward(za, zc, lse_all, lse_pos)
-        ctx.pos, ctx.tiles, ctx.inv_tau, ctx.with_pos = pos, tiles, inv_tau, with_pos
+        ctx.pos, ctx.tiles, ctx.inv_tau, ctx.with_pos, ctx.block = pos, tiles, inv_tau, with_pos, block
         ctx.shared = za is zc  # one process, every view an anchor: both gradients go into one [M, D] buffer
         return lse_all, lse_pos
 
@@ -102,9 +110,10 @@ class TiledLogSumExp(torch.autograd.Function):
         self_col = pos.self_col
         grad_za = torch.zeros_like(za)
         grad_zc = grad_za if ctx.shared else torch.zeros_like(zc)
+        buf = _block_buffer(za, zc, ctx.block)
         for tile in ctx.tiles:
             r0, r1, c0, c1 = tile[:4]
-            s = _block_logits(za, zc, self_col, tile, inv_tau)
+            s = _block_logits(za, zc, self_col, tile, inv_tau, buf)
             if ctx.with_pos:  # d/ds log sum_c w exp(s) = w exp(s - lse_pos)
                 e = (s - lse_pos[r0:r1, None]).exp_().mul_(_block_weights(pos, self_col, tile, s.dtype))
                 e.mul_(g_pos[r0:r1, None])
