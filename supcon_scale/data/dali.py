@@ -20,7 +20,7 @@ import torch
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.sharding import EpochPlan, build_index, check_position, num_classes
+from supcon_scale.data.sharding import EpochCursor, EpochPlan, build_index, num_classes
 from supcon_scale.data.spec import AugmentSpec, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def build_pipeline(
     return pipe
 
 
-class DaliLoader:
+class DaliLoader(EpochCursor):
     """The DESIGN.md data contract over DALI pipelines; see `supcon_scale.data.build_train_loader`."""
 
     def __init__(
@@ -240,19 +240,15 @@ class DaliLoader:
         self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
         self.steps_per_epoch = self.plan.steps
         self.local_batch = self.plan.local_batch
-        self.epoch = 0
-        self.position = 0
         self._checkpoint: bytes | None = None  # DALI state matching (epoch, position) after load_state_dict
         self._iter: Any = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order; a position restored for this same epoch is kept, any other starts at 0."""
-        if epoch != self.epoch:
-            self._close()
-            self.epoch, self.position, self._checkpoint = epoch, 0, None
+    @property
+    def num_samples(self) -> int:
+        return len(self.index)
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.position
+    def _reset(self) -> None:
+        self._iter, self._checkpoint = None, None
 
     def epoch_files(self, epoch: int) -> tuple[list[str], list[int]]:
         """Every rank's samples for `epoch`, rank 0's first: DALI's contiguous shard r is then global rank r's share."""
@@ -287,13 +283,8 @@ class DaliLoader:
             warnings.simplefilter("ignore", DeprecationWarning)
             return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False)
 
-    def _close(self) -> None:
-        self._iter = None
-
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        if self.position >= self.steps_per_epoch:
-            self.position, self._checkpoint = 0, None  # a finished epoch iterated again starts over
-            self._close()
+        self._begin_pass()
         if self._iter is None or self.position == 0:
             self._iter = self._open()
         cuda = self.device == "gpu"
@@ -308,18 +299,12 @@ class DaliLoader:
             if self.position >= self.steps_per_epoch:
                 break
         assert self.position == self.steps_per_epoch, (self.position, self.steps_per_epoch)
-        self._close()
+        self._iter = None
 
     def state_dict(self) -> dict[str, int | str | torch.Tensor]:
         """Position plus DALI's serialized reader/RNG checkpoint as a uint8 tensor (loads with weights_only=True)."""
         state: dict[str, int | str | torch.Tensor] = {
-            "backend": self.backend,
-            "epoch": self.epoch,
-            "batch": self.position,
-            "world_size": self.ctx.world_size,
-            "seed": self.seed,
-            "num_samples": len(self.index),
-            "dali_checkpoint": torch.zeros(0, dtype=torch.uint8),
+            **self.position_state(), "dali_checkpoint": torch.zeros(0, dtype=torch.uint8)
         }
         blob = None
         if 0 < self.position < self.steps_per_epoch and self._iter is not None:
@@ -332,14 +317,7 @@ class DaliLoader:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        check_position(
-            state, world_size=self.ctx.world_size, backend=self.backend, num_samples=len(self.index),
-            steps=self.steps_per_epoch,
-        )
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
-        self._close()
-        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
+        self.load_position(state)
         blob = state.get("dali_checkpoint")
         self._checkpoint = bytes(blob.numpy().tobytes()) if isinstance(blob, torch.Tensor) and blob.numel() else None
         if 0 < self.position < self.steps_per_epoch and self._checkpoint is None:

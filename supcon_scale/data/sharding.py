@@ -147,3 +147,52 @@ def check_position(state: dict, *, world_size: int, backend: str, num_samples: i
         )
     if not 0 <= int(state["batch"]) <= steps:
         raise ValueError(f"data position batch {int(state['batch'])} is outside this epoch's {steps} batches")
+
+
+class EpochCursor:
+    """The epoch a loader serves and how many of its batches it has handed out: the position checkpoints keep.
+
+    A loader sets `backend`, `steps_per_epoch`, `seed`, `ctx` and `num_samples`, calls `_begin_pass()` when an
+    iteration starts and advances `position` per batch; `_reset()` drops its own per-pass state.
+    """
+
+    epoch = 0
+    position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order; a position restored for this same epoch is kept, any other starts at 0."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+            self._reset()
+
+    def _reset(self) -> None:
+        """Forget per-pass state (an open iterator, a restored checkpoint); nothing by default."""
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.position
+
+    def _begin_pass(self) -> None:
+        if self.position >= self.steps_per_epoch:  # a finished epoch iterated again starts over
+            self.position = 0
+            self._reset()
+
+    def position_state(self) -> dict[str, int | str]:
+        return {
+            "backend": self.backend,
+            "epoch": self.epoch,
+            "batch": self.position,
+            "world_size": self.ctx.world_size,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
+
+    def load_position(self, state: dict) -> None:
+        """Continue from a saved position, or raise ValueError naming what differs."""
+        check_position(
+            state, world_size=self.ctx.world_size, backend=self.backend, num_samples=self.num_samples,
+            steps=self.steps_per_epoch,
+        )
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
+        self._reset()

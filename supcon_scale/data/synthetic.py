@@ -8,14 +8,14 @@ import torch
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.sharding import check_position
+from supcon_scale.data.sharding import EpochCursor
 
 BACKEND = "synthetic"
 STEPS_PER_EPOCH = 100
 DEFAULT_CLASSES = 1000
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochCursor):
     """`STEPS_PER_EPOCH` batches per epoch; batch k of an epoch depends only on (seed, epoch, rank, k)."""
 
     backend = BACKEND
@@ -31,19 +31,9 @@ class SyntheticLoader:
         self.local_batch = cfg.global_batch_size // ctx.world_size
         self.steps_per_epoch = STEPS_PER_EPOCH
         self.num_samples = STEPS_PER_EPOCH * cfg.global_batch_size
-        self.epoch = 0
-        self.position = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.position
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        if self.position >= self.steps_per_epoch:
-            self.position = 0
+        self._begin_pass()
         s, b, dev = self.cfg.image_size, self.local_batch, self.ctx.device
         while self.position < self.steps_per_epoch:
             g = torch.Generator(device=dev)
@@ -56,14 +46,7 @@ class SyntheticLoader:
             yield views, labels
 
     def state_dict(self) -> dict[str, int | str]:
-        return {
-            "backend": BACKEND, "epoch": self.epoch, "batch": self.position, "world_size": self.ctx.world_size,
-            "seed": self.seed, "num_samples": self.num_samples,
-        }
+        return self.position_state()
 
     def load_state_dict(self, state: dict) -> None:
-        check_position(
-            state, world_size=self.ctx.world_size, backend=BACKEND, num_samples=self.num_samples,
-            steps=self.steps_per_epoch,
-        )
-        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
+        self.load_position(state)

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 from supcon_scale.data.folder import FolderIndex
-from supcon_scale.data.sharding import EpochPlan, build_index, check_position, num_classes, sample_seed
+from supcon_scale.data.sharding import EpochCursor, EpochPlan, build_index, num_classes, sample_seed
 from supcon_scale.data.spec import AugmentSpec, spec_from_config
 
 BACKEND = "torchvision"
@@ -96,7 +96,7 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield [(self.epoch, int(i)) for i in batch]
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(EpochCursor):
     """The DESIGN.md data contract over a DataLoader; see `supcon_scale.data.build_train_loader`."""
 
     backend = BACKEND
@@ -119,20 +119,13 @@ class TorchvisionLoader:
             pin_memory=ctx.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
         )
-        self.epoch = 0
-        self.position = 0  # batches of `epoch` already handed out
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order; a position restored for this same epoch is kept, any other starts at 0."""
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.position
+    @property
+    def num_samples(self) -> int:
+        return len(self.index)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        if self.position >= self.steps_per_epoch:
-            self.position = 0  # a finished epoch iterated again starts over
+        self._begin_pass()
         self._sampler.epoch, self._sampler.start = self.epoch, self.position
         cuda = self.ctx.device.type == "cuda"
         for views, labels in self._loader:
@@ -143,23 +136,10 @@ class TorchvisionLoader:
             yield views, labels.to(self.ctx.device, dtype=torch.int64, non_blocking=True)
 
     def state_dict(self) -> dict[str, int | str]:
-        return {
-            "backend": BACKEND,
-            "epoch": self.epoch,
-            "batch": self.position,
-            "world_size": self.ctx.world_size,
-            "seed": self.seed,
-            "num_samples": len(self.index),
-        }
+        return self.position_state()
 
     def load_state_dict(self, state: dict) -> None:
-        check_position(
-            state, world_size=self.ctx.world_size, backend=BACKEND, num_samples=len(self.index),
-            steps=self.steps_per_epoch,
-        )
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["batch"])
+        self.load_position(state)
 
     def sample_order(self, epoch: int) -> np.ndarray:
         """This rank's sample indices for `epoch` in the order they are served (for tests and diagnostics)."""
