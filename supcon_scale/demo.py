@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.genscl:  # after the cross-entropy run: it is GenSCL's teacher
         runs["genscl"] = (args.genscl_config, out / "genscl", [f"kd.teacher={out / 'cross_entropy'}"])
     for name, (cfg_path, run_dir, extra) in runs.items():
+        shutil.rmtree(run_dir, ignore_errors=True)  # the demo trains from scratch every time
         _torchrun(cfg_path, args.nproc, [f"out_dir={run_dir}", *common, *extra])
 
     cfg = config.load(args.config, common)

@@ -158,6 +158,13 @@ def _resume(cfg: config.RunConfig, engine: Engine, loader: Any) -> tuple[int, in
         found = checkpoint.latest(cfg.out_dir)
         path = str(found) if found is not None else None
     if path is None:
+        existing = checkpoint.latest(cfg.out_dir)
+        if existing is not None:
+            # Starting over here would interleave two runs' checkpoints (and keep_last would prune the new ones).
+            raise ValueError(
+                f"out_dir: {cfg.out_dir} already holds checkpoints (newest {existing.name}); set train.resume=auto "
+                "to continue that run, or choose another out_dir"
+            )
         loader.set_epoch(0)
         return 0, 0
     meta, engine_state, rank_state = checkpoint.load(path)

@@ -134,3 +134,12 @@ def test_knn_monitor_logs_accuracy(digits: Path, tmp_path: Path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
     assert len(knn) == 1 and 0.1 < knn[0]["knn_top1"] <= knn[0]["knn_top5"] <= 1.0  # above chance on 10 digits
+
+
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(digits: Path, tmp_path: Path):
+    ctx = distributed.init(seed=0)
+    trainer.fit(_cfg(digits, tmp_path, "train.max_steps=1"), ctx)
+    before = sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir())
+    with pytest.raises(ValueError, match=r"out_dir: .* already holds checkpoints \(newest step_00000001\); set train.resume=auto"):
+        trainer.fit(_cfg(digits, tmp_path, "train.max_steps=2"), ctx)
+    assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()) == before  # nothing touched
