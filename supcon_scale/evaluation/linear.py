@@ -139,6 +139,15 @@ def _sync_grads(params: list[nn.Parameter]) -> None:
             p.grad.copy_(distributed.all_reduce_sum(p.grad))
 
 
+def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> float:
+    """One step on this rank's share of the batch; returns the batch loss summed over ranks."""
+    opt.zero_grad(set_to_none=False)
+    loss.backward()
+    _sync_grads(params)
+    opt.step()
+    return float(distributed.all_reduce_sum(loss.detach()))
+
+
 def _fit_minibatch(
     preset: Preset, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, batch_size: int, lr: float, seed: int,
 ) -> tuple[nn.Linear, dict[str, Any]]:
@@ -163,11 +172,7 @@ def _fit_minibatch(
                 g["lr"] = _lr_at(preset, lr, step, steps_per_epoch, epochs * steps_per_epoch)
             logits = fc(x[mine])
             loss = F.cross_entropy(logits, y[mine], label_smoothing=preset.label_smoothing, reduction="sum") / len(batch)
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            _sync_grads(params)
-            opt.step()
-            loss_sum += float(distributed.all_reduce_sum(loss.detach()))
+            loss_sum += _update(opt, params, loss)
             step += 1
     return fc, {"epochs": epochs, "final_train_loss": loss_sum / steps_per_epoch, "steps": step}
 
@@ -268,11 +273,7 @@ def _fit_augmented(
             logits = fc((feats - mean) / std)
             total = min(batch_size, n)
             loss = F.cross_entropy(logits, labels.to(device), label_smoothing=preset.label_smoothing, reduction="sum") / total
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            _sync_grads(params)
-            opt.step()
-            loss_sum += float(distributed.all_reduce_sum(loss.detach()))
+            loss_sum += _update(opt, params, loss)
             step += 1
     return fc, {"epochs": epochs, "final_train_loss": loss_sum / steps_per_epoch, "steps": step}
 

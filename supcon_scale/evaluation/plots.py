@@ -17,6 +17,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_severity(models: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Top-1 accuracy (mean over corruptions) at severity 0 (clean) to 5, one line per model."""
     plt = _pyplot()
@@ -31,12 +40,7 @@ def plot_accuracy_vs_severity(models: dict[str, dict[str, Any]], path: str | Pat
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Accuracy under corruption")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_ce_bars(models: dict[str, dict[str, Any]], path: str | Path, reference: str = "AlexNet") -> Path:
@@ -54,9 +58,4 @@ def plot_ce_bars(models: dict[str, dict[str, Any]], path: str | Path, reference:
     ax.set_ylabel(f"CE (% of {reference})")
     ax.legend(fontsize=8)
     ax.set_title("Corruption error per corruption (lower is better)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
