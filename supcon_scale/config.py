@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class AugmentConfig:
     """One view's augmentation; `preset` fills the defaults, every field may be overridden (FACTS.md section 3)."""
 
-    preset: Literal["simclr", "randaugment", "stacked_randaugment", "autoaugment", "none"] = "simclr"
+    preset: Literal["simclr", "randaugment", "jitter_randaugment", "stacked_randaugment", "autoaugment", "none"] = "simclr"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)

@@ -38,8 +38,10 @@ def test_bench_tool_runs_both_backends_and_writes_json(tmp_path):
     assert rows == {("dali-cpu", "once"), ("dali-cpu", "roi"), ("torchvision", "pil")}
     for r in report["rows"]:
         assert r["images_per_s"] > 0 and abs(r["views_per_s"] - 2 * r["images_per_s"]) < 1e-6
-        assert r["preset"] == "stacked_randaugment" and r["peak_rss_mib"] > 0
-    assert [p["step"] for p in report["profile"]][:3] == ["read", "decode", "crops+flip+normalise"]
+        assert r["preset"] == "jitter_randaugment" and r["peak_rss_mib"] > 0
+    assert [p["step"] for p in report["profile"]] == [
+        "read", "ROI decodes+resize+flip+normalise", "+jitter", "+randaugment"
+    ]
 
 
 def test_tool_file_is_a_thin_entry_point():

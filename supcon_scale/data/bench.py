@@ -147,8 +147,16 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
 
     index = index_folder(train_dir(root))
     spec = spec_from_config(cfg.augment, cfg.image_size)
-    # Every pipeline after "decode" ends in flip+normalise, so all of them output the same float CHW views.
-    steps: list[tuple[str, Any]] = [("read", None), ("decode", None), ("crops+flip+normalise", ())]
+    # The default DALI layout: with ROI decoding every view is a sample (files repeated, V times the batch).
+    repeat = cfg.views if D.ROI_DECODE_DEFAULT else 1
+    paths = [p for p in index.paths for _ in range(repeat)]
+    batch, branches = cfg.global_batch_size * repeat, cfg.views // repeat
+    # Every pipeline after the crops ends in flip+normalise, so all of them output the same float CHW views.
+    steps: list[tuple[str, Any]] = [("read", None)]
+    if D.ROI_DECODE_DEFAULT:
+        steps.append(("ROI decodes+resize+flip+normalise", ()))
+    else:
+        steps += [("decode", None), ("crops+flip+normalise", ())]
     for k in range(1, len(spec.stages) + 1):
         steps.append(("+" + spec.stages[k - 1], spec.stages[:k]))
 
@@ -157,17 +165,17 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
 
         @pipeline_def(enable_conditionals=True)
         def pipe_fn():
-            enc, _ = fn.readers.file(files=index.paths, labels=index.labels, name=D.READER, random_shuffle=False)
+            enc, _ = fn.readers.file(files=paths, name=D.READER, random_shuffle=False)
             if name == "read":
                 return enc
             if name == "decode":
                 return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
-            crops = D.crop_views(enc, spec, cfg.views, "cpu", D.ROI_DECODE_DEFAULT, 0.0)
+            crops = D.crop_views(enc, spec, branches, "cpu", D.ROI_DECODE_DEFAULT, 0.0)
             return tuple(D.augment_view(c, replace(spec, stages=tuple(stages))) for c in crops)
 
         # Synchronous execution, so one run() is one batch's work.
         pipe = pipe_fn(
-            batch_size=cfg.global_batch_size, num_threads=cfg.dali_threads, device_id=None, seed=0,
+            batch_size=batch, num_threads=cfg.dali_threads, device_id=None, seed=0,
             exec_async=False, exec_pipelined=False, prefetch_queue_depth=1,
         )
         pipe.build()
@@ -201,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--synthetic", type=int, metavar="N", help="write N realistic 500x375 JPEGs and use them")
     p.add_argument("--synthetic-dir", type=Path, default=Path("runs/bench_data"), help="where --synthetic writes")
     p.add_argument("--backends", default="dali-cpu,torchvision", help="comma list of dali-gpu,dali-cpu,torchvision")
-    p.add_argument("--dali-decode", default="once,roi", help="DALI view decoding: once (1 decode + V crops), roi")
+    p.add_argument(
+        "--dali-decode", default="once,roi", help="DALI views: once (1 decode + V crops), roi (V ROI decodes, 1 batch)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
-    p.add_argument("--preset", default="stacked_randaugment")
+    p.add_argument("--preset", default="jitter_randaugment", help="AugmentSpec preset (default: jitter + RandAugment)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3, help="batches before timing")

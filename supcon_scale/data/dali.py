@@ -25,9 +25,11 @@ from supcon_scale.data.spec import AugmentSpec, spec_from_config
 
 log = logging.getLogger(__name__)
 
-# Decode once and take V random-resized-crops (True: V region-of-interest decodes instead). Measured by
-# tools/bench_dataloader.py on a 2-core CPU (docs/BENCHMARKS.md, "Data loading"): decode-once is faster on the CPU.
-ROI_DECODE_DEFAULT = False
+# True: every view is its own sample (each file listed V times, one region-of-interest decode per view, one batch
+# of V*B through every operator). False: decode once and take V random-resized-crops in V branches of the graph.
+# Measured by tools/bench_dataloader.py on a 2-core CPU (docs/BENCHMARKS.md, "Data loading"): the batched ROI layout
+# is ~13% faster, because RandAugment's conditionals split a batch per operation and V branches double the calls.
+ROI_DECODE_DEFAULT = True
 READER = "Reader"
 
 
@@ -86,6 +88,9 @@ def apply_stages(x: Any, spec: AugmentSpec) -> Any:
 
     stages = list(spec.stages)
     shape = (spec.image_size, spec.image_size)
+    # Nearest-neighbour rotate/shear/translate in RandAugment and AutoAugment, as torchvision's default: DALI's
+    # default linear warp_affine costs ~8x more on the CPU (73 vs 9 ms per 64 views, docs/BENCHMARKS.md).
+    nearest = types.INTERP_NN
     i = 0
     while i < len(stages):
         stage = stages[i]
@@ -120,10 +125,11 @@ def apply_stages(x: Any, spec: AugmentSpec) -> Any:
                 x = fn.gaussian_blur(x, sigma=_uniform(*spec.blur_sigma))
         elif stage == "randaugment":
             x = rand_augment.rand_augment(
-                x, n=spec.randaugment_n, m=spec.randaugment_m, num_magnitude_bins=spec.randaugment_bins, shape=shape
+                x, n=spec.randaugment_n, m=spec.randaugment_m, num_magnitude_bins=spec.randaugment_bins, shape=shape,
+                interp_type=nearest,
             )
         elif stage == "autoaugment":
-            x = auto_augment.auto_augment_image_net(x, shape=shape)
+            x = auto_augment.auto_augment_image_net(x, shape=shape, interp_type=nearest)
         else:  # pragma: no cover - PRESET_STAGES and this list are kept in step
             raise AssertionError(f"unknown stage {stage}")
         i += 1
@@ -184,9 +190,20 @@ def build_pipeline(
     hw_decoder_load: float = 0.75,
     checkpoint: bytes | None = None,
 ) -> Any:
-    """The two-view training pipeline over `files` in the given order (no reader-side shuffling)."""
+    """The V-view training pipeline over `files` in the given order (no reader-side shuffling).
+
+    Outputs `(view_0, ..., view_{V-1}, label)` of `batch_size` samples, or with `roi` `(views, label)` of
+    V * `batch_size` samples where sample k is view k % V of image k // V (`split_views` undoes it).
+    """
     dali = _dali()
     from nvidia.dali import fn
+
+    if roi:
+        files = [f for f in files for _ in range(views)]
+        labels = [y for y in labels for _ in range(views)]
+        batch_size, branches = batch_size * views, 1
+    else:
+        branches = views
 
     @dali.pipeline_def(enable_conditionals=True)
     def two_view():
@@ -200,7 +217,7 @@ def build_pipeline(
             name=READER,
         )
         decoder = "mixed" if device == "gpu" else "cpu"
-        out = [augment_view(v, spec) for v in crop_views(encoded, spec, views, decoder, roi, hw_decoder_load)]
+        out = [augment_view(v, spec) for v in crop_views(encoded, spec, branches, decoder, roi, hw_decoder_load)]
         return (*out, label)
 
     with warnings.catch_warnings():  # DALI's own auto_aug still calls its deprecated experimental aliases
@@ -216,6 +233,13 @@ def build_pipeline(
         )
         pipe.build()
     return pipe
+
+
+def split_views(out: dict[str, torch.Tensor], views: int, roi: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """V view tensors [B, C, S, S] and labels [B] from one `build_pipeline` batch (either layout)."""
+    if roi:
+        return [out["view0"][v::views] for v in range(views)], out["label"].reshape(-1)[::views]
+    return [out[f"view{v}"] for v in range(views)], out["label"].reshape(-1)
 
 
 class DaliLoader(EpochCursor):
@@ -276,7 +300,7 @@ class DaliLoader(EpochCursor):
             hw_decoder_load=self.cfg.hw_decoder_load,
             checkpoint=self._checkpoint,
         )
-        names = [f"view{v}" for v in range(self.cfg.views)] + ["label"]
+        names = [f"view{v}" for v in range(1 if self.roi else self.cfg.views)] + ["label"]
         # Shards hold whole batches under drop_last (EpochPlan trims), else the last batch is partial on every rank.
         policy = LastBatchPolicy.DROP if self.cfg.drop_last else LastBatchPolicy.PARTIAL
         with warnings.catch_warnings():  # the first run traces DALI's auto_aug deprecated aliases
@@ -289,11 +313,10 @@ class DaliLoader(EpochCursor):
             self._iter = self._open()
         cuda = self.device == "gpu"
         for batch in self._iter:
-            out = batch[0]
-            views = [out[f"view{v}"] for v in range(self.cfg.views)]
+            views, labels = split_views(batch[0], self.cfg.views, self.roi)
             if cuda:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            labels = out["label"].reshape(-1).to(self.ctx.device, dtype=torch.int64, non_blocking=True)
+            labels = labels.to(self.ctx.device, dtype=torch.int64, non_blocking=True)
             self.position += 1
             yield [v.to(self.ctx.device, non_blocking=True) for v in views], labels
             if self.position >= self.steps_per_epoch:

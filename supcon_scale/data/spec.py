@@ -15,6 +15,8 @@ from supcon_scale.config import AugmentConfig
 PRESET_STAGES: dict[str, tuple[str, ...]] = {
     "simclr": ("jitter", "grayscale", "blur"),
     "randaugment": ("randaugment",),
+    # SimCLR jitter -> RandAugment: the data-loading benchmark's spec (issue "Data", FACTS.md section 5).
+    "jitter_randaugment": ("jitter", "randaugment"),
     # The paper's ResNet-200 recipe: SimCLR jitter -> RandAugment -> grayscale -> blur (FACTS.md section 3).
     "stacked_randaugment": ("jitter", "randaugment", "grayscale", "blur"),
     "autoaugment": ("autoaugment",),
