@@ -147,3 +147,44 @@ def test_backends_agree_on_augmentation_statistics(tmp_path):
         assert abs(stats["area"] - expected_area) < 0.06, (stats, expected_area)
     assert abs(tv["area"] - dali["area"]) < 0.07, (tv, dali)
     assert abs(tv["gray"] - dali["gray"]) < 0.1 and abs(tv["flip"] - dali["flip"]) < 0.14, (tv, dali)
+
+
+@pytest.mark.parametrize("preset", ["randaugment", "autoaugment"])
+def test_auto_augment_pipelines_build_without_deprecation_warnings(digits, preset):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = build_train_loader(dali_cfg(digits, augment=AugmentConfig(preset=preset)), Context(), 0, None)
+        views, _ = next(iter(loader))
+    assert torch.isfinite(views[0]).all()
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], [str(w.message) for w in caught]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the reference ops are DALI's deprecated aliases
+@pytest.mark.parametrize("name", ["equalize", "sharpness"])
+def test_rebuilt_augmentations_equal_dalis_originals(name):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    from supcon_scale.data.dali_auto_aug import _current
+
+    (original,) = [a for a in rand_augment.get_rand_augment_suite(use_shape=True) if a.name == name]
+    rebuilt = _current(original)
+    assert rebuilt is not original and rebuilt.name == name and rebuilt.mag_range == original.mag_range
+    images = [np.random.default_rng(i).integers(0, 256, (20 + i, 24, 3), dtype=np.uint8) for i in range(6)]
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None, seed=3)
+    def both():
+        x = fn.external_source(source=lambda: images, layout="HWC", dtype=types.UINT8)
+        mag = signed_bin(20, fn.random.coin_flip())
+        return original(x, magnitude_bin=mag, num_magnitude_bins=31), rebuilt(x, magnitude_bin=mag, num_magnitude_bins=31)
+
+    pipe = both()
+    pipe.build()
+    a, b = pipe.run()
+    for i in range(6):
+        ref, out = np.asarray(a[i]), np.asarray(b[i])
+        assert ref.shape == images[i].shape and np.array_equal(ref, out)
+    assert any(not np.array_equal(np.asarray(a[i]), images[i]) for i in range(6))

@@ -11,7 +11,6 @@ decoder device differs, so the CPU tests cover the GPU graph.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,13 +83,10 @@ def apply_stages(x: Any, spec: AugmentSpec) -> Any:
     saturation are one linear colour transform, and grayscale is saturation 0, so the product is exact.
     """
     from nvidia.dali import fn, types
-    from nvidia.dali.auto_aug import auto_augment, rand_augment
+
+    from supcon_scale.data.dali_auto_aug import auto_augment_views, rand_augment_views
 
     stages = list(spec.stages)
-    shape = (spec.image_size, spec.image_size)
-    # Nearest-neighbour rotate/shear/translate in RandAugment and AutoAugment, as torchvision's default: DALI's
-    # default linear warp_affine costs ~8x more on the CPU (73 vs 9 ms per 64 views, docs/BENCHMARKS.md).
-    nearest = types.INTERP_NN
     i = 0
     while i < len(stages):
         stage = stages[i]
@@ -124,12 +120,9 @@ def apply_stages(x: Any, spec: AugmentSpec) -> Any:
                 # 3x fewer taps at 224 px, the costliest CPU op in the profile otherwise.
                 x = fn.gaussian_blur(x, sigma=_uniform(*spec.blur_sigma))
         elif stage == "randaugment":
-            x = rand_augment.rand_augment(
-                x, n=spec.randaugment_n, m=spec.randaugment_m, num_magnitude_bins=spec.randaugment_bins, shape=shape,
-                interp_type=nearest,
-            )
+            x = rand_augment_views(x, spec.randaugment_n, spec.randaugment_m, spec.randaugment_bins, spec.image_size)
         elif stage == "autoaugment":
-            x = auto_augment.auto_augment_image_net(x, shape=shape, interp_type=nearest)
+            x = auto_augment_views(x, spec.image_size)
         else:  # pragma: no cover - PRESET_STAGES and this list are kept in step
             raise AssertionError(f"unknown stage {stage}")
         i += 1
@@ -220,18 +213,16 @@ def build_pipeline(
         out = [augment_view(v, spec) for v in crop_views(encoded, spec, branches, decoder, roi, hw_decoder_load)]
         return (*out, label)
 
-    with warnings.catch_warnings():  # DALI's own auto_aug still calls its deprecated experimental aliases
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pipe = two_view(
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=device_id,
-            seed=seed,
-            enable_checkpointing=True,
-            checkpoint=checkpoint,
-            prefetch_queue_depth=2,
-        )
-        pipe.build()
+    pipe = two_view(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
     return pipe
 
 
@@ -303,9 +294,7 @@ class DaliLoader(EpochCursor):
         names = [f"view{v}" for v in range(1 if self.roi else self.cfg.views)] + ["label"]
         # Shards hold whole batches under drop_last (EpochPlan trims), else the last batch is partial on every rank.
         policy = LastBatchPolicy.DROP if self.cfg.drop_last else LastBatchPolicy.PARTIAL
-        with warnings.catch_warnings():  # the first run traces DALI's auto_aug deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False)
+        return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self._begin_pass()
