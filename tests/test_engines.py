@@ -35,9 +35,9 @@ def tiny_cfg(engine: str, *overrides: str) -> config.RunConfig:
     return config.load(None, base + list(overrides))
 
 
-def batch(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def batch(step: int, size: int = SIZE) -> tuple[list[torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    views = [torch.randn(GLOBAL_B, 3, SIZE, SIZE, generator=g) for _ in range(VIEWS)]
+    views = [torch.randn(GLOBAL_B, 3, size, size, generator=g) for _ in range(VIEWS)]
     return views, torch.randint(0, 3, (GLOBAL_B,), generator=g)
 
 
@@ -93,7 +93,7 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     engine.train(train_mode)
     losses = []
     for s in range(STEPS):
-        views, labels = batch(s)
+        views, labels = batch(s, cfg.data.image_size)
         n = GLOBAL_B // world
         losses.append(step_once(engine, local_views(views, rank, world), labels[rank * n : (rank + 1) * n]))
     state = engine.state_dict()
@@ -105,7 +105,7 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     fresh = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
     fresh.train(train_mode)
     fresh.load_state_dict(full)
-    views, labels = batch(STEPS)
+    views, labels = batch(STEPS, cfg.data.image_size)
     n = GLOBAL_B // world
     mine = (local_views(views, rank, world), labels[rank * n : (rank + 1) * n])
     step_once(engine, *mine)
@@ -127,7 +127,7 @@ def reference(*overrides: str) -> tuple[dict[str, np.ndarray], list[float], list
     init = as_numpy(model.state_dict())
     losses = []
     for s in range(STEPS):
-        views, labels = batch(s)
+        views, labels = batch(s, cfg.data.image_size)
         out = model(torch.cat(views)).reshape(VIEWS, GLOBAL_B, -1).transpose(0, 1)
         loss = contrastive_loss(out, labels)
         opt.zero_grad()
@@ -199,7 +199,6 @@ def _dtensor_norms(rank: int, world: int) -> float:
         ("deepspeed", ("engine.zero_stage=3", "optim.name=sgd"), "engine.zero_stage=3"),
         ("deepspeed", ("precision=fp16",), "precision=fp16"),
         ("fsdp", ("precision=fp16",), "precision=fp16"),
-        ("fsdp", ("precision=bf16",), "precision=bf16 is refused on the CPU"),
     ],
 )
 def test_refused_combinations(engine_name, overrides, message):
@@ -225,25 +224,31 @@ def test_deepspeed_json_cannot_accumulate_gradients(tmp_path):
     assert merged["train_micro_batch_size_per_gpu"] == GLOBAL_B // 2
 
 
-def _bf16_run(rank: int, world: int, engine_name: str) -> list[float]:
-    cfg = tiny_cfg(engine_name, "precision=bf16")
-    ctx = Context(rank=rank, world_size=world, local_rank=rank)
-    torch.manual_seed(0)
-    engine = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
-    engine.train()
-    out = []
-    for s in range(2):
-        views, labels = batch(s)
-        n = GLOBAL_B // world
-        out.append(step_once(engine, local_views(views, rank, world), labels[rank * n : (rank + 1) * n]))
-    return out + [engine.skipped_steps]
+@pytest.mark.parametrize("engine_name", ["ddp", "fsdp", "deepspeed"])
+def test_bf16_matches_fp32_one_process(engine_name):
+    """bf16 autocast on 2 ranks takes the same three LARS steps as fp32 on one process, to bf16 accuracy.
 
-
-def test_bf16_runs_finish_with_finite_loss():
-    for name in ("ddp", "deepspeed"):  # fsdp + bf16 is refused on the CPU (test_refused_combinations)
-        result = run_ranks(_bf16_run, 2, name, timeout=240)
-        assert all(np.isfinite(result[0][:-1])), name
-        assert result[0][-1] == 0, (name, result)
+    32 px, not 16: at 16 px layer4's stride-2 3x3 convolution sees a 1x1 input, and torch 2.14's CPU bf16
+    convolution returns uninitialised memory for that weight gradient (docs/ENGINES.md), under every engine.
+    """
+    over = ("data.image_size=32",)
+    ref, ref_losses, _ = reference(*over)
+    cfg = tiny_cfg("ddp", *over)
+    torch.manual_seed(cfg.seed)
+    init = as_numpy(models.build(cfg.model).state_dict())  # what reference() and every rank start from
+    got = run_ranks(_train_ranks, 2, engine_name, (*over, "precision=bf16"), timeout=240)[0]
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-3)  # seen: 2e-4
+    # Each tensor's 3-step update against fp32's, as a relative error. Seen at 32 px: LARS-adapted weights <= 0.18
+    # (median 0.006); the batch-norm affines and biases, plain SGD steps on small gradients, up to 0.55. The 16 px
+    # kernel bug above gave layer4.0.conv1.weight 0.59 (finite garbage) or a skipped step (non-finite).
+    errs = {}
+    for k in (k for k in ref if "running" not in k):
+        want, have = ref[k] - init[k], got["weights"][k] - init[k]
+        errs[k] = float(np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-12))
+    weights = {k: e for k, e in errs.items() if ref[k].ndim > 1}
+    assert max(weights.values()) < 0.35, max(weights.items(), key=lambda kv: kv[1])
+    assert max(errs.values()) < 0.8 and np.median(list(errs.values())) < 0.15, max(errs.items(), key=lambda kv: kv[1])
+    assert got["resume_err"] < 1e-6
 
 
 @pytest.mark.parametrize("engine_name", ["ddp", "fsdp", "deepspeed"])

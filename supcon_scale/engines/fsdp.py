@@ -64,13 +64,6 @@ class FSDPEngine(Engine):
     def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
         super().__init__(cfg, ctx)
         check_supported(cfg)
-        if cfg.precision == "bf16" and ctx.device.type == "cpu":
-            # Seen in tests/test_engines.py: on gloo, bf16 steps came back with non-finite gradient shards in 1 run
-            # of 6 and even on an idle machine (docs/ENGINES.md "Known issue"); refused until understood.
-            raise ValueError(
-                "engine.name=fsdp with precision=bf16 is refused on the CPU: FSDP2 over gloo returned non-finite "
-                "gradient shards in bf16 runs; use engine.name=ddp or deepspeed on the CPU (fsdp bf16 is for CUDA)"
-            )
         model = model.to(ctx.device)
         self.sharded = ctx.distributed and dist.is_initialized()
         # FSDP2 refuses non-contiguous (channels-last) parameters; channels-last inputs from the loader still give
