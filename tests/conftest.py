@@ -19,3 +19,19 @@ def small_digits(tmp_path_factory) -> Path:
         for extra in sorted(folder.iterdir())[24:]:
             extra.unlink()
     return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The demo digits (1,437 training images as JPEGs in the ImageNet layout)."""
+    from supcon_scale.data.folder import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def coded(tmp_path_factory) -> Path:
+    """40 uniform-colour PNGs whose colour codes (class, item): see tests/data_images.py."""
+    from data_images import write_coded
+
+    return write_coded(tmp_path_factory.mktemp("coded"))

@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from supcon_scale.config import AugmentConfig, DataConfig
 
 CLASSES = 4
 PER_CLASS = 10
+# ImageNet normalisation, to read pixels back from loader views.
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
 def coded_colour(label: int, item: int) -> tuple[int, int, int]:
@@ -109,3 +115,25 @@ def reference_crop_area(scale: tuple[float, float], ratio: tuple[float, float], 
     rows = np.arange(n)
     frac = np.where(ok.any(axis=1), w[rows, first] * h[rows, first] / size**2, 1.0)
     return float(frac.mean())
+
+
+def coded_cfg(root: Path, **kw) -> DataConfig:
+    """Whole-image crops and no colour ops, so every view keeps its file's code colour."""
+    aug = AugmentConfig(preset="none", crop_scale=(1.0, 1.0))
+    base = dict(root=str(root), backend="torchvision", global_batch_size=8, image_size=16, workers=0, augment=aug)
+    return DataConfig(**{**base, **kw})
+
+
+def identities(views: list[torch.Tensor], labels: torch.Tensor) -> list[tuple[int, int]]:
+    """(label, item) of each sample, read from the pixels; checks the label and all views agree with them."""
+    out = []
+    for b in range(labels.shape[0]):
+        codes = set()
+        for v in views:
+            rgb = ((v[b : b + 1] * STD + MEAN) * 255).mean(dim=(0, 2, 3)).numpy()
+            codes.add(decode_colour(rgb))
+        assert len(codes) == 1, codes
+        code = codes.pop()
+        assert code[0] == int(labels[b]), (code, int(labels[b]))
+        out.append(code)
+    return out

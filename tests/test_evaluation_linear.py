@@ -13,13 +13,7 @@ import torch
 from multiproc import run_ranks
 from supcon_scale.checkpoint import export_encoder, load_encoder
 from supcon_scale.data.eval import EvalDataset
-from supcon_scale.data.folder import make_demo_data
 from supcon_scale.models import create_encoder
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return make_demo_data(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
