@@ -15,6 +15,24 @@ from supcon_scale.distributed import Context
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# A ResNet's last stage sees a 1x1 input at <= 16 px (it downsamples by 16 before layer4).
+CPU_BF16_MIN_IMAGE_SIZE = 17
+
+
+def check_cpu_bf16(cfg: RunConfig, ctx: Context) -> None:
+    """Refuse bf16 on the CPU at image sizes where torch's bf16 convolution returns garbage weight gradients.
+
+    torch 2.14's CPU bf16 kernel leaves the weight gradient of a stride-2 3x3 convolution on a 1x1 input
+    uninitialised (NaN or values up to 3e20 in 16 of 20 trials; docs/ENGINES.md "Known issue").
+    """
+    if cfg.precision == "bf16" and ctx.device.type == "cpu" and cfg.data.image_size < CPU_BF16_MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"precision=bf16 with data.image_size={cfg.data.image_size} on the CPU: torch's CPU bf16 convolution "
+            "returns uninitialised weight gradients when layer4 sees a 1x1 input; use data.image_size >= "
+            f"{CPU_BF16_MIN_IMAGE_SIZE} or precision=fp32"
+        )
+
+
 class Engine(ABC):
     """Wraps the model and owns its optimizer, LR schedule and (fp16) loss scaling.
 
@@ -25,6 +43,7 @@ class Engine(ABC):
     name: str = "base"
 
     def __init__(self, cfg: RunConfig, ctx: Context):
+        check_cpu_bf16(cfg, ctx)
         self.cfg = cfg
         self.ctx = ctx
         self.skipped_steps = 0
