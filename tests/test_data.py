@@ -10,7 +10,7 @@ import torch
 
 from data_images import CLASSES, MEAN, PER_CLASS, STD, coded_cfg, identities
 from multiproc import run_ranks
-from supcon_scale.config import AugmentConfig
+from supcon_scale.config import AugmentConfig, DataConfig
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
 
@@ -85,3 +85,25 @@ def test_batch_not_divisible_by_world_or_larger_than_data(coded):
         build_train_loader(coded_cfg(coded, global_batch_size=9), Context(rank=0, world_size=2), 0, None)
     with pytest.raises(ValueError, match="data.global_batch_size=64"):
         build_train_loader(coded_cfg(coded, global_batch_size=64), Context(), 0, None)
+
+
+@pytest.mark.parametrize("backend,workers", [("torchvision", (0, 2)), ("dali-cpu", (0, 0))])
+def test_same_seed_same_batches(digits, backend, workers):
+    """The same seed gives the same batches (torchvision: whatever the number of workers); another seed does not."""
+
+    def batches(seed: int, workers: int) -> list[torch.Tensor]:
+        cfg = DataConfig(
+            root=str(digits), backend=backend, global_batch_size=8, image_size=16, workers=workers, dali_threads=2
+        )
+        loader = build_train_loader(cfg, Context(), seed, None)
+        loader.set_epoch(1)
+        out = []
+        for views, labels in loader:
+            out.append(torch.cat([torch.stack(views).flatten(), labels.float()]))
+            if len(out) == 3:
+                break
+        return out
+
+    a, b, c = batches(7, workers[0]), batches(7, workers[1]), batches(8, workers[0])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])

@@ -58,22 +58,6 @@ def test_labels_match_folders_and_epoch_covers_each_file_once(coded, roi):
         assert sorted(seen) == [(k, i) for k in range(CLASSES) for i in range(PER_CLASS)]
 
 
-def test_same_seed_same_batches(digits):
-    def batches(seed: int) -> list[torch.Tensor]:
-        loader = build_train_loader(dali_cfg(digits, global_batch_size=8, image_size=16), Context(), seed, None)
-        loader.set_epoch(1)
-        out = []
-        for views, labels in loader:
-            out.append(torch.cat([torch.stack(views).flatten(), labels.float()]))
-            if len(out) == 3:
-                break
-        return out
-
-    a, b, c = batches(7), batches(7), batches(8)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[0], c[0])
-
-
 def test_dali_gpu_without_a_gpu_is_a_clear_error(coded):
     with pytest.raises(ValueError, match="data.backend=dali-gpu needs a CUDA GPU"):
         build_train_loader(coded_cfg(coded, backend="dali-gpu"), Context(), 0, None)

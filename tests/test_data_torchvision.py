@@ -39,20 +39,3 @@ def test_labels_match_folders_and_epoch_covers_each_file_once(coded):
         if epoch == 0:
             first = seen
     assert seen != first  # a new order each epoch
-
-
-def test_same_seed_same_batches_whatever_the_workers(digits):
-    def batches(seed: int, workers: int) -> list[torch.Tensor]:
-        cfg = DataConfig(root=str(digits), global_batch_size=8, image_size=16, workers=workers)
-        loader = build_train_loader(cfg, Context(), seed=seed, out_dir=None)
-        loader.set_epoch(1)
-        out = []
-        for views, labels in loader:
-            out.append(torch.cat([torch.stack(views).flatten(), labels.float()]))
-            if len(out) == 3:
-                break
-        return out
-
-    a, b, c = batches(7, 0), batches(7, 2), batches(8, 0)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[0], c[0])

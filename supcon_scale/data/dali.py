@@ -19,8 +19,8 @@ import torch
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.sharding import EpochCursor, EpochPlan, build_index, num_classes
-from supcon_scale.data.spec import AugmentSpec, spec_from_config
+from supcon_scale.data.sharding import FolderCursor
+from supcon_scale.data.spec import AugmentSpec
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def split_views(out: dict[str, torch.Tensor], views: int, roi: bool) -> tuple[li
     return [out[f"view{v}"] for v in range(views)], out["label"].reshape(-1)
 
 
-class DaliLoader(EpochCursor):
+class DaliLoader(FolderCursor):
     """The DESIGN.md data contract over DALI pipelines; see `supcon_scale.data.build_train_loader`."""
 
     def __init__(
@@ -246,21 +246,12 @@ class DaliLoader(EpochCursor):
         roi: bool = ROI_DECODE_DEFAULT,
     ):
         _dali()
-        self.cfg, self.ctx, self.seed, self.roi = cfg, ctx, seed, roi
+        self.roi = roi
         self.device = resolve_device(cfg.backend, ctx)
         self.backend = f"dali-{self.device}"
-        self.index, self.bad_files = build_index(cfg, ctx, out_dir)
-        self.num_classes = num_classes(cfg, self.index)
-        self.spec = spec_from_config(cfg.augment, cfg.image_size)
-        self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
-        self.steps_per_epoch = self.plan.steps
-        self.local_batch = self.plan.local_batch
+        super().__init__(cfg, ctx, seed, out_dir)
         self._checkpoint: bytes | None = None  # DALI state matching (epoch, position) after load_state_dict
         self._iter: Any = None
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.index)
 
     def _reset(self) -> None:
         self._iter, self._checkpoint = None, None

@@ -16,6 +16,7 @@ from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 from supcon_scale.data.badfiles import check_paths, write_bad_files
 from supcon_scale.data.folder import FolderIndex, index_folder
+from supcon_scale.data.spec import spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +197,20 @@ class EpochCursor:
             raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["batch"])
         self._reset()
+
+
+class FolderCursor(EpochCursor):
+    """An EpochCursor over an image folder: the checked index, classes, AugmentSpec and per-rank epoch plan."""
+
+    def __init__(self, cfg: DataConfig, ctx: distributed.Context, seed: int, out_dir: Path | None):
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
+        self.index, self.bad_files = build_index(cfg, ctx, out_dir)
+        self.num_classes = num_classes(cfg, self.index)
+        self.spec = spec_from_config(cfg.augment, cfg.image_size)
+        self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
+        self.steps_per_epoch = self.plan.steps
+        self.local_batch = self.plan.local_batch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.index)

@@ -17,8 +17,8 @@ from torchvision.transforms import v2
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 from supcon_scale.data.folder import FolderIndex
-from supcon_scale.data.sharding import EpochCursor, EpochPlan, build_index, num_classes, sample_seed
-from supcon_scale.data.spec import AugmentSpec, spec_from_config
+from supcon_scale.data.sharding import EpochPlan, FolderCursor, sample_seed
+from supcon_scale.data.spec import AugmentSpec
 
 BACKEND = "torchvision"
 
@@ -96,19 +96,13 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield [(self.epoch, int(i)) for i in batch]
 
 
-class TorchvisionLoader(EpochCursor):
+class TorchvisionLoader(FolderCursor):
     """The DESIGN.md data contract over a DataLoader; see `supcon_scale.data.build_train_loader`."""
 
     backend = BACKEND
 
     def __init__(self, cfg: DataConfig, ctx: distributed.Context, seed: int, out_dir: Path | None):
-        self.cfg, self.ctx, self.seed = cfg, ctx, seed
-        self.index, self.bad_files = build_index(cfg, ctx, out_dir)
-        self.num_classes = num_classes(cfg, self.index)
-        self.spec = spec_from_config(cfg.augment, cfg.image_size)
-        self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
-        self.steps_per_epoch = self.plan.steps
-        self.local_batch = self.plan.local_batch
+        super().__init__(cfg, ctx, seed, out_dir)
         self._sampler = _EpochBatches(self.plan, seed, ctx.rank)
         workers = cfg.workers
         self._loader = torch.utils.data.DataLoader(
@@ -119,10 +113,6 @@ class TorchvisionLoader(EpochCursor):
             pin_memory=ctx.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
         )
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.index)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self._begin_pass()
