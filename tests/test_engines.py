@@ -114,7 +114,9 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     if rank != 0:
         return None
     resume_err = max(float((after[k].float() - after_fresh[k].float()).abs().max()) for k in after if after[k].is_floating_point())
-    return {"weights": weights, "losses": losses, "resume_err": resume_err, "keys": sorted(state["model"])}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # > 0 only if train.compile traced the forward
+    keys = sorted(state["model"])
+    return {"weights": weights, "losses": losses, "resume_err": resume_err, "keys": keys, "graphs": graphs}
 
 
 def reference(*overrides: str) -> tuple[dict[str, np.ndarray], list[float], list[str]]:
@@ -269,3 +271,13 @@ def test_sync_bn_conversion():
     model = models.build(cfg.model)
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
     assert sum(isinstance(m, models.GlobalBatchNorm) for m in model.modules()) == 20  # resnet18: 20 BatchNorm layers
+
+
+@pytest.mark.parametrize("engine_name", ["ddp", "fsdp", "deepspeed"])
+def test_compiled_engine_matches_one_process(engine_name, lars_reference):
+    """train.compile: torch.compile (inductor) around each engine's wrapper takes the eager reference's steps."""
+    ref, ref_losses, ref_keys = lars_reference
+    got = run_ranks(_train_ranks, 2, engine_name, ("train.compile=true",), timeout=480)[0]
+    assert got["graphs"] > 0
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
+    assert_same_weights(got, ref, got["keys"], ref_keys)

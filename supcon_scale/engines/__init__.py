@@ -11,17 +11,22 @@ from supcon_scale.engines.base import Engine
 
 def build(cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int) -> Engine:
     """Wrap `model`, then create its optimizer and schedule (sharded engines need the wrapped parameters)."""
+    engine: Engine
     if cfg.engine.name == "ddp":
         from supcon_scale.engines.ddp import DDPEngine
 
-        return DDPEngine(cfg, ctx, model, total_steps, warmup_steps)
-    if cfg.engine.name == "fsdp":
+        engine = DDPEngine(cfg, ctx, model, total_steps, warmup_steps)
+    elif cfg.engine.name == "fsdp":
         from supcon_scale.engines.fsdp import FSDPEngine
 
-        return FSDPEngine(cfg, ctx, model, total_steps, warmup_steps)
-    from supcon_scale.engines.deepspeed import DeepSpeedEngine
+        engine = FSDPEngine(cfg, ctx, model, total_steps, warmup_steps)
+    else:
+        from supcon_scale.engines.deepspeed import DeepSpeedEngine
 
-    return DeepSpeedEngine(cfg, ctx, model, total_steps, warmup_steps)
+        engine = DeepSpeedEngine(cfg, ctx, model, total_steps, warmup_steps)
+    if cfg.train.compile:
+        engine.compile()
+    return engine
 
 
 __all__ = ["Engine", "build"]

@@ -48,8 +48,17 @@ class Engine(ABC):
         self.ctx = ctx
         self.skipped_steps = 0
 
+    @property
     @abstractmethod
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def forward_module(self) -> nn.Module:
+        """The module the forward pass calls: the model wrapped for this engine (DDP, FSDP2 or DeepSpeed)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_module(x)
+
+    def compile(self) -> None:
+        """`train.compile`: torch.compile the wrapped forward in place, so the engine's hooks stay around it."""
+        self.forward_module.compile()
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...

@@ -33,8 +33,9 @@ class DDPEngine(Engine):
         # Loss scaling only for fp16; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wrapped(x)
+    @property
+    def forward_module(self) -> nn.Module:
+        return self.wrapped
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

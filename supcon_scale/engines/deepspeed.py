@@ -135,8 +135,9 @@ class DeepSpeedEngine(Engine):
         self.base_optimizer = optimizer
         self._skip = False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x)
+    @property
+    def forward_module(self) -> nn.Module:
+        return self.engine
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed has no non-finite check outside fp16; ranks agree on the loss before any gradient is reduced, so

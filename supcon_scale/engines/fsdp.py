@@ -81,8 +81,9 @@ class FSDPEngine(Engine):
         self.optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    @property
+    def forward_module(self) -> nn.Module:
+        return self.model
 
     def backward(self, loss: torch.Tensor) -> None:
         # FSDP2 reduce-scatters with a mean over ranks, like DDP's all-reduce average.
