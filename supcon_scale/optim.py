@@ -34,13 +34,16 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimCon
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, global_batch_size: int, lars_class: type[Lars] = Lars
+) -> torch.optim.Optimizer:
+    """The optimizer over `param_groups`; an engine whose optimizer sees sharded tensors passes its own `lars_class`."""
     lr = scaled_lr(cfg, global_batch_size)
     groups = param_groups(model.named_parameters(), cfg)
     if cfg.name == "lars":
         # timm's trust ratio is the apex/solo-learn form eta*|w| / (|g| + wd*|w| + eps), not the TF form
         # eta*|w| / |g + wd*w| (FACTS.md section 4); both are 1.0 where a norm is zero.
-        return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff, foreach=True)
+        return lars_class(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff, foreach=True)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=True)
     return torch.optim.AdamW(groups, lr=lr, foreach=True)

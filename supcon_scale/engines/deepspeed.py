@@ -20,6 +20,7 @@ from supcon_scale import optim
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, all_reduce_min
 from supcon_scale.engines.base import AUTOCAST_DTYPES, Engine
+from supcon_scale.engines.zero_lars import ZeroLars, zero_layouts
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Sections of a user JSON that would replace what this engine owns (client optimizer, schedule, precision, batch).
@@ -41,12 +42,6 @@ def import_deepspeed(device: torch.device) -> Any:
 
 def check_supported(cfg: RunConfig) -> None:
     """Refuse the combinations this engine cannot make exact, with the reason."""
-    if cfg.optim.name == "lars" and cfg.engine.zero_stage >= 1:
-        raise ValueError(
-            f"engine.zero_stage={cfg.engine.zero_stage} with optim.name=lars is refused: ZeRO hands the optimizer "
-            "flattened partitions, so LARS's per-layer trust ratios would be computed on chunks (FACTS.md section 4, "
-            "DeepSpeed #490); use engine.zero_stage=0 (exact), engine.name=fsdp, or optim.name=sgd"
-        )
     if cfg.engine.zero_stage == 3:
         raise ValueError(
             "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for ResNets "
@@ -108,7 +103,7 @@ def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed data parallelism (ZeRO 0 for LARS; ZeRO 0-2 for SGD/AdamW) over an existing process group."""
+    """DeepSpeed data parallelism, ZeRO stages 0-2 (LARS with whole-tensor trust ratios), over an existing group."""
 
     name = "deepspeed"
 
@@ -119,7 +114,8 @@ class DeepSpeedEngine(Engine):
         # No channels-last parameters: DeepSpeed broadcasts each parameter as a flat byte view, which needs a
         # contiguous tensor. Channels-last inputs still give channels-last activations.
         model = model.to(ctx.device)
-        optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
+        # ZeroLars steps like timm's Lars until it is told ZeRO's partition layout (below, stages 1-2).
+        optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size, lars_class=ZeroLars)
         scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
         if not dist.is_initialized():  # a single process: DeepSpeed still wants a (1-rank) group
             deepspeed.init_distributed(dist_backend="gloo" if ctx.device.type == "cpu" else "nccl", auto_mpi_discovery=False)
@@ -131,6 +127,8 @@ class DeepSpeedEngine(Engine):
             config=ds_config(cfg, ctx.world_size),
             dist_init_required=False,
         )
+        if isinstance(optimizer, ZeroLars) and self.zero_stage >= 1:
+            optimizer.attach(self.optimizer.single_partition_of_fp32_groups, zero_layouts(self.optimizer))
         self.model = model
         self.base_optimizer = optimizer
         self._skip = False
