@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -71,11 +73,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+LOCAL_RANK_ARG = re.compile(r"--local[_-]rank(?:=(.*))?$")
+
+
+def take_local_rank(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the deepspeed launcher puts before the subcommand, keeping it as LOCAL_RANK.
+
+    The launcher also sets LOCAL_RANK in the environment, which `distributed.init` reads; the flag only exists for
+    scripts that predate that (`--no_local_rank` turns it off, but users launch without it).
+    """
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        match = LOCAL_RANK_ARG.match(arg)
+        if match is None:
+            rest.append(arg)
+            continue
+        value = match.group(1) if match.group(1) is not None else next(args, "")
+        if not value.isdigit():
+            raise ValueError(f"--local_rank needs a non-negative integer, got {value!r}")
+        os.environ.setdefault("LOCAL_RANK", value)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from supcon_scale.config import ConfigError
 
     try:
+        argv = take_local_rank(argv)
         if argv and argv[0] in DELEGATED:
             module, func = DELEGATED[argv[0]][0].split(":")
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)

@@ -95,6 +95,18 @@ def test_cli_help_for_every_command():
         assert "usage:" in proc.stdout
 
 
+def test_cli_takes_the_deepspeed_launchers_local_rank(monkeypatch):
+    from supcon_scale.cli import main, take_local_rank
+
+    monkeypatch.setenv("LOCAL_RANK", "7")  # restored (to unset) after the test
+    monkeypatch.delenv("LOCAL_RANK")
+    assert take_local_rank(["--local_rank=1", "train", "seed=3"]) == ["train", "seed=3"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert take_local_rank(["--local-rank", "0", "knn"]) == ["knn"]
+    assert os.environ["LOCAL_RANK"] == "1"  # the environment the launcher set wins
+    assert main(["--local_rank=x", "train"]) == 2
+
+
 @pytest.mark.parametrize(
     "override, message",
     [("loss.temprature=0.1", "did you mean loss.temperature?"), ("loss.temperature=0", "loss.temperature must be > 0")],
