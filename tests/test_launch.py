@@ -122,3 +122,54 @@ def test_bench_train_smoke(tmp_path):
     assert (ce["loss"], supcon["loss"]) == ("cross_entropy", "supcon")
     assert supcon["views_per_s"] == pytest.approx(2 * supcon["images_per_s"])
     assert main(["--batch-per-gpu", "1"]) == 2
+    assert main(["--data", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_train_with_the_dali_loader(demo_data, tmp_path):
+    """--data: the SupCon step fed by the real DALI CPU pipeline beside the synthetic one; --max-batch searches."""
+    import json
+
+    from supcon_scale.engines.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--model", "resnet18", "--batch-per-gpu", "4", "--image-size", "32", "--steps", "2", "--warmup", "1",
+                 "--precision", "fp32", "--data", str(demo_data), "--backend", "dali-cpu", "--workers", "1",
+                 "--activation-checkpointing", "--max-batch", "6", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["loss"], r["source"]) for r in report["results"]] == [
+        ("cross_entropy", "synthetic"), ("supcon", "synthetic"), ("supcon", "loader")]
+    assert report["loader"]["backend"] == "dali-cpu" and report["loader"]["vs_synthetic"] > 0
+    assert report["activation_checkpointing"] and report["max_batch_per_gpu"] == 6  # the CPU has the memory
+
+
+@pytest.mark.parametrize("capacity,limit,want", [(37, 1000, 37), (5000, 100, 100), (1, 100, 1), (0, 100, 0), (64, 64, 64)])
+def test_largest_batch_search(capacity, limit, want):
+    from supcon_scale.engines.bench import largest_batch
+
+    tried = []
+
+    def fits(batch: int) -> bool:
+        tried.append(batch)
+        return batch <= capacity
+
+    assert largest_batch(fits, 2, limit) == want
+    assert max(tried) <= limit and len(tried) <= 2 * max(limit, 2).bit_length()
+
+
+def test_step_fits_counts_out_of_memory_as_not_fitting(monkeypatch):
+    import torch
+
+    from supcon_scale import config
+    from supcon_scale.distributed import Context
+    from supcon_scale.engines import bench
+
+    def measure(cfg, ctx, batch, steps, warmup, loss_name):
+        assert cfg.data.global_batch_size == batch
+        if batch > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory")  # what the allocator raises on a GPU
+        return {}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    fits = bench.step_fits(config.load(None), Context())
+    assert fits(8) and not fits(9)
+    assert bench.largest_batch(fits, 2, 100) == 8

@@ -1,22 +1,28 @@
-"""Training-step benchmark: a SupCon step vs a cross-entropy step of the same encoder, synthetic data, one process.
+"""Training-step benchmark: a SupCon step vs a cross-entropy step of the same encoder, one process.
 
 The cross-entropy step is the baseline measured in the same run: SupCon's target is >= 95% of its per-view rate.
+Both run on synthetic tensors; `--data DIR` adds the SupCon step fed by a real loader (`--backend`), so the input
+pipeline's share of the step shows. `--max-batch` searches the largest per-GPU batch whose SupCon step fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
-from supcon_scale import config, engines, losses, models
+from supcon_scale import config, data, engines, losses, models
 from supcon_scale.distributed import Context
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _peak_bytes(device: torch.device) -> int:
@@ -25,28 +31,45 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process-wide peak RSS (Linux: KiB)
 
 
-def measure(cfg: config.RunConfig, ctx: Context, batch: int, steps: int, warmup: int, loss_name: str) -> dict[str, Any]:
-    """Images/s and views/s of full training steps (forward, loss, backward, optimizer) on synthetic data."""
+def synthetic_batches(cfg: config.RunConfig, ctx: Context, batch: int, views: int) -> Batches:
+    """One fixed batch of random images in the model's memory format, forever (no input pipeline)."""
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    size = cfg.data.image_size
+    x = torch.randn(views * batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
+    return itertools.repeat((x, torch.randint(0, 1000, (batch,), device=ctx.device)))
+
+
+def loader_batches(cfg: config.RunConfig, ctx: Context) -> Batches:
+    """The training loader of `cfg.data` (views concatenated view-major, as the trainer feeds them), epoch after epoch."""
+    loader = data.build_train_loader(cfg.data, ctx, cfg.seed, None)
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        for views, labels in loader:
+            yield torch.cat(views), labels
+
+
+def measure(
+    cfg: config.RunConfig, ctx: Context, batch: int, steps: int, warmup: int, loss_name: str, source: str = "synthetic"
+) -> dict[str, Any]:
+    """Images/s and views/s of full training steps (forward, loss, backward, optimizer); `source`: synthetic|loader."""
     views = cfg.data.views if loss_name != "cross_entropy" else 1
     torch.manual_seed(0)
     model = models.build(cfg.model, num_classes=1000 if loss_name == "cross_entropy" else None)
     engine = engines.build(cfg, ctx, model, total_steps=steps + warmup, warmup_steps=0)
     engine.train()
     criterion = torch.nn.CrossEntropyLoss() if loss_name == "cross_entropy" else losses.build(cfg.loss)
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    size = cfg.data.image_size
-    x = torch.randn(views * batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 1000, (batch,), device=ctx.device)
+    batches = synthetic_batches(cfg, ctx, batch, views) if source == "synthetic" else loader_batches(cfg, ctx)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
 
     def one_step() -> None:
+        x, y = next(batches)
         with engine.autocast():
             out = engine(x)
         if loss_name == "cross_entropy":
             loss = criterion(out.float(), y)
         else:
-            loss = criterion(out.float().reshape(views, batch, -1).transpose(0, 1), y)
+            loss = criterion(out.float().reshape(views, y.shape[0], -1).transpose(0, 1), y)
         engine.backward(loss)
         engine.step()
 
@@ -61,10 +84,45 @@ def measure(cfg: config.RunConfig, ctx: Context, batch: int, steps: int, warmup:
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - start
     return {
-        "loss": loss_name, "batch_per_gpu": batch, "views": views, "step_s": seconds / steps,
+        "loss": loss_name, "source": source, "batch_per_gpu": batch, "views": views, "step_s": seconds / steps,
         "images_per_s": batch * steps / seconds, "views_per_s": views * batch * steps / seconds,
         "peak_memory_bytes": _peak_bytes(ctx.device),
     }
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """The largest batch in [start, limit] for which `fits` holds (0 if none): doubling, then bisection.
+
+    `fits` must be monotone (a batch that fits means every smaller one does), as memory use is.
+    """
+    lo, hi = 0, start
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def step_fits(cfg: config.RunConfig, ctx: Context) -> Callable[[int], bool]:
+    """Whether one SupCon training step at a batch runs without running out of device memory."""
+
+    def fits(batch: int) -> bool:
+        try:
+            measure(with_batch(cfg, batch), ctx, batch, steps=1, warmup=0, loss_name="supcon")
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return fits
+
+
+def with_batch(cfg: config.RunConfig, batch: int) -> config.RunConfig:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch_size=batch))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +134,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each ResNet stage in backward")
+    p.add_argument("--data", type=Path, help="an image folder: also time the SupCon step fed by --backend's loader")
+    p.add_argument("--backend", default="dali", choices=["dali", "dali-cpu", "dali-gpu", "torchvision"])
+    p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers for --data")
+    p.add_argument("--preset", default="simclr", help="AugmentSpec preset of the loader (--data)")
+    p.add_argument("--max-batch", type=int, metavar="LIMIT",
+                   help="also search the largest per-GPU batch (<= LIMIT) whose SupCon step fits in device memory")
     p.add_argument("--json", type=Path, help="write the results here")
     return p
 
@@ -85,26 +150,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_per_gpu < 2 or args.steps < 1:
         print("bench_train: --batch-per-gpu must be >= 2 and --steps >= 1", file=sys.stderr)
         return 2
+    if args.data is not None and not args.data.is_dir():
+        print(f"bench_train: --data {args.data}: no such folder", file=sys.stderr)
+        return 2
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     ctx = Context(device=device)
     overrides = [
         f"model.encoder={args.model}", f"precision={args.precision}", f"data.image_size={args.image_size}",
         f"data.global_batch_size={args.batch_per_gpu}", f"model.channels_last={not args.no_channels_last}",
-        "loss.name=supcon",
+        f"model.activation_checkpointing={args.activation_checkpointing}", "loss.name=supcon",
     ]
+    if args.data is not None:
+        overrides += [f"data.root={args.data}", f"data.backend={args.backend}", f"data.workers={args.workers}",
+                      f"data.dali_threads={args.workers}", f"data.augment.preset={args.preset}"]
     try:
         cfg = config.load(None, overrides)
-    except ValueError as exc:
-        print(f"bench_train: {exc}", file=sys.stderr)
+        # cross-entropy first: on the CPU the peak RSS is process-wide, so SupCon's figure includes CE's
+        runs = [("cross_entropy", "synthetic"), ("supcon", "synthetic")]
+        if args.data is not None:
+            runs.append(("supcon", "loader"))
+        results = [measure(cfg, ctx, args.batch_per_gpu, args.steps, args.warmup, name, source)
+                   for name, source in runs]
+    except (ValueError, ImportError) as exc:
+        print(f"bench_train: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    # cross-entropy first: on the CPU the peak RSS is process-wide, so SupCon's figure includes CE's
-    results = [measure(cfg, ctx, args.batch_per_gpu, args.steps, args.warmup, name)
-               for name in ("cross_entropy", "supcon")]
     ratio = results[1]["views_per_s"] / results[0]["views_per_s"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    report = {"device": device_name, "model": args.model, "precision": args.precision, "image_size": args.image_size,
-              "results": results,
-              "supcon_vs_ce_views_ratio": ratio, "torch": torch.__version__}
+    report: dict[str, Any] = {
+        "device": device_name, "model": args.model, "precision": args.precision, "image_size": args.image_size,
+        "activation_checkpointing": args.activation_checkpointing, "results": results,
+        "supcon_vs_ce_views_ratio": ratio, "torch": torch.__version__,
+    }
+    if args.data is not None:
+        report["loader"] = {"backend": args.backend, "data": str(args.data), "workers": args.workers,
+                            "preset": args.preset, "vs_synthetic": results[2]["views_per_s"] / results[1]["views_per_s"]}
+    if args.max_batch:
+        report["max_batch_per_gpu"] = largest_batch(step_fits(cfg, ctx), args.batch_per_gpu, args.max_batch)
     _print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -116,10 +197,14 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"train step: {report['model']} {report['precision']} {report['image_size']}px on {report['device']}")
-    for col in ("loss", "batch", "views/s", "images/s", "step ms", "peak MiB"):
+    for col in ("loss", "data", "batch", "views/s", "images/s", "step ms", "peak MiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(r["loss"], str(r["batch_per_gpu"]), f"{r['views_per_s']:.1f}", f"{r['images_per_s']:.1f}",
+        table.add_row(r["loss"], r["source"], str(r["batch_per_gpu"]), f"{r['views_per_s']:.1f}", f"{r['images_per_s']:.1f}",
                       f"{1000 * r['step_s']:.1f}", f"{r['peak_memory_bytes'] / 2**20:.0f}")
     Console().print(table)
     Console().print(f"SupCon / cross-entropy per-view rate: {report['supcon_vs_ce_views_ratio']:.3f}")
+    if "loader" in report:
+        Console().print(f"SupCon with the {report['loader']['backend']} loader / synthetic: {report['loader']['vs_synthetic']:.3f}")
+    if "max_batch_per_gpu" in report:
+        Console().print(f"largest SupCon batch per GPU that fits: {report['max_batch_per_gpu']}")

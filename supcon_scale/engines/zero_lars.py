@@ -79,11 +79,16 @@ class ZeroLars(Lars):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.layouts: dict[int, PartitionLayout] = {}
+        self.piece_index: dict[int, torch.Tensor] = {}  # per partition: the parameter index of each piece
 
     def attach(self, flat_partitions: list[torch.Tensor], layouts: list[PartitionLayout]) -> None:
         """Register ZeRO's flat fp32 partitions (one per parameter group) with their layouts."""
         assert len(flat_partitions) == len(layouts)
         self.layouts = {id(p): layout for p, layout in zip(flat_partitions, layouts)}
+        self.piece_index = {
+            id(p): torch.tensor([i for i, _, _ in layout.pieces], dtype=torch.long, device=p.device)
+            for p, layout in zip(flat_partitions, layouts)
+        }
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -117,7 +122,7 @@ class ZeroLars(Lars):
         adapted = grad.add(p, alpha=group["weight_decay"])  # not in place: DeepSpeed owns p.grad
         dtype = torch.promote_types(p.dtype, torch.float32)  # master weights are fp32 (fp64 in the tests)
         sums = torch.zeros(2, layout.num_params, dtype=dtype, device=p.device)
-        index = torch.tensor([i for i, _, _ in layout.pieces], dtype=torch.long, device=p.device)
+        index = self.piece_index[id(p)]
         if layout.pieces:  # a rank can hold nothing but a group's padding; it still joins the all-reduce
             for row, flat in enumerate((p, grad)):
                 norms = torch._foreach_norm([flat[s:e] for _, s, e in layout.pieces])
