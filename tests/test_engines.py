@@ -344,3 +344,43 @@ def test_zero_lars_on_partitions_equals_lars_on_whole_tensors(world):
     """Gradients of very different scales per tensor, so chunk-wise trust ratios would be far off."""
     errors = run_ranks(_zero_lars_against_timm, world)
     assert max(errors) < 1e-12
+
+
+def _fp16_ranks(rank: int, world: int) -> dict:
+    """ddp + fp16 (GradScaler) on this rank's share; step 3's loss is blown up so its fp16 gradients overflow."""
+    cfg = tiny_cfg("ddp", "data.image_size=32", "precision=fp16")
+    torch.manual_seed(cfg.seed)
+    engine = engines.build(cfg, Context(rank=rank, world_size=world, local_rank=rank), models.build(cfg.model),
+                           total_steps=10, warmup_steps=0)
+    engine.train(False)
+    n = GLOBAL_B // world
+    stepped, moved, losses = [], [], []
+    for s in range(6):
+        before = [p.detach().clone() for p in engine.unwrapped().parameters()]
+        views, labels = batch(s, cfg.data.image_size)
+        with engine.autocast():
+            out = engine(torch.cat(local_views(views, rank, world)))
+        feats = out.float().reshape(VIEWS, n, -1).transpose(0, 1)
+        loss = contrastive_loss(feats, labels[rank * n : (rank + 1) * n]) * (1e30 if s == 3 else 1.0)
+        engine.backward(loss)
+        stepped.append(engine.step())
+        losses.append(float(loss.detach()))
+        moved.append(any(not torch.equal(b, p) for b, p in zip(before, engine.unwrapped().parameters())))
+    weights = torch.cat([p.detach().flatten() for p in engine.unwrapped().parameters()])
+    return {"stepped": stepped, "moved": moved, "losses": losses, "skipped": engine.skipped_steps,
+            "scale": engine.scaler.get_scale(), "scheduler_steps": engine.scheduler.last_epoch,
+            "weights": weights.numpy()}
+
+
+def test_ddp_fp16_loss_scaling_skips_and_counts_overflowing_steps():
+    """fp16 autocast (CPU) with torch's GradScaler: an overflowing step is skipped on every rank, leaves the weights
+    and the LR schedule alone, halves the scale and is counted; every other step moves the weights."""
+    ranks = run_ranks(_fp16_ranks, 2, timeout=240)
+    r0 = ranks[0]
+    assert r0["stepped"] == ranks[1]["stepped"] and not r0["stepped"][3] and r0["stepped"].count(True) >= 2
+    assert r0["moved"] == r0["stepped"]  # a skipped step changes nothing, a taken one changes the weights
+    skipped = r0["stepped"].count(False)
+    assert r0["skipped"] == skipped and r0["scale"] == 65536.0 * 0.5**skipped  # no growth within 2000 steps
+    assert r0["scheduler_steps"] == 6 - skipped
+    assert all(np.isfinite(r["losses"]).all() for r in ranks)
+    np.testing.assert_array_equal(r0["weights"], ranks[1]["weights"])  # the replicas agree
