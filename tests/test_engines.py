@@ -206,7 +206,6 @@ def _dtensor_norms(rank: int, world: int) -> float:
     [
         ("deepspeed", ("engine.zero_stage=3", "optim.name=sgd"), "engine.zero_stage=3"),
         ("deepspeed", ("precision=fp16",), "precision=fp16"),
-        ("fsdp", ("precision=fp16",), "precision=fp16"),
         ("ddp", ("precision=bf16",), "data.image_size=16 on the CPU"),  # tiny_cfg's 16 px: the bf16 kernel bug
         ("fsdp", ("precision=bf16",), "data.image_size=16 on the CPU"),
     ],
@@ -346,9 +345,13 @@ def test_zero_lars_on_partitions_equals_lars_on_whole_tensors(world):
     assert max(errors) < 1e-12
 
 
-def _fp16_ranks(rank: int, world: int) -> dict:
-    """ddp + fp16 (GradScaler) on this rank's share; step 3's loss is blown up so its fp16 gradients overflow."""
-    cfg = tiny_cfg("ddp", "data.image_size=32", "precision=fp16")
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 parameters are DTensor shards
+
+
+def _fp16_ranks(rank: int, world: int, engine_name: str) -> dict:
+    """fp16 (GradScaler) on this rank's share; at step 3 rank 0's loss is blown up so its fp16 gradients overflow."""
+    cfg = tiny_cfg(engine_name, "data.image_size=32", "precision=fp16")
     torch.manual_seed(cfg.seed)
     engine = engines.build(cfg, Context(rank=rank, world_size=world, local_rank=rank), models.build(cfg.model),
                            total_steps=10, warmup_steps=0)
@@ -356,26 +359,33 @@ def _fp16_ranks(rank: int, world: int) -> dict:
     n = GLOBAL_B // world
     stepped, moved, losses = [], [], []
     for s in range(6):
-        before = [p.detach().clone() for p in engine.unwrapped().parameters()]
+        before = [_local(p).detach().clone() for p in engine.unwrapped().parameters()]
         views, labels = batch(s, cfg.data.image_size)
         with engine.autocast():
             out = engine(torch.cat(local_views(views, rank, world)))
         feats = out.float().reshape(VIEWS, n, -1).transpose(0, 1)
-        loss = contrastive_loss(feats, labels[rank * n : (rank + 1) * n]) * (1e30 if s == 3 else 1.0)
+        loss = contrastive_loss(feats, labels[rank * n : (rank + 1) * n]) * (1e30 if s == 3 and rank == 0 else 1.0)
         engine.backward(loss)
         stepped.append(engine.step())
         losses.append(float(loss.detach()))
-        moved.append(any(not torch.equal(b, p) for b, p in zip(before, engine.unwrapped().parameters())))
-    weights = torch.cat([p.detach().flatten() for p in engine.unwrapped().parameters()])
+        moved.append(any(not torch.equal(b, _local(p)) for b, p in zip(before, engine.unwrapped().parameters())))
+    state = engine.state_dict()
     return {"stepped": stepped, "moved": moved, "losses": losses, "skipped": engine.skipped_steps,
             "scale": engine.scaler.get_scale(), "scheduler_steps": engine.scheduler.last_epoch,
-            "weights": weights.numpy()}
+            "weights": as_numpy(state["model"]) if rank == 0 else None, "scaler_state": state["scaler"]}
 
 
-def test_ddp_fp16_loss_scaling_skips_and_counts_overflowing_steps():
-    """fp16 autocast (CPU) with torch's GradScaler: an overflowing step is skipped on every rank, leaves the weights
-    and the LR schedule alone, halves the scale and is counted; every other step moves the weights."""
-    ranks = run_ranks(_fp16_ranks, 2, timeout=240)
+@pytest.fixture(scope="module")
+def fp16_runs() -> dict[str, list[dict]]:
+    return {name: run_ranks(_fp16_ranks, 2, name, timeout=240) for name in ("ddp", "fsdp")}
+
+
+@pytest.mark.parametrize("engine_name", ["ddp", "fsdp"])
+def test_fp16_loss_scaling_skips_and_counts_overflowing_steps(engine_name, fp16_runs):
+    """fp16 autocast (CPU) with torch's GradScaler: a step that overflows on one rank is skipped on every rank,
+    leaves the weights and the LR schedule alone, halves the scale and is counted; every other step moves the
+    weights. Under FSDP2 a rank sees only its gradient shards, so the skip must come from a global check."""
+    ranks = fp16_runs[engine_name]
     r0 = ranks[0]
     assert r0["stepped"] == ranks[1]["stepped"] and not r0["stepped"][3] and r0["stepped"].count(True) >= 2
     assert r0["moved"] == r0["stepped"]  # a skipped step changes nothing, a taken one changes the weights
@@ -383,4 +393,14 @@ def test_ddp_fp16_loss_scaling_skips_and_counts_overflowing_steps():
     assert r0["skipped"] == skipped and r0["scale"] == 65536.0 * 0.5**skipped  # no growth within 2000 steps
     assert r0["scheduler_steps"] == 6 - skipped
     assert all(np.isfinite(r["losses"]).all() for r in ranks)
-    np.testing.assert_array_equal(r0["weights"], ranks[1]["weights"])  # the replicas agree
+    assert r0["scaler_state"]["scale"] == r0["scale"]  # saved with the checkpoint
+    assert all(np.isfinite(w).all() for w in r0["weights"].values())
+
+
+def test_fp16_fsdp_takes_the_steps_ddp_takes(fp16_runs):
+    ddp, fsdp = fp16_runs["ddp"][0], fp16_runs["fsdp"][0]
+    assert ddp["stepped"] == fsdp["stepped"] and ddp["scale"] == fsdp["scale"]
+    # To fp16 rounding: FSDP2 keeps its parameters contiguous and DDP channels-last, so the fp16 convolution kernels
+    # differ (seen: 2.7e-4 at most, on weights of magnitude ~0.1).
+    for k, want in ddp["weights"].items():
+        np.testing.assert_allclose(fsdp["weights"][k], want, rtol=1e-2, atol=1e-3, err_msg=k)

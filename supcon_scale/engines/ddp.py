@@ -10,8 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from supcon_scale import optim
 from supcon_scale.config import RunConfig
-from supcon_scale.distributed import Context, all_reduce_min
-from supcon_scale.engines.base import Engine
+from supcon_scale.distributed import Context
+from supcon_scale.engines.base import Engine, grad_scaler, scaled_step
 
 
 class DDPEngine(Engine):
@@ -30,8 +30,7 @@ class DDPEngine(Engine):
         )
         self.optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
-        # Loss scaling only for fp16; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+        self.scaler = grad_scaler(cfg, ctx)
 
     @property
     def forward_module(self) -> nn.Module:
@@ -41,24 +40,8 @@ class DDPEngine(Engine):
         self.scaler.scale(loss).backward()
 
     def step(self) -> bool:
-        if self.scaler.is_enabled():
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale_before
-        else:
-            # Every rank must agree before stepping (grads are already all-reduced, but a NaN on one replica's
-            # non-synchronised state would otherwise diverge the replicas); one tiny all-reduce, no extra sync per
-            # parameter (torchtitan's approach, FACTS.md section 9).
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None])
-            stepped = bool(all_reduce_min(finite.all().to(torch.int32)).item())
-            if stepped:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if stepped:
-            self.scheduler.step()
-        else:
-            self.skipped_steps += 1
+        stepped = scaled_step(self.optimizer, self.scheduler, self.scaler, list(self.model.parameters()), self.ctx.device)
+        self.skipped_steps += not stepped
         return stepped
 
     def unwrapped(self) -> nn.Module:

@@ -48,9 +48,12 @@ def check_supported(cfg: RunConfig) -> None:
             "(ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, or fsdp"
         )
     if cfg.precision == "fp16":
+        # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in its
+        # own partition only, so ranks can disagree about skipping a step (and ZeroLars's all-reduce would hang).
         raise ValueError(
-            "precision=fp16 with engine.name=deepspeed is not supported: use precision=bf16 (the paper's precision) "
-            "or engine.name=ddp, whose GradScaler counts skipped fp16 steps"
+            "precision=fp16 with engine.name=deepspeed is not supported: DeepSpeed's autocast loss scaler decides "
+            "skips per ZeRO partition, so ranks can disagree; use precision=bf16 (the paper's precision) or "
+            "engine.name=ddp|fsdp, whose GradScaler checks every gradient"
         )
 
 

@@ -18,20 +18,11 @@ from torch.distributed.fsdp import fully_shard
 
 from supcon_scale import optim
 from supcon_scale.config import RunConfig
-from supcon_scale.distributed import Context, all_reduce_min
-from supcon_scale.engines.base import Engine
+from supcon_scale.distributed import Context
+from supcon_scale.engines.base import Engine, grad_scaler, scaled_step
 
 # Encoder children that are one "stage" each (timm ResNet: layer1..layer4; ConvNeXt/RegNet-style: stages).
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
-
-
-def check_supported(cfg: RunConfig) -> None:
-    """Refuse the combinations this engine cannot make exact, with the reason."""
-    if cfg.precision == "fp16":
-        raise ValueError(
-            "precision=fp16 with engine.name=fsdp is not supported: fp16 needs loss scaling with a global inf check "
-            "over sharded gradients; use precision=bf16 (the paper's precision) or engine.name=ddp for fp16"
-        )
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -44,18 +35,6 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def local_grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
-    """1 where every local gradient (shard) is finite; DTensor grads are checked on their local shard."""
-    flags = [torch.isfinite(_local(p.grad)).all() for p in params if p.grad is not None]
-    if not flags:
-        return torch.tensor(1, dtype=torch.int32)
-    return torch.stack(flags).all().to(torch.int32)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class FSDPEngine(Engine):
     """FSDP2 data parallelism; a plain module when there is a single process (nothing to shard)."""
 
@@ -63,7 +42,6 @@ class FSDPEngine(Engine):
 
     def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
         super().__init__(cfg, ctx)
-        check_supported(cfg)
         model = model.to(ctx.device)
         self.sharded = ctx.distributed and dist.is_initialized()
         # FSDP2 refuses non-contiguous (channels-last) parameters; channels-last inputs from the loader still give
@@ -80,6 +58,7 @@ class FSDPEngine(Engine):
         # tests/test_engines.py checks the result against one process on the global batch.
         self.optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
+        self.scaler = grad_scaler(cfg, ctx)  # torch's GradScaler takes FSDP2's DTensor gradients as they are
 
     @property
     def forward_module(self) -> nn.Module:
@@ -87,17 +66,11 @@ class FSDPEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         # FSDP2 reduce-scatters with a mean over ranks, like DDP's all-reduce average.
-        loss.backward()
+        self.scaler.scale(loss).backward()
 
     def step(self) -> bool:
-        params = list(self.model.parameters())
-        stepped = bool(all_reduce_min(local_grads_finite(params).to(self.ctx.device)).item())
-        if stepped:
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        stepped = scaled_step(self.optimizer, self.scheduler, self.scaler, list(self.model.parameters()), self.ctx.device)
+        self.skipped_steps += not stepped
         return stepped
 
     def unwrapped(self) -> nn.Module:
@@ -111,7 +84,8 @@ class FSDPEngine(Engine):
         else:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "scaler": None}
+        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Collective. Every rank passes the full saved state (as `checkpoint.load` gives it); each keeps its shard."""
@@ -127,6 +101,8 @@ class FSDPEngine(Engine):
                 options=StateDictOptions(full_state_dict=True),
             )
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     @property
     def lr(self) -> float:
