@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dali,deepspeed,dev
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench-gpu venv clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 # Longer checks (full-size benchmarks smoke, long multi-node runs); not part of `make test`.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The GPU benchmarks of docs/BENCHMARKS.md in one run (needs a CUDA GPU; about 10 minutes); JSON in runs/bench_gpu.
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) tools/bench_gpu.sh
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

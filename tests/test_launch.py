@@ -173,3 +173,13 @@ def test_step_fits_counts_out_of_memory_as_not_fitting(monkeypatch):
     fits = bench.step_fits(config.load(None), Context())
     assert fits(8) and not fits(9)
     assert bench.largest_batch(fits, 2, 100) == 8
+
+
+def test_bench_gpu_script_smoke(tmp_path):
+    """tools/bench_gpu.sh with SMOKE=1: every benchmark step it chains runs (tiny, on the CPU) and writes its JSON."""
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "bench_gpu.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert written == ["dataloader.json", "loss.json", "train_resnet18.json", "train_resnet18_ckpt.json"]
