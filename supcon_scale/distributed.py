@@ -82,6 +82,14 @@ def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> Con
     return Context(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def single_process_group(device: torch.device) -> None:
+    """A one-rank process group held in memory, for a library that insists on a group (DeepSpeed) when the job is
+    a plain `python` run with no launcher and so no RANK/MASTER_ADDR environment to rendezvous through."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -178,6 +178,20 @@ def test_lars_engine_matches_one_process(engine_name, overrides, lars_reference)
     assert_same_weights(got, ref, got["keys"], ref_keys)
 
 
+def _train_without_launcher(rank: int, world: int, engine_name: str, overrides: tuple[str, ...]) -> dict | None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    return _train_ranks(rank, world, engine_name, overrides)
+
+
+def test_deepspeed_in_a_plain_process_matches_one_process(lars_reference):
+    """engine.name=deepspeed without a launcher (no RANK/LOCAL_RANK/MASTER_ADDR): a 1-rank group in memory."""
+    ref, ref_losses, ref_keys = lars_reference
+    got = run_ranks(_train_without_launcher, 1, "deepspeed", ("engine.zero_stage=1",), timeout=240)[0]
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
+    assert_same_weights(got, ref, got["keys"], ref_keys)
+
+
 def test_deepspeed_zero2_sgd_matches_one_process():
     over = ("optim.name=sgd", "optim.base_lr=0.5")
     ref, ref_losses, ref_keys = reference(*over)

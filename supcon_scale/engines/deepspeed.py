@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from supcon_scale import optim
 from supcon_scale.config import RunConfig
-from supcon_scale.distributed import Context, all_reduce_min
+from supcon_scale.distributed import Context, all_reduce_min, single_process_group
 from supcon_scale.engines.base import AUTOCAST_DTYPES, Engine
 from supcon_scale.engines.zero_lars import ZeroLars, zero_layouts
 
@@ -120,8 +120,9 @@ class DeepSpeedEngine(Engine):
         # ZeroLars steps like timm's Lars until it is told ZeRO's partition layout (below, stages 1-2).
         optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size, lars_class=ZeroLars)
         scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
-        if not dist.is_initialized():  # a single process: DeepSpeed still wants a (1-rank) group
-            deepspeed.init_distributed(dist_backend="gloo" if ctx.device.type == "cpu" else "nccl", auto_mpi_discovery=False)
+        if not dist.is_initialized():  # a plain `python` run: DeepSpeed still wants a (1-rank) group and LOCAL_RANK
+            single_process_group(ctx.device)
+            os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
         self.zero_stage = cfg.engine.zero_stage
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
