@@ -6,10 +6,12 @@ Only this module and `engines/` touch `torch.distributed`. Works under torchrun,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -88,6 +90,18 @@ def single_process_group(device: torch.device) -> None:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def temporary_single_process_group(device: torch.device) -> Iterator[None]:
+    """`single_process_group` for the duration of a block; a group that existed before is left as it was."""
+    created = not dist.is_initialized()
+    single_process_group(device)
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def teardown() -> None:

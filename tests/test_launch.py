@@ -116,8 +116,12 @@ def test_bench_train_smoke(tmp_path):
 
     out = tmp_path / "bench.json"
     assert main(["--model", "resnet18", "--batch-per-gpu", "2", "--image-size", "32", "--steps", "1", "--warmup", "0",
-                 "--precision", "fp32", "--json", str(out)]) == 0
+                 "--precision", "fp32", "--lars", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["lars"]["lars_step_s"] > 0 and report["lars"]["zero_lars_step_s"] > 0
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the 1-rank group --lars needed is gone
     ce, supcon = report["results"]
     assert (ce["loss"], supcon["loss"]) == ("cross_entropy", "supcon")
     assert supcon["views_per_s"] == pytest.approx(2 * supcon["images_per_s"])

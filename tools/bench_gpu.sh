@@ -32,7 +32,7 @@ first=1
 for model in $MODELS; do
   extra=()
   if [ "$first" = 1 ]; then  # the first model also: fed by the DALI loader, and the largest batch that fits
-    extra=(--data "$OUT/photos" --backend "$LOADER" --workers "$THREADS" --max-batch "$MAXB")
+    extra=(--data "$OUT/photos" --backend "$LOADER" --workers "$THREADS" --max-batch "$MAXB" --lars)
   fi
   step "train $model" "$PYTHON" tools/bench_train.py --model "$model" --batch-per-gpu "$BATCH" --image-size "$SIZE" \
     --precision bf16 --steps "$STEPS" --warmup "$WARMUP" "${extra[@]}" --json "$OUT/train_$model.json"

@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from supcon_scale import config, data, engines, losses, models
-from supcon_scale.distributed import Context
+from supcon_scale import config, data, engines, losses, models, optim
+from supcon_scale.distributed import Context, temporary_single_process_group
+from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -90,6 +91,42 @@ def measure(
     }
 
 
+def lars_step_seconds(cfg: config.RunConfig, ctx: Context, steps: int) -> dict[str, float]:
+    """Median optimizer-step time of timm's foreach Lars over the model's tensors, and of ZeroLars over the same
+    values flattened into one ZeRO partition per group (in a 1-rank group: the all-reduce included, no peer)."""
+    model = models.build(cfg.model).to(ctx.device)
+    groups = optim.param_groups(model.named_parameters(), cfg.optim)
+    kwargs = dict(lr=1.0, momentum=cfg.optim.momentum, trust_coeff=cfg.optim.trust_coeff, foreach=True)
+    for group in groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+    flats, layouts = [], []
+    for group in groups:
+        tensors = [p.detach().flatten() for p in group["params"]]
+        flat = torch.cat(tensors).requires_grad_()
+        flat.grad = torch.cat([p.grad.flatten() for p in group["params"]])
+        numels = [t.numel() for t in tensors]
+        offsets = [sum(numels[:i]) for i in range(len(numels))]
+        flats.append(flat)
+        layouts.append(partition_layout(offsets, numels, flat.numel(), 0))
+    zero = ZeroLars([{"params": [f], "weight_decay": g["weight_decay"]} for f, g in zip(flats, groups)], **kwargs)
+    zero.attach(flats, layouts)
+    timings = {}
+    for name, opt in (("lars", optim.Lars(groups, **kwargs)), ("zero_lars", zero)):
+        times = []
+        for _ in range(steps + 2):  # two warm-up steps (momentum buffers are created on the first)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            start = time.perf_counter()
+            opt.step()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            times.append(time.perf_counter() - start)
+        timings[f"{name}_step_s"] = sorted(times[2:])[len(times[2:]) // 2]
+    timings["zero_lars_vs_lars"] = timings["zero_lars_step_s"] / timings["lars_step_s"]
+    return timings
+
+
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
     """The largest batch in [start, limit] for which `fits` holds (0 if none): doubling, then bisection.
 
@@ -135,10 +172,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each ResNet stage in backward")
+    p.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="one process of this engine")
+    p.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage with --engine deepspeed")
     p.add_argument("--data", type=Path, help="an image folder: also time the SupCon step fed by --backend's loader")
     p.add_argument("--backend", default="dali", choices=["dali", "dali-cpu", "dali-gpu", "torchvision"])
     p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers for --data")
     p.add_argument("--preset", default="simclr", help="AugmentSpec preset of the loader (--data)")
+    p.add_argument("--lars", action="store_true",
+                   help="also time one LARS step: timm's Lars on the tensors vs ZeroLars on ZeRO-style flat partitions")
     p.add_argument("--max-batch", type=int, metavar="LIMIT",
                    help="also search the largest per-GPU batch (<= LIMIT) whose SupCon step fits in device memory")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -159,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model.encoder={args.model}", f"precision={args.precision}", f"data.image_size={args.image_size}",
         f"data.global_batch_size={args.batch_per_gpu}", f"model.channels_last={not args.no_channels_last}",
         f"model.activation_checkpointing={args.activation_checkpointing}", "loss.name=supcon",
+        f"engine.name={args.engine}", f"engine.zero_stage={args.zero_stage}",
     ]
     if args.data is not None:
         overrides += [f"data.root={args.data}", f"data.backend={args.backend}", f"data.workers={args.workers}",
@@ -178,12 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     report: dict[str, Any] = {
         "device": device_name, "model": args.model, "precision": args.precision, "image_size": args.image_size,
+        "engine": args.engine, "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
         "activation_checkpointing": args.activation_checkpointing, "results": results,
         "supcon_vs_ce_views_ratio": ratio, "torch": torch.__version__,
     }
     if args.data is not None:
         report["loader"] = {"backend": args.backend, "data": str(args.data), "workers": args.workers,
                             "preset": args.preset, "vs_synthetic": results[2]["views_per_s"] / results[1]["views_per_s"]}
+    if args.lars:
+        with temporary_single_process_group(ctx.device):  # ZeroLars all-reduces its norms, here over one rank
+            report["lars"] = lars_step_seconds(cfg, ctx, args.steps)
     if args.max_batch:
         report["max_batch_per_gpu"] = largest_batch(step_fits(cfg, ctx), args.batch_per_gpu, args.max_batch)
     _print_table(report)
@@ -196,7 +242,8 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"train step: {report['model']} {report['precision']} {report['image_size']}px on {report['device']}")
+    table = Table(title=f"train step: {report['model']} {report['precision']} {report['image_size']}px, {report['engine']}"
+                        f" on {report['device']}")
     for col in ("loss", "data", "batch", "views/s", "images/s", "step ms", "peak MiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
@@ -206,5 +253,9 @@ def _print_table(report: dict[str, Any]) -> None:
     Console().print(f"SupCon / cross-entropy per-view rate: {report['supcon_vs_ce_views_ratio']:.3f}")
     if "loader" in report:
         Console().print(f"SupCon with the {report['loader']['backend']} loader / synthetic: {report['loader']['vs_synthetic']:.3f}")
+    if "lars" in report:
+        r = report["lars"]
+        Console().print(f"LARS step: timm {1000 * r['lars_step_s']:.2f} ms, ZeroLars on flat partitions "
+                        f"{1000 * r['zero_lars_step_s']:.2f} ms ({r['zero_lars_vs_lars']:.2f}x)")
     if "max_batch_per_gpu" in report:
         Console().print(f"largest SupCon batch per GPU that fits: {report['max_batch_per_gpu']}")
