@@ -88,8 +88,10 @@ def single_process_group(device: torch.device) -> None:
     """A one-rank process group held in memory, for a library that insists on a group (DeepSpeed) when the job is
     a plain `python` run with no launcher and so no RANK/MASTER_ADDR environment to rendezvous through."""
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1, device_id=device if cuda else None
+        )
 
 
 @contextlib.contextmanager

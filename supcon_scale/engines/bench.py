@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from timm.optim import Lars
 
 from supcon_scale import config, data, engines, losses, models, optim
 from supcon_scale.distributed import Context, temporary_single_process_group
@@ -112,7 +113,7 @@ def lars_step_seconds(cfg: config.RunConfig, ctx: Context, steps: int) -> dict[s
     zero = ZeroLars([{"params": [f], "weight_decay": g["weight_decay"]} for f, g in zip(flats, groups)], **kwargs)
     zero.attach(flats, layouts)
     timings = {}
-    for name, opt in (("lars", optim.Lars(groups, **kwargs)), ("zero_lars", zero)):
+    for name, opt in (("lars", Lars(groups, **kwargs)), ("zero_lars", zero)):
         times = []
         for _ in range(steps + 2):  # two warm-up steps (momentum buffers are created on the first)
             if ctx.device.type == "cuda":
