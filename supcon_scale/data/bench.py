@@ -104,20 +104,26 @@ def _cpu_seconds() -> float:
 
 def measure(cfg: DataConfig, warmup: int, batches: int, roi: bool = False) -> dict[str, Any]:
     """Images/s over `batches` batches after `warmup` (epochs wrap as needed), CPU use and peak memory."""
+    import torch
+
     from supcon_scale.data import build_train_loader
     from supcon_scale.data.dali import DaliLoader
 
-    ctx = Context()
+    # Batches are delivered where training would use them: on the GPU when there is one (dali-gpu needs it).
+    cuda = torch.cuda.is_available()
+    ctx = Context(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
     with _Sampler() as sampler:
         if cfg.backend.startswith("dali"):
             loader = DaliLoader(cfg, ctx, seed=0, out_dir=None, roi=roi)
         else:
             loader = build_train_loader(cfg, ctx, seed=0, out_dir=None)
-        done, epoch, t0, cpu0 = 0, 0, 0.0, 0.0
+        done, epoch, t0, cpu0 = 0, 0, time.perf_counter(), _cpu_seconds()  # warmup=0 times from here
         while done < warmup + batches:
             loader.set_epoch(epoch)
             for views, _ in loader:
                 done += 1
+                if cuda:  # the batch is really there, not just queued on a stream
+                    torch.cuda.synchronize()
                 if done == warmup:
                     t0, cpu0 = time.perf_counter(), _cpu_seconds()
                 if done == warmup + batches:
