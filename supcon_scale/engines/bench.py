@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import json
 import resource
@@ -153,6 +154,7 @@ def step_fits(cfg: config.RunConfig, ctx: Context) -> Callable[[int], bool]:
         except torch.OutOfMemoryError:
             return False
         finally:
+            gc.collect()  # the failed step's model and activations sit in reference cycles with its traceback
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
 
