@@ -186,7 +186,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums the incoming gradient over ranks and returns this rank's slice.
 
     The sum matters: every rank's loss depends on every rank's embeddings, so the gradient of embedding k is the sum
-    of all ranks' contributions (lightly's GatherLayer returned only its own slice, FACTS.md section 2).
+    of all ranks' contributions (lightly's GatherLayer returned only its own slice, lightly #1528).
     """
 
     @staticmethod
@@ -275,7 +275,7 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def record(fn):
-    """torchrun's error recorder: a worker's traceback reaches the launcher's summary (FACTS.md section 9)."""
+    """torchrun's error recorder: a worker's traceback reaches the launcher's summary (torch.distributed.elastic.multiprocessing.errors.record)."""
     from torch.distributed.elastic.multiprocessing.errors import record as _record
 
     return _record(fn)

@@ -20,7 +20,7 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list[dict]:
     """Two groups: weights (decay + LARS adaptation) and every 1-D tensor (batch-norm affine and biases) without.
 
-    Exclusion is by tensor rank, not by name, so it survives DDP/FSDP/DeepSpeed wrapping (FACTS.md section 4).
+    Exclusion is by tensor rank, not by name, so it survives DDP/FSDP/DeepSpeed wrapping, which prefixes the names.
     timm's Lars adapts only groups with weight_decay != 0, so the second group gets plain momentum SGD.
     """
     decay, no_decay = [], []
@@ -42,7 +42,7 @@ def build_optimizer(
     groups = param_groups(model.named_parameters(), cfg)
     if cfg.name == "lars":
         # timm's trust ratio is the apex/solo-learn form eta*|w| / (|g| + wd*|w| + eps), not the TF form
-        # eta*|w| / |g + wd*w| (FACTS.md section 4); both are 1.0 where a norm is zero.
+        # eta*|w| / |g + wd*w| (SimCLR/SupCon TF, MoCo v3); both are 1.0 where a norm is zero.
         return lars_class(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff, foreach=True)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=True)

@@ -44,7 +44,7 @@ def batch(step: int, size: int = SIZE) -> tuple[list[torch.Tensor], torch.Tensor
 
 
 def contrastive_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SupCon L_out (FACTS.md section 1) over local anchors against the gathered contrast set, tau = 0.1.
+    """SupCon L_out (Khosla et al. 2020, Eq. 2) over local anchors against the gathered contrast set, tau = 0.1.
 
     Written here, independently of supcon_scale.losses, in float64: the engines are what is under test.
     """

@@ -1,4 +1,4 @@
-"""mCE / relative mCE against FACTS.md section 7 and hand-computed cases; kNN against a float64 brute force."""
+"""mCE / relative mCE against Hendrycks & Dietterich 2019 (ICLR), Eq. 1-2, and hand-computed cases; kNN against a float64 brute force."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from supcon_scale.evaluation.knn import knn_scores
 from supcon_scale.evaluation.robustness import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, corruption_errors_to_mce
 
-FACTS_ALEXNET = {  # typed in again from FACTS.md section 7, not imported from the code under test
+PAPER_ALEXNET = {  # typed in again from the ImageNet-C paper's AlexNet errors, not imported from the code under test
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640, "defocus_blur": 0.819880,
     "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360, "snow": 0.866816, "frost": 0.826572,
     "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204, "elastic_transform": 0.646056,
@@ -20,13 +20,13 @@ FACTS_ALEXNET = {  # typed in again from FACTS.md section 7, not imported from t
 
 
 def test_alexnet_table_and_order_match_facts():
-    assert ALEXNET_ERRORS == FACTS_ALEXNET
-    assert list(CORRUPTIONS) == list(FACTS_ALEXNET)
+    assert ALEXNET_ERRORS == PAPER_ALEXNET
+    assert list(CORRUPTIONS) == list(PAPER_ALEXNET)
     assert ALEXNET_CLEAN_ERROR == 0.4348
 
 
 def test_alexnet_errors_give_exactly_100():
-    errors = {c: [e] * 5 for c, e in FACTS_ALEXNET.items()}
+    errors = {c: [e] * 5 for c, e in PAPER_ALEXNET.items()}
     out = corruption_errors_to_mce(errors, clean_error=0.4348)
     assert f"{out['mce']:.3f}" == "100.000"
     assert f"{out['relative_mce']:.3f}" == "100.000"

@@ -1,4 +1,4 @@
-"""SupConLoss (dense and tiled) against a float64 brute force of Eq. 2 / Eq. 3 written out here (FACTS.md section 1)."""
+"""SupConLoss (dense and tiled) against a float64 brute force of Eq. 2 / Eq. 3 written out here (Khosla et al. 2020)."""
 
 from __future__ import annotations
 

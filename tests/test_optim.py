@@ -1,4 +1,4 @@
-"""LARS with exclusion groups against a float64 update written here from FACTS.md section 4; the LR schedule."""
+"""LARS with exclusion groups against a float64 update written here from the LARS paper (You et al. 2017) as SimCLR/SupCon TF apply it; the LR schedule."""
 
 import math
 

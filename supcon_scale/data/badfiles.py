@@ -1,4 +1,4 @@
-"""Find images that cannot be decoded before any loader sees them (FACTS.md sections 5 and 9).
+"""Find images that cannot be decoded before any loader sees them (a corrupt JPEG kills a DALI pipeline: DALI #211, #2019, #3913).
 
 DALI cannot skip a corrupt file mid-run (the pipeline dies), so every backend indexes through `check_paths`:
 each file is fully decoded once (JPEGs in draft mode, which still entropy-decodes the whole stream, so truncation is

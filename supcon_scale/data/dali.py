@@ -234,7 +234,7 @@ def split_views(out: dict[str, torch.Tensor], views: int, roi: bool) -> tuple[li
 
 
 class DaliLoader(FolderCursor):
-    """The DESIGN.md data contract over DALI pipelines; see `supcon_scale.data.build_train_loader`."""
+    """The data contract of docs/DESIGN.md over DALI pipelines; see `supcon_scale.data.build_train_loader`."""
 
     def __init__(
         self,

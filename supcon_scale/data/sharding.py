@@ -134,7 +134,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def check_position(state: dict, *, world_size: int, backend: str, num_samples: int, steps: int) -> None:
-    """Refuse a saved data position that this loader cannot continue exactly (FACTS.md section 9)."""
+    """Refuse a saved data position that this loader cannot continue exactly (as DALI's and torchdata's checkpoints do; docs/RELIABILITY.md)."""
     if int(state["world_size"]) != world_size:
         raise ValueError(
             f"data position was saved with world size {int(state['world_size'])} but this run has world size "

@@ -97,7 +97,7 @@ class _EpochBatches(torch.utils.data.Sampler):
 
 
 class TorchvisionLoader(FolderCursor):
-    """The DESIGN.md data contract over a DataLoader; see `supcon_scale.data.build_train_loader`."""
+    """The data contract of docs/DESIGN.md over a DataLoader; see `supcon_scale.data.build_train_loader`."""
 
     backend = BACKEND
 

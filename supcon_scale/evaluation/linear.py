@@ -1,11 +1,11 @@
 """Linear evaluation (the paper's stage 2): a linear classifier on a frozen encoder, scored at the final epoch.
 
-The encoder stays in eval mode (batch-norm statistics frozen, FACTS.md section 3). Without augmentation the
+The encoder stays in eval mode (batch-norm statistics frozen; docs/EVALUATION.md). Without augmentation the
 features are extracted once (sharded over ranks, all-gathered) and the head trains on the cached matrix; with
 augmentation every epoch runs the frozen encoder on freshly augmented train images. With a process group up each
 rank takes a slice of every global batch and the head's gradients are summed over ranks, so the result equals one
 process on the global batch. The reported accuracy is the final epoch's, never the best on the evaluation split
-(FACTS.md section 8).
+(docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The paper's stage 2 (FACTS.md section 3): RMSProp 0.05 per 256, x0.97 every half epoch, wd 1e-6, smoothing 0.05.
+    # The paper's stage 2 (Khosla et al. 2020, appendix; google-research/supcon): RMSProp 0.05 per 256, x0.97 every half epoch, wd 1e-6, smoothing 0.05.
     "paper": Preset("rmsprop", 90, 0.05, 1e-6, 0.05, "exp_half_epoch", standardize=False),
     # The PyTorch reference's linear stage (HobbitLong/SupContrast main_linear.py): SGD 0.1, momentum 0.9, cosine.
     "sgd": Preset("sgd", 100, 0.1, 0.0, 0.0, "cosine", standardize=False),
@@ -119,7 +119,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 def _make_optimizer(preset: Preset, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if preset.optimizer == "rmsprop":
-        # TF-style RMSProp as in TPU ImageNet recipes (decay 0.9, momentum 0.9); FACTS.md gives only LR/decay/wd.
+        # TF-style RMSProp as in TPU ImageNet recipes (decay 0.9, momentum 0.9); the paper gives only LR/decay/wd.
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9, eps=1e-3, weight_decay=preset.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=preset.weight_decay)
 

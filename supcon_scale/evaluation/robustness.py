@@ -1,7 +1,7 @@
 """ImageNet-C style robustness: build a "-C" copy of any folder dataset, read one, score checkpoints, mCE, plots.
 
 Layout of a "-C" root: `ROOT/<corruption>/<severity>/<class>/<image>` (the ImageNet-C release). Metrics follow
-Hendrycks & Dietterich (FACTS.md section 7): CE_c = mean_s E_{s,c} / baseline_c, relative CE_c =
+Hendrycks & Dietterich 2019 (ICLR, section 3): CE_c = mean_s E_{s,c} / baseline_c, relative CE_c =
 (mean_s E_{s,c} - E_clean) / (baseline_c - baseline_clean), mCE / relative mCE = 100 x their mean.
 """
 
@@ -26,7 +26,7 @@ from supcon_scale import distributed
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.evaluation.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, MIN_SIDE, SEVERITIES, corrupt, image_seed
 
-# AlexNet's ImageNet-C errors, averaged over severities (FACTS.md section 7), and its clean error.
+# AlexNet's ImageNet-C errors, averaged over severities (Hendrycks & Dietterich 2019, their Table 1 baseline), and its clean error.
 ALEXNET_ERRORS: dict[str, float] = {
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640, "defocus_blur": 0.819880,
     "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360, "snow": 0.866816, "frost": 0.826572,
@@ -253,7 +253,7 @@ class _CDataset(torch.utils.data.Dataset):
 
 
 def _crop_transform(image_size: int):
-    """ImageNet-C evaluation: the images are already sized, so centre-crop + normalise only (FACTS.md section 7)."""
+    """ImageNet-C evaluation: the images are already sized, so centre-crop + normalise only (as the ImageNet-C paper evaluates)."""
     from torchvision.transforms import v2
 
     from supcon_scale.data.eval import IMAGENET_MEAN, IMAGENET_STD

@@ -1,6 +1,6 @@
 """SupCon / SimCLR / GenSCL loss: local anchors against the (globally gathered) contrast set, exact in every variant.
 
-Row r of the loss (FACTS.md section 1) with logits s = z_r . z_c / tau, self column excluded, weights w_rc >= 0:
+Row r of the loss (Khosla et al. 2020, Eq. 2 and 3) with logits s = z_r . z_c / tau, self column excluded, weights w_rc >= 0:
   L_out: LSE_c(s_rc) - sum_c w_rc s_rc / W_r               (W_r = sum_c w_rc)
   L_in : LSE_c(s_rc) - log sum_c w_rc exp(s_rc) + log W_r
 w_rc is 1[same label] (integer labels), 1[same image] (SimCLR) or the cosine of the label vectors (GenSCL); one-hot
@@ -231,7 +231,7 @@ class SupConLoss(nn.Module):
         if labels is not None and labels.ndim == 1 and labels.is_floating_point():
             raise ValueError("labels of shape [batch] must be integers; use [batch, classes] for label vectors")
         device_type = features.device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # FACTS.md section 1: fp32 even under autocast
+        with torch.autocast(device_type=device_type, enabled=False):  # fp32 even under autocast: exp overflows bf16/fp16
             dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
             return self._loss(features.to(dtype), labels, b, v)
 
@@ -253,7 +253,7 @@ class SupConLoss(nn.Module):
         threshold = 0.5 if pos.anchor_vecs is None else _MIN_VECTOR_WEIGHT
         keep = torch.nonzero(weight > threshold).squeeze(1)
         n_valid = torch.tensor(float(keep.numel()), dtype=torch.float64, device=z.device)
-        if keep.numel() < za.shape[0]:  # anchors without positives are left out (FACTS.md section 1), never NaN
+        if keep.numel() < za.shape[0]:  # anchors without positives are left out (their |P(i)| is 0), never NaN
             za, pos, weight = za[keep], pos.select(keep), weight[keep]
 
         rows = self._rows(za, zc, pos, weight) * self.scale_factor()

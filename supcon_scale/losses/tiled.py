@@ -1,7 +1,7 @@
 """Memory-efficient log-sum-exps of the SupCon logits: blocks of anchors x contrast, per-row statistics only.
 
 The forward keeps a running log-sum-exp per anchor row; the backward recomputes each block and applies the closed
-form d LSE / d s = softmax (FACTS.md section 1), so memory is O((n + M) * D + block^2) and the [n, M] logits never
+form d LSE / d s = softmax (docs/BACKGROUND.md, the loss), so memory is O((n + M) * D + block^2) and the [n, M] logits never
 exist. Gradients flow to both the anchors and the contrast set, so a gathered contrast set hands its gradient to
 the all-gather's backward, which sums it over ranks.
 """
