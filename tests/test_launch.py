@@ -112,7 +112,7 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
 def test_bench_train_smoke(tmp_path):
     import json
 
-    from supcon_scale.engines.bench import main
+    from supcon_scale.bench.train import main
 
     out = tmp_path / "bench.json"
     assert main(["--model", "resnet18", "--batch-per-gpu", "2", "--image-size", "32", "--steps", "1", "--warmup", "0",
@@ -133,7 +133,7 @@ def test_bench_train_with_the_dali_loader(demo_data, tmp_path):
     """--data: the SupCon step fed by the real DALI CPU pipeline beside the synthetic one; --max-batch searches."""
     import json
 
-    from supcon_scale.engines.bench import main
+    from supcon_scale.bench.train import main
 
     out = tmp_path / "bench.json"
     assert main(["--model", "resnet18", "--batch-per-gpu", "4", "--image-size", "32", "--steps", "2", "--warmup", "1",
@@ -148,7 +148,7 @@ def test_bench_train_with_the_dali_loader(demo_data, tmp_path):
 
 @pytest.mark.parametrize("capacity,limit,want", [(37, 1000, 37), (5000, 100, 100), (1, 100, 1), (0, 100, 0), (64, 64, 64)])
 def test_largest_batch_search(capacity, limit, want):
-    from supcon_scale.engines.bench import largest_batch
+    from supcon_scale.bench.train import largest_batch
 
     tried = []
 
@@ -165,7 +165,7 @@ def test_step_fits_counts_out_of_memory_as_not_fitting(monkeypatch):
 
     from supcon_scale import config
     from supcon_scale.distributed import Context
-    from supcon_scale.engines import bench
+    from supcon_scale.bench import train as bench
 
     def measure(cfg, ctx, batch, steps, warmup, loss_name):
         assert cfg.data.global_batch_size == batch

@@ -2,7 +2,7 @@
 
 import sys
 
-from supcon_scale.data.bench import main
+from supcon_scale.bench.loader import main
 
 if __name__ == "__main__":
     sys.exit(main())

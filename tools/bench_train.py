@@ -1,8 +1,8 @@
-"""SupCon vs cross-entropy training-step throughput and peak memory (see supcon_scale/engines/bench.py)."""
+"""SupCon vs cross-entropy training-step throughput and peak memory (see supcon_scale/bench/train.py)."""
 
 import sys
 
-from supcon_scale.engines.bench import main
+from supcon_scale.bench.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -87,7 +87,7 @@ def _parse_list(text: str, cast, name: str) -> list:
 
 
 def _run_subprocess(impl: str, views: int, dim: int, device: str, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "supcon_scale.losses.bench", "--case", f"{impl},{views},{dim},{device},{repeats}"]
+    cmd = [sys.executable, "-m", "supcon_scale.bench.loss", "--case", f"{impl},{views},{dim},{device},{repeats}"]
     row = {"impl": impl, "views": views, "dim": dim, "device": device, "seconds": None, "peak_bytes": None,
            "baseline_bytes": None, "repeats": repeats}
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from supcon_scale.data.bench import main, write_synthetic
+from supcon_scale.bench.loader import main, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
