@@ -21,9 +21,9 @@ DELEGATED = {
     "imagenet-c": ("supcon_scale.evaluation.robustness:main", "corruption robustness (mCE) of checkpoints"),
     "demo": ("supcon_scale.demo:main", "the end-to-end demo on the bundled digits (CPU)"),
     "torchrun": ("supcon_scale.resilience:torchrun_main", "torchrun that exits 3 when the job was preempted"),
-    "bench-loss": ("supcon_scale.losses.bench:main", "time and memory of the loss implementations"),
-    "bench-dataloader": ("supcon_scale.data.bench:main", "images/s of the input pipelines"),
-    "bench-train": ("supcon_scale.engines.bench:main", "training step throughput against cross-entropy"),
+    "bench-loss": ("supcon_scale.bench.loss:main", "time and memory of the loss implementations"),
+    "bench-dataloader": ("supcon_scale.bench.loader:main", "images/s of the input pipelines"),
+    "bench-train": ("supcon_scale.bench.train:main", "training step throughput against cross-entropy"),
 }
 
 EXIT_USAGE = 2
