@@ -28,10 +28,29 @@ def test_synthetic_images_are_realistic_jpegs(tmp_path):
 
 def test_bench_tool_runs_both_backends_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    rc = main([
-        "--synthetic", "8", "--synthetic-dir", str(tmp_path / "data"), "--batch-size", "4", "--image-size", "32",
-        "--threads", "1", "--warmup", "1", "--batches", "1", "--repeats", "1", "--profile", "--json", str(out),
-    ])
+    rc = main(
+        [
+            "--synthetic",
+            "8",
+            "--synthetic-dir",
+            str(tmp_path / "data"),
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--threads",
+            "1",
+            "--warmup",
+            "1",
+            "--batches",
+            "1",
+            "--repeats",
+            "1",
+            "--profile",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     rows = {(r["backend"], r["decode"]) for r in report["rows"]}
@@ -40,18 +59,56 @@ def test_bench_tool_runs_both_backends_and_writes_json(tmp_path):
         assert r["images_per_s"] > 0 and abs(r["views_per_s"] - 2 * r["images_per_s"]) < 1e-6
         assert r["preset"] == "jitter_randaugment" and r["peak_rss_mib"] > 0
     assert [p["step"] for p in report["profile"]] == [
-        "read", "ROI decodes+resize+flip+normalise", "+jitter", "+randaugment"
+        "read",
+        "ROI decodes+resize+flip+normalise",
+        "+jitter",
+        "+randaugment",
     ]
 
 
 def test_tool_file_is_a_thin_entry_point():
     res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_dataloader.py"), "--help"], capture_output=True, text=True,
-        cwd=REPO, timeout=120,
+        [sys.executable, str(REPO / "tools" / "bench_dataloader.py"), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert res.returncode == 0 and "--synthetic" in res.stdout
     bad = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench_dataloader.py"), "--data", "/nonexistent/dir"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert bad.returncode == 2 and "directory not found" in bad.stdout
+
+
+def test_train_bench_times_the_trainers_step_with_the_real_objective(monkeypatch):
+    """bench/train.py runs `trainer.train_step` itself: cross-entropy on one view, SupCon on the config's views."""
+    from supcon_scale import config, objectives, trainer
+    from supcon_scale.bench import train as bench
+    from supcon_scale.distributed import Context
+
+    calls = []
+    real_step = trainer.train_step
+
+    def recording_step(engine, objective, views, labels):
+        calls.append((type(objective), len(views), tuple(views[0].shape), objective.classifier_classes))
+        return real_step(engine, objective, views, labels)
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    cfg = config.load(None, ["model.encoder=resnet18", "data.image_size=32", "precision=fp32", "data.views=2"])
+    ce = bench.measure(cfg, Context(), 2, steps=1, warmup=1, loss_name="cross_entropy")
+    supcon = bench.measure(cfg, Context(), 2, steps=2, warmup=0, loss_name="supcon")
+    assert calls == [
+        (objectives.CrossEntropyObjective, 1, (2, 3, 32, 32), bench.SYNTHETIC_CLASSES),
+        (objectives.CrossEntropyObjective, 1, (2, 3, 32, 32), bench.SYNTHETIC_CLASSES),
+        (objectives.ContrastiveObjective, 2, (2, 3, 32, 32), None),
+        (objectives.ContrastiveObjective, 2, (2, 3, 32, 32), None),
+    ]
+    assert (ce["views"], supcon["views"]) == (1, 2)
+    assert ce["views_per_s"] == ce["images_per_s"] and supcon["views_per_s"] == 2 * supcon["images_per_s"]

@@ -8,18 +8,22 @@ pipelines (read, + decode, + crops, + each stage, + normalise) to show where the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from supcon_scale.config import AugmentConfig, DataConfig
 from supcon_scale.distributed import Context
+
+if TYPE_CHECKING:
+    from typing import Self
 
 SYNTHETIC_SIZE = (500, 375)
 
@@ -68,17 +72,13 @@ class _Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             rss = 0
-            try:
-                rss = self.proc.memory_info().rss + sum(
-                    c.memory_info().rss for c in self.proc.children(recursive=True)
-                )
-            except Exception:  # noqa: BLE001 - a worker that exits mid-sample
-                pass
+            with contextlib.suppress(Exception):  # a worker that exits mid-sample
+                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(recursive=True))
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_gpu = max(self.peak_gpu, self._gpu_used())
             self._stop.wait(0.05)
 
-    def __enter__(self) -> "_Sampler":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -94,11 +94,9 @@ def _cpu_seconds() -> float:
     t = proc.cpu_times()
     total = t.user + t.system
     for c in proc.children(recursive=True):
-        try:
+        with contextlib.suppress(Exception):  # a worker that exits mid-sample
             ct = c.cpu_times()
             total += ct.user + ct.system
-        except Exception:  # noqa: BLE001
-            pass
     return total
 
 
@@ -166,9 +164,7 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
     for k in range(1, len(spec.stages) + 1):
         steps.append(("+" + spec.stages[k - 1], spec.stages[:k]))
 
-    pipes = []
-    for name, stages in steps:
-
+    def build(name: str, stages: tuple[str, ...] | None) -> Any:
         @pipeline_def(enable_conditionals=True)
         def pipe_fn():
             enc, _ = fn.readers.file(files=paths, name=D.READER, random_shuffle=False)
@@ -181,12 +177,19 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
 
         # Synchronous execution, so one run() is one batch's work.
         pipe = pipe_fn(
-            batch_size=batch, num_threads=cfg.dali_threads, device_id=None, seed=0,
-            exec_async=False, exec_pipelined=False, prefetch_queue_depth=1,
+            batch_size=batch,
+            num_threads=cfg.dali_threads,
+            device_id=None,
+            seed=0,
+            exec_async=False,
+            exec_pipelined=False,
+            prefetch_queue_depth=1,
         )
         pipe.build()
         pipe.run()
-        pipes.append(pipe)
+        return pipe
+
+    pipes = [build(name, stages) for name, stages in steps]
     # Rounds alternate over the pipelines; the per-step figure is the lowest round median (resists background load).
     best = [float("inf")] * len(steps)
     for _ in range(rounds):
@@ -248,14 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     aug = AugmentConfig(preset=args.preset)  # type: ignore[arg-type]
     runs: list[tuple[str, bool]] = []
     for b in backends:
-        for mode in ([m.strip() for m in args.dali_decode.split(",")] if b.startswith("dali") else ["once"]):
+        for mode in [m.strip() for m in args.dali_decode.split(",")] if b.startswith("dali") else ["once"]:
             runs.append((b, mode == "roi"))
     best: dict[tuple[str, bool], dict[str, Any]] = {}
     for _ in range(args.repeats):
         for backend, roi in runs:
             cfg = DataConfig(
-                root=str(root), backend=backend, global_batch_size=args.batch_size, image_size=args.image_size,  # type: ignore[arg-type]
-                views=args.views, workers=args.threads, dali_threads=args.threads, augment=aug, drop_last=True,
+                root=str(root),
+                backend=backend,
+                global_batch_size=args.batch_size,
+                image_size=args.image_size,  # type: ignore[arg-type]
+                views=args.views,
+                workers=args.threads,
+                dali_threads=args.threads,
+                augment=aug,
+                drop_last=True,
             )
             r = measure(cfg, args.warmup, args.batches, roi=roi)
             if (backend, roi) not in best or r["images_per_s"] > best[backend, roi]["images_per_s"]:
@@ -263,27 +273,44 @@ def main(argv: list[str] | None = None) -> int:
     base = best.get(("torchvision", False))
     rows = []
     for (backend, roi), r in best.items():
-        rows.append({
-            "backend": backend, "decode": "roi" if roi else ("once" if backend != "torchvision" else "pil"),
-            "preset": args.preset, "batch_size": args.batch_size, "threads": args.threads, "views": args.views,
-            "image_size": args.image_size, **r,
-            "vs_torchvision": r["images_per_s"] / base["images_per_s"] if base else None,
-        })
+        rows.append(
+            {
+                "backend": backend,
+                "decode": "roi" if roi else ("once" if backend != "torchvision" else "pil"),
+                "preset": args.preset,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+                "views": args.views,
+                "image_size": args.image_size,
+                **r,
+                "vs_torchvision": r["images_per_s"] / base["images_per_s"] if base else None,
+            }
+        )
     table = Table(title=f"data loading: {root}, preset {args.preset}, batch {args.batch_size}, {args.threads} threads")
     for col in ("backend", "decode", "images/s", "views/s", "x torchvision", "CPU %", "peak RSS MiB", "GPU MiB"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            r["backend"], r["decode"], f"{r['images_per_s']:.1f}", f"{r['views_per_s']:.1f}",
-            f"{r['vs_torchvision']:.2f}" if r["vs_torchvision"] else "-", f"{r['cpu_util_pct']:.0f}",
-            f"{r['peak_rss_mib']:.0f}", f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] else "-",
+            r["backend"],
+            r["decode"],
+            f"{r['images_per_s']:.1f}",
+            f"{r['views_per_s']:.1f}",
+            f"{r['vs_torchvision']:.2f}" if r["vs_torchvision"] else "-",
+            f"{r['cpu_util_pct']:.0f}",
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] else "-",
         )
     console.print(table)
     profile = None
     if args.profile:
         cfg = DataConfig(
-            root=str(root), backend="dali-cpu", global_batch_size=args.batch_size, image_size=args.image_size,
-            views=args.views, dali_threads=args.threads, augment=aug,
+            root=str(root),
+            backend="dali-cpu",
+            global_batch_size=args.batch_size,
+            image_size=args.image_size,
+            views=args.views,
+            dali_threads=args.threads,
+            augment=aug,
         )
         profile = profile_dali(Path(root), cfg, args.batches)
         ptable = Table(title="DALI CPU profile (cumulative pipelines)")

@@ -51,8 +51,14 @@ def run_case(impl: str, views: int, dim: int, device: str, repeats: int, classes
     times = times[1:]
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_rss_bytes()
     return {
-        "impl": impl, "views": views, "dim": dim, "device": device, "seconds": statistics.median(times),
-        "peak_bytes": int(peak), "baseline_bytes": int(baseline), "repeats": repeats,
+        "impl": impl,
+        "views": views,
+        "dim": dim,
+        "device": device,
+        "seconds": statistics.median(times),
+        "peak_bytes": int(peak),
+        "baseline_bytes": int(baseline),
+        "repeats": repeats,
     }
 
 
@@ -60,9 +66,11 @@ def _loss_fn(impl: str):
     import torch
 
     if impl == "matmul":
+
         def bare(f, labels):
             z = f.reshape(-1, f.shape[-1])
             return (z @ z.T).sum()
+
         return bare
     if impl == "peer":
         try:
@@ -73,6 +81,7 @@ def _loss_fn(impl: str):
 
         def run_peer(f, labels):
             return peer(torch.nn.functional.normalize(f.reshape(-1, f.shape[-1]), dim=1), labels.repeat_interleave(2))
+
         return run_peer
     from supcon_scale.losses import SupConLoss
 
@@ -88,10 +97,18 @@ def _parse_list(text: str, cast, name: str) -> list:
 
 def _run_subprocess(impl: str, views: int, dim: int, device: str, repeats: int, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "supcon_scale.bench.loss", "--case", f"{impl},{views},{dim},{device},{repeats}"]
-    row = {"impl": impl, "views": views, "dim": dim, "device": device, "seconds": None, "peak_bytes": None,
-           "baseline_bytes": None, "repeats": repeats}
+    row = {
+        "impl": impl,
+        "views": views,
+        "dim": dim,
+        "device": device,
+        "seconds": None,
+        "peak_bytes": None,
+        "baseline_bytes": None,
+        "repeats": repeats,
+    }
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**row, "error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -163,8 +180,14 @@ def _print_table(rows: list[dict], machine: str) -> None:
             continue
         ref = bare.get((r["views"], r["dim"]))
         above = (r["peak_bytes"] - r["baseline_bytes"]) / 2**20
-        table.add_row(r["impl"], str(r["views"]), str(r["dim"]), f"{r['seconds']:.3f}",
-                      f"{r['seconds'] / ref:.2f}" if ref else "-", f"{above:,.1f} MiB")
+        table.add_row(
+            r["impl"],
+            str(r["views"]),
+            str(r["dim"]),
+            f"{r['seconds']:.3f}",
+            f"{r['seconds'] / ref:.2f}" if ref else "-",
+            f"{above:,.1f} MiB",
+        )
     Console().print(table)
 
 

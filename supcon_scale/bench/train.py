@@ -1,8 +1,11 @@
 """Training-step benchmark: a SupCon step vs a cross-entropy step of the same encoder, one process.
 
-The cross-entropy step is the baseline measured in the same run: SupCon's target is >= 95% of its per-view rate.
-Both run on synthetic tensors; `--data DIR` adds the SupCon step fed by a real loader (`--backend`), so the input
-pipeline's share of the step shows. `--max-batch` searches the largest per-GPU batch whose SupCon step fits.
+Both time the trainer's own `train_step` with the objective `loss.name` builds, so what is measured is what a run
+executes (the views' concatenation, the batch-norm copy a skipped step restores, the objective's loss). The
+cross-entropy step (one view, linear classifier) is the baseline measured in the same run: SupCon's target is >= 95%
+of its per-view rate. Both run on synthetic tensors; `--data DIR` adds the SupCon step fed by a real loader
+(`--backend`), so the input pipeline's share of the step shows. `--max-batch` searches the largest per-GPU batch
+whose SupCon step fits.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from timm.optim import Lars
 
-from supcon_scale import config, data, engines, losses, models, optim
+from supcon_scale import config, data, engines, models, objectives, optim, trainer
 from supcon_scale.distributed import Context, temporary_single_process_group
 from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
+SYNTHETIC_CLASSES = 1000  # ImageNet's: the width of the cross-entropy baseline's classifier on synthetic batches
 
 
 def _peak_bytes(device: torch.device) -> int:
@@ -34,47 +39,53 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process-wide peak RSS (Linux: KiB)
 
 
-def synthetic_batches(cfg: config.RunConfig, ctx: Context, batch: int, views: int) -> Batches:
-    """One fixed batch of random images in the model's memory format, forever (no input pipeline)."""
+def for_loss(cfg: config.RunConfig, loss_name: str) -> config.RunConfig:
+    """`cfg` with `loss.name=loss_name`; the cross-entropy baseline trains one view per image (`data.views=1`)."""
+    views = 1 if loss_name == "cross_entropy" else cfg.data.views
+    return dataclasses.replace(
+        cfg, loss=dataclasses.replace(cfg.loss, name=loss_name), data=dataclasses.replace(cfg.data, views=views)
+    )
+
+
+def synthetic_batches(cfg: config.RunConfig, ctx: Context, batch: int) -> Batches:
+    """One fixed batch of `data.views` random views in the model's memory format, forever (no input pipeline)."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     size = cfg.data.image_size
-    x = torch.randn(views * batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
-    return itertools.repeat((x, torch.randint(0, 1000, (batch,), device=ctx.device)))
+    views = [
+        torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
+        for _ in range(cfg.data.views)
+    ]
+    return itertools.repeat((views, torch.randint(0, SYNTHETIC_CLASSES, (batch,), device=ctx.device)))
 
 
-def loader_batches(cfg: config.RunConfig, ctx: Context) -> Batches:
-    """The training loader of `cfg.data` (views concatenated view-major, as the trainer feeds them), epoch after epoch."""
-    loader = data.build_train_loader(cfg.data, ctx, cfg.seed, None)
+def loader_batches(loader: data.TrainLoader) -> Batches:
+    """The training loader's `(views, labels)` batches, epoch after epoch, as the trainer receives them."""
     for epoch in itertools.count():
         loader.set_epoch(epoch)
-        for views, labels in loader:
-            yield torch.cat(views), labels
+        yield from loader
 
 
 def measure(
     cfg: config.RunConfig, ctx: Context, batch: int, steps: int, warmup: int, loss_name: str, source: str = "synthetic"
 ) -> dict[str, Any]:
-    """Images/s and views/s of full training steps (forward, loss, backward, optimizer); `source`: synthetic|loader."""
-    views = cfg.data.views if loss_name != "cross_entropy" else 1
+    """Images/s and views/s of `trainer.train_step` with `loss_name`'s objective; `source`: synthetic|loader."""
+    cfg = for_loss(cfg, loss_name)
+    if source == "synthetic":
+        batches, num_classes = synthetic_batches(cfg, ctx, batch), SYNTHETIC_CLASSES
+    else:
+        loader = data.build_train_loader(cfg.data, ctx, cfg.seed, None)
+        batches, num_classes = loader_batches(loader), loader.num_classes
+    objective = objectives.build(cfg, num_classes, ctx)
     torch.manual_seed(0)
-    model = models.build(cfg.model, num_classes=1000 if loss_name == "cross_entropy" else None)
+    model = models.build(cfg.model, objective.classifier_classes)
     engine = engines.build(cfg, ctx, model, total_steps=steps + warmup, warmup_steps=0)
     engine.train()
-    criterion = torch.nn.CrossEntropyLoss() if loss_name == "cross_entropy" else losses.build(cfg.loss)
-    batches = synthetic_batches(cfg, ctx, batch, views) if source == "synthetic" else loader_batches(cfg, ctx)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
 
     def one_step() -> None:
-        x, y = next(batches)
-        with engine.autocast():
-            out = engine(x)
-        if loss_name == "cross_entropy":
-            loss = criterion(out.float(), y)
-        else:
-            loss = criterion(out.float().reshape(views, y.shape[0], -1).transpose(0, 1), y)
-        engine.backward(loss)
-        engine.step()
+        views, labels = next(batches)
+        trainer.train_step(engine, objective, views, labels)
 
     for _ in range(warmup):
         one_step()
@@ -86,9 +97,15 @@ def measure(
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - start
+    views = cfg.data.views
     return {
-        "loss": loss_name, "source": source, "batch_per_gpu": batch, "views": views, "step_s": seconds / steps,
-        "images_per_s": batch * steps / seconds, "views_per_s": views * batch * steps / seconds,
+        "loss": loss_name,
+        "source": source,
+        "batch_per_gpu": batch,
+        "views": views,
+        "step_s": seconds / steps,
+        "images_per_s": batch * steps / seconds,
+        "views_per_s": views * batch * steps / seconds,
         "peak_memory_bytes": _peak_bytes(ctx.device),
     }
 
@@ -98,7 +115,7 @@ def lars_step_seconds(cfg: config.RunConfig, ctx: Context, steps: int) -> dict[s
     values flattened into one ZeRO partition per group (in a 1-rank group: the all-reduce included, no peer)."""
     model = models.build(cfg.model).to(ctx.device)
     groups = optim.param_groups(model.named_parameters(), cfg.optim)
-    kwargs = dict(lr=1.0, momentum=cfg.optim.momentum, trust_coeff=cfg.optim.trust_coeff, foreach=True)
+    kwargs = {"lr": 1.0, "momentum": cfg.optim.momentum, "trust_coeff": cfg.optim.trust_coeff, "foreach": True}
     for group in groups:
         for p in group["params"]:
             p.grad = torch.randn_like(p)
@@ -181,10 +198,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="dali", choices=["dali", "dali-cpu", "dali-gpu", "torchvision"])
     p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers for --data")
     p.add_argument("--preset", default="simclr", help="AugmentSpec preset of the loader (--data)")
-    p.add_argument("--lars", action="store_true",
-                   help="also time one LARS step: timm's Lars on the tensors vs ZeroLars on ZeRO-style flat partitions")
-    p.add_argument("--max-batch", type=int, metavar="LIMIT",
-                   help="also search the largest per-GPU batch (<= LIMIT) whose SupCon step fits in device memory")
+    p.add_argument(
+        "--lars",
+        action="store_true",
+        help="also time one LARS step: timm's Lars on the tensors vs ZeroLars on ZeRO-style flat partitions",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="LIMIT",
+        help="also search the largest per-GPU batch (<= LIMIT) whose SupCon step fits in device memory",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     return p
 
@@ -200,36 +224,60 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     ctx = Context(device=device)
     overrides = [
-        f"model.encoder={args.model}", f"precision={args.precision}", f"data.image_size={args.image_size}",
-        f"data.global_batch_size={args.batch_per_gpu}", f"model.channels_last={not args.no_channels_last}",
-        f"model.activation_checkpointing={args.activation_checkpointing}", "loss.name=supcon",
-        f"engine.name={args.engine}", f"engine.zero_stage={args.zero_stage}",
+        f"model.encoder={args.model}",
+        f"precision={args.precision}",
+        f"data.image_size={args.image_size}",
+        f"data.global_batch_size={args.batch_per_gpu}",
+        f"model.channels_last={not args.no_channels_last}",
+        f"model.activation_checkpointing={args.activation_checkpointing}",
+        "loss.name=supcon",
+        f"engine.name={args.engine}",
+        f"engine.zero_stage={args.zero_stage}",
     ]
     if args.data is not None:
-        overrides += [f"data.root={args.data}", f"data.backend={args.backend}", f"data.workers={args.workers}",
-                      f"data.dali_threads={args.workers}", f"data.augment.preset={args.preset}"]
+        overrides += [
+            f"data.root={args.data}",
+            f"data.backend={args.backend}",
+            f"data.workers={args.workers}",
+            f"data.dali_threads={args.workers}",
+            f"data.augment.preset={args.preset}",
+        ]
     try:
         cfg = config.load(None, overrides)
         # cross-entropy first: on the CPU the peak RSS is process-wide, so SupCon's figure includes CE's
         runs = [("cross_entropy", "synthetic"), ("supcon", "synthetic")]
         if args.data is not None:
             runs.append(("supcon", "loader"))
-        results = [measure(cfg, ctx, args.batch_per_gpu, args.steps, args.warmup, name, source)
-                   for name, source in runs]
+        results = [
+            measure(cfg, ctx, args.batch_per_gpu, args.steps, args.warmup, name, source) for name, source in runs
+        ]
     except (ValueError, ImportError) as exc:
         print(f"bench_train: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     ratio = results[1]["views_per_s"] / results[0]["views_per_s"]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
     report: dict[str, Any] = {
-        "device": device_name, "model": args.model, "precision": args.precision, "image_size": args.image_size,
-        "engine": args.engine, "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
-        "activation_checkpointing": args.activation_checkpointing, "results": results,
-        "supcon_vs_ce_views_ratio": ratio, "torch": torch.__version__,
+        "device": device_name,
+        "model": args.model,
+        "precision": args.precision,
+        "image_size": args.image_size,
+        "engine": args.engine,
+        "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
+        "activation_checkpointing": args.activation_checkpointing,
+        "results": results,
+        "supcon_vs_ce_views_ratio": ratio,
+        "torch": torch.__version__,
     }
     if args.data is not None:
-        report["loader"] = {"backend": args.backend, "data": str(args.data), "workers": args.workers,
-                            "preset": args.preset, "vs_synthetic": results[2]["views_per_s"] / results[1]["views_per_s"]}
+        report["loader"] = {
+            "backend": args.backend,
+            "data": str(args.data),
+            "workers": args.workers,
+            "preset": args.preset,
+            "vs_synthetic": results[2]["views_per_s"] / results[1]["views_per_s"],
+        }
     if args.lars:
         with temporary_single_process_group(ctx.device):  # ZeroLars all-reduces its norms, here over one rank
             report["lars"] = lars_step_seconds(cfg, ctx, args.steps)
@@ -245,20 +293,33 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"train step: {report['model']} {report['precision']} {report['image_size']}px, {report['engine']}"
-                        f" on {report['device']}")
+    table = Table(
+        title=f"train step: {report['model']} {report['precision']} {report['image_size']}px, {report['engine']}"
+        f" on {report['device']}"
+    )
     for col in ("loss", "data", "batch", "views/s", "images/s", "step ms", "peak MiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(r["loss"], r["source"], str(r["batch_per_gpu"]), f"{r['views_per_s']:.1f}", f"{r['images_per_s']:.1f}",
-                      f"{1000 * r['step_s']:.1f}", f"{r['peak_memory_bytes'] / 2**20:.0f}")
+        table.add_row(
+            r["loss"],
+            r["source"],
+            str(r["batch_per_gpu"]),
+            f"{r['views_per_s']:.1f}",
+            f"{r['images_per_s']:.1f}",
+            f"{1000 * r['step_s']:.1f}",
+            f"{r['peak_memory_bytes'] / 2**20:.0f}",
+        )
     Console().print(table)
     Console().print(f"SupCon / cross-entropy per-view rate: {report['supcon_vs_ce_views_ratio']:.3f}")
     if "loader" in report:
-        Console().print(f"SupCon with the {report['loader']['backend']} loader / synthetic: {report['loader']['vs_synthetic']:.3f}")
+        Console().print(
+            f"SupCon with the {report['loader']['backend']} loader / synthetic: {report['loader']['vs_synthetic']:.3f}"
+        )
     if "lars" in report:
         r = report["lars"]
-        Console().print(f"LARS step: timm {1000 * r['lars_step_s']:.2f} ms, ZeroLars on flat partitions "
-                        f"{1000 * r['zero_lars_step_s']:.2f} ms ({r['zero_lars_vs_lars']:.2f}x)")
+        Console().print(
+            f"LARS step: timm {1000 * r['lars_step_s']:.2f} ms, ZeroLars on flat partitions "
+            f"{1000 * r['zero_lars_step_s']:.2f} ms ({r['zero_lars_vs_lars']:.2f}x)"
+        )
     if "max_batch_per_gpu" in report:
         Console().print(f"largest SupCon batch per GPU that fits: {report['max_batch_per_gpu']}")
