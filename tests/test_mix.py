@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 from supcon_scale.config import MixConfig
-from supcon_scale.data.mix import ViewMixer
+from supcon_scale.objectives.mix import ViewMixer
 
 
 def _batch(b: int = 8, size: int = 16):
@@ -59,7 +59,7 @@ def test_cutmix_weight_equals_pasted_area():
     one_hot = torch.nn.functional.one_hot(y, 8).float()
     checked = 0
     for _ in range(50):
-        mixed, vec, lam, kind = mixer.mix_view(x, one_hot)
+        mixed, vec, _lam, kind = mixer.mix_view(x, one_hot)
         assert kind == "cutmix"
         for i in range(8):
             pasted = (mixed[i, 0] != i).float().mean().item()

@@ -1,5 +1,6 @@
-"""GenSCL objective: per-view label vectors against a float64 brute force, the frozen teacher, a short real run."""
+"""Objectives: GenSCL label vectors against a float64 brute force, the teacher, heads, resume state, a short run."""
 
+import io
 import json
 import math
 from pathlib import Path
@@ -7,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from supcon_scale import checkpoint, config, distributed, objectives, teacher, trainer
+from supcon_scale import checkpoint, config, distributed, objectives, trainer
 from supcon_scale.losses import SupConLoss
+from supcon_scale.objectives import teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def genscl_brute_force(features: torch.Tensor, vectors: torch.Tensor, tau: float) -> torch.Tensor:
-    """Seed 001 / FACTS.md section 1 in float64: w_ia = cos(y_i, y_a) (diagonal zeroed),
+    """GenSCL (arXiv 2206.00384) in float64: w_ia = cos(y_i, y_a) (diagonal zeroed),
     L_i = -sum_a w_ia log softmax_a(s_ia) / sum_a w_ia, averaged over anchors with positive weight."""
     b, v, d = features.shape
     z = torch.nn.functional.normalize(features.double().reshape(b * v, d), dim=1)
@@ -54,8 +56,15 @@ def digits(small_digits: Path) -> Path:
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
     return config.load(
         REPO / "configs/demo/digits.yaml",
-        [f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64", "data.image_size=16",
-         "train.max_steps=2", "train.progress=false", *extra],
+        [
+            f"data.root={digits}",
+            f"out_dir={out}",
+            "data.global_batch_size=64",
+            "data.image_size=16",
+            "train.max_steps=2",
+            "train.progress=false",
+            *extra,
+        ],
     )
 
 
@@ -87,8 +96,16 @@ def test_teacher_must_be_a_classifier(tmp_path: Path, digits: Path):
 
 
 def test_genscl_run_with_mixing_and_teacher(digits: Path, ce_run: Path, tmp_path: Path):
-    cfg = _cfg(digits, tmp_path, "loss.name=genscl", "mix.mixup_alpha=0.8", "mix.cutmix_alpha=1.0",
-               f"kd.teacher={ce_run}", "kd.alpha=1.0", "kd.temperature=2.0")
+    cfg = _cfg(
+        digits,
+        tmp_path,
+        "loss.name=genscl",
+        "mix.mixup_alpha=0.8",
+        "mix.cutmix_alpha=1.0",
+        f"kd.teacher={ce_run}",
+        "kd.alpha=1.0",
+        "kd.temperature=2.0",
+    )
     result = trainer.fit(cfg, distributed.init(seed=0))
     assert result.step == 2 and math.isfinite(result.loss)
     meta = json.loads((checkpoint.latest(tmp_path) / "meta.json").read_text())
@@ -111,3 +128,60 @@ def test_mix_options_warn_without_genscl():
     cfg = config.load(None, ["mix.mixup_alpha=1.0"])
     with pytest.warns(UserWarning, match="only act with loss.name=genscl"):
         objectives.build(cfg, num_classes=10, ctx=distributed.Context())
+
+
+def test_per_sample_puts_each_view_in_its_column():
+    views = [torch.randn(5, 3, dtype=torch.bfloat16) for _ in range(3)]
+    out = objectives.per_sample(torch.cat(views), len(views))
+    assert out.shape == (5, 3, 3) and out.dtype == torch.float32
+    for b in range(5):
+        for v in range(3):
+            assert torch.equal(out[b, v], views[v][b].float())
+
+
+@pytest.mark.parametrize("name, head", [("supcon", None), ("simclr", None), ("genscl", None), ("cross_entropy", 7)])
+def test_objective_decides_the_head(name: str, head: int | None):
+    cfg = config.load(None, [f"loss.name={name}"])
+    assert objectives.build(cfg, num_classes=7, ctx=distributed.Context()).classifier_classes == head
+
+
+@pytest.mark.parametrize("name", ["supcon", "genscl", "cross_entropy"])
+def test_single_class_needs_simclr(name: str):
+    cfg = config.load(None, [f"loss.name={name}", "data.root=/data/single"])
+    with pytest.raises(
+        ValueError, match=rf"^data.root: /data/single has a single class; loss.name={name} needs at least 2"
+    ):
+        objectives.build(cfg, num_classes=1, ctx=distributed.Context())
+    simclr = config.load(None, ["loss.name=simclr", "data.root=/data/single"])
+    assert objectives.build(simclr, num_classes=1, ctx=distributed.Context()).classifier_classes is None
+
+
+def test_mixing_state_survives_a_restore():
+    """A resumed GenSCL run draws the same Mixup/CutMix as an uninterrupted one: restore, then compare exactly."""
+    cfg = config.load(None, ["loss.name=genscl", "mix.mixup_alpha=0.8", "mix.cutmix_alpha=1.0", "mix.prob=0.9"])
+    torch.manual_seed(0)
+    batches = [([torch.randn(6, 3, 12, 12) for _ in range(2)], torch.randint(0, 4, (6,))) for _ in range(4)]
+    running = objectives.build(cfg, num_classes=4, ctx=distributed.Context())
+    for views, labels in batches[:2]:
+        running.prepare(views, labels)
+    saved = io.BytesIO()
+    torch.save(running.rank_state(), saved)
+    saved.seek(0)
+    restored = objectives.build(cfg, num_classes=4, ctx=distributed.Context())
+    fresh = objectives.build(cfg, num_classes=4, ctx=distributed.Context())
+    restored.load_rank_state(torch.load(saved, weights_only=True))
+    differs = False
+    for views, labels in batches[2:]:
+        (a, (va, _)), (b, (vb, _)) = running.prepare(views, labels), restored.prepare(views, labels)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(va, vb)
+        assert max((x - y).abs().max().item() for x, y in zip(a, b)) == 0.0
+        (_c, (vc, _)) = fresh.prepare(views, labels)
+        differs |= not torch.equal(vc, va)
+    assert differs  # without the restore the draws differ: the state is what makes them equal
+
+
+def test_unmixed_objectives_have_no_rank_state():
+    for name in ("supcon", "simclr", "cross_entropy"):
+        obj = objectives.build(config.load(None, [f"loss.name={name}"]), num_classes=4, ctx=distributed.Context())
+        assert obj.rank_state() == {}
+        obj.load_rank_state({})

@@ -1,4 +1,4 @@
-"""Mixup and CutMix on device, after the loader, independently per view (GenSCL, seed 001), as label vectors.
+"""Mixup and CutMix on device, after the loader, independently per view (GenSCL, arXiv 2206.00384), as label vectors.
 
 Written here rather than taken from `timm.data.Mixup`: timm pairs every sample with its mirror in the batch
 (`x.flip(0)`) and draws lambda from numpy's global RNG, so two views would share their partners; GenSCL mixes
@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from supcon_scale.config import MixConfig
 
 
+def mixing(cfg: MixConfig) -> bool:
+    """Whether `mix.*` mixes anything: a positive probability and at least one positive alpha."""
+    return cfg.prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+
+
 class ViewMixer:
     """`(views, labels[B]) -> (mixed views, label vectors [B, V, C])`; each row of the label vectors sums to 1."""
 
@@ -23,7 +28,14 @@ class ViewMixer:
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.prob > 0 and (self.cfg.mixup_alpha > 0 or self.cfg.cutmix_alpha > 0)
+        return mixing(self.cfg)
+
+    def get_state(self) -> torch.Tensor:
+        """The generator's state: what a resumed run needs to draw the same lambdas, boxes and partners."""
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     def _rand(self) -> float:
         return float(torch.rand((), generator=self.generator))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
+from torch import nn
 
 from supcon_scale import checkpoint, config, models
+from supcon_scale.objectives import cross_entropy
 
 
 class Teacher(nn.Module):
@@ -21,7 +22,7 @@ class Teacher(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         return self
 
     @torch.no_grad()
@@ -57,8 +58,10 @@ def _from_run(path: Path) -> nn.Module:
     if ckpt is None:
         raise ValueError(f"kd.teacher: no complete checkpoint in {path}")
     meta = json.loads((ckpt / checkpoint.META).read_text())
-    if meta["config"]["loss"]["name"] != "cross_entropy":
-        raise ValueError(f"kd.teacher: {ckpt} is a {meta['config']['loss']['name']} run; a teacher must be a classifier")
+    if meta["config"]["loss"]["name"] != cross_entropy.NAME:
+        raise ValueError(
+            f"kd.teacher: {ckpt} is a {meta['config']['loss']['name']} run; a teacher must be a classifier"
+        )
     state = load_file(str(ckpt / "model.safetensors"))
     run_cfg = config.from_dict(meta["config"])
     model = models.build(run_cfg.model, num_classes=state["head.weight"].shape[0])

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
+
+from supcon_scale.config import RunConfig
+from supcon_scale.distributed import Context
+from supcon_scale.objectives.base import Objective
+
+NAME = "cross_entropy"  # `loss.name` of a classifier run: GenSCL's teacher must be one
 
 
 class CrossEntropyLoss(nn.Module):
@@ -20,4 +26,12 @@ class CrossEntropyLoss(nn.Module):
         return F.cross_entropy(logits.float().reshape(b * v, c), targets, label_smoothing=self.label_smoothing)
 
     def convention(self) -> dict:
-        return {"name": "cross_entropy", "label_smoothing": self.label_smoothing}
+        return {"name": NAME, "label_smoothing": self.label_smoothing}
+
+
+class CrossEntropyObjective(Objective):
+    """A linear classifier head of `num_classes` outputs in place of the projection head."""
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> CrossEntropyObjective:
+        return cls(CrossEntropyLoss(), classifier_classes=num_classes)

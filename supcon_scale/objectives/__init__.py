@@ -1,0 +1,53 @@
+"""What a training step optimises: the batch it prepares (mixing, teacher labels), the loss, and the head it needs.
+
+SupCon and SimCLR use the loader's batch as it is on the projection head; cross-entropy trains the classifier
+baseline on a linear head; GenSCL (arXiv 2206.00384) mixes each view on device and adds a frozen teacher's predictions as a
+second set of label vectors. Only `build` looks at `loss.name`; the trainer asks the objective for the rest.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from supcon_scale.config import RunConfig
+from supcon_scale.distributed import Context
+from supcon_scale.objectives.base import Objective, per_sample
+from supcon_scale.objectives.cross_entropy import CrossEntropyLoss, CrossEntropyObjective
+from supcon_scale.objectives.genscl import GenSCLObjective
+from supcon_scale.objectives.mix import mixing
+from supcon_scale.objectives.supcon import ContrastiveObjective, SimCLRObjective
+
+__all__ = [
+    "ContrastiveObjective",
+    "CrossEntropyLoss",
+    "CrossEntropyObjective",
+    "GenSCLObjective",
+    "Objective",
+    "SimCLRObjective",
+    "build",
+    "per_sample",
+]
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "supcon": ContrastiveObjective,
+    "simclr": SimCLRObjective,
+    "genscl": GenSCLObjective,
+    "cross_entropy": CrossEntropyObjective,
+}
+
+
+def build(cfg: RunConfig, num_classes: int, ctx: Context) -> Objective:
+    """The objective `loss.name` asks for, on a dataset of `num_classes` classes, on this rank."""
+    if cfg.loss.name not in OBJECTIVES:
+        raise ValueError(f"loss.name={cfg.loss.name!r}: choose one of {', '.join(OBJECTIVES)}")
+    kind = OBJECTIVES[cfg.loss.name]
+    if kind.needs_labels and num_classes < 2:
+        # One class: every other sample is a positive and none is a negative, so SupCon only pulls embeddings
+        # together (collapse) and cross-entropy has nothing to learn. SimCLR ignores labels and is fine.
+        raise ValueError(
+            f"data.root: {cfg.data.root} has a single class; loss.name={cfg.loss.name} needs at least 2 "
+            "(use loss.name=simclr for unlabelled data)"
+        )
+    if not kind.uses_mix_and_kd and (mixing(cfg.mix) or cfg.kd.teacher is not None):
+        warnings.warn(f"mix.* and kd.* only act with loss.name=genscl; loss.name={cfg.loss.name} ignores them")
+    return kind.from_config(cfg, num_classes, ctx)

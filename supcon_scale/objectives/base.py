@@ -1,0 +1,54 @@
+"""The `Objective` interface every training step goes through, and the view layout its features arrive in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from supcon_scale.config import RunConfig
+from supcon_scale.distributed import Context
+
+
+def per_sample(out: torch.Tensor, views: int) -> torch.Tensor:
+    """The model output for `torch.cat(views)` (`[V*B, D]`, view-major) as `[B, V, D]` in float32 for the loss."""
+    assert out.shape[0] % views == 0, f"{out.shape[0]} rows do not split into {views} views"
+    return out.float().reshape(views, out.shape[0] // views, -1).transpose(0, 1)
+
+
+class Objective(nn.Module):
+    """`prepare(views, labels) -> (views, targets)` before the forward pass, then `objective(features, targets)`.
+
+    `classifier_classes` is the number of outputs the model's head must have, or None for the projection head.
+    """
+
+    needs_labels = True  # build() refuses a single-class dataset: no negatives, nothing to contrast or classify
+    uses_mix_and_kd = False  # build() warns when mix.* / kd.* are set for an objective that ignores them
+
+    def __init__(self, loss: nn.Module, classifier_classes: int | None = None):
+        super().__init__()
+        self.loss = loss
+        self.classifier_classes = classifier_classes
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> Objective:
+        """The objective for `cfg` on a dataset of `num_classes` classes, on this rank."""
+        raise NotImplementedError
+
+    def prepare(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        return views, labels
+
+    def forward(self, features: torch.Tensor, targets: Any) -> torch.Tensor:
+        return self.loss(features, targets)
+
+    def convention(self) -> dict:
+        """What the loss computes (name, temperature, scale ...), written into every checkpoint's meta."""
+        return self.loss.convention()
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's random state that a resume must restore (tensors and primitives only: weights_only loads)."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore what `rank_state` returned."""
