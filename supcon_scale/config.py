@@ -1,7 +1,10 @@
 """Typed run configuration: YAML files with `base:` inheritance plus dotted `key=value` overrides.
 
-Every section is a keyword-only dataclass. Loading rejects unknown keys (suggesting the nearest valid name),
-wrong types and impossible values with a `ConfigError` (a ValueError) that names the dotted path.
+Every key is declared once, beside its default, a one-line description and its valid range (`key(...)`), and
+`schema()` lists them all (for `supcon-scale config show` and the tests). Loading rejects unknown keys (suggesting
+the nearest valid name), wrong types, non-finite and out-of-range numbers with a `ConfigError` (a ValueError) whose
+one-line message names the dotted key. Rules that tie keys of different sections together, or a key to the run's
+world size and device, live in `check_run`, which the trainer calls once before it writes anything.
 """
 
 from __future__ import annotations
@@ -9,203 +12,319 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import reprlib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, NamedTuple
 
 import yaml
+
+# The ImageNet channel statistics (RGB, 0..1 scale) every training and evaluation view is normalised with.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# A ResNet's last stage sees a 1x1 input at <= 16 px (it downsamples by 16 before layer4), where torch's CPU bf16
+# convolution returns uninitialised weight gradients (docs/ENGINES.md "Known issue").
+CPU_BF16_MIN_IMAGE_SIZE = 17
+
+MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
+MAX_BASE_DEPTH = 32  # files in one `base:` chain
+MAX_YAML_NODES = 10_000  # nodes of one YAML document after expanding its aliases (recipes have about 60)
+INT64_MAX = 2**63 - 1
 
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the dotted key."""
 
 
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 6
+_repr.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """A bounded one-line repr: a message never formats a huge (or alias-expanded) value in full."""
+    try:
+        return _repr.repr(value)
+    except ValueError:  # an int beyond str()'s digit limit
+        return f"<{type(value).__name__} too large to print>"
+
+
+def _name(value: Any) -> str:
+    """A key or path as written when it is short and printable, else its bounded repr (messages stay one line)."""
+    text = str(value) if isinstance(value, (str, Path)) else _short(value)
+    return text if text.isprintable() and len(text) <= 200 else _short(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Declaring keys
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else str(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number: optional bounds, and whether +inf is meaningful (otherwise it must be finite)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    inf: bool = False
+
+    def __str__(self) -> str:
+        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else ""
+        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else ""
+        if lo and hi:
+            text = f"in {lo}, {hi}"
+        elif lo:
+            text = (">= " if lo[0] == "[" else "> ") + lo[1:]
+        elif hi:
+            text = ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+        else:
+            text = "finite"
+        return f"{text}, or inf" if self.inf else text
+
+    def problem(self, x: float) -> str | None:
+        """Why `x` is not valid, or None."""
+        if math.isnan(x) or (math.isinf(x) and not (self.inf and x > 0)):
+            if self.inf:
+                return f"must be {self}"
+            return f"must be a finite number ({self})" if str(self) != "finite" else "must be finite"
+        ok = (
+            (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
+        return None if ok else f"must be {self}"
+
+
+PROBABILITY = Range(ge=0, le=1)
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
+COUNT = Range(ge=1)
+
+
+def key(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    inf: bool = False,
+    items: tuple[Range, ...] | None = None,
+    nonempty: bool = False,
+) -> Any:
+    """A config key: its default, one-line `help`, and its range (bounds apply to every item of a tuple key).
+
+    `items` gives one Range per item of a tuple key instead; `nonempty` refuses "" for a string key.
+    """
+    bounds: Range | tuple[Range, ...] | None = items
+    if bounds is None and any(b is not None for b in (ge, gt, le, lt)):
+        bounds = Range(ge=ge, gt=gt, le=le, lt=lt, inf=inf)
+    return field(default=default, metadata={"help": help, "range": bounds, "nonempty": nonempty})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema
+
+
 @dataclass(kw_only=True)
 class AugmentConfig:
-    """One view's augmentation; `preset` fills the defaults, every field may be overridden (FACTS.md section 3)."""
+    """One training view's augmentation (the google-research/supcon scripts' recipes; SimCLR's colour distortion).
 
-    preset: Literal["simclr", "randaugment", "jitter_randaugment", "stacked_randaugment", "autoaugment", "none"] = "simclr"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    `preset` picks which operations run, the other keys give their values.
+    """
 
-    def validate(self, path: str) -> None:
+    preset: Literal["simclr", "randaugment", "jitter_randaugment", "stacked_randaugment", "autoaugment", "none"] = key(
+        "simclr", "operations after crop and flip, in order (supcon_scale/data/spec.py PRESET_STAGES)"
+    )
+    crop_scale: tuple[float, float] = key(
+        (0.08, 1.0), "random-resized-crop area as a fraction of the image, [min, max]", gt=0, le=1
+    )
+    flip_p: float = key(0.5, "probability of a horizontal flip", ge=0, le=1)
+    jitter: tuple[float, float, float, float] = key(
+        (0.4, 0.4, 0.4, 0.1),
+        "colour-jitter strengths: brightness, contrast, saturation, hue",
+        items=(NON_NEGATIVE, NON_NEGATIVE, NON_NEGATIVE, Range(ge=0, le=0.5)),
+    )
+    jitter_p: float = key(0.8, "probability of colour jitter", ge=0, le=1)
+    grayscale_p: float = key(0.2, "probability of converting the view to grey", ge=0, le=1)
+    blur_p: float = key(0.5, "probability of a Gaussian blur", ge=0, le=1)
+    randaugment_n: int = key(2, "RandAugment operations per view", ge=1)
+    randaugment_m: int = key(9, "RandAugment magnitude, a bin of 0..30", ge=0, le=30)
+    mean: tuple[float, float, float] = key(IMAGENET_MEAN, "per-channel normalisation mean (RGB, 0..1)", ge=0, le=1)
+    std: tuple[float, float, float] = key(IMAGENET_STD, "per-channel normalisation std (RGB, 0..1)", gt=0)
+
+    def _check(self, path: str) -> None:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"{path}.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
-            p = getattr(self, name)
-            if not 0 <= p <= 1:
-                raise ConfigError(f"{path}.{name} must be a probability in [0, 1], got {p}")
-        if not 0 <= self.randaugment_m <= 30:
-            raise ConfigError(f"{path}.randaugment_m must be a magnitude bin in [0, 30], got {self.randaugment_m}")
+            raise ConfigError(f"{path}.crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    root: str = "data/digits"
-    backend: Literal["torchvision", "dali", "dali-cpu", "dali-gpu", "synthetic"] = "torchvision"
-    global_batch_size: int = 256
-    views: int = 2
-    image_size: int = 224
-    num_classes: int | None = None  # read from the folder when None
-    workers: int = 4
-    dali_threads: int = 4
-    hw_decoder_load: float = 0.75
-    drop_last: bool = True
-    on_bad_file: Literal["skip", "fail"] = "skip"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """The training images and their input pipeline."""
 
-    def validate(self, path: str) -> None:
-        if self.global_batch_size < 1:
-            raise ConfigError(f"{path}.global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.views < 1:
-            raise ConfigError(f"{path}.views must be >= 1, got {self.views}")
-        if self.image_size < 8:
-            raise ConfigError(f"{path}.image_size must be >= 8, got {self.image_size}")
-        if not 0 <= self.hw_decoder_load <= 1:
-            raise ConfigError(f"{path}.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        self.augment.validate(f"{path}.augment")
+    root: str = key("data/digits", "image folder: train/<class>/* (and val/<class>/* for kNN)", nonempty=True)
+    backend: Literal["torchvision", "dali", "dali-cpu", "dali-gpu", "synthetic"] = key(
+        "torchvision", "input pipeline: torchvision (Pillow), dali (on the GPU when there is one), dali-cpu, ..."
+    )
+    global_batch_size: int = key(256, "images per optimizer step over all ranks (each gives `views` views)", ge=1)
+    views: int = key(2, "augmented views of each image", ge=1)
+    image_size: int = key(224, "side of the square training crop, in pixels", ge=8)
+    num_classes: int | None = key(None, "number of classes; read from the folder when null", ge=1)
+    workers: int = key(4, "torchvision DataLoader workers per rank (0: load in the training process)", ge=0)
+    dali_threads: int = key(4, "DALI CPU threads per rank", ge=1)
+    hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
+    drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
+    on_bad_file: Literal["skip", "fail"] = key("skip", "an image that cannot be decoded: skip it (listed) or fail")
+    augment: AugmentConfig = field(
+        default_factory=AugmentConfig, metadata={"help": "augmentation of each training view"}
+    )
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    encoder: str = "resnet50"
-    head: Literal["mlp", "linear"] = "mlp"
-    head_hidden_dim: int | None = None  # encoder width when None (2048 for ResNet-50)
-    feat_dim: int = 128
-    sync_bn: bool = False
-    channels_last: bool = True
-    activation_checkpointing: bool = False
-    cifar_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32 px images
+    """The encoder and its projection head."""
 
-    def validate(self, path: str) -> None:
-        if self.feat_dim < 1:
-            raise ConfigError(f"{path}.feat_dim must be >= 1, got {self.feat_dim}")
+    encoder: str = key("resnet50", "timm name of the encoder (resnet50, resnet101, resnet200, ...)", nonempty=True)
+    head: Literal["mlp", "linear"] = key("mlp", "projection head: mlp (one hidden layer) or linear")
+    head_hidden_dim: int | None = key(None, "hidden width of the mlp head; the encoder's width when null", ge=1)
+    feat_dim: int = key(128, "dimension of the normalised embedding the loss sees", ge=1)
+    sync_bn: bool = key(False, "batch-norm statistics over the global batch (every rank)")
+    channels_last: bool = key(True, "channels-last memory format")
+    activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
+    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images")
 
 
 @dataclass(kw_only=True)
 class LossConfig:
-    name: Literal["supcon", "simclr", "genscl", "cross_entropy"] = "supcon"
-    temperature: float = 0.1
-    variant: Literal["out", "in"] = "out"
-    contrast: Literal["all", "one"] = "all"
-    scale: Literal["none", "temperature", "base_temperature"] = "none"
-    base_temperature: float = 0.07
-    impl: Literal["dense", "tiled", "auto"] = "auto"
+    """The training objective (SupCon paper eq. 2 and 3)."""
 
-    def validate(self, path: str) -> None:
-        if not self.temperature > 0:
-            raise ConfigError(f"{path}.temperature must be > 0, got {self.temperature}")
-        if not self.base_temperature > 0:
-            raise ConfigError(f"{path}.base_temperature must be > 0, got {self.base_temperature}")
+    name: Literal["supcon", "simclr", "genscl", "cross_entropy"] = key(
+        "supcon", "supcon (labels), simclr (no labels), genscl (label vectors), cross_entropy (baseline)"
+    )
+    temperature: float = key(0.1, "temperature tau of the contrastive softmax", gt=0)
+    variant: Literal["out", "in"] = key(
+        "out", "positives averaged outside the log (L_out, eq. 2) or inside (L_in, eq. 3)"
+    )
+    contrast: Literal["all", "one"] = key("all", "anchors: every view (all) or the first view only (one)")
+    scale: Literal["none", "temperature", "base_temperature"] = key(
+        "none", "loss multiplier: none, tau (official release) or tau / base_temperature (SupContrast)"
+    )
+    base_temperature: float = key(0.07, "reference temperature of scale=base_temperature", gt=0)
+    impl: Literal["dense", "tiled", "auto"] = key(
+        "auto", "dense similarity matrix, tiled blocks (less memory), or auto"
+    )
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: Literal["lars", "sgd", "adamw"] = "lars"
-    base_lr: float = 0.4  # per 256 images of global batch: lr = base_lr * global_batch / 256
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    trust_coeff: float = 0.001
-    exclude_bn_bias: bool = True  # excluded tensors get neither weight decay nor LARS adaptation
-    schedule: Literal["cosine", "constant"] = "cosine"
-    final_lr_fraction: float = 0.0
+    """The optimizer and learning-rate schedule."""
 
-    def validate(self, path: str) -> None:
-        if not self.base_lr > 0:
-            raise ConfigError(f"{path}.base_lr must be > 0, got {self.base_lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"{path}.weight_decay must be >= 0, got {self.weight_decay}")
+    name: Literal["lars", "sgd", "adamw"] = key("lars", "lars (the paper), sgd with momentum, or adamw")
+    base_lr: float = key(0.4, "learning rate per 256 images: lr = base_lr * global_batch_size / 256", gt=0)
+    weight_decay: float = key(1e-4, "L2 weight decay", ge=0)
+    momentum: float = key(0.9, "momentum of lars and sgd (adamw ignores it)", ge=0, lt=1)
+    trust_coeff: float = key(0.001, "LARS trust coefficient eta", gt=0)
+    exclude_bn_bias: bool = key(True, "batch-norm and bias tensors get neither weight decay nor LARS adaptation")
+    schedule: Literal["cosine", "constant"] = key("cosine", "after the warm-up: cosine decay or constant")
+    final_lr_fraction: float = key(0.0, "learning rate at the end of the cosine, as a fraction of the peak", ge=0, le=1)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 100
-    max_steps: int | None = None  # stop early after this many optimizer steps (whole run)
-    warmup_epochs: float = 10.0
-    log_every: int = 10
-    checkpoint_every_steps: int | None = None  # in addition to the end of each epoch
-    keep_last: int = 3
-    resume: str | None = None  # a checkpoint directory, or "auto" for the newest complete one in out_dir
-    max_bad_steps: int = 5
-    compile: bool = False
-    knn_every_epochs: int | None = None
-    preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = "SIGTERM"
-    progress: bool = True
+    """The loop: length, warm-up, logging, checkpoints, resume and failure handling."""
 
-    def validate(self, path: str) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"{path}.epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"{path}.max_steps must be >= 1, got {self.max_steps}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(f"{path}.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.keep_last < 1:
-            raise ConfigError(f"{path}.keep_last must be >= 1, got {self.keep_last}")
+    epochs: int = key(100, "epochs of the run", ge=1)
+    max_steps: int | None = key(None, "stop after this many optimizer steps (whole run); null: epochs decide", ge=1)
+    warmup_epochs: float = key(10.0, "linear learning-rate warm-up in epochs (fractions allowed), <= epochs", ge=0)
+    log_every: int = key(10, "write metrics every this many steps", ge=1)
+    checkpoint_every_steps: int | None = key(None, "also checkpoint every this many steps (epoch ends always)", ge=1)
+    keep_last: int = key(3, "complete checkpoints kept in out_dir", ge=1)
+    resume: str | None = key(
+        None, "checkpoint directory to continue from, or auto: the newest in out_dir", nonempty=True
+    )
+    max_bad_steps: int = key(5, "stop after this many non-finite steps in a row", ge=1)
+    compile: bool = key(False, "torch.compile the wrapped forward")
+    knn_every_epochs: int | None = key(None, "kNN accuracy on data.root/val every this many epochs; null: never", ge=1)
+    preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = key(
+        "SIGTERM", "signal that makes the run checkpoint and exit 3"
+    )
+    progress: bool = key(True, "progress bar on rank 0")
+
+    def _check(self, path: str) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(
+                f"{path}.warmup_epochs must be in [0, epochs={self.epochs}], got {_num(self.warmup_epochs)}: "
+                f"it cannot exceed {path}.epochs"
+            )
 
 
 @dataclass(kw_only=True)
 class EngineConfig:
-    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    zero_stage: int = 1
-    deepspeed_config: str | None = None  # optional JSON merged under the generated one
+    """How the ranks train together."""
 
-    def validate(self, path: str) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{path}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+    name: Literal["ddp", "fsdp", "deepspeed"] = key("ddp", "ddp, fsdp (FSDP2) or deepspeed")
+    backend: Literal["auto", "nccl", "gloo"] = key("auto", "torch.distributed backend; auto: nccl on GPUs, else gloo")
+    zero_stage: int = key(1, "DeepSpeed ZeRO stage (engine.name=deepspeed; 3 is refused)", ge=0, le=3)
+    deepspeed_config: str | None = key(None, "JSON file merged under the generated DeepSpeed config", nonempty=True)
 
 
 @dataclass(kw_only=True)
 class MixConfig:
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
+    """Mixup and CutMix of each view into label vectors (GenSCL, loss.name=genscl)."""
+
+    mixup_alpha: float = key(0.0, "Beta(alpha, alpha) of Mixup; 0: off", ge=0)
+    cutmix_alpha: float = key(0.0, "Beta(alpha, alpha) of CutMix; 0: off", ge=0)
+    prob: float = key(1.0, "probability that a view is mixed", ge=0, le=1)
+    switch_prob: float = key(0.5, "probability of CutMix rather than Mixup when both are on", ge=0, le=1)
 
 
 @dataclass(kw_only=True)
 class KDConfig:
-    teacher: str | None = None  # timm name (with `checkpoint`) or a linear-eval checkpoint directory
-    checkpoint: str | None = None
-    temperature: float = 1.0
-    alpha: float = 1.0  # inf: teacher labels only
+    """A frozen teacher's predictions as a second set of label vectors (GenSCL)."""
+
+    teacher: str | None = key(None, "timm name (with checkpoint) or a cross-entropy run directory", nonempty=True)
+    checkpoint: str | None = key(None, "weights file (state dict) of a timm teacher", nonempty=True)
+    temperature: float = key(1.0, "softmax temperature of the teacher's predictions", gt=0)
+    alpha: float = key(1.0, "weight of the teacher's label vectors; inf: the teacher's labels only", ge=0, inf=True)
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    out_dir: str = "runs/default"
-    seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    mix: MixConfig = field(default_factory=MixConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
+    """One training run."""
+
+    out_dir: str = key("runs/default", "run directory: config, metrics, checkpoints, exported encoder", nonempty=True)
+    seed: int = key(0, "seed of the initial weights, the data order and the augmentations", ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = key("fp32", "autocast precision (fp16 with loss scaling)")
+    data: DataConfig = field(
+        default_factory=DataConfig, metadata={"help": "the training images and their input pipeline"}
+    )
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the encoder and its projection head"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "the training objective"})
+    optim: OptimConfig = field(
+        default_factory=OptimConfig, metadata={"help": "the optimizer and learning-rate schedule"}
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "how the ranks train together"})
+    mix: MixConfig = field(default_factory=MixConfig, metadata={"help": "Mixup/CutMix label vectors (GenSCL)"})
+    kd: KDConfig = field(default_factory=KDConfig, metadata={"help": "teacher label vectors (GenSCL)"})
 
     def validate(self, world_size: int | None = None) -> None:
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if hasattr(section, "validate"):
-                section.validate(f.name)
-        if world_size is not None and self.data.global_batch_size % world_size:
-            raise ConfigError(
-                f"data.global_batch_size={self.data.global_batch_size} is not divisible by the world size "
-                f"{world_size}"
-            )
+        """Kept for callers of the old API: `check_run(self, world_size)`."""
+        check_run(self, world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -220,43 +339,225 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+class Key(NamedTuple):
+    """One key of the schema: dotted name, annotation, default, one-line description and valid range."""
+
+    key: str
+    type: Any  # the annotation: int, float, str, bool, tuple[float, float], Literal[...], int | None, ...
+    default: Any
+    help: str
+    range: Range | tuple[Range, ...] | None  # None: any value of the type (a Literal lists its choices itself)
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
+
+    @property
+    def range_text(self) -> str:
+        """The valid values in words, for `config show`: "> 0", "in [0, 1]", "one of fp32, bf16, fp16", ""."""
+        if typing.get_origin(self.type) is Literal:
+            return "one of " + ", ".join(map(str, typing.get_args(self.type)))
+        if isinstance(self.range, tuple):
+            return "; ".join(f"[{i}] {r}" for i, r in enumerate(self.range))
+        return str(self.range) if self.range is not None else ""
+
+
+def schema(cls: type = RunConfig, prefix: str = "") -> list[Key]:
+    """Every key of `cls` (RunConfig: the whole config) in declaration order, sections expanded to their keys."""
+    hints = typing.get_type_hints(cls)
+    out: list[Key] = []
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += schema(tp, dotted + ".")
+        else:
+            out.append(Key(dotted, tp, f.default, f.metadata["help"], f.metadata["range"]))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return "str"
+    if origin is tuple:
+        return f"[{', '.join(_type_name(a) for a in args)}]"
+    return tp.__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules between keys and against the run
+
+
+def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> None:
+    """Every key's type and range again, then the rules between sections and against the run.
+
+    The trainer calls it once, before it writes anything; `world_size` and `device_type` ("cuda", "cpu") are the
+    run's, and the rules that need them are skipped when they are None.
+    """
+    _build(RunConfig, cfg.to_dict(), "")  # a RunConfig built in Python gets the loader's checks too
+    if world_size is not None and cfg.data.global_batch_size % world_size:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the world size {world_size}"
+        )
+    if device_type is not None:
+        if cfg.precision == "bf16" and device_type == "cpu" and cfg.data.image_size < CPU_BF16_MIN_IMAGE_SIZE:
+            raise ConfigError(
+                f"precision=bf16 with data.image_size={cfg.data.image_size} on the CPU: torch's CPU bf16 convolution "
+                "returns uninitialised weight gradients when layer4 sees a 1x1 input; use data.image_size >= "
+                f"{CPU_BF16_MIN_IMAGE_SIZE} or precision=fp32"
+            )
+        if cfg.data.backend == "dali-gpu" and device_type != "cuda":
+            raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
+    if cfg.engine.name == "deepspeed":
+        if cfg.engine.zero_stage == 3:
+            raise ConfigError(
+                "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for "
+                "ResNets (ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, "
+                "or fsdp"
+            )
+        if cfg.precision == "fp16":
+            # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in
+            # its own partition only, so ranks can disagree about skipping a step.
+            raise ConfigError(
+                "precision=fp16 with engine.name=deepspeed is not supported: DeepSpeed's autocast loss scaler decides "
+                "skips per ZeRO partition, so ranks can disagree; use precision=bf16 (the paper's precision) or "
+                "engine.name=ddp|fsdp, whose GradScaler checks every gradient"
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read `path` (following `base:` links), apply `a.b=value` overrides and return a validated RunConfig."""
-    raw = _read_yaml(Path(path), seen=()) if path is not None else {}
+    """Read `path` (following `base:` links), apply `a.b=value` overrides and return a validated RunConfig.
+
+    An override's value is taken as typed for a string key (`out_dir=runs/exp #3` keeps the `#3`) and read as
+    YAML for the other keys (numbers, booleans, lists, null).
+    """
+    raw = _read_chain(Path(path)) if path is not None else {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"override {_short(item)} must look like key.sub=value")
+        _set_dotted(raw, name, _Override(value))
     return from_dict(raw)
 
 
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    cfg = _build(RunConfig, raw, "")
-    cfg.validate()
-    return cfg
+    """A RunConfig from nested plain values, with every key's type and range checked."""
+    return _build(RunConfig, raw, "")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config {path}: `base:` inheritance forms a cycle")
+class _Override:
+    """The text of a `key=value` override, parsed once the key's type is known."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text.strip()
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses documents whose aliases expand beyond MAX_YAML_NODES nodes (or into themselves)."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+class _YAMLTooLarge(yaml.YAMLError):
+    pass
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes under `node` with every alias expanded; shared nodes are sized once but counted each time used."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise _YAMLTooLarge("an alias refers to a node that contains it")
+    open_.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, sizes, open_)
+        if size > MAX_YAML_NODES:
+            raise _YAMLTooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML -> plain values, or a one-line ConfigError naming `where` (a file or an override key)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        raise ConfigError(f"{where}: invalid YAML ({exc.problem or exc.context}{mark})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: top level must be a mapping")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    merged = _read_yaml((path.parent / base), seen + (path.resolve(),))
-    _deep_merge(merged, data)
+        raise ConfigError(f"{where}: invalid YAML ({str(exc).splitlines()[0] if str(exc) else 'error'})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML (nested too deeply)") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a constructor's, e.g. an int of 5,000 digits
+        raise ConfigError(f"{where}: invalid YAML value ({_short(str(exc))})") from None
+
+
+def _read_file(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config {_name(path)}: cannot read it ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {_name(path)}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {_name(path)}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_chain(path: Path) -> dict[str, Any]:
+    """The file at `path` merged over its `base:` files (each relative to the file that names it)."""
+    layers: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    while True:
+        shown = _name(path)
+        if len(layers) == MAX_BASE_DEPTH:
+            raise ConfigError(f"config {shown}: the `base:` chain is longer than {MAX_BASE_DEPTH} files")
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {shown}")
+        real = path.resolve()
+        if real in seen:
+            raise ConfigError(f"config {shown}: `base:` inheritance forms a cycle")
+        seen.add(real)
+        data = _parse_yaml(_read_file(path), f"config {shown}")
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {shown}: top level must be a mapping, got {type(data).__name__}")
+        base = data.pop("base", None)
+        layers.append(data)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip() or "\0" in base:
+            raise ConfigError(f"config {shown}: base must be the path of another YAML file, got {_short(base)}")
+        path = path.parent / base
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        _deep_merge(merged, layer)
     return merged
 
 
@@ -268,13 +569,13 @@ def _deep_merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
             dst[k] = v
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], name: str, value: Any) -> None:
     node = raw
-    parts = key.split(".")
+    parts = name.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
+            raise ConfigError(f"override {_name(name)}: {_name(part)} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -293,26 +594,44 @@ RENAMED = {
 
 def _build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__} {_short(raw)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key not in fields and dotted in RENAMED:
-            raise ConfigError(f"config key {dotted} was renamed to {RENAMED[dotted]} (an older config?)")
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+    for name, value in raw.items():
+        dotted = f"{path}.{_name(name)}" if path else _name(name)
+        if name not in fields:
+            if dotted in RENAMED:
+                raise ConfigError(f"config key {dotted} was renamed to {RENAMED[dotted]} (an older config?)")
+            near = difflib.get_close_matches(str(name), sorted(fields), n=1)
             hint = f" (did you mean {(path + '.' if path else '') + near[0]}?)" if near else ""
-            raise ConfigError(f"unknown config key {dotted}{hint}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
+            raise ConfigError(f"unknown config key {_name(dotted)}{hint}")
+        value = _coerce(hints[name], value, dotted)
+        _check_range(value, fields[name].metadata, dotted)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "_check"):
+        obj._check(path)
+    return obj
+
+
+_NULLS = ("", "~", "null", "Null", "NULL")
+# What YAML 1.1 reads as a string but is a float for a float key: 1e-4 (PyYAML needs a dot), inf, nan.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?\.?(inf|infinity|nan)", re.IGNORECASE)
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Override):
+        if origin in (typing.Union, types.UnionType) and type(None) in args and value.text in _NULLS:
+            return None
+        plain = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [tp]
+        if all(a is str or typing.get_origin(a) is Literal for a in plain):
+            value = value.text  # as typed: a path may hold `#`, `: ` or look like a number
+        else:
+            value = _parse_yaml(value.text, f"override {path}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, path)
     if origin in (typing.Union, types.UnionType):
@@ -326,22 +645,29 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {_short(value)} matches none of {tp}")
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
+        if not isinstance(value, str) or value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {_short(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{path} must be a list of {len(args)} values, got {_short(value)}")
         return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is float:
-        if isinstance(value, str) and value.lower() in ("inf", "+inf", ".inf"):
-            return math.inf
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(re.sub(r"^([-+]?)\.(?=[a-zA-Z])", r"\1", value.strip()))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(
+                    f"{path} must be a finite number, got an integer of {len(str(value))} digits"
+                ) from None
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT64_MAX:
+                raise ConfigError(f"{path} must fit in 64 bits, got {_short(value)}")
             return value
     elif tp is bool:
         if isinstance(value, bool):
@@ -351,7 +677,28 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
     else:  # pragma: no cover - a schema annotation this loader does not know
         raise AssertionError(f"unsupported annotation {tp} at {path}")
-    raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {_short(value)}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
+    """`value` (already of the key's type) against the key's declared range; None passes (an optional key)."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise ConfigError(f"{path} must not contain a NUL character")
+        if meta.get("nonempty") and not value.strip():
+            raise ConfigError(f"{path} must not be empty")
+    bounds = meta.get("range")
+    if bounds is None or value is None or dataclasses.is_dataclass(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path} must be finite, got {value}")
+        return
+    items = value if isinstance(value, tuple) else (value,)
+    ranges = bounds if isinstance(bounds, tuple) else (bounds,) * len(items)
+    for i, (x, rng) in enumerate(zip(items, ranges)):
+        problem = rng.problem(x)
+        if problem:
+            where = f"{path}[{i}]" if isinstance(value, tuple) else path
+            raise ConfigError(f"{where} {problem}, got {_num(x) if math.isfinite(x) else x}")
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:

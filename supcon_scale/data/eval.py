@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from supcon_scale.config import IMAGENET_MEAN, IMAGENET_STD
 from supcon_scale.data.folder import FolderIndex, index_folder
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalDataset", "eval_transform"]
 
 
 def eval_transform(

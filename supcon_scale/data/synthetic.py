@@ -22,10 +22,6 @@ class SyntheticLoader(EpochCursor):
     bad_files = 0
 
     def __init__(self, cfg: DataConfig, ctx: distributed.Context, seed: int):
-        if cfg.global_batch_size % ctx.world_size:
-            raise ValueError(
-                f"data.global_batch_size={cfg.global_batch_size} is not divisible by the world size {ctx.world_size}"
-            )
         self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.num_classes = cfg.num_classes or DEFAULT_CLASSES
         self.local_batch = cfg.global_batch_size // ctx.world_size
