@@ -2,7 +2,7 @@
 
 A checkpoint is a directory `OUT/checkpoints/step_XXXXXXXX/` that becomes visible only when complete: every file
 is written into `.tmp-step_XXXXXXXX/`, fsynced, and the directory renamed; `meta.json` is written last, so a
-directory without it is never picked (the DCP/torchtitan rule, FACTS.md section 9). Loading never unpickles
+directory without it is never picked (the rule of PyTorch's distributed checkpoint and torchtitan). Loading never unpickles
 arbitrary objects: tensors live in safetensors or `torch.load(weights_only=True)` files, the rest is JSON.
 
     model.safetensors     full model state (encoder + head)
@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from supcon_scale import distributed
+from supcon_scale.config import save as write_config
+from supcon_scale.console import console
 from supcon_scale.models import create_encoder
+from supcon_scale.resilience import Preempted, PreemptionHandler
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -156,8 +159,12 @@ def save(
     data_state: dict[str, Any],
     keep_last: int = 3,
     extra_meta: dict[str, Any] | None = None,
+    *,
+    rank_extra: dict[str, Any] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the shared files, each rank its own RNG and data position."""
+    """Collective: every rank calls it. Rank 0 writes the shared files, each rank its own RNG and data position
+    (plus `rank_extra`); `before_commit(tmp_dir)` runs on every rank once all files but `meta.json` are written."""
     rank, world = distributed.world()
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
@@ -168,7 +175,7 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir()
     distributed.barrier()
-    _save_torch({"rng": rng_state(), "data": data_state}, tmp / f"rank_{rank}.pt")
+    _save_torch({"rng": rng_state(), "data": data_state, **(rank_extra or {})}, tmp / f"rank_{rank}.pt")
     distributed.barrier()
     if rank == 0:
         save_file(
@@ -180,6 +187,10 @@ def save(
         _save_torch(train_state, tmp / "train_state.pt")
         model_cfg = config["model"]
         export_encoder(encoder_state(engine_state["model"]), tmp / "encoder.safetensors", model_cfg["encoder"], model_cfg.get("cifar_stem", False))
+    if before_commit is not None:
+        before_commit(tmp)
+    distributed.barrier()
+    if rank == 0:
         meta = {
             "step": step,
             "epoch": epoch,
@@ -262,3 +273,106 @@ def _fsync(path: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     _fsync(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer's checkpointing component: resume, cadence, the preemption save, the exported encoder
+
+
+class Checkpointer:
+    """Decides when a run saves and restores it: every `train.checkpoint_every_steps`, at each epoch's end, at the
+    end of the run and when a preemption signal arrives (then it raises `Preempted` once the save is complete).
+
+    `engine`, `loader` and `objective` are the run's parts whose state a checkpoint holds (duck-typed: this module
+    sits below them). Use it as a context manager: the preemption signal handler lives as long as the block.
+    """
+
+    def __init__(self, cfg: Any, ctx: distributed.Context, engine: Any, loader: Any, objective: Any, hooks: list) -> None:
+        self.cfg, self.ctx, self.engine, self.loader, self.objective, self.hooks = cfg, ctx, engine, loader, objective, hooks
+        self.out_dir = Path(cfg.out_dir)
+        self.newest = latest(self.out_dir)
+        self.saved_step = -1
+        self.preemption = PreemptionHandler(cfg.train.preempt_signal)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.preemption.close()
+
+    def resume(self) -> tuple[int, int]:
+        """Restore engine, data position, RNG and objective state per `train.resume`; returns (step, epoch).
+
+        Writes the resolved `config.yaml` only once the run is known to be allowed in `out_dir`.
+        """
+        path = self.cfg.train.resume
+        if path == "auto":
+            path = str(self.newest) if self.newest is not None else None
+        if path is None and self.newest is not None:
+            # Starting over here would interleave two runs' checkpoints (and keep_last would prune the new ones).
+            raise ValueError(
+                f"out_dir: {self.out_dir} already holds checkpoints (newest {self.newest.name}); set "
+                "train.resume=auto to continue that run, or choose another out_dir"
+            )
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_config(self.cfg, self.out_dir / "config.yaml")
+        if path is None:
+            self.loader.set_epoch(0)
+            return 0, 0
+        meta, engine_state, rank_state = load(path)
+        saved_world = int(meta["world_size"])
+        if saved_world != self.ctx.world_size or rank_state is None:
+            # The data position and per-rank RNG streams are per rank: refuse rather than drop or repeat samples.
+            raise ValueError(
+                f"train.resume: {path} was saved by {saved_world} ranks but this run has {self.ctx.world_size}; "
+                f"relaunch with {saved_world} ranks (or start a new out_dir)"
+            )
+        if meta["config"]["model"]["encoder"] != self.cfg.model.encoder:
+            raise ValueError(
+                f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
+                f"this run has model.encoder={self.cfg.model.encoder}"
+            )
+        check_matching(self.engine.unwrapped().state_dict(), engine_state["model"], str(path))
+        self.engine.load_state_dict(engine_state)
+        self.loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        self.objective.load_rank_state(rank_state.get("objective", {}))
+        step, epoch = int(meta["step"]), int(meta["epoch"])
+        self.saved_step = step
+        console.print(f"resumed from {path} at step {step}, epoch {epoch}")
+        return step, epoch
+
+    def on_step(self, info: Any) -> None:
+        """The cadence: a preemption save (then `Preempted`), the periodic save, and the epoch-end / final save."""
+        if self.preemption.requested(self.ctx.device):
+            self.save(info.step, info.epoch)
+            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}")
+        every = self.cfg.train.checkpoint_every_steps
+        if (every and info.step % every == 0) or info.epoch_end or info.last:
+            self.save(info.step, info.epoch)
+
+    def save(self, step: int, epoch: int) -> None:
+        """Collective: write the checkpoint of `step` (once per step, however many reasons ask for it)."""
+        if step == self.saved_step:
+            return
+
+        def before_commit(tmp: Path) -> None:
+            for hook in self.hooks:
+                hook.on_save(step, tmp)
+
+        self.newest = save(
+            self.out_dir, step, epoch, self.engine.state_dict(), self.cfg.to_dict(), self.loader.state_dict(),
+            self.cfg.train.keep_last, extra_meta={"loss_convention": self.objective.convention()},
+            rank_extra={"objective": self.objective.rank_state()}, before_commit=before_commit,
+        )
+        self.saved_step = step
+
+    def export(self) -> Path | None:
+        """Copy the newest checkpoint's encoder to `out_dir/encoder.safetensors` (main rank); its path, or None."""
+        if self.newest is None:
+            return None
+        path = self.out_dir / "encoder.safetensors"
+        if self.ctx.is_main:
+            copy_atomic(self.newest / "encoder.safetensors", path)
+        return path

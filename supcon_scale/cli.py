@@ -11,6 +11,10 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from supcon_scale.hooks import Hook
 
 # Subcommands implemented elsewhere, as "module:function" taking argv and returning an exit status. Imported only
 # when called, so `--help` stays fast and a missing optional extra only matters to the command that needs it.
@@ -29,14 +33,14 @@ DELEGATED = {
 EXIT_USAGE = 2
 
 
-def _train(args: argparse.Namespace) -> int:
-    from supcon_scale import config, distributed, faults, trainer
+def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
+    from supcon_scale import config, distributed, trainer
     from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted, notify_agent
 
     cfg = config.load(args.config, args.overrides)
     ctx = distributed.init(cfg.engine.backend, cfg.seed)
     try:
-        trainer.fit(cfg, ctx, hooks=faults.install(ctx.rank))  # no hooks unless $SUPCON_FAULTS is set (tests)
+        trainer.fit(cfg, ctx, hooks=hooks)
     except Preempted as exc:
         print(f"supcon-scale: {exc}", file=sys.stderr)
         notify_agent()
@@ -96,7 +100,8 @@ def take_local_rank(argv: list[str]) -> list[str]:
     return rest
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
+    """The CLI; `hooks` reach `train`'s run (for programs that embed the CLI, such as the fault-injection tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from supcon_scale.config import ConfigError
 
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             module, func = DELEGATED[argv[0]][0].split(":")
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         args = parser().parse_args(argv)
-        return args.func(args)
+        return args.func(args, hooks) if args.func is _train else args.func(args)
     except ConfigError as exc:
         print(f"supcon-scale: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

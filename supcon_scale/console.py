@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from supcon_scale.distributed import all_reduce_mean
+from supcon_scale.hooks import Hook, StepInfo
 
 console = Console(stderr=True)
 
@@ -64,6 +68,38 @@ class TrainProgress:
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+class TrainLogger(Hook):
+    """The run's metrics: every `every` steps and at the last, the loss averaged over ranks, the LR and views/s go to
+    `metrics.jsonl` and the progress bar. Reading the loss is a host synchronisation, so it happens only then.
+    A context manager: the progress bar lives as long as the block."""
+
+    def __init__(self, path: Path, every: int, total_steps: int, start_step: int, engine: Any, is_main: bool,
+                 progress: bool):
+        self.metrics = MetricsLog(path, enabled=is_main)
+        self.progress = TrainProgress(total_steps, start_step, enabled=is_main and progress)
+        self.every, self.engine = every, engine
+        self.loss = float("nan")  # the last logged loss
+        self.window_start, self.window_views = time.time(), 0
+
+    def __enter__(self) -> "TrainLogger":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_step(self, info: StepInfo) -> None:
+        self.window_views += info.views
+        if info.step % self.every and not info.last:
+            return
+        self.loss = all_reduce_mean(info.loss).item()
+        rate = self.window_views / max(time.time() - self.window_start, 1e-9)
+        self.metrics.write({"step": info.step, "epoch": info.epoch, "loss": self.loss, "lr": self.engine.lr,
+                            "views_per_s": rate, "skipped_steps": self.engine.skipped_steps})
+        self.progress.update(info.step, f"epoch {info.epoch} loss {self.loss:.4f} {rate:,.0f} views/s")
+        self.window_start, self.window_views = time.time(), 0
 
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:

@@ -57,8 +57,13 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total = 0
 
-    def update(self, step: int, loss: float, stepped: bool, newest_checkpoint: str | None) -> None:
-        bad = not stepped and (not self.fp16 or not math.isfinite(loss))
+    def update(self, step: int, loss: torch.Tensor, stepped: bool, newest_checkpoint: object) -> None:
+        """Every step: a good one resets the count of bad steps "in a row". Reads the loss only on skipped steps."""
+        if stepped:
+            self.in_a_row = 0
+            return
+        loss = loss.item()
+        bad = not self.fp16 or not math.isfinite(loss)
         if not bad:
             self.in_a_row = 0
             return

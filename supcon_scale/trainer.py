@@ -1,22 +1,26 @@
-"""The training loop: data -> engine -> loss -> step, with logging, checkpoints, resume and preemption."""
+"""The training loop: build the run's parts, resume, then one flat loop over `train_step`.
+
+Everything with a cadence of its own (metrics, checkpoints and the preemption save, the kNN monitor, the caller's
+hooks) sees each step through the `Hook` protocol (supcon_scale/hooks.py) and decides for itself when to act.
+"""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Iterator, Sequence
 
 import torch
 
-from supcon_scale import checkpoint, config, data, engines, models, objectives
-from supcon_scale.console import MetricsLog, TrainProgress, console
-from supcon_scale.distributed import Context, all_reduce_mean
+from supcon_scale import config, data, engines, models, objectives
+from supcon_scale.checkpoint import Checkpointer
+from supcon_scale.console import TrainLogger, console
+from supcon_scale.distributed import Context
 from supcon_scale.engines import Engine
-from supcon_scale.resilience import NonFiniteGuard, Preempted, PreemptionHandler
-
-# Called after every optimizer step as hook(step, epoch); used by the kNN monitor and by fault-injection tests.
-StepHook = Callable[[int, int], None]
+from supcon_scale.hooks import Hook, StepInfo
+from supcon_scale.resilience import NonFiniteGuard
 
 
 @dataclass
@@ -31,7 +35,6 @@ class FitResult:
 
 def train_step(engine: Engine, objective: objectives.Objective, views: list[torch.Tensor], labels: torch.Tensor):
     """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics)."""
-    b = labels.shape[0]
     # A skipped (non-finite) step must leave no trace, but its forward already updated the batch-norm running
     # statistics, with NaN. They are small (~0.1% of ResNet-50's parameters): keep a copy to put back.
     buffers = [t for t in engine.unwrapped().buffers() if t.is_floating_point()]
@@ -39,8 +42,7 @@ def train_step(engine: Engine, objective: objectives.Objective, views: list[torc
     with engine.autocast():
         views, targets = objective.prepare(views, labels)
         out = engine(torch.cat(views))
-    out = out.float().reshape(len(views), b, -1).transpose(0, 1)  # [B, V, D]
-    loss = objective(out, targets)
+    loss = objective(objectives.per_sample(out, len(views)), targets)
     engine.backward(loss)
     stepped = engine.step()
     if not stepped:
@@ -50,148 +52,73 @@ def train_step(engine: Engine, objective: objectives.Objective, views: list[torc
     return loss.detach(), stepped
 
 
-def fit(cfg: config.RunConfig, ctx: Context, hooks: tuple[StepHook, ...] = ()) -> FitResult:
+def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitResult:
     """Train `cfg` on this process's share of the job and export the encoder; returns where it stopped."""
-    cfg.validate(ctx.world_size)
-    out_dir = Path(cfg.out_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config.save(cfg, out_dir / "config.yaml")
-
-    loader = data.build_train_loader(cfg.data, ctx, cfg.seed, out_dir)
-    if loader.num_classes < 2 and cfg.loss.name != "simclr":
-        # One class: every other sample is a positive and none is a negative, so SupCon only pulls embeddings
-        # together (collapse) and cross-entropy has nothing to learn. SimCLR ignores labels and is fine.
-        raise ValueError(
-            f"data.root: {cfg.data.root} has a single class; loss.name={cfg.loss.name} needs at least 2 "
-            "(use loss.name=simclr for unlabelled data)"
-        )
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever ran before
-    model = models.build(cfg.model, loader.num_classes if cfg.loss.name == "cross_entropy" else None)
-    total_steps = cfg.train.epochs * loader.steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    warmup_steps = min(total_steps, round(cfg.train.warmup_epochs * loader.steps_per_epoch))
-    engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
+    start = time.time()
+    config.check_run(cfg, ctx.world_size, ctx.device.type)
+    loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
     objective = objectives.build(cfg, loader.num_classes, ctx)
-
-    step, epoch = _resume(cfg, engine, loader)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
-    if cfg.train.knn_every_epochs:
-        hooks = (*hooks, _knn_monitor(cfg, engine, metrics, loader.steps_per_epoch))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever ran before
+    model = models.build(cfg.model, objective.classifier_classes)
+    total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
+    engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
+    hooks = [*hooks, *monitors(cfg, engine, loader.steps_per_epoch)]
+    checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
+    step, epoch = checkpointer.resume()
+    logger = TrainLogger(Path(cfg.out_dir) / "metrics.jsonl", cfg.train.log_every, total_steps, step, engine,
+                         ctx.is_main, cfg.train.progress)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
-    preemption = PreemptionHandler(cfg.train.preempt_signal)
-    newest = checkpoint.latest(out_dir)
-    loss_value, start, window_start, window_views = float("nan"), time.time(), time.time(), 0
-
-    saved_step = step
-
-    def save() -> None:
-        nonlocal newest, saved_step
-        newest = checkpoint.save(
-            out_dir, step, epoch, engine.state_dict(), cfg.to_dict(), loader.state_dict(), cfg.train.keep_last,
-            extra_meta={"loss_convention": objective.convention()},
-        )
-        saved_step = step
-
+    for hook in hooks:
+        hook.on_resume(step, epoch)
     engine.train()
-    try:
-        with TrainProgress(total_steps, step, enabled=ctx.is_main and cfg.train.progress) as progress:
-            while step < total_steps and epoch < cfg.train.epochs:
-                for views, labels in loader:
-                    loss, stepped = train_step(engine, objective, views, labels)
-                    step += 1
-                    window_views += len(views) * labels.shape[0] * ctx.world_size
-                    # every step: a good one resets the count of bad steps "in a row"
-                    guard.update(step, loss.item() if not stepped else 0.0, stepped, str(newest) if newest else None)
-                    if step % cfg.train.log_every == 0 or step == total_steps:
-                        loss_value = all_reduce_mean(loss).item()
-                        rate = window_views / max(time.time() - window_start, 1e-9)
-                        metrics.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": engine.lr,
-                                       "views_per_s": rate, "skipped_steps": engine.skipped_steps})
-                        progress.update(step, f"epoch {epoch} loss {loss_value:.4f} {rate:,.0f} views/s")
-                        window_start, window_views = time.time(), 0
-                    for hook in hooks:
-                        hook(step, epoch)
-                    if preemption.requested(ctx.device):
-                        save()
-                        raise Preempted(f"preempted at step {step}; checkpoint {newest}")
-                    if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                        save()
-                    if step >= total_steps:
-                        break
-                if step != saved_step:  # the end of an epoch, or of the run
-                    save()
-                if step >= total_steps:
-                    break
-                epoch += 1
-                loader.set_epoch(epoch)
-    finally:
-        preemption.close()
-
-    encoder_path = out_dir / "encoder.safetensors"
-    if ctx.is_main and newest is not None:
-        checkpoint.copy_atomic(newest / "encoder.safetensors", encoder_path)
+    with checkpointer, logger:
+        for epoch, epoch_end, views, labels in itertools.islice(epochs(loader, epoch, cfg.train.epochs),
+                                                                 total_steps - step):
+            for hook in hooks:
+                views, labels = hook.on_batch(step + 1, views, labels)
+            loss, stepped = train_step(engine, objective, views, labels)
+            step += 1
+            guard.update(step, loss, stepped, checkpointer.newest)
+            info = StepInfo(step, epoch, loss, stepped, len(views) * labels.shape[0] * ctx.world_size,
+                            epoch_end, step == total_steps)
+            for component in (logger, *hooks, checkpointer):
+                component.on_step(info)
+    encoder_path = checkpointer.export()
+    if ctx.is_main and encoder_path is not None:
         console.print(f"[green]done[/] step {step}, epoch {epoch}: encoder exported to {encoder_path}")
-    return FitResult(step, epoch, loss_value, time.time() - start, encoder_path if newest else None, engine.skipped_steps)
+    return FitResult(step, epoch, logger.loss, time.time() - start, encoder_path, engine.skipped_steps)
 
 
-def _knn_monitor(cfg: config.RunConfig, engine: Engine, metrics: MetricsLog, steps_per_epoch: int) -> StepHook:
-    """Weighted kNN (k=200, T=0.07) of the encoder on `data.root/val` every `train.knn_every_epochs` epochs."""
-    from supcon_scale.evaluation.knn import knn_eval  # evaluation sits beside the trainer; imported only when used
+def schedule_steps(train: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(total, warm-up) optimizer steps of the run: `train.epochs` epochs, cut at `train.max_steps`."""
+    total = train.epochs * steps_per_epoch
+    if train.max_steps is not None:
+        total = min(total, train.max_steps)
+    return total, min(total, round(train.warmup_epochs * steps_per_epoch))
 
+
+def epochs(loader: data.TrainLoader, epoch: int, num_epochs: int) -> Iterator[tuple[int, bool, list, torch.Tensor]]:
+    """`(epoch, epoch_end, views, labels)` from the loader's position to the end of the run's last epoch.
+
+    A loader restored at the end of its epoch (a checkpoint taken there) moves on to the next one.
+    """
+    while epoch < num_epochs:
+        remaining = len(loader)
+        for i, (views, labels) in enumerate(loader if remaining else ()):
+            yield epoch, i == remaining - 1, views, labels
+        epoch += 1
+        if epoch < num_epochs:
+            loader.set_epoch(epoch)
+
+
+def monitors(cfg: config.RunConfig, engine: Engine, steps_per_epoch: int) -> list[Hook]:
+    """The monitors the config asks for (`train.knn_every_epochs`)."""
+    if not cfg.train.knn_every_epochs:
+        return []
+    from supcon_scale.console import MetricsLog
+    from supcon_scale.evaluation.knn import KnnMonitor  # evaluation sits beside the trainer; imported only when used
+
+    metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", enabled=engine.ctx.is_main)
     root = Path(cfg.data.root)
     every = steps_per_epoch * cfg.train.knn_every_epochs
-
-    def hook(step: int, epoch: int) -> None:
-        if step % every == 0:
-            result = knn_eval(engine.unwrapped().encoder, root / "train", root / "val", image_size=cfg.data.image_size)
-            metrics.write({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
-
-    return hook
-
-
-def _resume(cfg: config.RunConfig, engine: Engine, loader: Any) -> tuple[int, int]:
-    """Restore engine, data position and RNG from `train.resume`; returns (step, epoch) to continue from."""
-    path = cfg.train.resume
-    if path == "auto":
-        found = checkpoint.latest(cfg.out_dir)
-        path = str(found) if found is not None else None
-    if path is None:
-        existing = checkpoint.latest(cfg.out_dir)
-        if existing is not None:
-            # Starting over here would interleave two runs' checkpoints (and keep_last would prune the new ones).
-            raise ValueError(
-                f"out_dir: {cfg.out_dir} already holds checkpoints (newest {existing.name}); set train.resume=auto "
-                "to continue that run, or choose another out_dir"
-            )
-        loader.set_epoch(0)
-        return 0, 0
-    meta, engine_state, rank_state = checkpoint.load(path)
-    saved_world = int(meta["world_size"])
-    if saved_world != loader.ctx.world_size:
-        # The data position and per-rank RNG streams are per rank: refuse rather than drop or repeat samples.
-        raise ValueError(
-            f"train.resume: {path} was saved by {saved_world} ranks but this run has {loader.ctx.world_size}; "
-            f"relaunch with {saved_world} ranks (or start a new out_dir)"
-        )
-    if meta["config"]["model"]["encoder"] != cfg.model.encoder:
-        raise ValueError(
-            f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
-            f"this run has model.encoder={cfg.model.encoder}"
-        )
-    checkpoint.check_matching(engine.unwrapped().state_dict(), engine_state["model"], str(path))
-    engine.load_state_dict(engine_state)
-    if rank_state is None:
-        raise ValueError(
-            f"train.resume: {path} was saved by {meta['world_size']} ranks; this rank has no saved position "
-            f"(world size now differs)"
-        )
-    loader.load_state_dict(rank_state["data"])
-    checkpoint.set_rng_state(rank_state["rng"])
-    step, epoch = int(meta["step"]), int(meta["epoch"])
-    console.print(f"resumed from {path} at step {step}, epoch {epoch}")
-    if len(loader) == 0:  # saved at the end of its epoch: continue with the next one
-        epoch += 1
-        loader.set_epoch(epoch)
-    return step, epoch
+    return [KnnMonitor(engine.unwrapped().encoder, root, cfg.data.image_size, every, metrics)]

@@ -53,10 +53,14 @@ def _env(faults: str | None) -> dict[str, str]:
     return env
 
 
+# The CLI with the fault hook of tests/faults.py (it reads $SUPCON_FAULTS; the package itself has no such switch).
+FAULTS_ENTRY = str(REPO / "tests" / "faults.py")
+
+
 def _torchrun_cmd(digits: Path, out: Path, *extra: str, max_restarts: int = 0) -> list[str]:
     return [
         sys.executable, "-m", "supcon_scale.cli", "torchrun", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", str(max_restarts), "-m", "supcon_scale.cli", "train", *_overrides(digits, out, *extra),
+        "--max-restarts", str(max_restarts), FAULTS_ENTRY, "train", *_overrides(digits, out, *extra),
     ]
 
 
@@ -226,8 +230,7 @@ def test_crash_during_save_keeps_previous_checkpoint_and_keep_last(digits: Path,
 
 
 def test_nan_steps_are_skipped_counted_then_stop_the_run(digits: Path, tmp_path: Path):
-    cmd = [sys.executable, "-m", "supcon_scale.cli", "train",
-           *_overrides(digits, tmp_path, "train.epochs=3", "train.max_bad_steps=3")]
+    cmd = [sys.executable, FAULTS_ENTRY, "train", *_overrides(digits, tmp_path, "train.epochs=3", "train.max_bad_steps=3")]
     proc = _run(cmd, faults="nan_steps=2-3,5-7")
     assert proc.returncode == 1, proc.stderr[-3000:]
     newest = _step_dir(tmp_path, 6)
@@ -235,7 +238,7 @@ def test_nan_steps_are_skipped_counted_then_stop_the_run(digits: Path, tmp_path:
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 2, 3, 4]
-    # Skipped steps do not advance the schedule: linear warm-up over 3 steps to 1.0 x 64/256 (FACTS.md section 3).
+    # Skipped steps do not advance the schedule: linear warm-up over 3 steps to 1.0 x 64/256 (the paper's recipe: LR = base x batch / 256).
     peak = _cfg(digits, tmp_path).optim.base_lr * 64 / 256
     assert [r["lr"] for r in rows[:4]] == pytest.approx([peak * 2 / 3] * 3 + [peak])
     assert checkpoint.latest(tmp_path) == newest

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from supcon_scale import checkpoint, config, distributed, models, trainer
+from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,13 +38,14 @@ def test_resume_after_epoch_one_matches_uninterrupted(digits: Path, tmp_path: Pa
     full = trainer.fit(_cfg(digits, tmp_path / "full"), ctx)
     steps_per_epoch = full.step // 2
 
-    def crash_in_second_epoch(step: int, epoch: int) -> None:
-        if step == steps_per_epoch + 1:
-            raise Crash
+    class CrashInSecondEpoch(Hook):
+        def on_step(self, info: StepInfo) -> None:
+            if info.step == steps_per_epoch + 1:
+                raise Crash
 
     distributed.seed_everything(123)  # resume must not depend on the RNG state of the new process
     with pytest.raises(Crash):
-        trainer.fit(_cfg(digits, tmp_path / "resumed"), ctx, hooks=(crash_in_second_epoch,))
+        trainer.fit(_cfg(digits, tmp_path / "resumed"), ctx, hooks=[CrashInSecondEpoch()])
     assert checkpoint.latest(tmp_path / "resumed").name == f"step_{steps_per_epoch:08d}"
     distributed.seed_everything(456)
     resumed = trainer.fit(_cfg(digits, tmp_path / "resumed", "train.resume=auto"), ctx)

@@ -1,15 +1,37 @@
-"""Training and evaluation data: `build_train_loader` picks a backend for `data.backend` (DESIGN.md data contract)."""
+"""Training and evaluation data: `build_train_loader` picks a backend for `data.backend` (the data contract of docs/DESIGN.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol
+
+import torch
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 
 
-def build_train_loader(cfg: DataConfig, ctx: distributed.Context, seed: int, out_dir: Path | None) -> Any:
+class TrainLoader(Protocol):
+    """What every training backend provides: batches of `(views, labels)`, and a resumable position in the epoch.
+
+    `len()` is the number of batches left in the current epoch; `state_dict()` is this rank's position.
+    """
+
+    num_classes: int
+    steps_per_epoch: int
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def build_train_loader(cfg: DataConfig, ctx: distributed.Context, seed: int, out_dir: Path | None) -> TrainLoader:
     """The training loader for `cfg.backend`: yields `(views, labels)` on `ctx.device`, resumable mid-epoch.
 
     torchvision: Pillow + v2 transforms in DataLoader workers. dali: DALI on the GPU when one is present, else on the
@@ -30,4 +52,4 @@ def build_train_loader(cfg: DataConfig, ctx: distributed.Context, seed: int, out
     raise ValueError(f"data.backend: unknown backend {cfg.backend!r}")
 
 
-__all__ = ["build_train_loader"]
+__all__ = ["TrainLoader", "build_train_loader"]

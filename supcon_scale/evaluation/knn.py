@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from supcon_scale import distributed
 from supcon_scale.evaluation.features import default_device, extract_features
+from supcon_scale.hooks import Hook, StepInfo
 
 Source = str | Path | torch.utils.data.Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -86,6 +87,20 @@ def knn_eval(
     num_classes = int(max(int(ty.max()), int(vy.max())) + 1)
     scores = knn_scores(tx, ty, vx, num_classes=num_classes, k=k, temperature=temperature)
     return {**topk_accuracy(scores, vy), "k": min(k, len(ty)), "temperature": temperature, "num_train": len(ty), "num_val": len(vy)}
+
+
+class KnnMonitor(Hook):
+    """During pre-training: weighted kNN (k=200, T=0.07) of the encoder on `data.root/val` every `every_steps` steps,
+    written to the run's metrics. `encoder` is the engine's unwrapped encoder, called on every rank."""
+
+    def __init__(self, encoder: nn.Module, root: Path, image_size: int, every_steps: int, metrics: Any) -> None:
+        self.encoder, self.root, self.image_size, self.every, self.metrics = encoder, root, image_size, every_steps, metrics
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.step % self.every == 0:
+            result = knn_eval(self.encoder, self.root / "train", self.root / "val", image_size=self.image_size)
+            self.metrics.write({"step": info.step, "epoch": info.epoch, "knn_top1": result["top1"],
+                                "knn_top5": result["top5"]})
 
 
 def main(argv: list[str] | None = None) -> int:
