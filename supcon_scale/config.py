@@ -433,24 +433,48 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read `path` (following `base:` links), apply `a.b=value` overrides and return a validated RunConfig.
+    """Read `path` (following `base:` links), apply `a.b=value` overrides and return a validated RunConfig."""
+    raw = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, overrides))
 
-    An override's value is taken as typed for a string key (`out_dir=runs/exp #3` keeps the `#3`) and read as
-    YAML for the other keys (numbers, booleans, lists, null).
+
+def from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    """A RunConfig from nested plain values, with every key's type and range checked."""
+    return build(RunConfig, raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML file `path` merged over its `base:` files (each relative to the file naming it)."""
+    return _read_chain(Path(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set each `a.b=value` of `overrides` in `raw` (in place; returned), to be read by `build`.
+
+    A value is taken as typed for a string key (`out_dir=runs/exp #3` keeps the `#3`) and read as YAML for the
+    other keys (numbers, booleans, lists, null), once `build` knows the key's type.
     """
-    raw = _read_chain(Path(path)) if path is not None else {}
     for item in overrides:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not name:
             raise ConfigError(f"override {_short(item)} must look like key.sub=value")
         _set_dotted(raw, name, _Override(value))
-    return from_dict(raw)
+    return raw
 
 
-def from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    """A RunConfig from nested plain values, with every key's type and range checked."""
-    return _build(RunConfig, raw, "")
+def build(cls: type, raw: Any, path: str = "") -> Any:
+    """The keyword-only dataclass `cls` (a schema of `key(...)` fields) from `raw`, every key checked.
+
+    Unknown keys, wrong types and values outside a key's range raise a ConfigError naming the dotted key (under
+    the prefix `path`); a section's `_check(path)` then checks the rules between its own keys.
+    """
+    return _build(cls, raw, path)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Deprecated name of `read_yaml` (supcon_scale/continual/config.py uses it)."""
+    return read_yaml(path)
 
 
 class _Override:
@@ -650,6 +674,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str) or value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {_short(value)}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {type(value).__name__} {_short(value)}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path} must be a list of {len(args)} values, got {_short(value)}")
@@ -692,12 +720,12 @@ def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path} must be finite, got {value}")
         return
-    items = value if isinstance(value, tuple) else (value,)
+    items = value if isinstance(value, (tuple, list)) else (value,)
     ranges = bounds if isinstance(bounds, tuple) else (bounds,) * len(items)
     for i, (x, rng) in enumerate(zip(items, ranges)):
         problem = rng.problem(x)
         if problem:
-            where = f"{path}[{i}]" if isinstance(value, tuple) else path
+            where = f"{path}[{i}]" if isinstance(value, (tuple, list)) else path
             raise ConfigError(f"{where} {problem}, got {_num(x) if math.isfinite(x) else x}")
 
 
