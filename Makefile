@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dali,deepspeed,dev
 
-.PHONY: demo test test-slow bench-gpu venv clean
+.PHONY: demo test test-slow lint bench-gpu venv clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m supcon_scale.demo $(if $(GENSCL),--genscl) $(DEMO_ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+# Lint and format checks first (seconds), then the suite; the 20 slowest tests are listed at the end.
+test: lint
+	$(PY) -m pytest -q -m "not slow" --durations=20 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Longer checks (full-size benchmarks smoke, long multi-node runs); not part of `make test`.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slow --durations=10 $(PYTEST_ARGS)
 
 # The GPU benchmarks of docs/BENCHMARKS.md in one run (needs a CUDA GPU; about 10 minutes); JSON in runs/bench_gpu.
 bench-gpu: $(STAMP)

@@ -28,7 +28,7 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "dali-cuda130": ["nvidia-dali-cuda130>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytorch-metric-learning>=2.5"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytorch-metric-learning>=2.5", "hypothesis>=6.100", "ruff>=0.15"],
     },
     entry_points={"console_scripts": ["supcon-scale=supcon_scale.cli:main"]},
 )
