@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
+    from supcon_scale.config import RunConfig
     from supcon_scale.hooks import Hook
 
 # Subcommands implemented elsewhere, as "module:function" taking argv and returning an exit status. Imported only
@@ -34,10 +35,18 @@ EXIT_USAGE = 2
 
 
 def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
-    from supcon_scale import config, distributed, trainer
+    from supcon_scale import config
+
+    cfg = config.load(args.config, args.overrides)  # before importing torch: a bad config fails in a fraction of a second
+    from supcon_scale import distributed
+
+    return distributed.record(_fit)(cfg, hooks)
+
+
+def _fit(cfg: RunConfig, hooks: Sequence[Hook]) -> int:
+    from supcon_scale import distributed, trainer
     from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted, notify_agent
 
-    cfg = config.load(args.config, args.overrides)
     ctx = distributed.init(cfg.engine.backend, cfg.seed)
     try:
         trainer.fit(cfg, ctx, hooks=hooks)
@@ -121,6 +130,4 @@ def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
 
 
 if __name__ == "__main__":
-    from supcon_scale.distributed import record
-
-    sys.exit(record(main)())
+    sys.exit(main())
