@@ -262,7 +262,10 @@ class TrainConfig:
     preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = key(
         "SIGTERM", "signal that makes the run checkpoint and exit 3"
     )
-    progress: bool = key(True, "progress bar on rank 0")
+    progress: bool = key(True, "progress on rank 0: a bar on a terminal, plain lines otherwise (false: neither)")
+    profile_steps: str | None = key(
+        None, "torch.profiler trace of steps A-B (e.g. 20-25) into out_dir/profile; null: no trace", nonempty=True
+    )
 
     def _check(self, path: str) -> None:
         if self.warmup_epochs > self.epochs:
@@ -270,6 +273,8 @@ class TrainConfig:
                 f"{path}.warmup_epochs must be in [0, epochs={self.epochs}], got {_num(self.warmup_epochs)}: "
                 f"it cannot exceed {path}.epochs"
             )
+        if self.profile_steps is not None:
+            profile_range(self.profile_steps, f"{path}.profile_steps")
 
 
 @dataclass(kw_only=True)
@@ -302,6 +307,26 @@ class KDConfig:
     alpha: float = key(1.0, "weight of the teacher's label vectors; inf: the teacher's labels only", ge=0, inf=True)
 
 
+def profile_range(text: str, path: str = "train.profile_steps") -> tuple[int, int]:
+    """The steps (first, last) of an "A-B" range, 1 <= A <= B."""
+    match = re.fullmatch(r"\s*(\d{1,12})\s*-\s*(\d{1,12})\s*", text)
+    if match is None or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ConfigError(f"{path} must look like A-B with 1 <= A <= B (steps, e.g. 20-25), got {_short(text)}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """What a run reports besides metrics.jsonl, and where."""
+
+    plain: bool = key(False, "plain log lines on rank 0 even on a terminal (always when stderr is not a terminal)")
+    timing: bool = key(True, "per log window, the time shares of data wait, forward+backward and optimizer step")
+    tensorboard: bool = key(False, "the metrics also as TensorBoard scalars in out_dir/tensorboard (extra: tensorboard)")
+    wandb: bool = key(False, "the metrics also to Weights & Biases, run files in out_dir/wandb (extra: wandb)")
+    wandb_project: str = key("supcon_scale", "W&B project name", nonempty=True)
+    wandb_mode: Literal["offline", "online"] = key("offline", "W&B mode: offline (upload later: wandb sync) or online")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """One training run."""
@@ -321,6 +346,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "how the ranks train together"})
     mix: MixConfig = field(default_factory=MixConfig, metadata={"help": "Mixup/CutMix label vectors (GenSCL)"})
     kd: KDConfig = field(default_factory=KDConfig, metadata={"help": "teacher label vectors (GenSCL)"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "log lines, time shares and metric sinks"})
 
     def validate(self, world_size: int | None = None) -> None:
         """Kept for callers of the old API: `check_run(self, world_size)`."""
