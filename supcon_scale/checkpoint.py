@@ -2,8 +2,8 @@
 
 A checkpoint is a directory `OUT/checkpoints/step_XXXXXXXX/` that becomes visible only when complete: every file
 is written into `.tmp-step_XXXXXXXX/`, fsynced, and the directory renamed; `meta.json` is written last, so a
-directory without it is never picked (the rule of PyTorch's distributed checkpoint and torchtitan). Loading never unpickles
-arbitrary objects: tensors live in safetensors or `torch.load(weights_only=True)` files, the rest is JSON.
+directory without it is never picked (the rule of PyTorch's distributed checkpoint and torchtitan). Loading never
+unpickles arbitrary objects: tensors live in safetensors or `torch.load(weights_only=True)` files, the rest is JSON.
 
     model.safetensors     full model state (encoder + head)
     encoder.safetensors   the encoder alone, a plain timm state dict (see `export_encoder`)
@@ -19,9 +19,12 @@ import os
 import random
 import re
 import shutil
+import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +189,12 @@ def save(
         train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
         _save_torch(train_state, tmp / "train_state.pt")
         model_cfg = config["model"]
-        export_encoder(encoder_state(engine_state["model"]), tmp / "encoder.safetensors", model_cfg["encoder"], model_cfg.get("cifar_stem", False))
+        export_encoder(
+            encoder_state(engine_state["model"]),
+            tmp / "encoder.safetensors",
+            model_cfg["encoder"],
+            model_cfg.get("cifar_stem", False),
+        )
     if before_commit is not None:
         before_commit(tmp)
     distributed.barrier()
@@ -276,6 +284,175 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# One writer per out_dir
+
+LOCK = "lock.json"
+HEARTBEAT_S = 30.0  # how often the holder refreshes its heartbeat (a thread: long saves and evaluations included)
+STALE_S = 300.0  # a lock whose heartbeat is older than this is taken over (its holder is dead or frozen)
+NO_RUN_ID = ("", "none")  # torchrun's default --rdzv-id: it does not identify a job
+
+
+def _pid_start(pid: int) -> str | None:
+    """The process's start time (Linux /proc, in clock ticks since boot), so a reused pid is not taken as alive."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    now = _pid_start(pid)
+    return start is None or now is None or now == start
+
+
+def _job() -> dict[str, Any]:
+    """This torchrun job and attempt: run id, rendezvous store address and restart count."""
+    return {
+        "run_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        "store": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
+        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+    }
+
+
+class OutDirLock:
+    """`out_dir/lock.json` naming the one process that writes the run (host, pid, start time, heartbeat).
+
+    Taken with O_EXCL by the main rank before anything is written. An existing lock is taken over only when its
+    holder is this process, an earlier attempt of the same torchrun job (same run id and store, lower restart
+    count: torchrun stops every worker before it restarts them, wherever rank 0 lands), a dead process on this
+    host, or silent for `STALE_S` seconds; otherwise the second trainer refuses with a message naming the holder.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / LOCK
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid())}
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {**self.me, "started": self.started, "heartbeat": time.time(), "job": _job()}
+
+    def read(self) -> dict[str, Any]:
+        """The lock's content; an unreadable one (a writer killed mid-write) is dated by the file's mtime."""
+        try:
+            holder = json.loads(self.path.read_text())
+            if not isinstance(holder, dict):
+                raise ValueError("not an object")
+            return holder
+        except (OSError, ValueError):
+            try:
+                mtime = self.path.stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            return {"host": "?", "pid": -1, "started": mtime, "heartbeat": mtime, "job": {}}
+
+    def takeover_reason(self, holder: dict[str, Any]) -> str | None:
+        """Why `holder`'s lock may be taken over, or None when it belongs to a live writer."""
+        same_host = holder.get("host") == self.me["host"]
+        if same_host and holder.get("pid") == self.me["pid"]:
+            return "held by this process"
+        theirs, mine = holder.get("job") or {}, _job()
+        if (
+            mine["run_id"] not in NO_RUN_ID
+            and theirs.get("run_id") == mine["run_id"]
+            and theirs.get("store") == mine["store"]
+            and int(theirs.get("restart", 0)) < mine["restart"]
+        ):
+            return f"held by attempt {theirs.get('restart', 0)} of this torchrun job"
+        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"], holder.get("pid_start")):
+            return f"its holder (pid {holder['pid']}) is no longer alive"
+        age = time.time() - float(holder.get("heartbeat", 0.0))
+        if age > STALE_S:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def refusal(self, holder: dict[str, Any]) -> str:
+        age = time.time() - float(holder.get("heartbeat", 0.0))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0.0))))
+        return (
+            f"out_dir: {self.path.parent} is in use by another trainer (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}, started {started}, heartbeat {age:.0f} s ago); wait for it, choose another "
+            f"out_dir, or delete {self.path} if that job is dead"
+        )
+
+    def acquire(self) -> str | None:
+        """Take the lock and start the heartbeat; None when taken, else the one-line refusal."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.read()
+                reason = self.takeover_reason(holder)
+                if reason is None:
+                    return self.refusal(holder)
+                # Move the old lock aside: of two processes taking over at once, one rename wins; the other
+                # finds no file (or the winner's fresh lock) and goes round again.
+                aside = self.path.with_name(f".{LOCK}.stale-{self.me['pid']}")
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                moved = json.loads(aside.read_text() or "{}") if aside.stat().st_size else {}
+                if moved and (moved.get("pid"), moved.get("started")) != (holder.get("pid"), holder.get("started")):
+                    # Another trainer took it over between our read and our rename: give its lock back.
+                    try:
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
+                    aside.unlink(missing_ok=True)
+                    return self.refusal(moved)
+                aside.unlink(missing_ok=True)
+                console.print(f"out_dir lock {self.path} taken over: {reason}")
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.record()))
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._beat, name="supcon-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return None
+        return self.refusal(self.read())
+
+    def owned(self) -> bool:
+        """Whether the lock still names this process (False once another trainer took it over)."""
+        holder = self.read()
+        mine = (self.me["host"], self.me["pid"], self.started)
+        if (holder.get("host"), holder.get("pid"), holder.get("started")) == mine:
+            return True
+        self.lost = holder
+        return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if not self.owned():
+                return
+            tmp = self.path.with_name(f".{LOCK}.tmp-{self.me['pid']}")
+            try:
+                tmp.write_text(json.dumps(self.record()))
+                os.replace(tmp, self.path)
+            except OSError:  # a full or vanished disk: the next save reports it
+                pass
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+            if self.owned():
+                self.path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The trainer's checkpointing component: resume, cadence, the preemption save, the exported encoder
 
 
@@ -287,24 +464,49 @@ class Checkpointer:
     sits below them). Use it as a context manager: the preemption signal handler lives as long as the block.
     """
 
-    def __init__(self, cfg: Any, ctx: distributed.Context, engine: Any, loader: Any, objective: Any, hooks: list) -> None:
-        self.cfg, self.ctx, self.engine, self.loader, self.objective, self.hooks = cfg, ctx, engine, loader, objective, hooks
+    def __init__(
+        self, cfg: Any, ctx: distributed.Context, engine: Any, loader: Any, objective: Any, hooks: list
+    ) -> None:
+        self.cfg, self.ctx, self.engine, self.loader, self.objective = cfg, ctx, engine, loader, objective
+        self.hooks = hooks
         self.out_dir = Path(cfg.out_dir)
         self.newest = latest(self.out_dir)
         self.saved_step = -1
         self.preemption = PreemptionHandler(cfg.train.preempt_signal)
+        self.lock = OutDirLock(self.out_dir) if ctx.is_main else None
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.preemption.close()
+        self.release()
+
+    def release(self) -> None:
+        """Give up the out_dir lock (the main rank's); a later trainer then starts without any takeover."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _take_lock(self) -> None:
+        """Collective: the main rank takes the out_dir lock; every rank raises the same refusal if it cannot."""
+        refusal = self.lock.acquire() if self.lock is not None else None
+        refusal = distributed.broadcast_object(refusal)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     def resume(self) -> tuple[int, int]:
         """Restore engine, data position, RNG and objective state per `train.resume`; returns (step, epoch).
 
         Writes the resolved `config.yaml` only once the run is known to be allowed in `out_dir`.
         """
+        self._take_lock()
+        try:
+            return self._resume()
+        except BaseException:
+            self.release()
+            raise
+
+    def _resume(self) -> tuple[int, int]:
         path = self.cfg.train.resume
         if path == "auto":
             path = str(self.newest) if self.newest is not None else None
@@ -322,25 +524,32 @@ class Checkpointer:
             return 0, 0
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
-        if saved_world != self.ctx.world_size or rank_state is None:
-            # The data position and per-rank RNG streams are per rank: refuse rather than drop or repeat samples.
-            raise ValueError(
-                f"train.resume: {path} was saved by {saved_world} ranks but this run has {self.ctx.world_size}; "
-                f"relaunch with {saved_world} ranks (or start a new out_dir)"
-            )
         if meta["config"]["model"]["encoder"] != self.cfg.model.encoder:
             raise ValueError(
                 f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
                 f"this run has model.encoder={self.cfg.model.encoder}"
             )
         check_matching(self.engine.unwrapped().state_dict(), engine_state["model"], str(path))
-        self.engine.load_state_dict(engine_state)
-        self.loader.load_state_dict(rank_state["data"])
-        set_rng_state(rank_state["rng"])
-        self.objective.load_rank_state(rank_state.get("objective", {}))
         step, epoch = int(meta["step"]), int(meta["epoch"])
+        # The data position is global (samples consumed of the epoch's order), the same in every rank's file: a
+        # rank the saving job did not have reads rank 0's, and the loader re-shards the rest of the epoch.
+        data_state = (rank_state or _load_torch(Path(path) / "rank_0.pt"))["data"]
+        try:
+            self.loader.load_state_dict(data_state)
+        except ValueError as exc:
+            raise ValueError(f"train.resume: {path}: {exc}") from None
+        self.engine.load_state_dict(engine_state)  # optimizer state re-partitioned by the engine on another world
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            self.objective.load_rank_state(rank_state.get("objective", {}))
+        else:
+            # A rank new to the job has no streams to continue: fresh ones from (seed, rank, step), so new ranks
+            # differ from each other and from a run started afresh. The objective's streams start from its seed.
+            distributed.seed_everything(distributed.rank_seed(self.cfg.seed, self.ctx.rank, step))
         self.saved_step = step
-        console.print(f"resumed from {path} at step {step}, epoch {epoch}")
+        world = self.ctx.world_size
+        moved = "" if saved_world == world else f" (saved by {saved_world} ranks, now {world})"
+        console.print(f"resumed from {path} at step {step}, epoch {epoch}{moved}")
         return step, epoch
 
     def on_step(self, info: Any) -> None:
@@ -356,15 +565,30 @@ class Checkpointer:
         """Collective: write the checkpoint of `step` (once per step, however many reasons ask for it)."""
         if step == self.saved_step:
             return
+        # Another trainer took the out_dir over (this one was frozen past STALE_S): stop before writing over it.
+        lost = self.lock.lost if self.lock is not None and not self.lock.owned() else None
+        lost = distributed.broadcast_object(lost)
+        if lost is not None:
+            raise ValueError(
+                f"out_dir: {self.out_dir} was taken over by another trainer (host {lost.get('host')}, pid "
+                f"{lost.get('pid')}) while this one was silent; stopping without saving step {step}"
+            )
 
         def before_commit(tmp: Path) -> None:
             for hook in self.hooks:
                 hook.on_save(step, tmp)
 
         self.newest = save(
-            self.out_dir, step, epoch, self.engine.state_dict(), self.cfg.to_dict(), self.loader.state_dict(),
-            self.cfg.train.keep_last, extra_meta={"loss_convention": self.objective.convention()},
-            rank_extra={"objective": self.objective.rank_state()}, before_commit=before_commit,
+            self.out_dir,
+            step,
+            epoch,
+            self.engine.state_dict(),
+            self.cfg.to_dict(),
+            self.loader.state_dict(),
+            self.cfg.train.keep_last,
+            extra_meta={"loss_convention": self.objective.convention()},
+            rank_extra={"objective": self.objective.rank_state()},
+            before_commit=before_commit,
         )
         self.saved_step = step
 

@@ -14,46 +14,11 @@ import numpy as np
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.badfiles import check_paths, write_bad_files
-from supcon_scale.data.folder import FolderIndex, index_folder
+from supcon_scale.data.folder import FolderIndex
+from supcon_scale.data.index import build_index, train_dir  # noqa: F401 - the scan over ranks; train_dir re-exported
 from supcon_scale.data.spec import spec_from_config
 
 log = logging.getLogger(__name__)
-
-
-def train_dir(root: str | Path) -> Path:
-    """`root/train` when it exists (the ImageNet layout), else `root` itself holding the class folders."""
-    root = Path(root)
-    return root / "train" if (root / "train").is_dir() else root
-
-
-def build_index(
-    cfg: DataConfig, ctx: distributed.Context, out_dir: Path | None, workers: int | None = None
-) -> tuple[FolderIndex, int]:
-    """The good files of the training split and the number skipped, after applying `data.on_bad_file`.
-
-    Rank 0 decodes every file once and broadcasts the bad ones, so every rank applies the same policy (a failure
-    stops every rank before training, naming the first bad path).
-    """
-    index = index_folder(train_dir(cfg.root))
-    bad: list[tuple[str, str]] = []
-    if ctx.is_main:
-        report = check_paths(index.paths, workers)
-        bad = report.bad
-        if bad and cfg.on_bad_file == "skip" and out_dir is not None:
-            write_bad_files(report, Path(out_dir))
-    bad = distributed.broadcast_object(bad)  # type: ignore[assignment]
-    if not bad:
-        return index, 0
-    if cfg.on_bad_file == "fail":
-        path, reason = bad[0]
-        raise ValueError(f"data.on_bad_file=fail: {path}: {reason} ({len(bad)} bad file(s) in total)")
-    if ctx.is_main:
-        where = f", listed in {Path(out_dir) / 'bad_files.txt'}" if out_dir is not None else ""
-        log.warning("skipping %d undecodable image(s) of %d%s", len(bad), len(index), where)
-    skip = {p for p, _ in bad}
-    keep = [i for i, p in enumerate(index.paths) if p not in skip]
-    return FolderIndex([index.paths[i] for i in keep], [index.labels[i] for i in keep], index.classes), len(bad)
 
 
 def num_classes(cfg: DataConfig, index: FolderIndex) -> int:
@@ -73,6 +38,11 @@ class EpochPlan:
     one global batch, wait for another epoch); every kept sample is seen exactly once. drop_last=False: the order is
     padded by wrapping around to a multiple of the world size (DistributedSampler's rule, at most world-1 repeats)
     and the last batch of each rank may be smaller, the same size on every rank.
+
+    The position in an epoch is global: after `k` steps the first `k * global_batch` samples of the epoch's order
+    are consumed, whatever the world size. The rest is strided over the ranks of the run that continues it, so a
+    checkpoint resumes on another world size (same global batch) without dropping or repeating a sample, and the
+    number of steps per epoch, `ceil(N / global_batch)` or `N // global_batch`, does not depend on the world size.
     """
 
     num_samples: int
@@ -103,29 +73,32 @@ class EpochPlan:
 
     @property
     def steps(self) -> int:
+        # ceil(ceil(N / W) / (G / W)) == ceil(N / G) when W divides G: the same on every world size.
         if self.drop_last:
             return self.num_samples // self.global_batch
-        return math.ceil(math.ceil(self.num_samples / self.world_size) / self.local_batch)
+        return math.ceil(self.num_samples / self.global_batch)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
-        """The global shuffled order of the epoch (the same on every rank)."""
+        """The global shuffled order of the epoch (the same on every rank and every world size)."""
         return np.random.default_rng([seed, epoch, 0x5C]).permutation(self.num_samples)
 
-    def rank_indices(self, seed: int, epoch: int, rank: int) -> np.ndarray:
-        """This rank's samples for the epoch, strided by global rank like DistributedSampler."""
+    def remaining(self, seed: int, epoch: int, start: int = 0) -> np.ndarray:
+        """The epoch's samples not yet consumed after `start` steps, padded to a multiple of this world size."""
         order = self.order(seed, epoch)
-        total = self.per_rank * self.world_size
-        if total <= len(order):
-            order = order[:total]
-        else:
-            order = np.concatenate([order, order[: total - len(order)]])
-        return order[rank :: self.world_size]
+        kept = order[: self.steps * self.global_batch] if self.drop_last else order
+        rest = kept[min(start * self.global_batch, len(kept)) :]
+        pad = -len(rest) % self.world_size
+        return np.concatenate([rest, np.resize(order, pad)]) if pad else rest
+
+    def rank_indices(self, seed: int, epoch: int, rank: int, start: int = 0) -> np.ndarray:
+        """This rank's samples of the epoch from step `start` on, strided by global rank like DistributedSampler."""
+        return self.remaining(seed, epoch, start)[rank :: self.world_size]
 
     def batches(self, seed: int, epoch: int, rank: int, start: int = 0) -> list[np.ndarray]:
-        """This rank's batches of the epoch from batch `start` on."""
-        idx = self.rank_indices(seed, epoch, rank)
+        """This rank's batches of the epoch from batch `start` on (one step is one batch on every rank)."""
+        idx = self.rank_indices(seed, epoch, rank, start)
         b = self.local_batch
-        return [idx[i : i + b] for i in range(start * b, len(idx), b)]
+        return [idx[i : i + b] for i in range(0, len(idx), b)]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -133,19 +106,41 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def check_position(state: dict, *, world_size: int, backend: str, num_samples: int, steps: int) -> None:
-    """Refuse a saved data position that this loader cannot continue exactly (as DALI's and torchdata's checkpoints do; docs/RELIABILITY.md)."""
-    if int(state["world_size"]) != world_size:
-        raise ValueError(
-            f"data position was saved with world size {int(state['world_size'])} but this run has world size "
-            f"{world_size}; resuming would drop or repeat samples"
-        )
+def check_position(
+    state: dict, *, world_size: int, backend: str, num_samples: int, steps: int, global_batch: int
+) -> None:
+    """Refuse a saved data position that this loader cannot continue exactly (docs/RELIABILITY.md).
+
+    Another world size is fine (the position is global) unless the position holds a backend's own per-rank reader
+    state mid-epoch (DALI's checkpoint), which cannot be split over other ranks.
+    """
+    saved_world = int(state["world_size"])
     if str(state["backend"]) != backend:
         raise ValueError(f"data position was saved by backend {state['backend']!r}, this run uses {backend!r}")
     if int(state["num_samples"]) != num_samples:
         raise ValueError(
             f"data position was saved over {int(state['num_samples'])} images but data.root now has {num_samples}"
         )
+    saved_batch = state.get("global_batch")
+    if saved_batch is not None and int(saved_batch) != global_batch:
+        raise ValueError(
+            f"data position was saved with data.global_batch_size={int(saved_batch)}, this run has {global_batch}; "
+            "the position counts steps of that batch size"
+        )
+    if saved_world != world_size:
+        blob = state.get("dali_checkpoint")
+        mid_epoch = 0 < int(state["batch"]) < steps
+        per_rank_reader = getattr(blob, "numel", lambda: 0)() > 0
+        if saved_batch is None or (mid_epoch and per_rank_reader):
+            why = (
+                "it predates global positions"
+                if saved_batch is None
+                else f"backend {backend}'s reader checkpoint is per rank; resume from an epoch-end checkpoint"
+            )
+            raise ValueError(
+                f"data position was saved with world size {saved_world} but this run has world size {world_size}; "
+                f"{why} (resuming would drop or repeat samples)"
+            )
     if not 0 <= int(state["batch"]) <= steps:
         raise ValueError(f"data position batch {int(state['batch'])} is outside this epoch's {steps} batches")
 
@@ -153,8 +148,10 @@ def check_position(state: dict, *, world_size: int, backend: str, num_samples: i
 class EpochCursor:
     """The epoch a loader serves and how many of its batches it has handed out: the position checkpoints keep.
 
-    A loader sets `backend`, `steps_per_epoch`, `seed`, `ctx` and `num_samples`, calls `_begin_pass()` when an
-    iteration starts and advances `position` per batch; `_reset()` drops its own per-pass state.
+    A loader sets `backend`, `steps_per_epoch`, `local_batch`, `seed`, `ctx` and `num_samples`, calls
+    `_begin_pass()` when an iteration starts and advances `position` per batch; `_reset()` drops its own per-pass
+    state. `position` counts steps, the same on every rank: `position * global_batch` samples of the epoch's global
+    order are consumed (EpochPlan), which is what lets a checkpoint continue on another world size.
     """
 
     epoch = 0
@@ -177,21 +174,32 @@ class EpochCursor:
             self.position = 0
             self._reset()
 
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.ctx.world_size
+
     def position_state(self) -> dict[str, int | str]:
         return {
             "backend": self.backend,
             "epoch": self.epoch,
             "batch": self.position,
+            "samples": self.position * self.global_batch,  # consumed of the epoch's global order (for people)
+            "global_batch": self.global_batch,
             "world_size": self.ctx.world_size,
             "seed": self.seed,
             "num_samples": self.num_samples,
         }
 
     def load_position(self, state: dict) -> None:
-        """Continue from a saved position, or raise ValueError naming what differs."""
+        """Continue from a saved position (of any world size with the same global batch), or raise ValueError
+        naming what differs."""
         check_position(
-            state, world_size=self.ctx.world_size, backend=self.backend, num_samples=self.num_samples,
+            state,
+            world_size=self.ctx.world_size,
+            backend=self.backend,
+            num_samples=self.num_samples,
             steps=self.steps_per_epoch,
+            global_batch=self.global_batch,
         )
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
