@@ -177,6 +177,12 @@ class DataConfig:
     """The training images and their input pipeline."""
 
     root: str = key("data/digits", "image folder: train/<class>/* (and val/<class>/* for kNN)", nonempty=True)
+    format: Literal["folder", "shards", "cifar"] = key(
+        "folder", "how data.root stores the images: folder (class folders), shards (tar + index.json), cifar"
+    )
+    manifest: str | None = key(
+        None, "bad-file scan manifest read and written at start-up; null: out_dir/data_manifest.tsv", nonempty=True
+    )
     backend: Literal["torchvision", "dali", "dali-cpu", "dali-gpu", "synthetic"] = key(
         "torchvision", "input pipeline: torchvision (Pillow), dali (on the GPU when there is one), dali-cpu, ..."
     )

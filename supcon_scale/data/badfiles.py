@@ -1,6 +1,7 @@
-"""Find images that cannot be decoded before any loader sees them (a corrupt JPEG kills a DALI pipeline: DALI #211, #2019, #3913).
+"""Find images that cannot be decoded before any loader sees them (a corrupt JPEG kills a DALI pipeline).
 
-DALI cannot skip a corrupt file mid-run (the pipeline dies), so every backend indexes through `check_paths`:
+DALI cannot skip a corrupt file mid-run (the pipeline dies: DALI #211, #2019, #3913), so every backend indexes
+through this scan (`data/index.py` splits it over the ranks and keeps its verdicts in a manifest):
 each file is fully decoded once (JPEGs in draft mode, which still entropy-decodes the whole stream, so truncation is
 caught) and the bad ones are either skipped and listed in `bad_files.txt` or stop the run before training.
 """
@@ -8,6 +9,7 @@ caught) and the bad ones are either skipped and listed in `bad_files.txt` or sto
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -30,18 +32,12 @@ class ScanReport:
         return {"good": len(self.good), "bad": [{"path": p, "reason": r} for p, r in self.bad]}
 
 
-def check_file(path: str) -> str | None:
-    """None when `path` decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
+def _decode(source: str | io.BytesIO) -> str | None:
+    """None when `source` decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
     from PIL import Image
 
     try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
-    if size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()  # raises on truncated data (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is False by default)
@@ -52,26 +48,66 @@ def check_file(path: str) -> str | None:
     return None
 
 
-def _check_chunk(paths: list[str]) -> list[str | None]:
-    return [check_file(p) for p in paths]
+def check_file(path: str) -> str | None:
+    """None when `path` decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    return _decode(path)
 
 
-def default_workers() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
+def check_bytes(data: bytes) -> str | None:
+    """`check_file` for an encoded image held in memory (a tar shard's member)."""
+    return "empty file (0 bytes)" if not data else _decode(io.BytesIO(data))
+
+
+# A sample to check: a file path, or (tar path, byte offset, byte count) of a shard's member.
+Ref = str | tuple[str, int, int]
+
+
+def check_ref(ref: Ref) -> str | None:
+    """`check_file` for a path, `check_bytes` for the byte range of a shard member."""
+    if isinstance(ref, str):
+        return check_file(ref)
+    path, offset, size = ref
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if len(data) < size:
+        return f"truncated: {len(data)} of {size} bytes in the shard"
+    return check_bytes(data)
+
+
+def _check_chunk(refs: list[Ref]) -> list[str | None]:
+    return [check_ref(r) for r in refs]
+
+
+def default_workers(ranks_per_node: int = 1) -> int:
+    """Decoding processes of one rank: the CPUs this process may use (not the machine's), shared by the node's ranks."""
+    return max(1, min(32, len(os.sched_getaffinity(0)) // max(1, ranks_per_node)))
+
+
+def check_refs(refs: list[Ref], workers: int | None = None) -> list[str | None]:
+    """The `check_ref` verdict of every sample, in order, decoded in `workers` processes for large lists."""
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(refs) < 512:
+        return _check_chunk(refs)
+    chunk = max(64, len(refs) // (workers * 8))
+    chunks = [refs[i : i + chunk] for i in range(0, len(refs), chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return [r for part in pool.map(_check_chunk, chunks) for r in part]
 
 
 def check_paths(paths: list[str], workers: int | None = None) -> ScanReport:
     """Decode every path (in `workers` processes for large lists) and split them into good and bad."""
-    workers = default_workers() if workers is None else workers
-    if workers <= 1 or len(paths) < 512:
-        reasons = _check_chunk(paths)
-    else:
-        chunk = max(64, len(paths) // (workers * 8))
-        chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            reasons = [r for part in pool.map(_check_chunk, chunks) for r in part]
     report = ScanReport()
-    for path, reason in zip(paths, reasons):
+    for path, reason in zip(paths, check_refs(list(paths), workers), strict=True):
         if reason is None:
             report.good.append(path)
         else:

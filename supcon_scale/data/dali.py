@@ -1,18 +1,19 @@
-"""The DALI backend: `fn.readers.file` + decode + V augmented views per image, on the GPU (mixed) or the CPU.
+"""The DALI backend: encoded samples in the epoch plan's order + decode + V augmented views, on the GPU or the CPU.
 
-One pipeline per epoch reads the epoch's file list, already shuffled and sharded by `EpochPlan` (the same order as the
-torchvision backend): the list is the concatenation of every global rank's samples, so `shard_id=rank,
-num_shards=world` gives each rank exactly its share and every file is read once per epoch (drop-last aside). The
-pipeline is seeded from (seed, global rank, epoch) and built with `enable_checkpointing=True`, so a saved position
-rebuilds it and continues with the same remaining batches. The GPU and CPU pipelines share `augment_view`; only the
-decoder device differs, so the CPU tests cover the GPU graph.
+One pipeline serves the whole run: `fn.external_source` asks `PlanFeed` for each step's batch of this rank, the
+same order as the torchvision backend (`EpochPlan`), from an image folder, tar shards (byte ranges) or CIFAR's
+arrays alike, and runs on from one epoch into the next, so no epoch pays for a new pipeline and an empty prefetch
+queue (building one costs about a second on a CPU, more on a GPU; docs/BENCHMARKS.md). The pipeline is built with
+`enable_checkpointing=True`, so a saved position rebuilds it and continues with the same remaining batches. The GPU
+and CPU pipelines share `augment_view`; only the decoder device differs, so the CPU tests cover the GPU graph.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,54 +168,49 @@ def crop_views(encoded: Any, spec: AugmentSpec, views: int, decoder: str, roi: b
 
 
 def build_pipeline(
-    files: list[str],
-    labels: list[int],
+    source: Any,
     spec: AugmentSpec,
     *,
     views: int,
     batch_size: int,
-    shard_id: int,
-    num_shards: int,
     device: str,
     device_id: int | None,
     num_threads: int,
     seed: int,
+    raw: bool = False,
     roi: bool = ROI_DECODE_DEFAULT,
     hw_decoder_load: float = 0.75,
     checkpoint: bytes | None = None,
 ) -> Any:
-    """The V-view training pipeline over `files` in the given order (no reader-side shuffling).
+    """The V-view training pipeline over the batches `source(BatchInfo)` returns: `(encoded samples, labels)`.
 
-    Outputs `(view_0, ..., view_{V-1}, label)` of `batch_size` samples, or with `roi` `(views, label)` of
-    V * `batch_size` samples where sample k is view k % V of image k // V (`split_views` undoes it).
+    `source` decides the order (the epoch plan, across epochs), so one pipeline serves the whole run. Outputs
+    `(view_0, ..., view_{V-1}, label)` of up to `batch_size` samples, or with `roi` `(views, label)` of V times as
+    many, where sample k is view k % V of image k // V (`split_views` undoes it; the source repeats each sample V
+    times). `raw`: the samples are HWC uint8 arrays (CIFAR), cropped without a decoder.
     """
     dali = _dali()
-    from nvidia.dali import fn
+    from nvidia.dali import fn, types
 
-    if roi:
-        files = [f for f in files for _ in range(views)]
-        labels = [y for y in labels for _ in range(views)]
-        batch_size, branches = batch_size * views, 1
-    else:
-        branches = views
+    branches = 1 if roi else views
 
     @dali.pipeline_def(enable_conditionals=True)
-    def two_view():
-        encoded, label = fn.readers.file(
-            files=files,
-            labels=labels,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            random_shuffle=False,
-            pad_last_batch=True,
-            name=READER,
+    def v_views():
+        encoded, label = fn.external_source(
+            source=source, num_outputs=2, batch=True, batch_info=True, dtype=[types.UINT8, types.INT32]
         )
-        decoder = "mixed" if device == "gpu" else "cpu"
-        out = [augment_view(v, spec) for v in crop_views(encoded, spec, branches, decoder, roi, hw_decoder_load)]
+        if raw:
+            image = encoded.gpu() if device == "gpu" else encoded
+            size = (spec.image_size, spec.image_size)
+            crop = dict(random_area=list(spec.crop_scale), random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
+            crops = [fn.random_resized_crop(image, size=size, antialias=True, **crop) for _ in range(branches)]
+        else:
+            crops = crop_views(encoded, spec, branches, "mixed" if device == "gpu" else "cpu", roi, hw_decoder_load)
+        out = [augment_view(v, spec) for v in crops]
         return (*out, label)
 
-    pipe = two_view(
-        batch_size=batch_size,
+    pipe = v_views(
+        batch_size=batch_size * views if roi else batch_size,
         num_threads=num_threads,
         device_id=device_id,
         seed=seed,
@@ -233,8 +229,39 @@ def split_views(out: dict[str, torch.Tensor], views: int, roi: bool) -> tuple[li
     return [out[f"view{v}"] for v in range(views)], out["label"].reshape(-1)
 
 
+class PlanFeed:
+    """The pipeline's source: DALI's iteration `i` is step `origin + i` of the run, in the epoch plan's order.
+
+    Step `s` is batch `s % steps` of epoch `s // steps`, so the pipeline runs on from one epoch into the next (its
+    prefetch queue holds the next epoch's first batches when an epoch ends) and is built once per run. DALI's
+    checkpoint restores the iteration and the operators' random state; `origin` travels beside it.
+    """
+
+    def __init__(self, samples: Any, plan: Any, seed: int, rank: int, views: int, roi: bool, origin: int):
+        self.samples, self.plan, self.seed, self.rank = samples, plan, seed, rank
+        self.repeat = views if roi else 1
+        self.origin = origin
+        self._epoch, self._batches = -1, []
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, b = divmod(step, self.plan.steps)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self.plan.batches(self.seed, epoch, self.rank)
+        return self._batches[b]
+
+    def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray]:
+        idx = self.batch(self.origin + info.iteration)
+        labels = self.samples.labels
+        data = [self.samples.encoded(int(i)) for i in idx for _ in range(self.repeat)]
+        return data, np.array([labels[int(i)] for i in idx for _ in range(self.repeat)], dtype=np.int32)
+
+
 class DaliLoader(FolderCursor):
-    """The data contract of docs/DESIGN.md over DALI pipelines; see `supcon_scale.data.build_train_loader`."""
+    """The data contract of docs/DESIGN.md over one long-lived DALI pipeline; see `build_train_loader`.
+
+    The pipeline is built when iteration starts and kept for the next epoch; it is rebuilt only when the wanted
+    position is not the one it delivers next (a `load_state_dict`, a jump to another epoch).
+    """
 
     def __init__(
         self,
@@ -246,74 +273,80 @@ class DaliLoader(FolderCursor):
         roi: bool = ROI_DECODE_DEFAULT,
     ):
         _dali()
-        self.roi = roi
         self.device = resolve_device(cfg.backend, ctx)
         self.backend = f"dali-{self.device}"
         super().__init__(cfg, ctx, seed, out_dir)
+        self.roi = roi and not self.index.raw  # raw arrays: one image, V crops (no decoder to fuse with)
         self._checkpoint: bytes | None = None  # DALI state matching (epoch, position) after load_state_dict
+        self._origin = 0  # the step the restored checkpoint's pipeline started from
         self._iter: Any = None
+        self._feed: PlanFeed | None = None
+        self._next = (-1, -1)  # (epoch, batch) the open pipeline delivers next
 
     def _reset(self) -> None:
-        self._iter, self._checkpoint = None, None
+        # set_epoch/_begin_pass call this; the open pipeline survives when it is already at the wanted position.
+        if self._next != (self.epoch, self.position):
+            self._checkpoint = None
 
-    def epoch_files(self, epoch: int) -> tuple[list[str], list[int]]:
-        """Every rank's samples for `epoch`, rank 0's first: DALI's contiguous shard r is then global rank r's share."""
-        idx = np.concatenate([self.plan.rank_indices(self.seed, epoch, r) for r in range(self.ctx.world_size)])
-        return [self.index.paths[i] for i in idx], [self.index.labels[i] for i in idx]
+    def _step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.position
 
     def _open(self) -> Any:
-        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        files, labels = self.epoch_files(self.epoch)
+        origin = self._origin if self._checkpoint is not None else self._step()
+        self._feed = PlanFeed(self.index, self.plan, self.seed, self.ctx.rank, self.cfg.views, self.roi, origin)
         pipe = build_pipeline(
-            files,
-            labels,
+            self._feed,
             self.spec,
             views=self.cfg.views,
             batch_size=self.local_batch,
-            shard_id=self.ctx.rank,
-            num_shards=self.ctx.world_size,
             device=self.device,
             device_id=(self.ctx.device.index or 0) if self.device == "gpu" else None,
             num_threads=self.cfg.dali_threads,
             seed=distributed.rank_seed(self.seed, self.ctx.rank, self.epoch) % 2**31,
+            raw=self.index.raw,
             roi=self.roi,
             hw_decoder_load=self.cfg.hw_decoder_load,
             checkpoint=self._checkpoint,
         )
         names = [f"view{v}" for v in range(1 if self.roi else self.cfg.views)] + ["label"]
-        # Shards hold whole batches under drop_last (EpochPlan trims), else the last batch is partial on every rank.
-        policy = LastBatchPolicy.DROP if self.cfg.drop_last else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False)
+        self._checkpoint = None
+        return DALIGenericIterator([pipe], names, size=-1, auto_reset=False, prepare_first_batch=False)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self._begin_pass()
-        if self._iter is None or self.position == 0:
+        if self._iter is None or self._next != (self.epoch, self.position):
             self._iter = self._open()
         cuda = self.device == "gpu"
-        for batch in self._iter:
-            views, labels = split_views(batch[0], self.cfg.views, self.roi)
+        while self.position < self.steps_per_epoch:
+            views, labels = split_views(next(self._iter)[0], self.cfg.views, self.roi)
             if cuda:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = labels.to(self.ctx.device, dtype=torch.int64, non_blocking=True)
             self.position += 1
+            at_end = self.position == self.steps_per_epoch
+            self._next = (self.epoch + 1, 0) if at_end else (self.epoch, self.position)
             yield [v.to(self.ctx.device, non_blocking=True) for v in views], labels
-            if self.position >= self.steps_per_epoch:
-                break
-        assert self.position == self.steps_per_epoch, (self.position, self.steps_per_epoch)
-        self._iter = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch + 1 and self.position == self.steps_per_epoch and self._next == (epoch, 0):
+            self.epoch, self.position = epoch, 0  # the open pipeline runs on into this epoch
+            return
+        super().set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int | str | torch.Tensor]:
-        """Position plus DALI's serialized reader/RNG checkpoint as a uint8 tensor (loads with weights_only=True)."""
+        """Position plus DALI's serialized pipeline checkpoint as a uint8 tensor (loads with weights_only=True)."""
         state: dict[str, int | str | torch.Tensor] = {
-            **self.position_state(), "dali_checkpoint": torch.zeros(0, dtype=torch.uint8)
+            **self.position_state(),
+            "dali_checkpoint": torch.zeros(0, dtype=torch.uint8),
+            "dali_origin": 0,
         }
         blob = None
-        if 0 < self.position < self.steps_per_epoch and self._iter is not None:
-            blob = self._iter.checkpoints()[0]
+        if self._iter is not None and self.position and self._feed is not None:
+            blob, state["dali_origin"] = self._iter.checkpoints()[0], self._feed.origin
         elif self.position and self._checkpoint is not None:
-            blob = self._checkpoint
+            blob, state["dali_origin"] = self._checkpoint, self._origin
         if blob is not None:
             raw = blob.encode("utf-8", "surrogateescape") if isinstance(blob, str) else bytes(blob)
             state["dali_checkpoint"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -321,7 +354,12 @@ class DaliLoader(FolderCursor):
 
     def load_state_dict(self, state: dict) -> None:
         self.load_position(state)
+        self._iter, self._next = None, (-1, -1)
         blob = state.get("dali_checkpoint")
-        self._checkpoint = bytes(blob.numpy().tobytes()) if isinstance(blob, torch.Tensor) and blob.numel() else None
+        same_world = int(state["world_size"]) == self.ctx.world_size
+        has_blob = isinstance(blob, torch.Tensor) and blob.numel() > 0
+        # Another world size (allowed at an epoch's end only): the random state per rank cannot follow the samples.
+        self._checkpoint = bytes(blob.numpy().tobytes()) if has_blob and same_world else None
+        self._origin = int(state.get("dali_origin", 0))
         if 0 < self.position < self.steps_per_epoch and self._checkpoint is None:
             raise ValueError("data position is mid-epoch but holds no DALI checkpoint; cannot resume exactly")

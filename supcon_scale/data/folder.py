@@ -2,43 +2,97 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-@dataclass(frozen=True)
+@dataclass
 class FolderIndex:
-    """Sorted file paths with integer labels; `classes[label]` is the folder name."""
+    """Sorted file paths with integer labels; `classes[label]` is the folder name.
+
+    The samples of `data.format=folder`: `encoded(i)` is the file's bytes (what DALI decodes), `image(i)` the RGB
+    image (what torchvision transforms); `sizes`/`mtimes_ns` (when listed with stats) key the scan manifest.
+    """
 
     paths: list[str]
     labels: list[int]
     classes: list[str]
+    sizes: list[int] | None = None
+    mtimes_ns: list[int] | None = None
+    raw: ClassVar[bool] = False  # samples are encoded files, not pixel arrays
+    scan: object = field(default=None, compare=False)  # the start-up scan's ScanStats (data/index.py)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def ref(self, i: int) -> str:
+        """What the bad-file scan decodes for sample `i`."""
+        return self.paths[i]
 
-def index_folder(directory: str | Path) -> FolderIndex:
-    """List `directory/<class>/<image>` in a fixed order; raises ValueError naming the directory if unusable."""
+    def encoded(self, i: int) -> np.ndarray:
+        """The file's bytes as uint8 (DALI's decoders take them as they are)."""
+        with open(self.paths[i], "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8)
+
+    def image(self, i: int) -> Image.Image:
+        """Any decodable file (grayscale, CMYK, palette, a PNG named .jpg) as an RGB image."""
+        with Image.open(self.paths[i]) as img:
+            return img.convert("RGB")
+
+    def subset(self, keep: list[int]) -> FolderIndex:
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        return FolderIndex(pick(self.paths), pick(self.labels), self.classes, pick(self.sizes), pick(self.mtimes_ns))
+
+
+def _list_class(folder: str) -> list[tuple[str, int, int]]:
+    """`(name, size, mtime_ns)` of the image files of one class folder: one directory read, one stat per file."""
+    out = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                st = entry.stat()
+                out.append((entry.name, st.st_size, st.st_mtime_ns))
+    out.sort()
+    return out
+
+
+def index_folder(directory: str | Path, workers: int = 8) -> FolderIndex:
+    """List `directory/<class>/<image>` in a fixed order, with each file's size and mtime; one pass per folder.
+
+    Folders are read by `workers` threads (directory reads and stats release the GIL, and on network storage each
+    is a round trip). Raises ValueError naming the directory if it is unusable.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"data.root: directory not found: {directory}")
-    classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with os.scandir(directory) as it:
+        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"data.root: no class folders in {directory}")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((directory / name).iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(f))
-                labels.append(label)
+    folders = [os.path.join(directory, name) for name in classes]
+    if workers > 1 and len(folders) > 1:
+        with ThreadPoolExecutor(min(workers, len(folders))) as pool:
+            listed = list(pool.map(_list_class, folders))
+    else:
+        listed = [_list_class(f) for f in folders]
+    paths, labels, sizes, mtimes = [], [], [], []
+    for label, (folder, files) in enumerate(zip(folders, listed, strict=True)):
+        for name, size, mtime in files:
+            paths.append(os.path.join(folder, name))
+            labels.append(label)
+            sizes.append(size)
+            mtimes.append(mtime)
     if not paths:
         raise ValueError(f"data.root: no images under {directory}")
-    return FolderIndex(paths, labels, classes)
+    return FolderIndex(paths, labels, classes, sizes, mtimes)
 
 
 def make_demo_data(out: str | Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
@@ -46,7 +100,6 @@ def make_demo_data(out: str | Path, size: int = 32, val_fraction: float = 0.2, s
 
     A fixed stratified split: `out/train/<digit>/*.jpg` and `out/val/<digit>/*.jpg`. Returns `out`.
     """
-    from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -6,8 +6,8 @@ on the number of workers nor on the world size, and a mid-epoch resume replays t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.folder import FolderIndex
+from supcon_scale.data.index import Samples
 from supcon_scale.data.sharding import EpochPlan, FolderCursor, sample_seed
 from supcon_scale.data.spec import AugmentSpec
 
@@ -62,7 +62,7 @@ def load_rgb(path: str) -> Image.Image:
 class ViewsDataset(torch.utils.data.Dataset):
     """`(views, label)` for a key `(epoch, index)`: V views of one image, seeded by (seed, epoch, index)."""
 
-    def __init__(self, index: FolderIndex, spec: AugmentSpec, views: int, seed: int):
+    def __init__(self, index: Samples, spec: AugmentSpec, views: int, seed: int):
         self.index = index
         self.views = views
         self.seed = seed
@@ -73,7 +73,7 @@ class ViewsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         epoch, i = key
-        img = load_rgb(self.index.paths[i])
+        img = self.index.image(i)  # a file, a shard member or a CIFAR array, as RGB
         # fork_rng: with workers=0 this runs in the training process, whose RNG must not be disturbed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
