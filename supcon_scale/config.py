@@ -195,6 +195,9 @@ class DataConfig:
     hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
     drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
     on_bad_file: Literal["skip", "fail"] = key("skip", "an image that cannot be decoded: skip it (listed) or fail")
+    eval_crop: Literal["resize_crop", "identity"] = key(
+        "resize_crop", "evaluation view: short side to image_size/0.875 then centre crop, or the image as stored"
+    )
     augment: AugmentConfig = field(
         default_factory=AugmentConfig, metadata={"help": "augmentation of each training view"}
     )
@@ -212,6 +215,15 @@ class ModelConfig:
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
     cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images")
+    head_hidden_layers: int = key(1, "hidden layers of the mlp head (SimCLR's 2048-2048-128 head has 2)", ge=1)
+    head_batch_norm: bool = key(False, "batch norm after each hidden mlp layer, which then has no bias (SimCLR)")
+    head_bias: bool = key(True, "bias in the head's last layer (the official projection head has none)")
+    normalize_encoder_output: bool = key(
+        False, "L2-normalise the pooled encoder output before the head or classifier (official normalize_embedding)"
+    )
+    init_from: str | None = key(
+        None, "local timm checkpoint or .safetensors file the encoder starts from (no hub download)", nonempty=True
+    )
 
 
 @dataclass(kw_only=True)
@@ -230,8 +242,15 @@ class LossConfig:
         "none", "loss multiplier: none, tau (official release) or tau / base_temperature (SupContrast)"
     )
     base_temperature: float = key(0.07, "reference temperature of scale=base_temperature", gt=0)
+    label_smoothing: float = key(0.0, "label smoothing of loss.name=cross_entropy", ge=0, lt=1)
     impl: Literal["dense", "tiled", "auto"] = key(
         "auto", "dense similarity matrix, tiled blocks (less memory), or auto"
+    )
+    denominator_mode: Literal["all", "one_positive", "only_negatives"] = key(
+        "all", "positives in the softmax denominator: all, only the numerator's one, or none (official release)"
+    )
+    positives_cap: int | None = key(
+        None, "most positive views per anchor besides its own image's (a multiple of the views); null: no cap", ge=0
     )
 
 
@@ -243,6 +262,7 @@ class OptimConfig:
     base_lr: float = key(0.4, "learning rate per 256 images: lr = base_lr * global_batch_size / 256", gt=0)
     weight_decay: float = key(1e-4, "L2 weight decay", ge=0)
     momentum: float = key(0.9, "momentum of lars and sgd (adamw ignores it)", ge=0, lt=1)
+    nesterov: bool = key(False, "Nesterov momentum for name=sgd (the official cross-entropy recipes)")
     trust_coeff: float = key(0.001, "LARS trust coefficient eta", gt=0)
     exclude_bn_bias: bool = key(True, "batch-norm and bias tensors get neither weight decay nor LARS adaptation")
     schedule: Literal["cosine", "constant"] = key("cosine", "after the warm-up: cosine decay or constant")
@@ -340,6 +360,10 @@ class RunConfig:
     out_dir: str = key("runs/default", "run directory: config, metrics, checkpoints, exported encoder", nonempty=True)
     seed: int = key(0, "seed of the initial weights, the data order and the augmentations", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = key("fp32", "autocast precision (fp16 with loss scaling)")
+    device: Literal["auto", "cuda", "cpu"] = key(
+        "auto", "cuda, cpu or auto (cuda when CUDA works); cuda, or GPUs named in CUDA_VISIBLE_DEVICES, without CUDA: error"
+    )
+    tf32: bool = key(True, "TF32 tensor cores for fp32 matmuls and convolutions on the GPU (bf16/fp16 unaffected)")
     data: DataConfig = field(
         default_factory=DataConfig, metadata={"help": "the training images and their input pipeline"}
     )

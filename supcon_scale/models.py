@@ -21,14 +21,16 @@ class SupConModel(nn.Module):
     After training the head is thrown away and the encoder alone is exported (the paper's protocol).
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, normalize: bool = True):
+    def __init__(self, encoder: nn.Module, head: nn.Module, normalize: bool = True, normalize_input: bool = False):
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.normalize = normalize
+        self.normalize_input = normalize_input  # the official normalize_embedding: h / |h| before the head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.encoder(x))
+        h = self.encoder(x)
+        out = self.head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
         return F.normalize(out.float(), dim=-1) if self.normalize else out
 
 
@@ -110,13 +112,15 @@ class _FrozenBatchNormStats:
         self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def __enter__(self) -> None:
-        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                      for m in self.norms]
+        self.saved = [
+            (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+            for m in self.norms
+        ]
         for m in self.norms:
             m.momentum = 0.0
 
     def __exit__(self, *exc: object) -> None:
-        for m, (momentum, count) in zip(self.norms, self.saved):
+        for m, (momentum, count) in zip(self.norms, self.saved, strict=True):
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
@@ -150,22 +154,89 @@ def enable_activation_checkpointing(encoder: nn.Module) -> int:
     return len(found)
 
 
-def create_head(kind: str, in_dim: int, hidden_dim: int | None, out_dim: int) -> nn.Module:
+def create_head(
+    kind: str,
+    in_dim: int,
+    hidden_dim: int | None,
+    out_dim: int,
+    *,
+    hidden_layers: int = 1,
+    batch_norm: bool = False,
+    bias: bool = True,
+) -> nn.Module:
+    """Projection head: one linear layer, or `hidden_layers` x (linear [-> BN] -> ReLU) then a linear layer.
+
+    The official release's head (google-research/supcon projection_head.py) has no bias on its last layer and, with
+    batch norm, none on the hidden layers either; the PyTorch reference (SupContrast) keeps every bias.
+    """
     if kind == "linear":  # the official TF release: a single 2048 -> 128 layer
-        return nn.Linear(in_dim, out_dim)
+        return nn.Linear(in_dim, out_dim, bias=bias)
     hidden = hidden_dim or in_dim  # the PyTorch reference: 2048 -> 2048 -> 128
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+    layers: list[nn.Module] = []
+    for i in range(hidden_layers):
+        layers.append(nn.Linear(in_dim if i == 0 else hidden, hidden, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers, nn.Linear(hidden, out_dim, bias=bias))
+
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://")
+
+
+def load_init(encoder: nn.Module, path: str) -> None:
+    """`model.init_from`: a local timm checkpoint (.pth/.pt/.bin, optionally under state_dict/model) or .safetensors.
+
+    The classifier of a full timm model is dropped (the encoder has none); every other key must fit, so a
+    standard-stem ImageNet checkpoint refuses to load into a CIFAR-stem encoder (conv1 is 3x3 there).
+    """
+    from pathlib import Path
+
+    from timm.models import load_state_dict
+
+    if path.startswith(HUB_PREFIXES):
+        raise ValueError(f"model.init_from={path!r}: only local files are loaded (no hub or URL download)")
+    if not Path(path).is_file():
+        raise ValueError(f"model.init_from: no file at {path}")
+    try:
+        state = load_state_dict(path, use_ema=False)
+    except Exception as exc:  # a corrupt or foreign file: torch, safetensors and pickle errors differ
+        raise ValueError(f"model.init_from: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    own = encoder.state_dict()
+    classifier = str(getattr(encoder, "default_cfg", {}).get("classifier", "fc"))
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier + ".")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for label, keys in found if keys]
+        raise ValueError(f"model.init_from: {path} does not fit model.encoder: {' | '.join(parts)}")
+    encoder.load_state_dict(state)
 
 
 def build(cfg: ModelConfig, num_classes: int | None = None) -> SupConModel:
     """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline)."""
     encoder = create_encoder(cfg.encoder, cfg.cifar_stem)
+    if cfg.init_from is not None:
+        load_init(encoder, cfg.init_from)
     if num_classes is None:
-        model = SupConModel(encoder, create_head(cfg.head, encoder.num_features, cfg.head_hidden_dim, cfg.feat_dim))
+        head = create_head(
+            cfg.head, encoder.num_features, cfg.head_hidden_dim, cfg.feat_dim,
+            hidden_layers=cfg.head_hidden_layers, batch_norm=cfg.head_batch_norm, bias=cfg.head_bias,
+        )  # fmt: skip
+        model = SupConModel(encoder, head, normalize_input=cfg.normalize_encoder_output)
     else:
-        model = SupConModel(encoder, nn.Linear(encoder.num_features, num_classes), normalize=False)
+        classifier = nn.Linear(encoder.num_features, num_classes)
+        model = SupConModel(encoder, classifier, normalize=False, normalize_input=cfg.normalize_encoder_output)
     if cfg.sync_bn:
         model = convert_global_batchnorm(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.encoder)
     return model
+
+
+FrozenBatchNormStats = _FrozenBatchNormStats  # public name: the official linear stage runs batch norm this way

@@ -45,7 +45,7 @@ def build_optimizer(
         # eta*|w| / |g + wd*w| (SimCLR/SupCon TF, MoCo v3); both are 1.0 where a norm is zero.
         return lars_class(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff, foreach=True)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
     return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 

@@ -1,20 +1,29 @@
 """Linear evaluation (the paper's stage 2): a linear classifier on a frozen encoder, scored at the final epoch.
 
-The encoder stays in eval mode (batch-norm statistics frozen; docs/EVALUATION.md). Without augmentation the
-features are extracted once (sharded over ranks, all-gathered) and the head trains on the cached matrix; with
-augmentation every epoch runs the frozen encoder on freshly augmented train images. With a process group up each
-rank takes a slice of every global batch and the head's gradients are summed over ranks, so the result equals one
-process on the global batch. The reported accuracy is the final epoch's, never the best on the evaluation split
-(docs/EVALUATION.md).
+Three named protocols (docs/EVALUATION.md):
+
+- `official`: the google-research/supcon stage 2, in its ImageNet form (TF RMSProp, i.e. timm's `RMSpropTF`; LR
+  scaled by the stage-1 batch; 12 warm-up epochs, then x0.97 every half epoch; 90 epochs; wd 1e-6; label smoothing
+  0.05) or its CIFAR form (momentum SGD 2.5 per 256, x0.2 after epochs 60/75/90, 100 epochs, no wd); both train
+  on the stage-1 augmented stream with batch norm in train mode whose running statistics do not move, and feed
+  the classifier the L2-normalised features when the run set `model.normalize_encoder_output`.
+- `hobbitlong`: HobbitLong/SupContrast `main_linear.py` (SGD 0.1, x0.2 after epochs 60/75/90, crop 0.2-1 + flip,
+  batch norm in eval mode).
+- `fast`: not a published recipe; L-BFGS on standardised cached features, for demos and monitors.
+
+With a process group up each rank takes a slice of every global batch and the head's gradients are summed over
+ranks. The reported accuracy is the final epoch's, never the best on the evaluation split.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,56 +33,130 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supcon_scale import distributed
-from supcon_scale.evaluation.features import cache_key, default_device, extract_features, freeze, load_features, save_features
+from supcon_scale import config, distributed
+from supcon_scale.evaluation.features import (
+    cache_key,
+    default_device,
+    extract_features,
+    freeze,
+    load_features,
+    save_features,
+)
 
-PresetName = Literal["paper", "sgd", "fast"]
+PresetName = Literal["official", "official_imagenet", "official_cifar", "hobbitlong", "fast", "paper", "sgd"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """One linear-probe recipe; `base_lr` is per 256 images and scaled by the batch size."""
+    """One linear-probe recipe. `base_lr` is per 256 images unless `scale_lr` is False (then absolute)."""
 
     optimizer: Literal["rmsprop", "sgd", "lbfgs"]
     epochs: int
     base_lr: float
     weight_decay: float
     label_smoothing: float
-    schedule: Literal["exp_half_epoch", "cosine", "none"]
+    schedule: Literal["exponential", "piecewise", "epoch_steps", "cosine", "none"]
     standardize: bool
     batch_size: int = 256
+    warmup_epochs: float = 0.0
+    decay_rate: float = 1.0
+    decay_every_epochs: float = 1.0  # exponential: one decay per this many epochs (staircase)
+    boundaries: tuple[int, ...] = ()  # piecewise / epoch_steps: epochs after which the LR is x decay_rate
+    stream: Literal["cached", "stage1", "crop_flip"] = "cached"  # what the head trains on
+    bn: Literal["eval", "train_frozen"] = "eval"  # encoder batch norm while the head trains
+    stage1_batch: bool = False  # batch (and LR scaling) = the pre-training run's global batch
+    scale_lr: bool = True
+    momentum: float = 0.9
+    rmsprop_decay: float = 0.9
+    rmsprop_eps: float = 1e-3
 
 
 PRESETS: dict[str, Preset] = {
-    # The paper's stage 2 (Khosla et al. 2020, appendix; google-research/supcon): RMSProp 0.05 per 256, x0.97 every half epoch, wd 1e-6, smoothing 0.05.
-    "paper": Preset("rmsprop", 90, 0.05, 1e-6, 0.05, "exp_half_epoch", standardize=False),
-    # The PyTorch reference's linear stage (HobbitLong/SupContrast main_linear.py): SGD 0.1, momentum 0.9, cosine.
-    "sgd": Preset("sgd", 100, 0.1, 0.0, 0.0, "cosine", standardize=False),
+    # google-research/supcon supcon_imagenet_resnet50.sh stage 2 (hparams_flags.py defaults for the unset flags:
+    # stage_2_warmup_epochs=12, stage_2_rmsprop_epsilon=0.001; utils.build_optimizer: decay 0.9, momentum 0.9).
+    "official_imagenet": Preset(
+        "rmsprop",
+        90,
+        0.05,
+        1e-6,
+        0.05,
+        "exponential",
+        standardize=False,
+        warmup_epochs=12.0,
+        decay_rate=0.97,
+        decay_every_epochs=0.5,
+        stream="stage1",
+        bn="train_frozen",
+        stage1_batch=True,
+    ),  # fmt: skip
+    # supcon_cifar10_resnet50.sh stage 2: MOMENTUM 2.5 per 256, PIECEWISE_LINEAR x0.2 at 60/75/90, no warm-up, no wd.
+    "official_cifar": Preset(
+        "sgd",
+        100,
+        2.5,
+        0.0,
+        0.0,
+        "piecewise",
+        standardize=False,
+        decay_rate=0.2,
+        boundaries=(60, 75, 90),
+        stream="stage1",
+        bn="train_frozen",
+        stage1_batch=True,
+    ),  # fmt: skip
+    # HobbitLong/SupContrast main_linear.py: batch 256, SGD 0.1 (absolute), momentum 0.9, x0.2 after epochs 60/75/90.
+    "hobbitlong": Preset(
+        "sgd",
+        100,
+        0.1,
+        0.0,
+        0.0,
+        "epoch_steps",
+        standardize=False,
+        decay_rate=0.2,
+        boundaries=(60, 75, 90),
+        stream="crop_flip",
+        scale_lr=False,
+    ),  # fmt: skip
     # Not a published recipe: full-batch L-BFGS on standardised cached features, L2 picked on a held-out 20% of the
     # train split (never on val). Converges in seconds on small data; use it for demos and monitors.
     "fast": Preset("lbfgs", 100, 1.0, 0.0, 0.0, "none", standardize=True),
+    # Older names: `paper` is the official protocol; `sgd` is SGD 0.1 per 256 with a cosine on cached features.
+    "sgd": Preset("sgd", 100, 0.1, 0.0, 0.0, "cosine", standardize=False),
 }
+ALIASES = {"official": "official", "paper": "official"}  # resolved per checkpoint: ImageNet or CIFAR form
 FAST_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+PROTOCOL_NAMES = sorted([*PRESETS, *ALIASES])
 
 
 class LinearProbe(nn.Module):
-    """Frozen encoder -> (features - mean) / std -> linear layer; `classes[i]` names output i."""
+    """Frozen encoder -> [L2-normalise] -> (features - mean) / std -> linear layer; `classes[i]` names output i."""
 
-    def __init__(self, encoder: nn.Module, fc: nn.Linear, mean: torch.Tensor, std: torch.Tensor, classes: list[str]):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        fc: nn.Linear,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        classes: list[str],
+        normalize: bool = False,
+    ):
         super().__init__()
         self.encoder = freeze(encoder)
         self.fc = fc
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("std", std.float().clone())
         self.classes = list(classes)
+        self.normalize = normalize  # the official classifier sees h / |h| when the run normalised its embedding
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc((features.float() - self.mean) / self.std)
+        f = F.normalize(features.float(), dim=-1) if self.normalize else features.float()
+        return self.fc((f - self.mean) / self.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
         self.encoder.eval()  # batch-norm statistics stay frozen whatever the caller does
         return self
@@ -86,7 +169,8 @@ def save_probe(probe: LinearProbe, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"weight": probe.fc.weight, "bias": probe.fc.bias, "mean": probe.mean, "std": probe.std}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata={"classes": json.dumps(probe.classes)})
+    meta = {"classes": json.dumps(probe.classes), "normalize": str(int(probe.normalize))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return path
 
 
@@ -99,12 +183,13 @@ def load_probe(encoder: nn.Module, path: str | Path) -> LinearProbe:
     if not path.is_file():
         raise ValueError(f"--probe: no linear head at {path}")
     with safe_open(str(path), framework="pt") as f:
-        classes = json.loads((f.metadata() or {}).get("classes", "[]"))
+        meta = f.metadata() or {}
     t = load_file(str(path))
     fc = nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
     fc.weight.data.copy_(t["weight"])
     fc.bias.data.copy_(t["bias"])
-    return LinearProbe(encoder, fc, t["mean"], t["std"], classes)
+    classes = json.loads(meta.get("classes", "[]"))
+    return LinearProbe(encoder, fc, t["mean"], t["std"], classes, normalize=meta.get("normalize") == "1")
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -117,19 +202,88 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return out
 
 
-def _make_optimizer(preset: Preset, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+# ---------------------------------------------------------------------------------------------------------------
+# What the pre-training run says about its evaluation
+
+
+def run_config(path: str | Path) -> config.RunConfig | None:
+    """The pre-training run's resolved config beside an exported encoder or in a checkpoint directory, if any.
+
+    Looks for `meta.json` (a checkpoint directory) or `config.yaml` (a run directory) at `path` or its parent.
+    """
+    path = Path(path)
+    for folder in (path, path.parent) if path.is_dir() else (path.parent, path.parent.parent):
+        meta, yaml_path = folder / "meta.json", folder / "config.yaml"
+        try:
+            if meta.is_file():
+                raw = json.loads(meta.read_text()).get("config")
+                if raw:
+                    return config.from_dict(raw)
+            if yaml_path.is_file():
+                return config.load(yaml_path)
+        except (config.ConfigError, json.JSONDecodeError):
+            return None  # an older schema: evaluate with the defaults
+    return None
+
+
+def checkpoint_image_size(path: str | Path, cifar_stem: bool) -> int:
+    """The pre-training image size from the run's config; 32 for a CIFAR stem, else 224."""
+    cfg = run_config(path)
+    if cfg is not None:
+        return cfg.data.image_size
+    return 32 if cifar_stem else 224
+
+
+def resolve_protocol(name: str, stage1: config.RunConfig | None) -> tuple[str, Preset]:
+    """The preset `name` names; `official` (and its older name `paper`) picks the CIFAR form for a CIFAR-stem run."""
+    if name in ALIASES:
+        cifar = stage1 is not None and (stage1.model.cifar_stem or stage1.data.eval_crop == "identity")
+        name = "official_cifar" if cifar else "official_imagenet"
+    if name not in PRESETS:
+        raise ValueError(f"--protocol/--preset: unknown protocol {name!r}; choose from {', '.join(PROTOCOL_NAMES)}")
+    return name, PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimisers and schedules
+
+
+def make_optimizer(preset: Preset, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """TF's RMSProp (timm's RMSpropTF: accumulator from 1, eps inside the root, LR inside momentum) or SGD.
+
+    Weight decay is the L2 gradient wd * w on every head tensor, bias included: the official stage 2 adds
+    wd * sum(|w|^2 / 2) over the classifier's variables (use_bias_weight_decay=True).
+    """
     if preset.optimizer == "rmsprop":
-        # TF-style RMSProp as in TPU ImageNet recipes (decay 0.9, momentum 0.9); the paper gives only LR/decay/wd.
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9, eps=1e-3, weight_decay=preset.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=preset.weight_decay)
+        from timm.optim import RMSpropTF
+
+        return RMSpropTF(
+            params, lr=lr, alpha=preset.rmsprop_decay, eps=preset.rmsprop_eps, momentum=preset.momentum,
+            weight_decay=preset.weight_decay, lr_in_momentum=True,
+        )  # fmt: skip
+    # TF's MomentumOptimizer is accum = m * accum + g, w -= lr * accum: torch's SGD without dampening
+    return torch.optim.SGD(params, lr=lr, momentum=preset.momentum, weight_decay=preset.weight_decay)
 
 
-def _lr_at(preset: Preset, lr: float, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    if preset.schedule == "exp_half_epoch":  # staircase: x0.97 after every half epoch
-        return lr * 0.97 ** math.floor(step / max(steps_per_epoch / 2, 1))
+def lr_at(preset: Preset, peak: float, step: int, steps_per_epoch: float, total_steps: int) -> float:
+    """The learning rate of `step` (0-based), as utils.build_learning_rate_schedule (official) or main_linear.py.
+
+    `steps_per_epoch` is images / batch, a float as in the official launcher.
+    """
+    warmup = int(preset.warmup_epochs * steps_per_epoch)
+    if step < warmup:  # maybe_add_warmup_to_lr: target * counter / warmup_steps, from 0
+        return peak * step / warmup
+    t = step - warmup  # the decay counts from the warm-up's end
+    if preset.schedule == "exponential":  # tf.train.exponential_decay(staircase=True)
+        return peak * preset.decay_rate ** math.floor(t / (steps_per_epoch * preset.decay_every_epochs))
+    if preset.schedule == "piecewise":  # tf piecewise_constant: the next value once t > boundary
+        return peak * preset.decay_rate ** sum(t > int(steps_per_epoch * b) for b in preset.boundaries)
+    if preset.schedule == "epoch_steps":  # main_linear.py adjust_learning_rate: per epoch, after each boundary
+        epoch = int(t // steps_per_epoch) + 1
+        return peak * preset.decay_rate ** sum(epoch > b for b in preset.boundaries)
     if preset.schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
-    return lr
+        return peak * 0.5 * (1 + math.cos(math.pi * t / max(total_steps - warmup, 1)))
+    return peak
 
 
 def _sync_grads(params: list[nn.Parameter]) -> None:
@@ -148,16 +302,26 @@ def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.
     return float(distributed.all_reduce_sum(loss.detach()))
 
 
+def _zero_head(dim: int, num_classes: int, device: torch.device) -> nn.Linear:
+    fc = nn.Linear(dim, num_classes).to(device)
+    nn.init.zeros_(fc.weight), nn.init.zeros_(fc.bias)
+    return fc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heads on cached features
+
+
 def _fit_minibatch(
-    preset: Preset, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, batch_size: int, lr: float, seed: int,
-) -> tuple[nn.Linear, dict[str, Any]]:
-    """RMSProp/SGD on cached features; every rank holds all rows and computes its slice of each global batch."""
+    preset: Preset, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, batch_size: int, lr: float,
+    seed: int,
+) -> tuple[nn.Linear, dict[str, Any]]:  # fmt: skip
+    """SGD on cached features; every rank holds all rows and computes its slice of each global batch."""
     rank, world = distributed.world()
     torch.manual_seed(seed)
-    fc = nn.Linear(x.shape[1], num_classes).to(x.device)
-    nn.init.zeros_(fc.weight), nn.init.zeros_(fc.bias)
+    fc = _zero_head(x.shape[1], num_classes, x.device)
     params = list(fc.parameters())
-    opt = _make_optimizer(preset, params, lr)
+    opt = make_optimizer(preset, params, lr)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -169,18 +333,19 @@ def _fit_minibatch(
             batch = perm[s * batch_size : (s + 1) * batch_size]
             mine = batch.tensor_split(world)[rank]
             for g in opt.param_groups:
-                g["lr"] = _lr_at(preset, lr, step, steps_per_epoch, epochs * steps_per_epoch)
+                g["lr"] = lr_at(preset, lr, step, steps_per_epoch, epochs * steps_per_epoch)
             logits = fc(x[mine])
-            loss = F.cross_entropy(logits, y[mine], label_smoothing=preset.label_smoothing, reduction="sum") / len(batch)
-            loss_sum += _update(opt, params, loss)
+            loss = F.cross_entropy(logits, y[mine], label_smoothing=preset.label_smoothing, reduction="sum")
+            loss_sum += _update(opt, params, loss / len(batch))
             step += 1
     return fc, {"epochs": epochs, "final_train_loss": loss_sum / steps_per_epoch, "steps": step}
 
 
-def _lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, init: nn.Linear | None = None) -> tuple[nn.Linear, int]:
+def _lbfgs(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, init: nn.Linear | None = None
+) -> tuple[nn.Linear, int]:
     """Multinomial logistic regression, full batch: mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised)."""
-    fc = nn.Linear(x.shape[1], num_classes).to(x.device)
-    nn.init.zeros_(fc.weight), nn.init.zeros_(fc.bias)
+    fc = _zero_head(x.shape[1], num_classes, x.device)
     if init is not None:  # warm start along the regularisation path: far fewer iterations per fit
         fc.load_state_dict(init.state_dict())
     opt = torch.optim.LBFGS(
@@ -198,7 +363,9 @@ def _lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_it
     return fc, int(opt.state[opt._params[0]].get("func_evals", 0))
 
 
-def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int) -> tuple[nn.Linear, dict[str, Any]]:
+def _fit_lbfgs(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int
+) -> tuple[nn.Linear, dict[str, Any]]:
     """Pick L2 on a stratified 20% of the train rows, then refit on all of them. Deterministic, so ranks agree."""
     from sklearn.model_selection import train_test_split
 
@@ -218,21 +385,30 @@ def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int
     return fc, {"epochs": evals, "l2": best, "l2_holdout_top1": {str(k): v for k, v in scores.items()}}
 
 
-def _train_transform(image_size: int):
+# ---------------------------------------------------------------------------------------------------------------
+# Heads on a stream of augmented images through the encoder
+
+
+def stream_transform(preset: Preset, stage1: config.RunConfig | None, image_size: int):
+    """One training view: the stage-1 augmentation (`stage1`), or main_linear.py's crop 0.2-1 + flip."""
     from torchvision.transforms import v2
 
-    from supcon_scale.data.eval import IMAGENET_MEAN, IMAGENET_STD
+    from supcon_scale.data.spec import spec_from_config
+    from supcon_scale.data.torchvision import view_transform
 
+    aug = stage1.data.augment if stage1 is not None else config.AugmentConfig()
+    if preset.stream == "stage1":
+        return view_transform(spec_from_config(aug, image_size))
     return v2.Compose([
-        v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(aug.mean), list(aug.std)),
     ])  # fmt: skip
 
 
 class _AugmentedFolder(torch.utils.data.Dataset):
-    def __init__(self, index, image_size: int):
+    def __init__(self, index, transform):
         self.index = index
-        self.transform = _train_transform(image_size)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.index)
@@ -244,38 +420,78 @@ class _AugmentedFolder(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), self.index.labels[i]
 
 
-def _fit_augmented(
-    preset: Preset, encoder: nn.Module, index, image_size: int, num_classes: int, dim: int, epochs: int, batch_size: int,
-    lr: float, seed: int, device: torch.device, num_workers: int, mean: torch.Tensor, std: torch.Tensor,
-) -> tuple[nn.Linear, dict[str, Any]]:
-    """Head trained on freshly augmented train images through the frozen encoder (slower, the paper's full protocol)."""
+@contextlib.contextmanager
+def bn_train_frozen(encoder: nn.Module, global_bn: bool) -> Iterator[None]:
+    """Batch norm normalises with batch statistics but its running averages stay exactly as they were.
+
+    The official stage 2 runs the encoder in training mode and drops its batch-norm update ops
+    (stage_2_update_encoder_batch_norm=False). With `global_bn` and several ranks the statistics are the global
+    batch's, as the official global batch norm computes them.
+    """
+    from supcon_scale.models import FrozenBatchNormStats, GlobalBatchNorm
+
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    classes = [m.__class__ for m in norms]
+    was_training = encoder.training
+    if global_bn and distributed.world()[1] > 1:
+        for m in norms:
+            m.__class__ = GlobalBatchNorm
+    encoder.train()
+    try:
+        with FrozenBatchNormStats(encoder):
+            yield
+    finally:
+        for m, cls in zip(norms, classes, strict=True):
+            m.__class__ = cls
+        encoder.train(was_training)
+
+
+def stream_batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` global batches from one shuffled pass after another, crossing epoch ends as tf.data.repeat does."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.zeros(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(pool) < batch_size:
+            pool = torch.cat([pool, torch.randperm(n, generator=gen)])
+        yield pool[:batch_size]
+        pool = pool[batch_size:]
+
+
+def _fit_stream(
+    preset: Preset, encoder: nn.Module, index, transform, num_classes: int, dim: int, epochs: int, batch_size: int,
+    lr: float, seed: int, device: torch.device, num_workers: int, normalize: bool, global_bn: bool,
+) -> tuple[nn.Linear, dict[str, Any]]:  # fmt: skip
+    """Head trained on freshly augmented train images through the frozen encoder (the official stage 2)."""
     rank, world = distributed.world()
     torch.manual_seed(distributed.rank_seed(seed, rank))  # augmentation differs per rank, the head starts equal
-    fc = nn.Linear(dim, num_classes).to(device)
-    nn.init.zeros_(fc.weight), nn.init.zeros_(fc.bias)
+    fc = _zero_head(dim, num_classes, device)
     params = list(fc.parameters())
-    opt = _make_optimizer(preset, params, lr)
-    dataset = _AugmentedFolder(index, image_size)
+    opt = make_optimizer(preset, params, lr)
+    dataset = _AugmentedFolder(index, transform)
     n = len(dataset)
-    steps_per_epoch = n // batch_size if n >= batch_size else 1  # drop the last partial global batch
-    gen = torch.Generator().manual_seed(seed)
-    step, loss_sum = 0, 0.0
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        batches = [perm[s * batch_size : (s + 1) * batch_size].tensor_split(world)[rank].tolist() for s in range(steps_per_epoch)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-        loss_sum = 0.0
-        for images, labels in loader:
+    steps_per_epoch = n / batch_size
+    total = max(1, int(epochs * steps_per_epoch))
+    batches = [b.tensor_split(world)[rank].tolist() for b in stream_batches(n, batch_size, total, seed)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    bn = bn_train_frozen(encoder, global_bn) if preset.bn == "train_frozen" else contextlib.nullcontext()
+    losses: list[float] = []
+    with bn:
+        for step, (images, labels) in enumerate(loader):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(preset, lr, step, steps_per_epoch, epochs * steps_per_epoch)
+                g["lr"] = lr_at(preset, lr, step, steps_per_epoch, total)
             with torch.no_grad():
                 feats = encoder(images.to(device)).float()
-            logits = fc((feats - mean) / std)
-            total = min(batch_size, n)
-            loss = F.cross_entropy(logits, labels.to(device), label_smoothing=preset.label_smoothing, reduction="sum") / total
-            loss_sum += _update(opt, params, loss)
-            step += 1
-    return fc, {"epochs": epochs, "final_train_loss": loss_sum / steps_per_epoch, "steps": step}
+            if normalize:
+                feats = F.normalize(feats, dim=-1)
+            logits = fc(feats)
+            loss = F.cross_entropy(logits, labels.to(device), label_smoothing=preset.label_smoothing, reduction="sum")
+            losses.append(_update(opt, params, loss / batch_size))
+    last_epoch = losses[-max(1, math.ceil(steps_per_epoch)) :]
+    return fc, {"epochs": epochs, "final_train_loss": sum(last_epoch) / len(last_epoch), "steps": total}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry points
 
 
 def fit_linear_probe(
@@ -283,7 +499,7 @@ def fit_linear_probe(
     data_root: str | Path,
     *,
     image_size: int,
-    preset: PresetName = "paper",
+    preset: PresetName = "official",
     epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -294,19 +510,26 @@ def fit_linear_probe(
     cache_dir: str | Path | None = None,
     train_split: str = "train",
     val_split: str = "val",
+    stage1: config.RunConfig | None = None,
 ) -> tuple[LinearProbe, dict[str, Any]]:
-    """Train a linear head on `data_root/train_split` and score it on `data_root/val_split` (final epoch)."""
+    """Train a linear head on `data_root/train_split` and score it on `data_root/val_split` (final epoch).
+
+    `stage1` is the pre-training run's config (`run_config`): its augmentation, batch size, normalisation and
+    evaluation crop; without it the defaults of config.py stand in.
+    """
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.data.folder import index_folder
 
-    if preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
+    form, cfg = resolve_protocol(preset, stage1)
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     if augment and cfg.optimizer == "lbfgs":
-        raise ValueError("--augment: the 'fast' preset trains on cached features; use --preset paper or sgd with augmentation")
-    cfg = replace(cfg, epochs=epochs or cfg.epochs, batch_size=batch_size or cfg.batch_size)
+        raise ValueError("--augment: the 'fast' protocol trains on cached features; use official or hobbitlong")
+    stage1_batch = stage1.data.global_batch_size if stage1 is not None else 256
+    default_batch = stage1_batch if cfg.stage1_batch else cfg.batch_size
+    cfg = replace(cfg, epochs=epochs or cfg.epochs, batch_size=batch_size or default_batch)
+    if augment and cfg.stream == "cached":
+        cfg = replace(cfg, stream="crop_flip")
     device = default_device(device)
     root = Path(data_root)
     train_index, val_index = index_folder(root / train_split), index_folder(root / val_split)
@@ -314,16 +537,22 @@ def fit_linear_probe(
         raise ValueError(f"--data: class folders of {root / train_split} and {root / val_split} differ")
     num_classes = len(train_index.classes)
     encoder = freeze(encoder).to(device)
+    data_cfg = stage1.data if stage1 is not None else config.DataConfig()
+    view = {"mean": data_cfg.augment.mean, "std": data_cfg.augment.std, "crop": data_cfg.eval_crop}
+    normalize = cfg.stream == "stage1" and stage1 is not None and stage1.model.normalize_encoder_output
 
     timing: dict[str, float] = {}
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split, index in (("train", train_index), ("val", val_index)):
-        if split == "train" and augment and cfg.standardize is False:
-            continue  # not needed: the augmented path encodes train images every epoch
-        key = cache_key(encoder, index.paths, image_size)
+        if split == "train" and cfg.stream != "cached" and not cfg.standardize:
+            continue  # the stream encodes train images every step
+        key = cache_key(encoder, index.paths, image_size) + json.dumps(view, default=list)
         cached = load_features(Path(cache_dir) / f"features_{split}.safetensors", key) if cache_dir else None
         if cached is None:
-            f, y, t = extract_features(encoder, EvalDataset(root, "", image_size, index=index), batch_size=cfg.batch_size, device=device, num_workers=num_workers)
+            dataset = EvalDataset(root, "", image_size, index=index, **view)
+            f, y, t = extract_features(
+                encoder, dataset, batch_size=min(cfg.batch_size, 1024), device=device, num_workers=num_workers
+            )
             timing[f"extract_{split}_s"] = t["seconds"]
             timing[f"extract_{split}_images_per_s"] = t["images_per_s"]
             if cache_dir and distributed.world()[0] == 0:
@@ -339,10 +568,15 @@ def fit_linear_probe(
         mean, std = torch.zeros(dim, device=device), torch.ones(dim, device=device)
 
     _, world = distributed.world()
-    lr_value = lr if lr is not None else cfg.base_lr * cfg.batch_size / 256
+    lr_value = lr if lr is not None else cfg.base_lr * (cfg.batch_size / 256 if cfg.scale_lr else 1.0)
     start = time.perf_counter()
-    if augment:
-        fc, info = _fit_augmented(cfg, encoder, train_index, image_size, num_classes, dim, cfg.epochs, cfg.batch_size, lr_value, seed, device, num_workers, mean, std)
+    if cfg.stream != "cached":
+        transform = stream_transform(cfg, stage1, image_size)
+        global_bn = stage1 is not None and stage1.model.sync_bn
+        fc, info = _fit_stream(
+            cfg, encoder, train_index, transform, num_classes, dim, cfg.epochs, cfg.batch_size, lr_value, seed,
+            device, num_workers, normalize, global_bn,
+        )  # fmt: skip
     else:
         x, y = feats["train"][0].to(device), feats["train"][1].to(device)
         x = (x - mean) / std
@@ -352,20 +586,31 @@ def fit_linear_probe(
         else:
             fc, info = _fit_minibatch(cfg, x, y, num_classes, cfg.epochs, cfg.batch_size, lr_value, seed)
     timing["train_s"] = time.perf_counter() - start
-    probe = LinearProbe(encoder, fc, mean, std, train_index.classes).to(device)
+    probe = LinearProbe(encoder, fc, mean, std, train_index.classes, normalize=normalize).to(device)
     with torch.no_grad():
         val_acc = topk_accuracy(probe.head(val_x), val_y)
-        train_acc = topk_accuracy(probe.head(feats["train"][0].to(device)), feats["train"][1].to(device)) if "train" in feats else {}
+        train_acc = (
+            topk_accuracy(probe.head(feats["train"][0].to(device)), feats["train"][1].to(device))
+            if "train" in feats
+            else {}
+        )
     result = {
         **val_acc,
+        "correct": round(val_acc["top1"] * len(val_index)),
         "preset": preset,
+        "protocol": form,
         "epochs": info.pop("epochs"),
-        "augment": augment,
+        "augment": cfg.stream != "cached",
+        "stream": cfg.stream,
+        "batch_norm": cfg.bn,
+        "normalize_features": normalize,
         "optimizer": cfg.optimizer,
         "lr": lr_value,
         "batch_size": cfg.batch_size,
         "weight_decay": cfg.weight_decay,
         "label_smoothing": cfg.label_smoothing,
+        "stage1_config": stage1 is not None,
+        "eval_crop": view["crop"],
         "train_top1": train_acc.get("top1"),
         "num_train": len(train_index),
         "num_val": len(val_index),
@@ -380,32 +625,28 @@ def fit_linear_probe(
     return probe, result
 
 
-def linear_eval(encoder: nn.Module, data_root: str | Path, *, image_size: int, preset: PresetName = "paper", **kwargs: Any) -> dict[str, Any]:
+def linear_eval(
+    encoder: nn.Module, data_root: str | Path, *, image_size: int, preset: PresetName = "official", **kwargs: Any
+) -> dict[str, Any]:
     """`fit_linear_probe` without the probe: {"top1", "top5" (fractions, final epoch), "epochs", "preset", ...}."""
     return fit_linear_probe(encoder, data_root, image_size=image_size, preset=preset, **kwargs)[1]
 
 
-def checkpoint_image_size(path: str | Path, cifar_stem: bool) -> int:
-    """The pre-training image size from a checkpoint directory's meta.json; 32 for a CIFAR stem, else 224."""
-    path = Path(path)
-    for meta in (path / "meta.json", path.parent / "meta.json"):
-        if meta.is_file():
-            size = json.loads(meta.read_text()).get("config", {}).get("data", {}).get("image_size")
-            if size:
-                return int(size)
-    return 32 if cifar_stem else 224
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="linear_eval", description="Linear evaluation of a frozen encoder (final-epoch top-1/top-5).")
+    p = argparse.ArgumentParser(
+        prog="linear_eval", description="Linear evaluation of a frozen encoder (final-epoch top-1/top-5)."
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or encoder.safetensors")
     p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper (RMSProp, 90 ep), sgd, or fast (L-BFGS)")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: preset base x batch/256)")
+    p.add_argument(
+        "--protocol", "--preset", dest="preset", default="official", choices=PROTOCOL_NAMES,
+        help="official (the TF stage 2, ImageNet or CIFAR form by the run), hobbitlong (main_linear.py), fast (L-BFGS)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the protocol's (official: the run's batch)")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: protocol base x batch/256)")
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
-    p.add_argument("--augment", action="store_true", help="train the head on augmented images (no feature cache)")
+    p.add_argument("--augment", action="store_true", help="fast/sgd: train the head on crop+flip views")
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -416,15 +657,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_results(title: str, rows: dict[str, dict[str, Any]]) -> None:
-    """A rich table of top-1/top-5 per named result (rank 0 only)."""
+    """A rich table of top-1 (with its n and 95% Wilson interval) and top-5 per named result (rank 0 only)."""
     from rich.console import Console
     from rich.table import Table
 
+    from supcon_scale.evaluation.stats import format_accuracy
+
     table = Table(title=title)
-    for col in ("model", "top-1", "top-5", "preset", "epochs", "train s"):
+    for col in ("model", "top-1 [95% CI] (n)", "top-5", "protocol", "epochs", "train s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, r in rows.items():
-        table.add_row(name, f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}", str(r.get("preset", "")), str(r.get("epochs", "")), f"{r.get('train_s', 0):.1f}")
+        top1 = format_accuracy(r["top1"], r["num_val"])
+        table.add_row(
+            name, top1, f"{100 * r['top5']:.2f}", str(r.get("protocol", "")), str(r.get("epochs", "")),
+            f"{r.get('train_s', 0):.1f}",
+        )  # fmt: skip
     Console().print(table)
 
 
@@ -436,11 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = distributed.init(seed=args.seed)
     try:
         encoder, meta = load_encoder(args.checkpoint)
+        stage1 = run_config(args.checkpoint)
         size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
         probe, result = fit_linear_probe(
             encoder, args.data, image_size=size, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, device=args.device or ctx.device, augment=args.augment, num_workers=args.workers, seed=args.seed,
-            cache_dir=args.cache_dir,
+            lr=args.lr, device=args.device or ctx.device, augment=args.augment, num_workers=args.workers,
+            seed=args.seed, cache_dir=args.cache_dir, stage1=stage1,
         )  # fmt: skip
     except ValueError as exc:
         print(f"linear_eval: error: {exc}", file=sys.stderr)

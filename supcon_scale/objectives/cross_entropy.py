@@ -34,4 +34,4 @@ class CrossEntropyObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> CrossEntropyObjective:
-        return cls(CrossEntropyLoss(), classifier_classes=num_classes)
+        return cls(CrossEntropyLoss(cfg.loss.label_smoothing), classifier_classes=num_classes)
