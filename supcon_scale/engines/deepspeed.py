@@ -2,7 +2,7 @@
 
 Precision is DeepSpeed's `torch_autocast` section (bf16 activations, fp32 parameters, fp32 gradient reduction), not
 its `bf16` section: that one casts the whole module, BatchNorm included, to bf16 and wraps the optimizer in
-`BF16_Optimizer`, whose flattened fp32 partitions break layer-wise LARS exactly as ZeRO does (FACTS.md section 4).
+`BF16_Optimizer`, whose flattened fp32 partitions break layer-wise LARS exactly as ZeRO does (DeepSpeed #490).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from supcon_scale import optim
 from supcon_scale.config import RunConfig
@@ -28,15 +28,21 @@ OWNED_KEYS = ("optimizer", "scheduler", "fp16", "bf16", "amp", "train_batch_size
 
 
 def import_deepspeed(device: torch.device) -> Any:
-    """Import deepspeed (an optional extra), selecting its CPU accelerator on a machine without CUDA."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Import deepspeed (an optional extra) with the accelerator of the run's device, never a silent other one."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
     try:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
     except ImportError as exc:
         raise ImportError(
             f"engine.name=deepspeed needs DeepSpeed: pip install supcon_scale[deepspeed] ({exc})"
         ) from None
+    chosen = get_accelerator().device_name()
+    if chosen != device.type:
+        raise ValueError(
+            f"engine.name=deepspeed: DeepSpeed selected its {chosen!r} accelerator but the run's device is "
+            f"{device.type!r} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')}); unset DS_ACCELERATOR or set device"
+        )
     return deepspeed
 
 
@@ -161,44 +167,116 @@ class DeepSpeedEngine(Engine):
     def unwrapped(self) -> nn.Module:
         return self.model
 
+    def zero_layout(self) -> list[list[tuple[str, int, torch.Size]]]:
+        """Per ZeRO parameter group: (parameter name, offset in the group's flat buffer, shape), on every rank alike."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        zero = self.optimizer
+        return [
+            [(names[id(p)], int(offset), meta.shape) for p, offset, meta in zip(params, offsets, metas, strict=True)]
+            for params, offsets, metas in zip(
+                zero.round_robin_bit16_groups, zero.round_robin_bit16_offsets, zero.round_robin_bit16_meta, strict=True
+            )
+        ]
+
     def state_dict(self) -> dict[str, Any]:
-        """Collective. Rank 0 gets the full model; ZeRO 1/2 optimizer partitions are gathered to rank 0 by rank."""
+        """Collective. Rank 0 gets the full model and, at ZeRO 1/2, the optimizer state consolidated by parameter name
+        (fp32 master weights and per-element buffers as whole tensors), which any world size can re-partition."""
         model_sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.zero_stage == 0:
             optim_sd: dict[str, Any] = self.base_optimizer.state_dict()
         else:
+            base = self.optimizer.optimizer
             mine = {
-                "base": self.optimizer.optimizer.state_dict(),
-                "fp32_partitions": [t.detach().cpu() for t in self.optimizer.single_partition_of_fp32_groups],
+                "fp32": [t.detach().cpu() for t in self.optimizer.single_partition_of_fp32_groups],
+                "state": [
+                    {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in base.state[g["params"][0]].items()}
+                    for g in base.param_groups
+                ],
             }
             gathered: list[Any] | None = [None] * self.ctx.world_size if self.ctx.is_main else None
             if dist.is_initialized() and self.ctx.world_size > 1:
                 dist.gather_object(mine, gathered, dst=0)
             else:
                 gathered = [mine]
-            optim_sd = {"zero_stage": self.zero_stage, "per_rank": gathered if self.ctx.is_main else None}
+            optim_sd = {"zero_stage": self.zero_stage}
+            if self.ctx.is_main:
+                groups = [{k: v for k, v in g.items() if k != "params"} for g in base.state_dict()["param_groups"]]
+                optim_sd.update(consolidate(gathered, self.zero_layout()), param_groups=groups)
         return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "scaler": None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Every rank passes the full saved state (as `checkpoint.load` gives it); ZeRO state needs the same world."""
+        """Every rank passes the full saved state (as `checkpoint.load` gives it) and keeps its own ZeRO partition
+        of it, whatever the world size that saved it."""
         self.model.load_state_dict(state["model"])
         optim_sd = state["optimizer"]
         if self.zero_stage == 0:
             self.base_optimizer.load_state_dict(optim_sd)
+        elif isinstance(optim_sd, dict) and "params" in optim_sd:
+            self._load_consolidated(optim_sd)
         else:
             per_rank = optim_sd.get("per_rank") if isinstance(optim_sd, dict) else None
             if per_rank is None or len(per_rank) != self.ctx.world_size:
                 n = "?" if per_rank is None else len(per_rank)
                 raise ValueError(
-                    f"rank {self.ctx.rank}: the checkpoint's ZeRO-{self.zero_stage} optimizer state was saved by {n} "
-                    f"ranks; it can only be restored on the same world size (now {self.ctx.world_size})"
+                    f"rank {self.ctx.rank}: the checkpoint's ZeRO-{self.zero_stage} optimizer state was saved per "
+                    f"rank by {n} ranks (an older format); it can only be restored on that world size (now "
+                    f"{self.ctx.world_size})"
                 )
             mine = per_rank[self.ctx.rank]
             self.optimizer.optimizer.load_state_dict(mine["base"])
-            for dst, src in zip(self.optimizer.single_partition_of_fp32_groups, mine["fp32_partitions"]):
+            for dst, src in zip(self.optimizer.single_partition_of_fp32_groups, mine["fp32_partitions"], strict=True):
                 dst.data.copy_(src)
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def _load_consolidated(self, optim_sd: dict[str, Any]) -> None:
+        """Cut this rank's partition of every group out of the whole-tensor state (ZeRO's layout on this world)."""
+        zero, base = self.optimizer, self.optimizer.optimizer
+        params = optim_sd["params"]
+        missing = sorted({name for group in self.zero_layout() for name, _, _ in group} - set(params))
+        if missing or len(optim_sd["param_groups"]) != len(base.param_groups):
+            raise ValueError(
+                f"the checkpoint's ZeRO optimizer state does not fit this model (missing {', '.join(missing[:5])})"
+            )
+        states = {}
+        for i, (layout, part) in enumerate(zip(self.zero_layout(), zero.single_partition_of_fp32_groups, strict=True)):
+            lo = dist.get_rank(group=zero.real_dp_process_group[i]) * part.numel()
+            part.data.copy_(partition_piece(params, "fp32", layout, lo, part.numel()))
+            keys = {k for name, _, _ in layout for k in params[name] if k != "fp32"}
+            states[i] = {k: partition_piece(params, k, layout, lo, part.numel()) for k in sorted(keys)}
+            states[i] |= optim_sd["scalars"][i]
+        groups = [{**g, "params": [i]} for i, g in enumerate(optim_sd["param_groups"])]
+        base.load_state_dict({"state": states, "param_groups": groups})
 
     @property
     def lr(self) -> float:
         return self.base_optimizer.param_groups[0]["lr"]
+
+
+def consolidate(per_rank: list[dict[str, Any]], layout: list[list[tuple[str, int, torch.Size]]]) -> dict[str, Any]:
+    """Whole-tensor optimizer state from every rank's ZeRO partitions: {"params": {name: {"fp32", buffer...}},
+    "scalars": per group}. A buffer is per element when it has the partition's size (momentum, Adam's moments)."""
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    scalars = []
+    for i, group in enumerate(layout):
+        flat = {"fp32": torch.cat([r["fp32"][i] for r in per_rank])}
+        size = per_rank[0]["fp32"][i].numel()
+        state = per_rank[0]["state"][i]
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.numel() == size and value.dim() == 1:
+                flat[key] = torch.cat([r["state"][i][key] for r in per_rank])
+        scalars.append({k: v for k, v in state.items() if k not in flat})
+        for name, offset, shape in group:
+            params[name] = {k: t[offset : offset + shape.numel()].reshape(shape).clone() for k, t in flat.items()}
+    return {"params": params, "scalars": scalars}
+
+
+def partition_piece(
+    params: dict[str, dict[str, torch.Tensor]], key: str, layout: list[tuple[str, int, torch.Size]], lo: int, size: int
+) -> torch.Tensor:
+    """Elements [lo, lo + size) of a group's flat buffer of `key`, filled from whole tensors (ZeRO's padding: 0)."""
+    out = torch.zeros(size, dtype=torch.float32)
+    for name, offset, shape in layout:
+        start, end = max(offset, lo), min(offset + shape.numel(), lo + size)
+        if start < end:
+            out[start - lo : end - lo] = params[name][key].reshape(-1)[start - offset : end - offset]
+    return out

@@ -12,14 +12,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from supcon_scale import optim
-from supcon_scale.config import RunConfig
-from supcon_scale.distributed import Context
-from supcon_scale.engines.base import Engine, grad_scaler, scaled_step
+from supcon_scale.engines.base import TorchEngine
 
 # Encoder children that are one "stage" each (timm ResNet: layer1..layer4; ConvNeXt/RegNet-style: stages).
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -35,75 +32,42 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-class FSDPEngine(Engine):
-    """FSDP2 data parallelism; a plain module when there is a single process (nothing to shard)."""
+class FSDPEngine(TorchEngine):
+    """FSDP2 data parallelism; a plain module when there is a single process (nothing to shard).
+
+    timm's foreach LARS runs on the DTensor shards as it is: `torch._foreach_norm` returns `_NormPartial` DTensors,
+    reduced across ranks before the trust ratio is formed, so each ratio uses the whole tensor's norm (the failure
+    DeepSpeed #490 reports for ZeRO's flat partitions does not arise; docs/ENGINES.md). tests/test_engines.py checks
+    the result against one process on the global batch. torch's GradScaler takes the DTensor gradients as they are.
+    """
 
     name = "fsdp"
 
-    def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
-        super().__init__(cfg, ctx)
-        model = model.to(ctx.device)
-        self.sharded = ctx.distributed and dist.is_initialized()
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """`fully_shard` each stage, then the root, when there are several processes; the model is sharded in place."""
+        self.sharded = self.ctx.distributed and dist.is_initialized()
         # FSDP2 refuses non-contiguous (channels-last) parameters; channels-last inputs from the loader still give
         # channels-last activations, the weights are converted by the convolution kernels.
-        if cfg.model.channels_last and not self.sharded:
+        if self.cfg.model.channels_last and not self.sharded:
             model = model.to(memory_format=torch.channels_last)
         if self.sharded:
             for unit in shard_units(model):
                 fully_shard(unit)
             fully_shard(model)
-        self.model = model
-        # timm's foreach LARS on DTensors: torch._foreach_norm returns _NormPartial DTensors that are reduced across
-        # ranks before the trust ratio is formed, so the ratio uses the global per-tensor norms (FACTS.md section 4);
-        # tests/test_engines.py checks the result against one process on the global batch.
-        self.optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size)
-        self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
-        self.scaler = grad_scaler(cfg, ctx)  # torch's GradScaler takes FSDP2's DTensor gradients as they are
+        return model
 
-    @property
-    def forward_module(self) -> nn.Module:
-        return self.model
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # FSDP2 reduce-scatters with a mean over ranks, like DDP's all-reduce average.
-        self.scaler.scale(loss).backward()
-
-    def step(self) -> bool:
-        stepped = scaled_step(self.optimizer, self.scheduler, self.scaler, list(self.model.parameters()), self.ctx.device)
-        self.skipped_steps += not stepped
-        return stepped
-
-    def unwrapped(self) -> nn.Module:
-        """The model itself (FSDP2 shards in place); its parameters are DTensors, so use `state_dict()` to save."""
-        return self.model
-
-    def state_dict(self) -> dict[str, Any]:
+    def model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Collective. Rank 0 gets the full model (plain keys) and an optimizer state keyed by parameter name."""
-        if not self.sharded:
-            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
-        else:
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        # Sharded or not (one rank), the same state keyed by parameter name: it resumes on any world size.
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(self.model, self.optimizer, options=opts)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_model_optimizer_state(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
         """Collective. Every rank passes the full saved state (as `checkpoint.load` gives it); each keeps its shard."""
-        if not self.sharded:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
-            )
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optimizer_state,
+            options=StateDictOptions(full_state_dict=True),
+        )

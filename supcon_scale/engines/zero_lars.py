@@ -2,9 +2,9 @@
 
 ZeRO flattens each parameter group into one buffer, cuts it into equal partitions, and hands each rank's optimizer a
 single 1-D tensor: its partition. A layer-wise optimizer stepping that tensor computes one "layer" norm over a chunk
-of many layers (DeepSpeed #490, FACTS.md section 4). `ZeroLars` is timm's `Lars` plus the partition layout: it takes
-each parameter's squared norms over the piece it holds, sums them across the data-parallel group with one all-reduce,
-and scales each piece by its whole tensor's trust ratio. The update is then timm's, element for element.
+of many layers (DeepSpeed #490). `ZeroLars` is timm's `Lars` plus the partition layout: it takes each parameter's
+squared norms over the piece it holds, sums them across the data-parallel group with one all-reduce, and scales each
+piece by its whole tensor's trust ratio. The update is then timm's, element for element.
 """
 
 from __future__ import annotations
@@ -111,9 +111,18 @@ class ZeroLars(Lars):
                 buffers = [state.get("momentum_buffer")]
                 # timm's update with the adaptation done: weight decay is already in `grad`.
                 lars(
-                    [p], [grad], buffers, foreach=group["foreach"], lr=group["lr"], momentum=group["momentum"],
-                    dampening=group["dampening"], weight_decay=0.0, nesterov=group["nesterov"],
-                    trust_coeff=group["trust_coeff"], eps=group["eps"], trust_clip=group["trust_clip"],
+                    [p],
+                    [grad],
+                    buffers,
+                    foreach=group["foreach"],
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    weight_decay=0.0,
+                    nesterov=group["nesterov"],
+                    trust_coeff=group["trust_coeff"],
+                    eps=group["eps"],
+                    trust_clip=group["trust_clip"],
                     always_adapt=False,
                 )
                 if group["momentum"] != 0:
@@ -137,7 +146,12 @@ class ZeroLars(Lars):
         if layout.pieces:
             w_norm, g_norm = sums.sqrt()
             ratios = _lars_trust_ratio(
-                w_norm, g_norm, group["trust_coeff"], group["weight_decay"], group["eps"], group["trust_clip"],
+                w_norm,
+                g_norm,
+                group["trust_coeff"],
+                group["weight_decay"],
+                group["eps"],
+                group["trust_clip"],
                 group["lr"],
             )
             pieces = [adapted[s:e] for _, s, e in layout.pieces]
