@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # when called, so `--help` stays fast and a missing optional extra only matters to the command that needs it.
 DELEGATED = {
     "check-data": ("supcon_scale.data.badfiles:main", "scan a dataset for files that cannot be decoded"),
+    "make-shards": ("supcon_scale.data.shards:main", "convert an image folder into WebDataset tar shards"),
     "linear-eval": ("supcon_scale.evaluation.linear:main", "linear evaluation of a checkpoint (frozen encoder)"),
     "knn": ("supcon_scale.evaluation.knn:main", "weighted kNN accuracy of a checkpoint"),
     "imagenet-c": ("supcon_scale.evaluation.robustness:main", "corruption robustness (mCE) of checkpoints"),

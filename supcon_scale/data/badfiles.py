@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supcon_scale.data.folder import IMAGE_EXTENSIONS
+from supcon_scale.data.manifest import DATASET_MANIFEST, Manifest, load_manifest
 
 BAD_FILES_NAME = "bad_files.txt"
 
@@ -27,6 +28,7 @@ class ScanReport:
 
     good: list[str] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)
+    decoded: int = 0  # files decoded (the rest had a verdict in the manifest)
 
     def to_dict(self) -> dict[str, object]:
         return {"good": len(self.good), "bad": [{"path": p, "reason": r} for p, r in self.bad]}
@@ -126,9 +128,35 @@ def image_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def scan(root: Path, workers: int | None = None) -> ScanReport:
-    """Check every image file under `root` (recursively)."""
-    return check_paths(image_files(Path(root)), workers)
+def scan(root: Path, workers: int | None = None, manifest: Path | None = None) -> ScanReport:
+    """Check every image file under `root` (recursively); with `manifest`, decode only files it does not vouch for
+    (same size and mtime) and write it back, the same manifest a training run over `root` reads."""
+    paths = image_files(Path(root))
+    if manifest is None:
+        return check_paths(paths, workers)
+    known, prefix = load_manifest(manifest, "folder", root) if manifest.is_file() else (None, "")
+    rows = known.rows if known is not None else {}
+    out = Manifest(os.path.abspath(root) if known is None else known.root, "folder")
+    base = len(str(root).rstrip(os.sep)) + 1
+    stats = [os.stat(p) for p in paths]
+    keys = [prefix + p[base:] for p in paths]
+    verdicts = [
+        None if (r := rows.get(k)) is None or r[:2] != (st.st_size, st.st_mtime_ns) else r[2]
+        for k, st in zip(keys, stats, strict=True)
+    ]
+    todo = [i for i, v in enumerate(verdicts) if v is None]
+    for i, reason in zip(todo, check_refs([paths[i] for i in todo], workers), strict=True):
+        verdicts[i] = reason or ""
+    report = ScanReport()
+    for path, key, st, verdict in zip(paths, keys, stats, verdicts, strict=True):
+        out.rows[key] = (st.st_size, st.st_mtime_ns, verdict or "", ())
+        if verdict:
+            report.bad.append((path, verdict))
+        else:
+            report.good.append(path)
+    report.decoded = len(todo)
+    out.save(manifest)
+    return report
 
 
 def write_bad_files(report: ScanReport, out_dir: Path) -> Path:
@@ -146,16 +174,27 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="supcon-scale check-data", description=main.__doc__)
     parser.add_argument("dir", type=Path, help="dataset folder, scanned recursively")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="decoding processes (default: the CPUs)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the report as JSON")
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help=f"manifest to read and write (default DIR/{DATASET_MANIFEST}; training runs over DIR read it)",
+    )
+    parser.add_argument("--no-manifest", action="store_true", help="decode every file and write no manifest")
     args = parser.parse_args(argv)
     console = Console()
+    manifest = None if args.no_manifest else (args.manifest or args.dir / DATASET_MANIFEST)
     try:
-        report = scan(args.dir, args.workers)
+        report = scan(args.dir, args.workers, manifest)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    table = Table(title=f"check-data {args.dir}: {len(report.good)} good, {len(report.bad)} bad")
+    title = f"check-data {args.dir}: {len(report.good)} good, {len(report.bad)} bad"
+    if manifest is not None:
+        title += f" ({report.decoded} decoded, the rest vouched for by {manifest})"
+    table = Table(title=title)
     table.add_column(f"bad file (under {args.dir})", overflow="fold")
     table.add_column("reason", overflow="fold")
     for p, r in report.bad:
