@@ -37,7 +37,7 @@ def partition_layout(
     """The pieces of parameters (flat buffer offsets `offsets`, sizes `numels`) inside partition `partition_id`."""
     lo, hi = partition_id * partition_size, (partition_id + 1) * partition_size
     pieces = []
-    for index, (offset, numel) in enumerate(zip(offsets, numels)):
+    for index, (offset, numel) in enumerate(zip(offsets, numels, strict=True)):
         start, end = max(offset, lo), min(offset + numel, hi)
         if start < end:
             pieces.append((index, start - lo, end - lo))
@@ -87,10 +87,10 @@ class ZeroLars(Lars):
     def attach(self, flat_partitions: list[torch.Tensor], layouts: list[PartitionLayout]) -> None:
         """Register ZeRO's flat fp32 partitions (one per parameter group) with their layouts."""
         assert len(flat_partitions) == len(layouts)
-        self.layouts = {id(p): layout for p, layout in zip(flat_partitions, layouts)}
+        self.layouts = {id(p): layout for p, layout in zip(flat_partitions, layouts, strict=True)}
         self.piece_index = {
             id(p): torch.tensor([i for i, _, _ in layout.pieces], dtype=torch.long, device=p.device)
-            for p, layout in zip(flat_partitions, layouts)
+            for p, layout in zip(flat_partitions, layouts, strict=True)
         }
 
     @torch.no_grad()
