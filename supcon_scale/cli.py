@@ -30,6 +30,8 @@ DELEGATED = {
     "bench-loss": ("supcon_scale.bench.loss:main", "time and memory of the loss implementations"),
     "bench-dataloader": ("supcon_scale.bench.loader:main", "images/s of the input pipelines"),
     "bench-train": ("supcon_scale.bench.train:main", "training step throughput against cross-entropy"),
+    "plot": ("supcon_scale.evaluation.plots:main", "PNG training curves and time shares from a run's metrics.jsonl"),
+    "embed-plot": ("supcon_scale.evaluation.embedding:main", "2-D map (t-SNE/UMAP) of an encoder's val embeddings"),
 }
 
 EXIT_USAGE = 2
@@ -49,14 +51,17 @@ def _fit(cfg: RunConfig, hooks: Sequence[Hook]) -> int:
     from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted, notify_agent
 
     ctx = distributed.init(cfg.engine.backend, cfg.seed)
+    from supcon_scale.console import rank_stderr
+
     try:
-        trainer.fit(cfg, ctx, hooks=hooks)
+        with rank_stderr(ctx.rank):  # warnings and log records of every rank, one line each, prefixed with the rank
+            trainer.fit(cfg, ctx, hooks=hooks)
     except Preempted as exc:
-        print(f"supcon-scale: {exc}", file=sys.stderr)
+        print(f"supcon-scale: [rank {ctx.rank}] {exc}", file=sys.stderr)
         notify_agent()
         return EXIT_PREEMPTED
     except NonFiniteError as exc:
-        print(f"supcon-scale: error: {exc}", file=sys.stderr)
+        print(f"supcon-scale: [rank {ctx.rank}] error: {exc}", file=sys.stderr)
         return 1
     finally:
         distributed.teardown()
@@ -71,8 +76,68 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    """The resolved config, one key a line: value, default (when it differs) and description, from config.schema()."""
+    import json
+
+    from supcon_scale import config
+
+    cfg = config.load(args.config, args.overrides).to_dict()
+    rows = []
+    for k in config.schema():
+        value = cfg
+        for part in k.key.split("."):
+            value = value[part]
+        default = list(k.default) if isinstance(k.default, tuple) else k.default
+        rows.append({"key": k.key, "value": value, "default": default, "type": k.type_name, "range": k.range_text,
+                     "help": k.help})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        value, default = json.dumps(r["value"]), json.dumps(r["default"])
+        changed = f" (default {default})" if value != default else ""
+        print(f"{r['key']:<{width}}  {value}{changed}  # {r['help']}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """What a checkpoint holds, from its meta.json (plain JSON: nothing is unpickled, torch is not imported)."""
+    import json
+
+    path = args.checkpoint
+    if not (path / "meta.json").is_file():  # a run directory: its newest complete checkpoint
+        done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "meta.json").is_file())
+        if not done:
+            raise ValueError(f"{path}: neither a checkpoint (no meta.json) nor a run directory with checkpoints")
+        path = done[-1]
+    meta = json.loads((path / "meta.json").read_text())
+    if args.json:
+        print(json.dumps({"path": str(path), **meta}, indent=1))
+        return 0
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    convention = meta.get("loss_convention", meta.get("loss"))
+    for name, value in [("checkpoint", path), ("step", meta.get("step")), ("epoch", meta.get("epoch")),
+                        ("world size", meta.get("world_size")), ("engine", meta.get("engine")),
+                        ("loss convention", json.dumps(convention)),
+                        ("files", ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files))]:
+        print(f"{name:<16} {value}")
+    print("config:")
+
+    def flat(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            flat(v, f"{prefix}{k}.") if isinstance(v, dict) else print(f"  {prefix}{k} = {json.dumps(v)}")
+
+    flat(meta.get("config", {}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
+    from supcon_scale import __version__
+
     p = argparse.ArgumentParser(prog="supcon-scale", description="Supervised Contrastive training at scale.")
+    p.add_argument("--version", action="version", version=f"supcon-scale {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="pre-train an encoder (run under torchrun or the deepspeed launcher)")
     t.add_argument("--config", type=Path, help="YAML recipe (configs/...); `base:` inheritance allowed")
@@ -82,6 +147,18 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("dir", type=Path)
     d.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     d.set_defaults(func=_make_demo_data)
+    c = sub.add_parser("config", help="show the resolved config: every key, its default and what it does")
+    show = c.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "show", help="the resolved config (the recipe and overrides over the defaults), one key a line"
+    )
+    show.add_argument("--config", type=Path, help="YAML recipe; without it, the defaults")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    show.add_argument("--json", action="store_true", help="a JSON list of {key, value, default, type, range, help}")
+    show.set_defaults(func=_config_show)
+    i = sub.add_parser("inspect", help="step, epoch, world size, engine, loss convention and config of a checkpoint")
+    i.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    i.add_argument("--json", action="store_true", help="meta.json as it is")
+    i.set_defaults(func=_inspect)
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p

@@ -1,30 +1,88 @@
-"""Human output (rich progress and tables, rank 0 only) and machine output (JSONL metrics)."""
+"""Human output (rich progress and tables, or plain log lines, rank 0 only) and machine output (JSONL metrics and
+the sinks beside it); warnings on every rank, prefixed with the rank.
+
+A run's log line, every `train.log_every` steps when stderr is not a terminal (a SLURM job's log) or `log.plain`:
+
+    2026-12-01 20:42:27 step 120/3000 epoch 2 loss 5.1234 lr 0.48 1,234 views/s data 3% fwd+bwd 85% optim 9% \
+        eta 1:02:03 mem 10.2 GiB
+
+`data`, `fwd+bwd` and `optim` are shares of the window's wall time (StepClock); `mem` (GPU only) is the window's
+peak of allocated device memory.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import logging
 import math
+import sys
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from supcon_scale.distributed import all_reduce_mean
+from supcon_scale import sinks
+from supcon_scale.distributed import all_reduce_mean, world
 from supcon_scale.hooks import Hook, StepInfo
 
 console = Console(stderr=True)
 
 
-class MetricsLog:
-    """Appends one JSON object per line; only the main rank writes."""
+def warn(message: str) -> None:
+    """A warning on this rank's stderr, prefixed with the rank (every rank may warn; a job log interleaves them)."""
+    print(f"[rank {world()[0]}] warning: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, path: str | Path | None, enabled: bool = True):
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage().strip().splitlines()
+        return f"[rank {self.rank}] {record.levelname.lower()}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def rank_stderr(rank: int) -> Iterator[None]:
+    """While the block runs, the package's log records and Python warnings go to stderr as one line each, prefixed
+    with the rank, on every rank (the default would print them unprefixed, or not at all below WARNING)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RankFormatter(rank))
+    loggers = [logging.getLogger("supcon_scale"), logging.getLogger("py.warnings")]
+    saved = [(lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(min(lg.getEffectiveLevel(), logging.WARNING))
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, (propagate, level) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.propagate, lg.level = propagate, level
+
+
+class MetricsLog:
+    """Appends one JSON object per line, and hands the same record to each sink; only the main rank writes.
+
+    A sink that raises is dropped with one warning: a dashboard never stops training.
+    """
+
+    def __init__(self, path: str | Path | None, enabled: bool = True, sinks: Iterable[sinks.Sink] = ()):
         self.path = Path(path) if path is not None and enabled else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sinks = list(sinks) if enabled else []
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.path is None:
@@ -32,6 +90,20 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+        for sink in list(self.sinks):
+            try:
+                sink.write(clean)
+            except Exception as exc:  # noqa: BLE001 - any failure of a third-party sink
+                self.sinks.remove(sink)
+                warn(f"the {sink.name} sink failed and is off for the rest of the run: {type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                warn(f"closing the {sink.name} sink failed: {type(exc).__name__}: {exc}")
+        self.sinks = []
 
 
 class TrainProgress:
@@ -55,7 +127,7 @@ class TrainProgress:
         self.total_steps = total_steps
         self.start_step = start_step
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         if self.progress is not None:
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.total_steps, completed=self.start_step, status="")
@@ -70,36 +142,165 @@ class TrainProgress:
             self.progress.stop()
 
 
+class StepClock(Hook):
+    """Where a log window's wall time goes: waiting for the loader, forward+loss+backward, the optimizer step.
+
+    Marks, per step k: `free` (this hook's on_step of step k-1: the loop moves on to the loader), `batch` (on_batch
+    of step k), `mark` (train_step's backward is done) and `stop` (train_step returned; the logger calls it). Data
+    wait is batch - free (a checkpoint save at step k-1 counts there too), forward+backward mark - batch (DDP's
+    gradient all-reduce overlaps it), optimizer stop - mark. On a GPU the marks are CUDA events on the current
+    stream, so the shares are of device time and a data stall shows only when it starves the GPU; `shares` syncs
+    on the last one, at log points only. On the CPU they are perf_counter readings.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.steps: list[list[Any]] = []  # [free, batch, mark, stop] per step of the window
+        self.free = self.window_start = None
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def on_resume(self, step: int, epoch: int) -> None:
+        self.free = self.window_start = self._now()
+
+    def on_batch(self, step: int, views: list[torch.Tensor], labels: torch.Tensor):
+        self.steps.append([self.free, self._now(), None, None])
+        return views, labels
+
+    def mark(self) -> None:
+        if self.steps:
+            self.steps[-1][2] = self._now()
+
+    def stop(self) -> None:
+        if self.steps:
+            self.steps[-1][3] = self._now()
+
+    def on_step(self, info: StepInfo) -> None:
+        self.free = self._now()
+
+    def shares(self) -> dict[str, float]:
+        """{data, compute, optim}: shares of the wall time since the last call (ends at the last `stop`)."""
+        steps, self.steps = [s for s in self.steps if s[3] is not None], []
+        if not steps or self.window_start is None:
+            return {}
+        end = steps[-1][3]
+        if self.cuda:
+            end.synchronize()
+        wall = max(self._seconds(self.window_start, end), 1e-12)
+        self.window_start = end
+        data = sum(self._seconds(free, batch) for free, batch, _, _ in steps if free is not None)
+        compute = sum(self._seconds(batch, mark or stop) for _, batch, mark, stop in steps)
+        optim = sum(self._seconds(mark, stop) for _, _, mark, stop in steps if mark is not None)
+        return {"data_share": data / wall, "compute_share": compute / wall, "optim_share": optim / wall}
+
+
+class NoClock(Hook):
+    """`log.timing=false`: no marks, no shares."""
+
+    def mark(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def shares(self) -> dict[str, float]:
+        return {}
+
+
 class TrainLogger(Hook):
-    """The run's metrics: every `every` steps and at the last, the loss averaged over ranks, the LR and views/s go to
-    `metrics.jsonl` and the progress bar. Reading the loss is a host synchronisation, so it happens only then.
-    A context manager: the progress bar lives as long as the block."""
+    """The run's metrics: every `train.log_every` steps and at the last, the loss averaged over ranks, the LR,
+    views/s and the time shares go to `metrics.jsonl` and its sinks, and to the progress bar (a terminal) or one
+    plain line (stderr not a terminal, or `log.plain`). Reading the loss is a host synchronisation, so it happens
+    only then. A context manager: the bar and the sinks live as long as the block. Put it first among the hooks
+    and its `clock` last (see StepClock)."""
 
-    def __init__(self, path: Path, every: int, total_steps: int, start_step: int, engine: Any, is_main: bool,
-                 progress: bool):
-        self.metrics = MetricsLog(path, enabled=is_main)
-        self.progress = TrainProgress(total_steps, start_step, enabled=is_main and progress)
-        self.every, self.engine = every, engine
+    def __init__(self, cfg: Any, engine: Any, total_steps: int):
+        ctx = engine.ctx
+        sinks.check(cfg.log)  # on every rank: a missing extra stops them all, before anything is written
+        self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main
+        self.every = cfg.train.log_every
+        self.metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", enabled=ctx.is_main)
+        self.clock: StepClock | NoClock = StepClock(ctx.device) if cfg.log.timing else NoClock()
+        self.plain = cfg.log.plain or not console.is_terminal
+        self.cuda = ctx.device if ctx.device.type == "cuda" else None
         self.loss = float("nan")  # the last logged loss
+        self.start_step, self.start_time = 0, time.time()
         self.window_start, self.window_views = time.time(), 0
+        self.progress = TrainProgress(total_steps, 0, enabled=False)
 
-    def __enter__(self) -> "TrainLogger":
+    def on_resume(self, step: int, epoch: int) -> None:
+        self.start_step, self.start_time = step, time.time()
+        self.window_start = self.start_time
+
+    def __enter__(self) -> TrainLogger:
+        show = self.is_main and self.cfg.train.progress
+        self.progress = TrainProgress(self.total_steps, self.start_step, enabled=show and not self.plain)
+        self.lines = show and self.plain
+        if self.is_main:
+            self.metrics.sinks = sinks.build(self.cfg, warn)  # out_dir has passed the checkpointer's check
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
+        self.metrics.close()
 
     def on_step(self, info: StepInfo) -> None:
+        self.clock.stop()
         self.window_views += info.views
         if info.step % self.every and not info.last:
             return
         self.loss = all_reduce_mean(info.loss).item()
-        rate = self.window_views / max(time.time() - self.window_start, 1e-9)
-        self.metrics.write({"step": info.step, "epoch": info.epoch, "loss": self.loss, "lr": self.engine.lr,
-                            "views_per_s": rate, "skipped_steps": self.engine.skipped_steps})
-        self.progress.update(info.step, f"epoch {info.epoch} loss {self.loss:.4f} {rate:,.0f} views/s")
+        now = time.time()
+        record = {
+            "step": info.step,
+            "epoch": info.epoch,
+            "loss": self.loss,
+            "lr": self.engine.lr,
+            "views_per_s": self.window_views / max(now - self.window_start, 1e-9),
+            "skipped_steps": self.engine.skipped_steps,
+            **self.clock.shares(),
+        }
+        if self.cuda is not None:
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.cuda) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.cuda)
+        self.metrics.write(record)
+        rate = f"{record['views_per_s']:,.0f} views/s"
+        self.progress.update(info.step, f"epoch {info.epoch} loss {self.loss:.4f} {rate}")
+        if self.lines:
+            eta = (now - self.start_time) / max(info.step - self.start_step, 1) * (self.total_steps - info.step)
+            print(log_line(record, self.total_steps, eta), file=sys.stderr, flush=True)
         self.window_start, self.window_views = time.time(), 0
+
+
+def log_line(record: Mapping[str, Any], total_steps: int, eta_s: float) -> str:
+    """One plain line of a log record (the module docstring shows one)."""
+    parts = [
+        datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        f"step {record['step']}/{total_steps}",
+        f"epoch {record['epoch']}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.4g}",
+        f"{record['views_per_s']:,.0f} views/s",
+    ]
+    if "data_share" in record:
+        parts += [
+            f"data {record['data_share']:.0%}",
+            f"fwd+bwd {record['compute_share']:.0%}",
+            f"optim {record['optim_share']:.0%}",
+        ]
+    parts.append(f"eta {datetime.timedelta(seconds=round(eta_s))}")
+    if "max_memory_gib" in record:
+        parts.append(f"mem {record['max_memory_gib']:.1f} GiB")
+    return " ".join(parts)
 
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:

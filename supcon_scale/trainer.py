@@ -10,16 +10,17 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from supcon_scale import config, data, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
-from supcon_scale.console import TrainLogger, console
+from supcon_scale.console import MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context
 from supcon_scale.engines import Engine
 from supcon_scale.hooks import Hook, StepInfo
+from supcon_scale.profiling import Profiler
 from supcon_scale.resilience import NonFiniteGuard
 
 
@@ -33,8 +34,11 @@ class FitResult:
     skipped_steps: int
 
 
-def train_step(engine: Engine, objective: objectives.Objective, views: list[torch.Tensor], labels: torch.Tensor):
-    """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics)."""
+def train_step(engine: Engine, objective: objectives.Objective, views: list[torch.Tensor], labels: torch.Tensor,
+               after_backward: Callable[[], None] | None = None):
+    """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics).
+
+    `after_backward` marks the end of forward+backward for the logger's time shares (console.StepClock)."""
     # A skipped (non-finite) step must leave no trace, but its forward already updated the batch-norm running
     # statistics, with NaN. They are small (~0.1% of ResNet-50's parameters): keep a copy to put back.
     buffers = [t for t in engine.unwrapped().buffers() if t.is_floating_point()]
@@ -44,6 +48,8 @@ def train_step(engine: Engine, objective: objectives.Objective, views: list[torc
         out = engine(torch.cat(views))
     loss = objective(objectives.per_sample(out, len(views)), targets)
     engine.backward(loss)
+    if after_backward is not None:
+        after_backward()
     stepped = engine.step()
     if not stepped:
         with torch.no_grad():
@@ -62,11 +68,10 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     model = models.build(cfg.model, objective.classifier_classes)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
-    hooks = [*hooks, *monitors(cfg, engine, loader.steps_per_epoch)]
+    logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
+    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics), logger.clock]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     step, epoch = checkpointer.resume()
-    logger = TrainLogger(Path(cfg.out_dir) / "metrics.jsonl", cfg.train.log_every, total_steps, step, engine,
-                         ctx.is_main, cfg.train.progress)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
     for hook in hooks:
         hook.on_resume(step, epoch)
@@ -76,12 +81,12 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
                                                                  total_steps - step):
             for hook in hooks:
                 views, labels = hook.on_batch(step + 1, views, labels)
-            loss, stepped = train_step(engine, objective, views, labels)
+            loss, stepped = train_step(engine, objective, views, labels, logger.clock.mark)
             step += 1
             guard.update(step, loss, stepped, checkpointer.newest)
             info = StepInfo(step, epoch, loss, stepped, len(views) * labels.shape[0] * ctx.world_size,
                             epoch_end, step == total_steps)
-            for component in (logger, *hooks, checkpointer):
+            for component in (*hooks, checkpointer):
                 component.on_step(info)
     encoder_path = checkpointer.export()
     if ctx.is_main and encoder_path is not None:
@@ -111,14 +116,15 @@ def epochs(loader: data.TrainLoader, epoch: int, num_epochs: int) -> Iterator[tu
             loader.set_epoch(epoch)
 
 
-def monitors(cfg: config.RunConfig, engine: Engine, steps_per_epoch: int) -> list[Hook]:
-    """The monitors the config asks for (`train.knn_every_epochs`)."""
-    if not cfg.train.knn_every_epochs:
-        return []
-    from supcon_scale.console import MetricsLog
-    from supcon_scale.evaluation.knn import KnnMonitor  # evaluation sits beside the trainer; imported only when used
+def monitors(cfg: config.RunConfig, engine: Engine, steps_per_epoch: int, metrics: MetricsLog) -> list[Hook]:
+    """The monitors the config asks for (`train.knn_every_epochs`, `train.profile_steps`); rows go to `metrics`."""
+    found: list[Hook] = []
+    if cfg.train.knn_every_epochs:
+        from supcon_scale.evaluation.knn import KnnMonitor  # evaluation sits beside the trainer; imported when used
 
-    metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", enabled=engine.ctx.is_main)
-    root = Path(cfg.data.root)
-    every = steps_per_epoch * cfg.train.knn_every_epochs
-    return [KnnMonitor(engine.unwrapped().encoder, root, cfg.data.image_size, every, metrics)]
+        every = steps_per_epoch * cfg.train.knn_every_epochs
+        found.append(KnnMonitor(engine.unwrapped().encoder, Path(cfg.data.root), cfg.data.image_size, every, metrics))
+    if cfg.train.profile_steps:
+        first, last = config.profile_range(cfg.train.profile_steps)
+        found.append(Profiler(first, last, cfg.out_dir, engine.ctx.rank, engine.ctx.device))
+    return found

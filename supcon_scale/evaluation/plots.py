@@ -1,7 +1,10 @@
-"""The two robustness figures: accuracy against severity (the paper's Figure 3) and CE per corruption as bars."""
+"""The figures: accuracy against severity (the paper's Figure 3), CE per corruption as bars, and a run's training
+curves and time shares from its metrics.jsonl (`supcon-scale plot`)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ def _pyplot():
 
 
 def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    fig.tight_layout()
+    fig.tight_layout()  # also keeps a legend placed outside the axes inside the saved image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -51,7 +54,9 @@ def plot_ce_bars(models: dict[str, dict[str, Any]], path: str | Path, reference:
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(names))
     for i, (model, m) in enumerate(models.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, [m["ce"][c] for c in names], width, label=f"{model} (mCE {m['mce']:.1f})")
+        ax.bar(
+            x + i * width - 0.4 + width / 2, [m["ce"][c] for c in names], width, label=f"{model} (mCE {m['mce']:.1f})"
+        )
     ax.axhline(100, color="k", ls="--", lw=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
@@ -59,3 +64,95 @@ def plot_ce_bars(models: dict[str, dict[str, Any]], path: str | Path, reference:
     ax.legend(fontsize=8)
     ax.set_title("Corruption error per corruption (lower is better)")
     return _save(plt, fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training curves from metrics.jsonl (`supcon-scale plot RUN_DIR`)
+
+CURVES = (  # (metrics.jsonl field, y label, log scale)
+    ("loss", "training loss", False),
+    ("lr", "learning rate", False),
+    ("views_per_s", "views / s (all ranks)", False),
+    ("knn_top1", "kNN top-1 accuracy (val)", False),
+)
+SHARES = (("data_share", "waiting for data"), ("compute_share", "forward+loss+backward"), ("optim_share", "optimizer"))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a step logged twice (a resumed run replays the steps after its checkpoint) keeps
+    its last row, and a torn last line (a killed run) is ignored."""
+    rows: dict[tuple[int, bool], dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows[(row["step"], "knn_top1" in row)] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Loss, learning rate, views/s and kNN top-1 against the optimizer step, one panel each."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=120)
+    for ax, (name, label, log) in zip(axes.flat, CURVES, strict=True):
+        points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, ms=3)
+        else:
+            hint = " (train.knn_every_epochs)" if name == "knn_top1" else ""
+            ax.text(0.5, 0.5, f"no {name} in metrics.jsonl{hint}", ha="center", va="center", transform=ax.transAxes)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def plot_time_shares(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Where each log window's wall time went (console.StepClock), stacked; None when the run logged no shares."""
+    rows = [r for r in rows if all(r.get(k) is not None for k, _ in SHARES)]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = [r["step"] for r in rows]
+    stacks = [[100 * r[k] for r in rows] for k, _ in SHARES]
+    other = [max(0.0, 100 - sum(v)) for v in zip(*stacks, strict=True)]
+    ax.stackplot(steps, *stacks, other, labels=[label for _, label in SHARES] + ["other (logging, hooks)"], alpha=0.85)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share of wall time (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "Where the time goes, per log window")
+    return _save(plt, fig, path)
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """The PNGs of a run directory's metrics.jsonl: training_curves.png and (when logged) time_shares.png."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ValueError(f"{run_dir}: no metrics.jsonl (is it a training run's out_dir?)")
+    rows = read_metrics(metrics)
+    if not rows:
+        raise ValueError(f"{metrics}: no metrics rows yet")
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    written = [plot_training_curves(rows, out / "training_curves.png", title=run_dir.name)]
+    shares = plot_time_shares(rows, out / "time_shares.png", title=f"{run_dir.name}: where the time goes")
+    return written + ([shares] if shares is not None else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`supcon-scale plot RUN_DIR [--out DIR]`: PNG curves from the run's metrics.jsonl; prints their paths."""
+    p = argparse.ArgumentParser(prog="supcon-scale plot", description="PNG training curves from a run's metrics.jsonl")
+    p.add_argument("run_dir", type=Path, help="a training run's out_dir")
+    p.add_argument("--out", type=Path, default=None, help="where the PNGs go (default RUN_DIR/plots)")
+    args = p.parse_args(argv)
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0

@@ -1,0 +1,114 @@
+"""A 2-D map of an encoder's validation embeddings, coloured by class: what SupCon does to the geometry.
+
+`supcon-scale embed-plot --checkpoint ENC --data DIR` encodes DIR/val with the frozen encoder, L2-normalises the
+features (the contrastive loss compares directions), reduces them to two dimensions with UMAP when `umap-learn` is
+installed, else scikit-learn's t-SNE, and writes a scatter plot. The map shows neighbourhoods, not distances between
+far clusters (t-SNE and UMAP keep local structure only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from supcon_scale.evaluation.plots import _pyplot, _save
+
+Method = Literal["auto", "tsne", "umap"]
+
+
+def reduce_2d(features: np.ndarray, method: Method = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """([N, 2] coordinates, the method used) of the rows of `features`; `auto`: UMAP when installed, else t-SNE."""
+    if method == "auto":
+        method = "umap" if importlib.util.find_spec("umap") is not None else "tsne"
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise ValueError("--method umap needs umap-learn: pip install umap-learn (or use --method tsne)") from None
+        return umap.UMAP(n_components=2, random_state=seed).fit_transform(features), "UMAP"
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))  # t-SNE needs perplexity < N
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(features), "t-SNE"
+
+
+def plot_embedding(
+    coords: np.ndarray, labels: np.ndarray, classes: list[str], path: str | Path, title: str, ax=None
+) -> Path | None:
+    """A scatter of `coords` coloured by class (tab10/tab20 colours, a legend per class); into `ax` when given."""
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 5.5), dpi=120)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for c, name in enumerate(classes):
+        keep = labels == c
+        ax.scatter(coords[keep, 0], coords[keep, 1], s=9, color=cmap(c % cmap.N), label=name, alpha=0.8, lw=0)
+    ax.set_xlabel("dimension 1")
+    ax.set_ylabel("dimension 2")
+    ax.set_title(title)
+    if len(classes) <= 20:
+        ax.legend(title="class", fontsize=7, markerscale=1.8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(plt, fig, path) if fig is not None else None
+
+
+def embed(
+    checkpoint: str | Path,
+    data: str | Path,
+    image_size: int | None = None,
+    device: str | None = None,
+    max_images: int | None = 2000,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(normalised features [N, D], labels [N], class names) of DIR/val under the encoder `checkpoint`.
+
+    `max_images` keeps an evenly spaced subset (t-SNE is quadratic in N); None keeps every image."""
+    from supcon_scale.checkpoint import load_encoder
+    from supcon_scale.data.eval import EvalDataset
+    from supcon_scale.evaluation.features import extract_features
+    from supcon_scale.evaluation.linear import checkpoint_image_size
+
+    path = Path(checkpoint)
+    path = path / "encoder.safetensors" if path.is_dir() else path
+    encoder, meta = load_encoder(path)
+    size = image_size or checkpoint_image_size(path, meta.get("cifar_stem") == "1")
+    val = Path(data) / "val"
+    if not val.is_dir():
+        raise ValueError(f"--data {data}: no val/ folder (class folders of validation images)")
+    dataset = EvalDataset(data, "val", size)
+    if max_images is not None and len(dataset) > max_images:
+        keep = np.linspace(0, len(dataset) - 1, max_images).round().astype(int)
+        dataset = torch.utils.data.Subset(dataset, keep.tolist())
+    feats, labels, _ = extract_features(encoder, dataset, device=device)
+    feats = torch.nn.functional.normalize(feats, dim=1)
+    classes = (dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset).index.classes
+    return feats.numpy(), labels.numpy(), list(classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`supcon-scale embed-plot --checkpoint ENC --data DIR [--out PNG] [--method auto|tsne|umap]`."""
+    p = argparse.ArgumentParser(prog="supcon-scale embed-plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="encoder.safetensors (or the run directory holding it)")
+    p.add_argument("--data", required=True, help="dataset root holding val/<class>/*")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the checkpoint, embedding.png)")
+    p.add_argument("--method", choices=["auto", "tsne", "umap"], default="auto", help="auto: UMAP when installed")
+    p.add_argument("--max-images", type=int, default=2000, help="evenly spaced subset of val (t-SNE is quadratic)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the run's data.image_size")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.max_images is not None and args.max_images < 3:
+        raise ValueError("--max-images must be >= 3")
+    feats, labels, classes = embed(args.checkpoint, args.data, args.image_size, args.device, args.max_images)
+    coords, used = reduce_2d(feats, args.method, args.seed)
+    ckpt = Path(args.checkpoint)
+    out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / "embedding.png"
+    title = f"{ckpt.name if ckpt.is_dir() else ckpt.parent.name}: {used} of {len(labels)} val embeddings"
+    print(plot_embedding(coords, labels, classes, out, title), file=sys.stdout)
+    return 0
