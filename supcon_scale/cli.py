@@ -50,7 +50,7 @@ def _fit(cfg: RunConfig, hooks: Sequence[Hook]) -> int:
     from supcon_scale import distributed, trainer
     from supcon_scale.resilience import EXIT_PREEMPTED, NonFiniteError, Preempted, notify_agent
 
-    ctx = distributed.init(cfg.engine.backend, cfg.seed)
+    ctx = distributed.init(cfg.engine.backend, cfg.seed, device=cfg.device)
     from supcon_scale.console import rank_stderr
 
     try:

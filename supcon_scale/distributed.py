@@ -10,8 +10,12 @@ import contextlib
 import datetime
 import os
 import random
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,23 +47,111 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> Context:
+# CUDA 13 needs an R580 driver or newer (NVIDIA's CUDA Toolkit release notes, "CUDA Driver" table; README "GPUs").
+MIN_DRIVER = {13: "580", 12: "525"}
+
+
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version without initialising CUDA (it may be the broken part), or None."""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/driver/nvidia/version").read_text()
+        match = re.search(r"Kernel Module(?: for [^ ]+)?\s+([0-9.]+)", text)
+        if match:
+            return match.group(1)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    return None
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process (torch's own first line), or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch raises RuntimeError/AssertionError depending on how CUDA is missing
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "torch.cuda.is_available() is False"
+
+
+def cuda_report() -> str:
+    """Driver, torch's CUDA and CUDA_VISIBLE_DEVICES in one line: what an engineer checks first."""
+    major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+    need = f" (needs >= R{MIN_DRIVER[major]})" if major in MIN_DRIVER else ""
+    return (
+        f"driver {driver_version() or 'not found'}{need}, torch {torch.__version__} built for CUDA "
+        f"{torch.version.cuda or 'none (a CPU-only build)'}, CUDA_VISIBLE_DEVICES="
+        f"{_quoted_env('CUDA_VISIBLE_DEVICES')}"
+    )
+
+
+def _quoted_env(name: str) -> str:
+    value = os.environ.get(name)
+    return "<unset>" if value is None else shlex.quote(value)
+
+
+def _gpus_promised() -> bool:
+    """The launcher or the user made GPUs visible to this process (CUDA_VISIBLE_DEVICES names one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible is not None and visible.strip() not in ("", "-1", "none", "NoDevFiles")
+
+
+def cuda_index(local_rank: int, device_count: int) -> int:
+    """This process's CUDA device: its local rank, or 0 when the launcher gave each task one GPU of its own.
+
+    Slurm with `--gpus-per-task=1` (or `--gpu-bind=single:1`) sets CUDA_VISIBLE_DEVICES per task, so every task sees
+    one device 0 while SLURM_LOCALID runs 0..n-1.
+    """
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        raise ValueError(
+            f"device=cuda: local rank {local_rank} but this process sees {device_count} GPUs ({cuda_report()}); "
+            "launch at most one process per visible GPU"
+        )
+    return local_rank
+
+
+def select_device(device: str, local_rank: int) -> torch.device:
+    """`device: auto | cuda | cpu`. auto is cuda when CUDA works and cpu when no GPU was made visible; a requested
+    or promised GPU that CUDA cannot use is an error, never a silent CPU run."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device: {device!r} is not one of auto, cuda, cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
+    if device == "cuda" or _gpus_promised():
+        raise ValueError(
+            f"device={device}: CUDA is not usable ({problem}): {cuda_report()}; "
+            "fix the driver or the GPU allocation, or set device=cpu to train on the CPU"
+        )
+    return torch.device("cpu")
+
+
+def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0, device: str = "auto") -> Context:
     """Join the process group described by the launcher's environment and seed every RNG.
 
-    Model-init RNGs get the same `seed` on every rank (so replicas start equal); augmentation seeds derive from the
-    global rank separately (see `rank_seed`).
+    `device` is the run config's `device` key (`select_device`). Model-init RNGs get the same `seed` on every rank
+    (so replicas start equal); augmentation seeds derive from the global rank separately (see `rank_seed`).
     """
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    where = select_device(device, local_rank)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
+            backend = "nccl" if where.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -78,10 +170,10 @@ def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> Con
             rank=rank,
             world_size=world,
             timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
+            device_id=where if where.type == "cuda" else None,
         )
     seed_everything(seed)
-    return Context(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return Context(rank=rank, world_size=world, local_rank=local_rank, device=where)
 
 
 def single_process_group(device: torch.device) -> None:
@@ -103,10 +195,12 @@ def temporary_single_process_group(device: torch.device) -> Iterator[None]:
         yield
     finally:
         if created:
-            dist.destroy_process_group()
+            teardown()
 
 
 def teardown() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -129,12 +223,32 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+_host_group: tuple[object, dist.ProcessGroup] | None = None  # (the default group, its gloo twin)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: a CPU all-reduce (gloo, beside an NCCL group), so agreeing on a
+    host-side flag (a preemption signal) never waits for the GPU's queued work. Collective."""
+    global _host_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    group = None
+    if dist.get_backend() != "gloo":
+        # Made once per default group (every rank gets here at the same step: new_group is a collective).
+        if _host_group is None or _host_group[0] is not dist.group.WORLD:
+            _host_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+        group = _host_group[1]
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _all_reduce(value: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
+def _all_reduce(value: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
     """A reduced copy of `value` (no gradient); the input itself without a group."""
     if not dist.is_initialized():
         return value
@@ -173,13 +287,14 @@ def all_gather_object(obj: object) -> list[object]:
 
 
 def local_sizes(n: int, device: torch.device) -> list[int]:
-    """Every rank's local batch size (one small all-gather), to detect uneven batches before a collective hangs."""
+    """Every rank's local batch size (one small all-gather and one host read), to detect uneven batches before a
+    collective hangs."""
     if not dist.is_initialized():
         return [n]
     t = torch.tensor([n], device=device, dtype=torch.long)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
-    return [int(x.item()) for x in out]
+    return torch.cat(out).tolist()
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -201,7 +316,7 @@ class _GatherWithGrad(torch.autograd.Function):
             x = torch.cat([x, pad])
         parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -211,14 +326,15 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Concatenate `x` ([n, ...], n may differ by rank) from all ranks with gradients flowing back to the owners.
 
     Returns the gathered tensor and the offset of this rank's rows in it. Without a group it returns `(x, 0)`.
+    `sizes` (every rank's n, when the caller knows them) saves the size exchange and its host read.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    sizes = local_sizes(x.shape[0], x.device)
+    sizes = sizes if sizes is not None else local_sizes(x.shape[0], x.device)
     gathered = _GatherWithGrad.apply(x, sizes)
     return gathered, sum(sizes[: dist.get_rank()])
 
@@ -254,28 +370,38 @@ def cuda_sync_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Ten
         bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     return _SyncBatchNormFn.apply(
-        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, momentum, dist.group.WORLD,
+        x,
+        bn.weight,
+        bn.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.eps,
+        momentum,
+        dist.group.WORLD,
         dist.get_world_size(),
     )
 
 
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Gather without gradient (labels, label vectors); uneven sizes allowed."""
+def all_gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Gather without gradient (labels, label vectors); uneven sizes allowed (`sizes`: as in all_gather_with_grad)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     with torch.no_grad():
-        sizes = local_sizes(x.shape[0], x.device)
+        sizes = sizes if sizes is not None else local_sizes(x.shape[0], x.device)
         biggest = max(sizes)
         x = x.contiguous()
         if x.shape[0] < biggest:
             x = torch.cat([x, x.new_zeros((biggest - x.shape[0], *x.shape[1:]))])
         parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
 def record(fn):
-    """torchrun's error recorder: a worker's traceback reaches the launcher's summary (torch.distributed.elastic.multiprocessing.errors.record)."""
+    """torchrun's error recorder: a worker's traceback reaches the launcher's summary.
+
+    (torch.distributed.elastic.multiprocessing.errors.record)
+    """
     from torch.distributed.elastic.multiprocessing.errors import record as _record
 
     return _record(fn)

@@ -28,8 +28,9 @@ class NonFiniteError(RuntimeError):
 class PreemptionHandler:
     """Turns SIGTERM/SIGUSR1 (as SLURM or torchrun send it) into a flag checked at step boundaries.
 
-    Ranks may receive the signal at different times, so `requested()` agrees across ranks with one tiny all-reduce:
-    every rank then checkpoints at the same step.
+    Ranks may receive the signal at different times, so `requested()` agrees across ranks with one tiny all-reduce
+    every step: every rank then checkpoints at the same step. It is a CPU all-reduce (`distributed.any_rank`), so
+    the check never waits for the GPU; a single process reads its own flag.
     """
 
     def __init__(self, signal_name: str):
@@ -40,9 +41,9 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: object) -> None:
         self._flag = True
 
-    def requested(self, device: torch.device) -> bool:
-        flag = torch.tensor([1 if self._flag else 0], device=device, dtype=torch.int32)
-        return bool(distributed.all_reduce_sum(flag).item() > 0)
+    def requested(self, device: torch.device | None = None) -> bool:
+        """Whether any rank has been signalled (`device` is unused: the agreement runs on the CPU)."""
+        return distributed.any_rank(self._flag)
 
     def close(self) -> None:
         signal.signal(self.signum, self._previous)
@@ -105,8 +106,11 @@ def torchrun_main(argv: list[str]) -> int:
         run.main(argv)
     except SignalException as exc:
         if exc.sigval.name in PREEMPT_SIGNALS:
-            print(f"supcon-scale torchrun: {exc.sigval.name}: workers checkpointed and stopped; exit "
-                  f"{EXIT_PREEMPTED} (requeue)", file=sys.stderr)
+            print(
+                f"supcon-scale torchrun: {exc.sigval.name}: workers checkpointed and stopped; exit "
+                f"{EXIT_PREEMPTED} (requeue)",
+                file=sys.stderr,
+            )
             return EXIT_PREEMPTED
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:

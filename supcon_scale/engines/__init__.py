@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from supcon_scale.config import RunConfig
@@ -9,8 +10,21 @@ from supcon_scale.distributed import Context
 from supcon_scale.engines.base import Engine
 
 
+def cuda_settings(cfg: RunConfig, ctx: Context) -> None:
+    """The GPU's speed settings, once before the model runs: cuDNN autotuning (every step has the same shapes) and
+    the `tf32` policy for fp32 matmuls and convolutions (bf16/fp16 autocast regions are unaffected)."""
+    if ctx.device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    # The legacy pair, not `fp32_precision`: mixing the two APIs makes torch.get_float32_matmul_precision() raise,
+    # and inductor calls it.
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
 def build(cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int) -> Engine:
     """Wrap `model`, then create its optimizer and schedule (sharded engines need the wrapped parameters)."""
+    cuda_settings(cfg, ctx)
     engine: Engine
     if cfg.engine.name == "ddp":
         from supcon_scale.engines.ddp import DDPEngine

@@ -37,7 +37,7 @@ class GenSCLObjective(Objective):
         teacher_model = None
         if cfg.kd.teacher is not None:
             teacher_model = teacher.load(cfg.kd, num_classes).to(ctx.device)
-        return cls(losses.build(cfg.loss), mixer, teacher_model, cfg.kd.alpha)
+        return cls(losses.build(cfg.loss, equal_batches=cfg.data.drop_last), mixer, teacher_model, cfg.kd.alpha)
 
     def prepare(self, views, labels):
         if self.mixer.enabled:

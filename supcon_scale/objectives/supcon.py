@@ -13,7 +13,7 @@ class ContrastiveObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> ContrastiveObjective:
-        return cls(losses.build(cfg.loss))
+        return cls(losses.build(cfg.loss, equal_batches=cfg.data.drop_last))  # drop_last: every rank the same batch
 
 
 class SimCLRObjective(ContrastiveObjective):
