@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_images import CLASSES, PER_CLASS, coded_cfg, coded_colour, decode_colour, identities
+
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
 

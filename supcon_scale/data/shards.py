@@ -115,6 +115,11 @@ def read_shard(path: str, num_classes: int) -> ShardTable:
                     table.problem = f"truncated shard ({exc})"
                     break
                 if m is None:
+                    # tarfile takes a short header read for the end: a tar cut at a member boundary ends without
+                    # the two zero blocks every tar writer puts after the last member.
+                    if tf.offset + 2 * tarfile.BLOCKSIZE > size:
+                        last = table.members[-1].key if table.members else "the start"
+                        table.problem = f"truncated shard (ends after {last} without the end-of-archive blocks)"
                     break
                 if not m.isfile():
                     continue
