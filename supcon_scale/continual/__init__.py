@@ -1,0 +1,1 @@
+"""Class-incremental continual learning: streams, reservoir replay memory, SCR and ER, NCM, the field's metrics."""

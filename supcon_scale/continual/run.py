@@ -1,0 +1,140 @@
+"""`supcon-scale continual`: SCR and the ER baseline on a class-incremental stream, every method x seed, then
+the summary (JSON), the accuracy matrices and the per-stage accuracy (PNG).
+
+Run under torchrun for several ranks (`torchrun ... -m supcon_scale.cli continual --config ...`); each run's
+checkpoints, metrics and result live in OUT_DIR/<method>/seed_<s>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from supcon_scale import distributed
+from supcon_scale.console import console, table
+from supcon_scale.continual import config, metrics
+from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
+from supcon_scale.continual.stream import load_sources
+from supcon_scale.resilience import EXIT_PREEMPTED, Preempted
+
+
+def aggregate(results: list[RunResult]) -> dict[str, Any]:
+    """Per method: the mean matrix and each metric's mean with its 95% t-interval over seeds."""
+    out: dict[str, Any] = {}
+    for method in dict.fromkeys(r.method for r in results):
+        runs = [r for r in results if r.method == method]
+        mats = np.stack([metrics.as_matrix(r.matrix) for r in runs])
+        entry: dict[str, Any] = {"seeds": [r.seed for r in runs], "mean_matrix": np.nanmean(mats, axis=0).tolist()}
+        for key in ("final_average_accuracy", "average_forgetting", "average_incremental_accuracy"):
+            values = [metrics.summarize(m)[key] for m in mats]
+            mean, half = metrics.t_interval(values)
+            entry[key] = {"mean": mean, "ci95": half, "per_seed": values}
+        stage = np.stack([metrics.stage_accuracy(m) for m in mats])
+        entry["stage_accuracy"] = [
+            dict(zip(("mean", "ci95"), metrics.t_interval(stage[:, i]), strict=True)) for i in range(stage.shape[1])
+        ]
+        out[method] = entry
+    return out
+
+
+def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path | None = None) -> dict[str, Any]:
+    start = time.time()
+    sources = load_sources(cfg, ctx)
+    results = []
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            done = load_result(cfg, method, seed) if cfg.train.resume == "auto" else None
+            if done is not None:
+                if ctx.is_main:
+                    console.print(f"{method} seed {seed}: finished before, result kept")
+                results.append(done)
+                continue
+            results.append(fit(cfg, method, seed, ctx, sources))
+    summary = {
+        "methods": aggregate(results),
+        "runs": [r.to_dict() for r in results],
+        "interval": "95% Student-t interval over seeds: mean +- t(0.975, n-1) * sd / sqrt(n)",
+        "wall_time_s": time.time() - start,
+        "world_size": ctx.world_size,
+        "config": cfg.to_dict(),
+    }
+    out = Path(cfg.out_dir)
+    if ctx.is_main:
+        from supcon_scale.continual.plots import plot_matrices, plot_stage_accuracy
+
+        methods = summary["methods"]
+        summary["plots"] = {
+            "matrix": str(
+                plot_matrices(
+                    {m: np.array(e["mean_matrix"], dtype=float) for m, e in methods.items()},
+                    out / "accuracy_matrix.png",
+                )
+            ),
+            "stage_accuracy": str(
+                plot_stage_accuracy(
+                    {
+                        m: (
+                            np.array([s["mean"] for s in e["stage_accuracy"]]),
+                            np.array([s["ci95"] for s in e["stage_accuracy"]]),
+                        )
+                        for m, e in methods.items()
+                    },
+                    out / "stage_accuracy.png",
+                )
+            ),
+        }
+        path = json_path or out / "summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plain_json(summary), indent=2))
+        rows = []
+        for m, e in methods.items():
+            cell = lambda k, e=e: f"{100 * e[k]['mean']:.1f} +- {100 * e[k]['ci95']:.1f}"
+            rows.append(
+                (
+                    m,
+                    cell("final_average_accuracy"),
+                    cell("average_forgetting"),
+                    cell("average_incremental_accuracy"),
+                    len(e["seeds"]),
+                )
+            )
+        title = (
+            f"class-incremental, {cfg.stream.tasks} tasks, memory {cfg.memory.size}: "
+            f"{summary['wall_time_s']:.0f} s on {ctx.world_size} rank(s)"
+        )
+        console.print(
+            table(title, ["method", "final avg acc %", "forgetting %", "avg incremental acc %", "seeds"], rows)
+        )
+        console.print(f"wrote {path}, {summary['plots']['matrix']}, {summary['plots']['stage_accuracy']}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="supcon-scale continual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="YAML recipe (configs/continual/...); `base:` inheritance allowed")
+    p.add_argument("--json", type=Path, help="where the summary goes (default OUT_DIR/summary.json)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. memory.size=500 seeds=[0,1,2]")
+    args = p.parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    ctx = distributed.init(cfg.engine.backend, cfg.seeds[0])
+    try:
+        config.check(cfg, ctx.world_size)
+        run(cfg, ctx, args.json)
+    except Preempted as exc:
+        print(f"supcon-scale: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
