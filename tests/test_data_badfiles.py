@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-
 from data_images import CLASSES, PER_CLASS, write_bad_cases, write_coded
+
 from supcon_scale.config import AugmentConfig, DataConfig
 from supcon_scale.data import build_train_loader
 from supcon_scale.data.badfiles import check_file, main, scan
@@ -36,8 +37,15 @@ def test_scan_finds_exactly_the_bad_files(messy):
 
 def _cfg(root: Path, backend: str, policy: str) -> DataConfig:
     return DataConfig(
-        root=str(root), backend=backend, global_batch_size=4, image_size=16, workers=0, dali_threads=1,
-        on_bad_file=policy, drop_last=False, augment=AugmentConfig(preset="simclr"),
+        root=str(root),
+        backend=backend,
+        global_batch_size=4,
+        image_size=16,
+        workers=0,
+        dali_threads=1,
+        on_bad_file=policy,
+        drop_last=False,
+        augment=AugmentConfig(preset="simclr"),
     )
 
 
@@ -73,3 +81,94 @@ def test_check_data_cli(messy, tmp_path, capsys):
     clean = write_coded(tmp_path / "clean", classes=CLASSES, per_class=PER_CLASS)
     assert main([str(clean)]) == 0
     assert main([str(tmp_path / "missing")]) == 2
+
+
+# --- the scan split over ranks, and its manifest -------------------------------------------------------------------
+
+
+def _messy_copy(tmp_path: Path) -> tuple[Path, list[Path]]:
+    root = write_coded(tmp_path / "data", classes=3, per_class=9)
+    bad, _ = write_bad_cases(root)
+    return root, bad
+
+
+def _rank_scan(rank: int, world: int, root: str, out: str) -> tuple[list[tuple[str, str]], int, int]:
+    from supcon_scale.data.index import scan_split
+
+    ctx = Context(rank=rank, world_size=world)
+    _, bad, stats = scan_split(_cfg(Path(root), "torchvision", "skip"), ctx, Path(out), workers=1)
+    return bad, stats.decoded_here, stats.decoded
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_scan_over_ranks_finds_what_one_process_finds(tmp_path, world):
+    from multiproc import run_ranks
+
+    from supcon_scale.data.index import scan_split
+
+    root, bad = _messy_copy(tmp_path)
+    _, alone, stats = scan_split(_cfg(root, "torchvision", "skip"), Context(), None, workers=1)
+    assert sorted(Path(p) for p, _ in alone) == bad and stats.decoded == stats.samples
+    results = run_ranks(_rank_scan, world, str(root), str(tmp_path / f"out{world}"))
+    for found, _, total in results:
+        assert found == alone and total == stats.samples  # the same list, in the same order, on every rank
+    shares = [here for _, here, _ in results]
+    assert sum(shares) == stats.samples and max(shares) - min(shares) <= 1  # each rank decoded 1/world
+    assert (tmp_path / f"out{world}" / "data_manifest.tsv").is_file()
+
+
+def test_warm_start_decodes_nothing_and_rescans_only_what_changed(tmp_path):
+    root, bad = _messy_copy(tmp_path)
+    out = tmp_path / "run"
+    cfg = _cfg(root, "torchvision", "skip")
+    cold = build_train_loader(cfg, Context(), seed=0, out_dir=out)
+    n = cold.index.scan.samples
+    assert cold.index.scan.decoded == n and cold.bad_files == 3
+    # Overwrite a good file with garbage of the same size and keep its mtime: a warm start that decoded anything
+    # would find it; trusting the manifest, it does not.
+    victim = root / "train" / "c1" / "004.png"
+    st = victim.stat()
+    victim.write_bytes(b"x" * st.st_size)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    warm = build_train_loader(cfg, Context(), seed=0, out_dir=out)
+    assert (warm.index.scan.decoded, warm.index.scan.reused, warm.bad_files) == (0, n, 3)
+    assert len(warm.index) == len(cold.index)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # now it has changed: rescanned, found
+    (root / "train" / "c2" / "new.png").write_bytes((root / "train" / "c2" / "000.png").read_bytes())
+    again = build_train_loader(cfg, Context(), seed=0, out_dir=out)
+    assert (again.index.scan.decoded, again.index.scan.samples, again.bad_files) == (2, n + 1, 4)
+    assert str(victim) in (out / "bad_files.txt").read_text()
+
+
+def test_check_data_manifest_serves_a_first_run(tmp_path):
+    root, bad = _messy_copy(tmp_path)
+    assert main([str(root), "--workers", "1"]) == 1
+    assert (root / ".supcon_scale_manifest.tsv").is_file()
+    assert scan(root, workers=1, manifest=root / ".supcon_scale_manifest.tsv").decoded == 0
+    loader = build_train_loader(_cfg(root, "torchvision", "skip"), Context(), seed=0, out_dir=tmp_path / "run")
+    assert loader.index.scan.decoded == 0 and loader.bad_files == 3  # the run is over root/train, under root
+
+
+def _manifest_error(tmp_path: Path, edit) -> str:
+    root, _ = _messy_copy(tmp_path)
+    out = tmp_path / "run"
+    build_train_loader(_cfg(root, "torchvision", "skip"), Context(), seed=0, out_dir=out)
+    path = out / "data_manifest.tsv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(edit(lines)))
+    with pytest.raises(ValueError) as err:
+        build_train_loader(_cfg(root, "torchvision", "skip"), Context(), seed=0, out_dir=out)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    return str(err.value)
+
+
+def test_a_manifest_from_another_dataset_or_version_is_refused(tmp_path):
+    other = json.dumps({"version": 1, "root": "/elsewhere/imagenet", "kind": "folder"})
+    msg = _manifest_error(tmp_path / "a", lambda lines: [f"#supcon_scale data manifest\t{other}\n", *lines[1:]])
+    assert "covers /elsewhere/imagenet" in msg and "another dataset" in msg
+    msg = _manifest_error(tmp_path / "b", lambda lines: [lines[0].replace('"version": 1', '"version": 0'), *lines[1:]])
+    assert "version 0" in msg
+    msg = _manifest_error(tmp_path / "c", lambda lines: [lines[0], "c0/000.png\tnot-a-size\n", *lines[2:]])
+    assert "line 2 is not a manifest row" in msg
+    msg = _manifest_error(tmp_path / "d", lambda lines: ["path\tsize\n", *lines[1:]])
+    assert "not a supcon_scale manifest" in msg

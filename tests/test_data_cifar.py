@@ -115,8 +115,15 @@ def test_cifar_recipe_trains_two_steps(cifar, tmp_path):
 
     out = tmp_path / "run"
     overrides = [
-        f"data.root={cifar}", f"out_dir={out}", "device=cpu", "precision=fp32", "data.global_batch_size=8",
-        "train.max_steps=2", "train.log_every=1", "data.workers=0", "data.dali_threads=1",
+        f"data.root={cifar}",
+        f"out_dir={out}",
+        "device=cpu",
+        "precision=fp32",
+        "data.global_batch_size=8",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "data.workers=0",
+        "data.dali_threads=1",
     ]
     assert cli.main(["train", "--config", str(REPO / "configs/cifar/supcon_resnet50.yaml"), *overrides]) == 0
     steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
