@@ -7,10 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from data_images import (
-    CLASSES, MEAN, PER_CLASS, STD, coded_cfg, identities, reference_crop_area, view_stats, write_gradients,
+    CLASSES,
+    MEAN,
+    PER_CLASS,
+    STD,
+    coded_cfg,
+    identities,
+    reference_crop_area,
+    view_stats,
+    write_gradients,
 )
+
 from supcon_scale.config import AugmentConfig, DataConfig
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
@@ -67,7 +75,13 @@ def test_dali_gpu_without_a_gpu_is_a_clear_error(coded):
 def _stats(root: Path, backend: str) -> dict[str, float]:
     aug = AugmentConfig(preset="simclr", jitter_p=0.0, blur_p=0.0, grayscale_p=0.3)
     cfg = DataConfig(
-        root=str(root), backend=backend, global_batch_size=16, image_size=32, views=4, workers=0, dali_threads=2,
+        root=str(root),
+        backend=backend,
+        global_batch_size=16,
+        image_size=32,
+        views=4,
+        workers=0,
+        dali_threads=2,
         augment=aug,
     )
     loader = build_train_loader(cfg, Context(), seed=11, out_dir=None)
@@ -130,3 +144,32 @@ def test_rebuilt_augmentations_equal_dalis_originals(name):
         ref, out = np.asarray(a[i]), np.asarray(b[i])
         assert ref.shape == images[i].shape and np.array_equal(ref, out)
     assert any(not np.array_equal(np.asarray(a[i]), images[i]) for i in range(6))
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_one_pipeline_serves_every_epoch_and_resumes_exactly_at_an_epoch_end(coded, drop_last):
+    """The pipeline runs on from one epoch into the next; an epoch-end checkpoint continues the same random stream."""
+    import io
+
+    aug = AugmentConfig(preset="simclr", crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0)  # codes kept
+    cfg = coded_cfg(coded, backend="dali-cpu", dali_threads=1, drop_last=drop_last, global_batch_size=12, augment=aug)
+    full = build_train_loader(cfg, Context(), seed=4, out_dir=None)
+    epochs = []
+    for epoch in range(3):
+        full.set_epoch(epoch)
+        batches = [(torch.stack(v), y) for v, y in full]
+        seen = [c for v, y in batches for c in identities(list(v), y)]
+        n = CLASSES * PER_CLASS
+        assert len(seen) == (n // 12 * 12 if drop_last else n) and len(set(seen)) == len(seen)
+        epochs.append(batches)
+        if epoch == 0:
+            buf = io.BytesIO()
+            torch.save(full.state_dict(), buf)
+    assert full.pipelines_built == 1
+    resumed = build_train_loader(cfg, Context(), seed=4, out_dir=None)
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    for epoch in (1, 2):
+        resumed.set_epoch(epoch)
+        for (va, la), (vb, lb) in zip(epochs[epoch], [(torch.stack(v), y) for v, y in resumed], strict=True):
+            assert torch.equal(va, vb) and torch.equal(la, lb)
+    assert resumed.pipelines_built == 1

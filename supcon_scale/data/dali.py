@@ -282,6 +282,7 @@ class DaliLoader(FolderCursor):
         self._iter: Any = None
         self._feed: PlanFeed | None = None
         self._next = (-1, -1)  # (epoch, batch) the open pipeline delivers next
+        self.pipelines_built = 0  # one per run unless a resume or an epoch jump needs another
 
     def _reset(self) -> None:
         # set_epoch/_begin_pass call this; the open pipeline survives when it is already at the wanted position.
@@ -312,6 +313,7 @@ class DaliLoader(FolderCursor):
         )
         names = [f"view{v}" for v in range(1 if self.roi else self.cfg.views)] + ["label"]
         self._checkpoint = None
+        self.pipelines_built += 1
         return DALIGenericIterator([pipe], names, size=-1, auto_reset=False, prepare_first_batch=False)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
