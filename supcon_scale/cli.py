@@ -41,7 +41,9 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
     from supcon_scale import config
 
     cfg = config.load(args.config, args.overrides)  # before importing torch: a bad config fails in a fraction of a second
-    from supcon_scale import distributed
+    from supcon_scale import distributed, sinks
+
+    sinks.check(cfg.log)  # a missing extra, before the process group and the data
 
     return distributed.record(_fit)(cfg, hooks)
 

@@ -36,8 +36,9 @@ console = Console(stderr=True)
 
 
 def warn(message: str) -> None:
-    """A warning on this rank's stderr, prefixed with the rank (every rank may warn; a job log interleaves them)."""
-    print(f"[rank {world()[0]}] warning: {message}", file=sys.stderr, flush=True)
+    """A one-line warning on this rank's stderr, prefixed with the rank (a job log interleaves the ranks' lines)."""
+    lines = str(message).strip().splitlines()
+    print(f"[rank {world()[0]}] warning: {lines[0] if lines else ''}", file=sys.stderr, flush=True)
 
 
 class _RankFormatter(logging.Formatter):
