@@ -62,7 +62,23 @@ def test_fast_preset_matches_sklearn_on_the_digits(digits4, checkpoint, tmp_path
 
     out = tmp_path / "r.json"
     digits = digits4
-    assert main(["--checkpoint", str(checkpoint), "--data", str(digits), "--preset", "fast", "--image-size", "32", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                str(digits),
+                "--preset",
+                "fast",
+                "--image-size",
+                "32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     encoder, _ = load_encoder(checkpoint)
     tx, ty = _plain_features(encoder, digits, "train")
@@ -74,7 +90,9 @@ def test_fast_preset_matches_sklearn_on_the_digits(digits4, checkpoint, tmp_path
     # a random-init resnet18 at 32 px is a weak but far-above-chance feature extractor (chance is 0.25)
     assert 0.5 < result["top1"] <= result["top5"] <= 1.0
     assert abs(result["top1"] - ref_top1) <= 0.03, (result["top1"], ref_top1)
-    assert result["num_train"] == len(ty) == 576 and result["num_val"] == len(vy) == 144 and result["feature_dim"] == 512
+    assert (
+        result["num_train"] == len(ty) == 576 and result["num_val"] == len(vy) == 144 and result["feature_dim"] == 512
+    )
 
 
 def test_encoder_stays_frozen_and_bad_input_is_exit_2(digits, checkpoint, capsys):
@@ -117,7 +135,9 @@ def test_robustness_report_two_checkpoints(small, checkpoint, tmp_path):
     torch.manual_seed(1)
     other = export_encoder(create_encoder("resnet18"), tmp_path / "b.safetensors", "resnet18", cifar_stem=False)
     c_root = tmp_path / "small-c"
-    gen = generate_c(small / "val", c_root, corruptions=["gaussian_noise", "fog"], severities=[1, 3], image_size=32, workers=1)
+    gen = generate_c(
+        small / "val", c_root, corruptions=["gaussian_noise", "fog"], severities=[1, 3], image_size=32, workers=1
+    )
     assert gen["written"] == 18 * 4
     report = robustness_report(
         {"ce": checkpoint, "supcon": other}, c_root, small, tmp_path / "out", "ce",
@@ -133,3 +153,193 @@ def test_robustness_report_two_checkpoints(small, checkpoint, tmp_path):
     for key in ("accuracy_vs_severity", "ce_per_corruption"):
         png = Path(report["plots"][key])
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official protocol (google-research/supcon stage 2) and main_linear.py
+
+
+def _tf_rmsprop_reference(w0: np.ndarray, grads: list[np.ndarray], lrs: list[float], wd: float) -> np.ndarray:
+    """TF's RMSPropOptimizer in float64, written out: ms from 1, eps inside the root, LR inside momentum."""
+    w, ms, mom = w0.astype(np.float64).copy(), np.ones_like(w0, dtype=np.float64), np.zeros_like(w0, dtype=np.float64)
+    for g, lr in zip(grads, lrs, strict=True):
+        g = g + wd * w  # the L2 term of the loss: d/dw wd * |w|^2 / 2
+        ms = 0.9 * ms + 0.1 * g * g
+        mom = 0.9 * mom + lr * g / np.sqrt(ms + 1e-3)
+        w = w - mom
+    return w
+
+
+def _tf_schedule(step: int, peak: float, spe: float, warmup_epochs: float, rate: float, every: float) -> float:
+    """utils.build_learning_rate_schedule with EXPONENTIAL decay, written out from the official source."""
+    warm = int(warmup_epochs * spe)
+    if step < warm:
+        return peak * step / warm
+    return peak * rate ** ((step - warm) // (spe * every))
+
+
+def test_official_optimizer_and_schedule_match_timm_rmsproptf_and_tf_step_for_step():
+    from timm.optim import RMSpropTF
+
+    from supcon_scale.evaluation.linear import PRESETS, lr_at, make_optimizer
+
+    p = PRESETS["official_imagenet"]
+    spe, peak, steps = 5.5, 0.05 * 6144 / 256, 300
+    lrs = [lr_at(p, peak, s, spe, steps) for s in range(steps)]
+    assert lrs == pytest.approx([_tf_schedule(s, peak, spe, 12.0, 0.97, 0.5) for s in range(steps)], rel=1e-12)
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(peak) and lrs[-1] < lrs[100]  # warm-up from 0, then decay
+    torch.manual_seed(0)
+    w0 = torch.randn(7, 5, dtype=torch.float64)
+    grads = [torch.randn(7, 5, dtype=torch.float64) for _ in range(steps)]
+    ours, theirs = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = make_optimizer(p, [ours], lrs[0])
+    ref = RMSpropTF([theirs], lr=lrs[0], alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-6)  # the test drives it
+    for g, lr in zip(grads, lrs, strict=True):
+        for o, param in ((opt, ours), (ref, theirs)):
+            for group in o.param_groups:
+                group["lr"] = lr
+            param.grad = g.clone()
+            o.step()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # every step, bit for bit
+    expected = _tf_rmsprop_reference(w0.numpy(), [g.numpy() for g in grads], lrs, 1e-6)
+    np.testing.assert_allclose(ours.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+    # torch's RMSprop (the old "paper" preset) moves far more: accumulator from 0, eps outside the root
+    plain = torch.nn.Parameter(w0.clone())
+    torch_opt = torch.optim.RMSprop([plain], lr=lrs[0], alpha=0.9, momentum=0.9, eps=1e-3, weight_decay=1e-6)
+    for g, lr in zip(grads[:50], lrs[:50], strict=True):
+        torch_opt.param_groups[0]["lr"] = lr
+        plain.grad = g.clone()
+        torch_opt.step()
+    assert not torch.allclose(
+        plain, torch.as_tensor(_tf_rmsprop_reference(w0.numpy(), [g.numpy() for g in grads[:50]], lrs[:50], 1e-6))
+    )
+
+
+def test_cifar_and_hobbitlong_schedules():
+    from supcon_scale.evaluation.linear import PRESETS, lr_at
+
+    cifar, hob = PRESETS["official_cifar"], PRESETS["hobbitlong"]
+    spe = 10.0  # 100 steps per 10 epochs
+    factor = lambda p, s: lr_at(p, 1.0, s, spe, 1000)  # noqa: E731
+    assert [factor(cifar, s) for s in (0, 600, 601, 751, 901)] == pytest.approx([1, 1, 0.2, 0.04, 0.008])
+    # main_linear.py: epoch e (1-based) uses 0.2 ** #(e > 60, 75, 90); epoch 61 starts at step 600
+    assert [factor(hob, s) for s in (0, 599, 600, 750, 900)] == pytest.approx([1, 1, 0.2, 0.04, 0.008])
+
+
+def _stage1(tmp_path: Path, image_size: int, cifar: bool):
+    from supcon_scale import config
+
+    text = (
+        f"data: {{global_batch_size: 12, image_size: {image_size}, eval_crop: {'identity' if cifar else 'resize_crop'},"
+        " augment: {preset: none, crop_scale: [1.0, 1.0], flip_p: 0.0}}\n"
+        f"model: {{encoder: resnet18, cifar_stem: {str(cifar).lower()}, normalize_encoder_output: true}}\n"
+    )
+    (tmp_path / "config.yaml").write_text(text)
+    return config.load(tmp_path / "config.yaml")
+
+
+def test_official_protocol_trains_as_the_reference_loop_with_batch_norm_frozen(small, tmp_path):
+    """The stream, BN in train mode without updates, normalised features, smoothing, TF RMSProp and schedule:
+    fit_linear_probe's head equals a loop written here with timm's RMSpropTF, and no BN buffer moves."""
+    import copy
+
+    import torch.nn.functional as F
+    from timm.optim import RMSpropTF
+
+    from supcon_scale.data.eval import EvalDataset
+    from supcon_scale.evaluation.linear import fit_linear_probe, stream_batches
+
+    stage1 = _stage1(tmp_path, 32, cifar=False)
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18")
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    modes = []
+    encoder.layer1.register_forward_hook(lambda m, i, o: modes.append(encoder.bn1.training))
+    probe, r = fit_linear_probe(
+        copy.deepcopy(encoder), small, image_size=32, preset="official", epochs=20, stage1=stage1
+    )
+    assert r["protocol"] == "official_imagenet" and r["batch_size"] == 12 and r["lr"] == pytest.approx(0.05 * 12 / 256)
+    assert r["normalize_features"] and r["stream"] == "stage1" and r["batch_norm"] == "train_frozen"
+    trained = probe.encoder.state_dict()
+    assert all(torch.equal(before[k], trained[k]) for k in before)  # running stats and counters unchanged
+
+    # the reference: the same 60 batches (36 images / 12 per step x 20 epochs), plain loops, timm's optimizer
+    ref_encoder = copy.deepcopy(encoder)
+    ref_encoder.layer1.register_forward_hook(lambda m, i, o: modes.append(ref_encoder.bn1.training))
+    for m in ref_encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    ref_encoder.train()
+    images = EvalDataset(small, "train", 32, crop="identity")  # crop scale 1, no flip or colour: the image itself
+    fc = torch.nn.Linear(512, 3)
+    torch.nn.init.zeros_(fc.weight), torch.nn.init.zeros_(fc.bias)
+    opt = RMSpropTF(fc.parameters(), lr=0.0, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-6)
+    spe = 36 / 12
+    for step, batch in enumerate(stream_batches(36, 12, 60, seed=0)):
+        x = torch.stack([images[i][0] for i in batch.tolist()])
+        y = torch.tensor([images[i][1] for i in batch.tolist()])
+        with torch.no_grad():
+            feats = F.normalize(ref_encoder(x), dim=-1)
+        opt.param_groups[0]["lr"] = _tf_schedule(step, 0.05 * 12 / 256, spe, 12.0, 0.97, 0.5)
+        opt.zero_grad()
+        F.cross_entropy(fc(feats), y, label_smoothing=0.05).backward()
+        opt.step()
+    torch.testing.assert_close(probe.fc.weight, fc.weight, rtol=1e-4, atol=1e-6)
+    assert modes and all(modes)  # batch norm ran in train mode (batch statistics) in both
+
+
+def test_linear_eval_cli_official_on_exported_encoders(small, tmp_path):
+    """`linear-eval --protocol official` reads the run's config beside the encoder: ImageNet form for a standard stem,
+    CIFAR form (identity evaluation at 32 px) for a CIFAR stem."""
+    from supcon_scale.cli import main
+
+    for cifar in (False, True):
+        run = tmp_path / ("cifar" if cifar else "imagenet")
+        run.mkdir()
+        _stage1(run, 32, cifar)
+        torch.manual_seed(0)
+        export_encoder(create_encoder("resnet18", cifar_stem=cifar), run / "encoder.safetensors", "resnet18", cifar)
+        out = run / "r.json"
+        argv = ["linear-eval", "--checkpoint", str(run / "encoder.safetensors"), "--data", str(small), "--protocol",
+                "official", "--epochs", "2", "--json", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        r = json.loads(out.read_text())
+        assert r["protocol"] == ("official_cifar" if cifar else "official_imagenet")
+        assert r["eval_crop"] == ("identity" if cifar else "resize_crop") and r["num_val"] == 18
+        assert r["optimizer"] == ("sgd" if cifar else "rmsprop") and r["epochs"] == 2
+
+
+def test_hobbitlong_protocol_runs_with_eval_mode_batch_norm(small, checkpoint):
+    from supcon_scale.evaluation.linear import linear_eval
+
+    encoder, _ = load_encoder(checkpoint)
+    r = linear_eval(encoder, small, image_size=32, preset="hobbitlong", epochs=1)
+    assert r["protocol"] == "hobbitlong" and r["lr"] == 0.1 and r["batch_size"] == 256 and r["batch_norm"] == "eval"
+    assert r["stream"] == "crop_flip" and 0 <= r["top1"] <= 1
+
+
+def test_identity_eval_crop_refuses_a_resize():
+    from PIL import Image
+
+    from supcon_scale.data.eval import eval_transform
+
+    assert eval_transform(32, crop="identity")(Image.new("RGB", (32, 32))).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="data.eval_crop=identity"):
+        eval_transform(32, crop="identity")(Image.new("RGB", (40, 40)))
+    assert eval_transform(32)(Image.new("RGB", (40, 60))).shape == (3, 32, 32)  # resize 37 then centre-crop 32
+
+
+def test_wilson_interval_against_its_formula_and_overlap():
+    from scipy.stats import binomtest
+
+    from supcon_scale.evaluation.stats import format_accuracy, wilson_interval, within_noise
+
+    for k, n in ((0, 10), (351, 360), (360, 360), (50, 100)):
+        lo, hi = wilson_interval(k, n)
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    # the demo's old table, 351/360 vs 360/360: [95.3, 98.7] and [98.9, 100] do not overlap, so even that gap is a
+    # finding at n = 360 (Fisher's exact test agrees: p = 0.004); 0.95 vs 0.96 on 360 images is not
+    assert not within_noise(0.975, 360, 1.0, 360) and within_noise(0.95, 360, 0.96, 360)
+    assert not within_noise(0.80, 1000, 0.90, 1000)
+    assert format_accuracy(0.975, 360).endswith("(n=360)")
