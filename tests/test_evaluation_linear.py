@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from multiproc import run_ranks
+
 from supcon_scale.checkpoint import export_encoder, load_encoder
 from supcon_scale.data.eval import EvalDataset
 from supcon_scale.models import create_encoder
@@ -145,7 +145,7 @@ def test_robustness_report_two_checkpoints(small, checkpoint, tmp_path):
     )  # fmt: skip
     saved = json.loads((tmp_path / "out" / "robustness.json").read_text())
     assert set(saved["models"]) == {"ce", "supcon"}
-    for name, m in saved["models"].items():
+    for m in saved["models"].values():
         assert set(m["errors"]) == {"gaussian_noise", "fog"} and all(len(v) == 2 for v in m["errors"].values())
         assert m["images_per_s"] > 0 and 0 <= m["clean_error"] <= 1
     if saved["scored_corruptions"]:
