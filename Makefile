@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dali,deepspeed,dev
+EXTRAS ?= dali,deepspeed,tensorboard,wandb,dev
 
 .PHONY: demo test test-slow lint bench-gpu venv clean
 

@@ -30,6 +30,8 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.0"],
         "dali-cuda120": ["nvidia-dali-cuda120>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
+        "tensorboard": ["tensorboard>=2.16"],  # log.tensorboard: torch.utils.tensorboard needs it
+        "wandb": ["wandb>=0.19"],  # log.wandb
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
