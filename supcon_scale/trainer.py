@@ -18,7 +18,7 @@ import torch
 from supcon_scale import config, data, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
 from supcon_scale.console import MetricsLog, TrainLogger, console
-from supcon_scale.distributed import Context
+from supcon_scale.distributed import Context, seed_everything
 from supcon_scale.engines import Engine
 from supcon_scale.hooks import Hook, StepInfo
 from supcon_scale.profiling import Profiler
@@ -79,7 +79,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     config.check_run(cfg, ctx.world_size, ctx.device.type)
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
     objective = objectives.build(cfg, loader.num_classes, ctx)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever ran before
+    seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
     model = models.build(cfg.model, objective.classifier_classes)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)

@@ -109,3 +109,19 @@ def test_meta_is_plain_json(tmp_path: Path):
     path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
     meta = json.loads((path / "meta.json").read_text())
     assert config.from_dict(meta["config"]) == cfg
+
+
+@pytest.mark.parametrize("cifar_stem", [True, False])
+def test_trained_checkpoint_exports_its_stem(tmp_path: Path, cifar_stem: bool):
+    """checkpoint.save exports the encoder with the run's `model.cifar_stem`, and load_encoder rebuilds that stem."""
+    cfg = config.load(None, ["model.encoder=resnet18", f"model.cifar_stem={str(cifar_stem).lower()}"])
+    torch.manual_seed(0)
+    model = models.build(cfg.model)
+    state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}}
+    path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
+    encoder, meta = checkpoint.load_encoder(path)
+    assert meta["cifar_stem"] == str(int(cifar_stem))
+    conv1 = encoder.conv1
+    assert (conv1.kernel_size, conv1.stride) == (((3, 3), (1, 1)) if cifar_stem else ((7, 7), (2, 2)))
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, model.encoder.state_dict()[k]), k

@@ -97,3 +97,11 @@ def test_reader_names_the_missing_corruption_or_severity(tmp_path, photo):
         index_c(tmp_path / "c", ["fog"], [1, 2, 3])
     with pytest.raises(ValueError, match="directory not found"):
         index_c(tmp_path / "nope", ["fog"], [1])
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_severity_reaches_the_corruption(photo, name):
+    """Each severity gives its own image (same seed), and level 5 is further from the photo than level 1, strictly."""
+    outs = [corrupt(photo, name, s, seed=7).astype(np.float64) for s in range(1, 6)]
+    assert not np.array_equal(outs[0], outs[4])
+    assert np.abs(outs[4] - photo).mean() > np.abs(outs[0] - photo).mean()

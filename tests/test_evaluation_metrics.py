@@ -54,6 +54,19 @@ def test_hand_computed_alexnet_single_corruption():
     assert "relative_ce" not in corruption_errors_to_mce({"brightness": [0.2] * 5})
 
 
+def test_mce_is_the_mean_over_corruptions_of_the_mean_over_severities():
+    """Unequal errors everywhere, so a median or a max (over severities or corruptions) gives another number."""
+    errors = {"fog": [0.1, 0.1, 0.1, 0.5, 0.9], "snow": [0.3] * 5, "frost": [0.0, 0.0, 0.2, 0.2, 0.8]}
+    baseline = {"fog": 0.5, "snow": 0.5, "frost": 0.5, "clean": 0.1}
+    out = corruption_errors_to_mce(errors, clean_error=0.05, baseline=baseline)
+    means = {"fog": 1.7 / 5, "snow": 0.3, "frost": 1.2 / 5}  # 0.34, 0.30, 0.24
+    for c, m in means.items():
+        assert out["ce"][c] == pytest.approx(100 * m / 0.5, rel=1e-12)
+        assert out["relative_ce"][c] == pytest.approx(100 * (m - 0.05) / 0.4, rel=1e-12)
+    assert out["mce"] == pytest.approx(100 * (0.34 + 0.30 + 0.24) / 3 / 0.5, rel=1e-12)  # 58.67, median 60, max 68
+    assert out["relative_mce"] == pytest.approx(100 * ((0.34 + 0.30 + 0.24) / 3 - 0.05) / 0.4, rel=1e-12)
+
+
 def test_metric_errors_are_one_line_value_errors():
     with pytest.raises(ValueError, match="speckle_noise"):
         corruption_errors_to_mce({"speckle_noise": [0.1] * 5})

@@ -122,6 +122,21 @@ def test_objective_prepare_shapes_and_teacher_only(ce_run: Path):
     feats = torch.randn(4, 2, 8)
     # alpha = inf: the teacher's labels alone
     torch.testing.assert_close(obj(feats, (vectors, soft)), obj.loss(feats, soft))
+    tau = cfg.loss.temperature  # loss.scale=none: Eq. 2 as written
+    torch.testing.assert_close(obj(feats, (vectors, soft)).double(), genscl_brute_force(feats, soft, tau))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_genscl_adds_the_teacher_term(ce_run: Path, alpha: float):
+    """loss = GenSCL(z, mixed labels) + kd.alpha x GenSCL(z, teacher probabilities), against the float64 brute force."""
+    cfg = config.load(None, ["loss.name=genscl", "mix.mixup_alpha=1.0", f"kd.teacher={ce_run}", f"kd.alpha={alpha}"])
+    obj = objectives.build(cfg, num_classes=10, ctx=distributed.Context())
+    torch.manual_seed(3)
+    views, (vectors, soft) = obj.prepare([torch.randn(4, 3, 16, 16) for _ in range(2)], torch.tensor([0, 1, 2, 3]))
+    feats = torch.randn(4, 2, 8)
+    tau = cfg.loss.temperature
+    expected = genscl_brute_force(feats, vectors, tau) + alpha * genscl_brute_force(feats, soft, tau)
+    torch.testing.assert_close(obj(feats, (vectors, soft)).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mix_options_warn_without_genscl():

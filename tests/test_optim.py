@@ -52,3 +52,24 @@ def test_warmup_then_cosine():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
     assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+@pytest.mark.parametrize("final", [0.0, 0.1, 0.5])
+def test_scheduler_decays_to_final_lr_fraction(final: float):
+    """`optim.final_lr_fraction` through the built scheduler: peak x (final + (1 - final) x cosine), written out here."""
+    model = nn.Linear(2, 2)
+    cfg = config.OptimConfig(name="sgd", base_lr=0.256, final_lr_fraction=final)
+    opt = optim.build_optimizer(model, cfg, global_batch_size=256)
+    sched = optim.build_scheduler(opt, cfg, total_steps=20, warmup_steps=4)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    peak = 0.256
+    assert lrs[:4] == pytest.approx([peak * (s + 1) / 4 for s in range(4)])
+    for s in range(4, 21):
+        cosine = 0.5 * (1 + math.cos(math.pi * (s - 4) / 16))
+        assert lrs[s] == pytest.approx(peak * (final + (1 - final) * cosine)), s
+    assert lrs[-1] == pytest.approx(peak * final, abs=1e-12)

@@ -2,10 +2,12 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,9 +35,20 @@ class Crash(Exception):
     pass
 
 
+class RecordRng(Hook):
+    """The global torch / numpy / python RNG states after each step: what a resume must restore."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, tuple] = {}
+
+    def on_step(self, info: StepInfo) -> None:
+        self.states[info.step] = (torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate())
+
+
 def test_resume_after_epoch_one_matches_uninterrupted(digits: Path, tmp_path: Path):
     ctx = distributed.init(seed=0)
-    full = trainer.fit(_cfg(digits, tmp_path / "full"), ctx)
+    full_rng = RecordRng()
+    full = trainer.fit(_cfg(digits, tmp_path / "full"), ctx, hooks=[full_rng])
     steps_per_epoch = full.step // 2
 
     class CrashInSecondEpoch(Hook):
@@ -48,8 +61,14 @@ def test_resume_after_epoch_one_matches_uninterrupted(digits: Path, tmp_path: Pa
         trainer.fit(_cfg(digits, tmp_path / "resumed"), ctx, hooks=[CrashInSecondEpoch()])
     assert checkpoint.latest(tmp_path / "resumed").name == f"step_{steps_per_epoch:08d}"
     distributed.seed_everything(456)
-    resumed = trainer.fit(_cfg(digits, tmp_path / "resumed", "train.resume=auto"), ctx)
+    resumed_rng = RecordRng()
+    resumed = trainer.fit(_cfg(digits, tmp_path / "resumed", "train.resume=auto"), ctx, hooks=[resumed_rng])
     assert resumed.step == full.step
+    # the global RNG streams continue where the checkpoint left them, not from the new process's seed
+    assert sorted(resumed_rng.states) == list(range(steps_per_epoch + 1, full.step + 1))
+    for step, (torch_state, np_state, py_state) in resumed_rng.states.items():
+        assert torch.equal(torch_state, full_rng.states[step][0]), step
+        assert np.array_equal(np_state, full_rng.states[step][1]) and py_state == full_rng.states[step][2], step
 
     a = load_file(str(checkpoint.latest(tmp_path / "full") / "model.safetensors"))
     b = load_file(str(checkpoint.latest(tmp_path / "resumed") / "model.safetensors"))
@@ -61,6 +80,28 @@ def test_resume_after_epoch_one_matches_uninterrupted(digits: Path, tmp_path: Pa
     init = models.build(_cfg(digits, tmp_path).model).encoder.conv1.weight
     trained = load_file(str(tmp_path / "full/encoder.safetensors"))["conv1.weight"]
     assert not torch.allclose(trained, init)
+
+
+def test_genscl_with_mixing_resumes_exactly(digits: Path, tmp_path: Path):
+    """The Mixup/CutMix generator is part of the checkpoint: crashed and resumed equals uninterrupted, to the bit."""
+    # torchvision: its resume is exact across epoch ends on its own (DALI's has its own tests in test_data*.py)
+    extra = ("data.backend=torchvision", "loss.name=genscl", "mix.mixup_alpha=1.0", "mix.cutmix_alpha=1.0")
+    ctx = distributed.init(seed=0)
+    full = trainer.fit(_cfg(digits, tmp_path / "full", *extra), ctx)
+    crash_at = full.step // 2 + 1  # the first step of the second epoch
+
+    class CrashInSecondEpoch(Hook):
+        def on_step(self, info: StepInfo) -> None:
+            if info.step == crash_at:
+                raise Crash
+
+    with pytest.raises(Crash):
+        trainer.fit(_cfg(digits, tmp_path / "resumed", *extra), ctx, hooks=[CrashInSecondEpoch()])
+    distributed.seed_everything(7)
+    trainer.fit(_cfg(digits, tmp_path / "resumed", *extra, "train.resume=auto"), ctx)
+    a = load_file(str(checkpoint.latest(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(checkpoint.latest(tmp_path / "resumed") / "model.safetensors"))
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) == 0.0
 
 
 def test_metrics_config_and_encoder_written(digits: Path, tmp_path: Path):
@@ -148,6 +189,21 @@ def test_knn_monitor_logs_accuracy(digits: Path, tmp_path: Path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
     assert len(knn) == 1 and 0.1 < knn[0]["knn_top1"] <= knn[0]["knn_top5"] <= 1.0  # above chance on 10 digits
+
+
+def test_knn_monitor_leaves_the_encoder_training(digits: Path):
+    """The monitor evaluates in eval mode and hands the encoder back in train mode (and its weights untouched)."""
+    from supcon_scale.console import MetricsLog
+    from supcon_scale.evaluation.knn import KnnMonitor
+
+    torch.manual_seed(0)
+    encoder = models.create_encoder("resnet18").train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    monitor = KnnMonitor(encoder, digits, image_size=16, every_steps=2, metrics=MetricsLog(None))
+    monitor.on_step(StepInfo(2, 0, torch.tensor(1.0), True, 8, False, False))
+    assert encoder.training and all(m.training for m in encoder.modules())
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k  # batch-norm running statistics included
 
 
 def test_fresh_run_refuses_an_out_dir_with_checkpoints(digits: Path, tmp_path: Path):
