@@ -17,11 +17,23 @@ from pathlib import Path
 
 from supcon_scale import config
 from supcon_scale.console import console, table
+from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, within_noise
 
 
 def _torchrun(cfg_path: Path, nproc: int, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "supcon_scale.cli", "train", "--config", str(cfg_path), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "supcon_scale.cli",
+        "train",
+        "--config",
+        str(cfg_path),
+        *overrides,
+    ]
     console.rule(f"[bold]{' '.join(cmd[2:])}")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, env=env)
@@ -44,16 +56,19 @@ def run(args: argparse.Namespace) -> dict:
     runs = {"supcon": (args.config, out / "supcon", []), "cross_entropy": (args.ce_config, out / "cross_entropy", [])}
     if args.genscl:  # after the cross-entropy run: it is GenSCL's teacher
         runs["genscl"] = (args.genscl_config, out / "genscl", [f"kd.teacher={out / 'cross_entropy'}"])
-    for name, (cfg_path, run_dir, extra) in runs.items():
+    for cfg_path, run_dir, extra in runs.values():
         shutil.rmtree(run_dir, ignore_errors=True)  # the demo trains from scratch every time
         _torchrun(cfg_path, args.nproc, [f"out_dir={run_dir}", *common, *extra])
 
     cfg = config.load(args.config, common)
-    results = {}
+    few_root = few_labels(data_root, out / "data-few", args.labels_per_class, cfg.seed)
+    results, few = {}, {}
     for name, (_, run_dir, _) in runs.items():
         encoder, _ = load_encoder(run_dir / "encoder.safetensors")
         results[name] = linear_eval(encoder, data_root, image_size=cfg.data.image_size, preset="fast")
-        console.print(f"{name}: linear top-1 {results[name]['top1']:.4f}")
+        few[name] = linear_eval(encoder, few_root, image_size=cfg.data.image_size, preset="fast")
+        console.print(f"{name}: linear top-1 {results[name]['top1']:.4f}, {args.labels_per_class} labels/class "
+                      f"{few[name]['top1']:.4f}")  # fmt: skip
 
     robustness = None
     if not args.skip_robustness:
@@ -68,31 +83,87 @@ def run(args: argparse.Namespace) -> dict:
             image_size=cfg.data.image_size,
         )
 
+    n_val = results["supcon"]["num_val"]
     summary = {
         "linear_top1": results["supcon"]["top1"],
         "linear_top5": results["supcon"]["top5"],
         "ce_top1": results["cross_entropy"]["top1"],
         "ce_top5": results["cross_entropy"]["top5"],
         **({"genscl_top1": results["genscl"]["top1"]} if "genscl" in results else {}),
+        "num_val": n_val,
+        "labels_per_class": args.labels_per_class,
+        "few_label_top1": {n: r["top1"] for n, r in few.items()},
+        "intervals_95": {n: accuracy_interval(r["top1"], n_val) for n, r in results.items()},
+        "few_label_intervals_95": {n: accuracy_interval(r["top1"], r["num_val"]) for n, r in few.items()},
+        "comparisons": comparisons(results, few),
         "wall_time_s": time.time() - start,
         "nproc": args.nproc,
         "config": cfg.to_dict(),
         "robustness": robustness,
     }
-    labels = {"supcon": "SupCon + linear", "cross_entropy": "Cross-entropy + linear", "genscl": "GenSCL (KD) + linear"}
-    columns = ["model", "top-1", "top-5"]
-    rows = [(labels[n], r["top1"], r["top5"]) for n, r in results.items()]
+    columns = ["model", "top-1 [95% CI] (n), all labels", f"top-1 [95% CI] (n), {args.labels_per_class} labels/class"]
+    rows = [(LABELS[n], format_accuracy(r["top1"], n_val), format_accuracy(few[n]["top1"], few[n]["num_val"]))
+            for n, r in results.items()]  # fmt: skip
+    undefined = robustness is not None and any("relative_mce_undefined" in m for m in robustness["models"].values())
     if robustness is not None:
-        columns += ["mCE (CE = 100)", "relative mCE"]
-        rows = [row + (robustness["models"][n]["mce"], robustness["models"][n].get("relative_mce", float("nan")))
-                for row, n in zip(rows, results)]
+        columns += ["mCE (CE = 100)"] + ([] if undefined else ["relative mCE"])
+        rows = [row + (f"{robustness['models'][n]['mce']:.1f}",)
+                + (() if undefined else (f"{robustness['models'][n]['relative_mce']:.1f}",))
+                for row, n in zip(rows, results, strict=True)]  # fmt: skip
     title = f"digits demo: {args.nproc} torchrun ranks, {summary['wall_time_s']:.0f} s"
     console.print(table(title, columns, rows))
+    for line in summary["comparisons"]:
+        console.print(line)
+    if undefined:
+        why = next(m["relative_mce_undefined"] for m in robustness["models"].values() if "relative_mce_undefined" in m)
+        console.print(f"relative mCE not reported: {why} (a ratio over a near-zero baseline gap is noise)")
     if robustness is not None:
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {out / 'summary.json'}")
     return summary
+
+
+LABELS = {"supcon": "SupCon + linear", "cross_entropy": "Cross-entropy + linear", "genscl": "GenSCL (KD) + linear"}
+
+
+def few_labels(data_root: Path, out: Path, per_class: int, seed: int) -> Path:
+    """`out/train` with `per_class` images of each class (a seeded draw) and `out/val` the full validation split.
+
+    With 1,437 labelled digits every encoder saturates a linear probe; a few labels per class is where the
+    representations differ (the paper's transfer tables report the same regime).
+    """
+    import random
+
+    if (out / "train").is_dir():
+        shutil.rmtree(out)
+    rng = random.Random(seed)
+    for folder in sorted((data_root / "train").iterdir()):
+        files = sorted(folder.iterdir())
+        dst = out / "train" / folder.name
+        dst.mkdir(parents=True)
+        for f in rng.sample(files, min(per_class, len(files))):
+            shutil.copy(f, dst / f.name)
+    shutil.copytree(data_root / "val", out / "val")
+    return out
+
+
+def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[str]:
+    """One line per model against the cross-entropy baseline and probe: a difference, or "within noise"."""
+    lines = []
+    for probe, rows in (("all labels", results), ("few labels", few)):
+        base = rows["cross_entropy"]
+        for name, r in rows.items():
+            if name == "cross_entropy":
+                continue
+            if within_noise(r["top1"], r["num_val"], base["top1"], base["num_val"]):
+                verdict = "within noise (the 95% intervals overlap)"
+            else:
+                verdict = "higher" if r["top1"] > base["top1"] else "lower"
+                verdict = f"{verdict} than cross-entropy beyond the 95% intervals"
+            lines.append(f"{LABELS[name]} vs cross-entropy, {probe}: {100 * r['top1']:.2f} vs "
+                         f"{100 * base['top1']:.2f}: {verdict}")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--genscl", action="store_true", help="also train GenSCL with the cross-entropy model as teacher")
     p.add_argument("--skip-robustness", action="store_true")
     p.add_argument("--c-per-class", type=int, default=8, help="val images per digit in digits-C (75 versions each)")
+    p.add_argument("--labels-per-class", type=int, default=5, help="train images per digit of the few-label probe")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs")
     run(p.parse_args(argv))
     return 0
