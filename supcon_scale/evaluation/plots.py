@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def _pyplot():
@@ -106,6 +107,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if title:
@@ -119,15 +121,16 @@ def plot_time_shares(rows: list[dict[str, Any]], path: str | Path, title: str = 
     if not rows:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
     steps = [r["step"] for r in rows]
     stacks = [[100 * r[k] for r in rows] for k, _ in SHARES]
     other = [max(0.0, 100 - sum(v)) for v in zip(*stacks, strict=True)]
     ax.stackplot(steps, *stacks, other, labels=[label for _, label in SHARES] + ["other (logging, hooks)"], alpha=0.85)
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share of wall time (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "Where the time goes, per log window")
     return _save(plt, fig, path)
 
