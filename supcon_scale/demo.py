@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> dict:
             image_size=cfg.data.image_size,
         )
 
+    pictures = _pictures(out, {name: run_dir for name, (_, run_dir, _) in runs.items()}, data_root, cfg.data.image_size)
     n_val = results["supcon"]["num_val"]
     summary = {
         "linear_top1": results["supcon"]["top1"],
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         "nproc": args.nproc,
         "config": cfg.to_dict(),
         "robustness": robustness,
+        "pictures": [str(p) for p in pictures],
     }
     columns = ["model", "top-1 [95% CI] (n), all labels", f"top-1 [95% CI] (n), {args.labels_per_class} labels/class"]
     rows = [(LABELS[n], format_accuracy(r["top1"], n_val), format_accuracy(few[n]["top1"], few[n]["num_val"]))
@@ -119,9 +121,20 @@ def run(args: argparse.Namespace) -> dict:
         console.print(f"relative mCE not reported: {why} (a ratio over a near-zero baseline gap is noise)")
     if robustness is not None:
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
+    console.print(f"pictures: {', '.join(summary['pictures'])}", soft_wrap=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {out / 'summary.json'}")
     return summary
+
+
+def _pictures(out: Path, run_dirs: dict[str, Path], data_root: Path, image_size: int) -> list[Path]:
+    """The SupCon and cross-entropy embedding maps side by side, and each run's training curves (out/pictures)."""
+    from supcon_scale.evaluation.embedding import side_by_side
+    from supcon_scale.evaluation.plots import plot_run
+
+    shown = {LABELS.get(n, n).split(" +")[0]: d / "encoder.safetensors" for n, d in run_dirs.items()}
+    maps = side_by_side(shown, data_root, out / "pictures" / "embeddings.png", image_size)
+    return [maps] + [p for name, d in run_dirs.items() for p in plot_run(d, out / "pictures" / name)]
 
 
 LABELS = {"supcon": "SupCon + linear", "cross_entropy": "Cross-entropy + linear", "genscl": "GenSCL (KD) + linear"}

@@ -112,3 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{ckpt.name if ckpt.is_dir() else ckpt.parent.name}: {used} of {len(labels)} val embeddings"
     print(plot_embedding(coords, labels, classes, out, title), file=sys.stdout)
     return 0
+
+
+def side_by_side(
+    encoders: dict[str, Path],
+    data: str | Path,
+    path: str | Path,
+    image_size: int | None = None,
+    method: Method = "auto",
+) -> Path:
+    """The maps of several encoders on the same val images, one panel each (e.g. SupCon beside cross-entropy)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(encoders), figsize=(5.5 * len(encoders) + 1, 5), dpi=120, squeeze=False)
+    for ax, (name, checkpoint) in zip(axes[0], encoders.items(), strict=True):
+        feats, labels, classes = embed(checkpoint, data, image_size)
+        coords, used = reduce_2d(feats, method)
+        plot_embedding(coords, labels, classes, path, f"{name}: {used} of {len(labels)} val embeddings", ax=ax)
+        if ax is not axes[0][-1]:
+            ax.get_legend().remove()  # one legend, beside the last panel
+    return _save(plt, fig, path)
