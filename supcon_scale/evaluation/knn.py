@@ -49,7 +49,9 @@ def knn_scores(
     return torch.cat(out) if out else torch.zeros(0, num_classes)
 
 
-def _features(encoder: nn.Module, source: Source, image_size: int | None, batch_size: int, device: torch.device, workers: int):
+def _features(
+    encoder: nn.Module, source: Source, image_size: int | None, batch_size: int, device: torch.device, workers: int
+):
     if isinstance(source, tuple):
         return source[0].to(device), source[1].to(device)
     if isinstance(source, (str, Path)):
@@ -86,21 +88,60 @@ def knn_eval(
     vx, vy = _features(encoder, val, image_size, batch_size, device, num_workers)
     num_classes = int(max(int(ty.max()), int(vy.max())) + 1)
     scores = knn_scores(tx, ty, vx, num_classes=num_classes, k=k, temperature=temperature)
-    return {**topk_accuracy(scores, vy), "k": min(k, len(ty)), "temperature": temperature, "num_train": len(ty), "num_val": len(vy)}
+    return {
+        **topk_accuracy(scores, vy),
+        "k": min(k, len(ty)),
+        "temperature": temperature,
+        "num_train": len(ty),
+        "num_val": len(vy),
+    }
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any parameter is a shard (FSDP2's DTensor): such a module cannot run outside its engine's forward."""
+    return any(hasattr(p, "full_tensor") for p in module.parameters())
 
 
 class KnnMonitor(Hook):
     """During pre-training: weighted kNN (k=200, T=0.07) of the encoder on `data.root/val` every `every_steps` steps,
-    written to the run's metrics. `encoder` is the engine's unwrapped encoder, called on every rank."""
+    written to the run's metrics. `encoder` is the engine's unwrapped encoder; extraction is sharded over the ranks.
 
-    def __init__(self, encoder: nn.Module, root: Path, image_size: int, every_steps: int, metrics: Any) -> None:
-        self.encoder, self.root, self.image_size, self.every, self.metrics = encoder, root, image_size, every_steps, metrics
+    Under FSDP2 (several ranks) the encoder's parameters are shards, and calling the encoder directly would mix
+    DTensor and plain tensors (its stem is in the root's shard) or hang (each stage all-gathers per call, and ranks
+    encode different numbers of batches). The monitor then gathers a full copy through the engine's collective
+    `state_dict()` and broadcasts it, so every rank encodes its share with a plain module; `engine` is required.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, root: Path, image_size: int, every_steps: int, metrics: Any, engine: Any = None
+    ) -> None:
+        if is_sharded(encoder) and engine is None:
+            raise ValueError("KnnMonitor: the encoder's parameters are sharded (FSDP2); pass engine= to gather a copy")
+        self.encoder, self.root, self.image_size, self.every = encoder, root, image_size, every_steps
+        self.metrics, self.engine = metrics, engine
+        self._copy: nn.Module | None = None
+
+    def full_encoder(self) -> nn.Module:
+        """The encoder to extract with: itself, or under FSDP2 a plain copy of its current weights (collective)."""
+        if not is_sharded(self.encoder):
+            return self.encoder
+        from supcon_scale.checkpoint import encoder_state
+        from supcon_scale.models import create_encoder
+
+        model = self.engine.state_dict()["model"]  # every rank calls it; rank 0 receives the full state
+        state = distributed.broadcast_object(encoder_state(model) if self.engine.ctx.is_main else None)
+        if self._copy is None:
+            cfg = self.engine.cfg.model
+            self._copy = create_encoder(cfg.encoder, cifar_stem=cfg.cifar_stem)
+        self._copy.load_state_dict(state)
+        return self._copy
 
     def on_step(self, info: StepInfo) -> None:
         if info.step % self.every == 0:
-            result = knn_eval(self.encoder, self.root / "train", self.root / "val", image_size=self.image_size)
-            self.metrics.write({"step": info.step, "epoch": info.epoch, "knn_top1": result["top1"],
-                                "knn_top5": result["top5"]})
+            encoder = self.full_encoder()
+            result = knn_eval(encoder, self.root / "train", self.root / "val", image_size=self.image_size)
+            row = {"step": info.step, "epoch": info.epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]}
+            self.metrics.write(row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_main:
         from rich.console import Console
 
-        Console().print(f"kNN (k={result['k']}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  top-5 {100 * result['top5']:.2f}")
+        top1, top5 = 100 * result["top1"], 100 * result["top5"]
+        Console().print(f"kNN (k={result['k']}, T={args.temperature}): top-1 {top1:.2f}  top-5 {top5:.2f}")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
