@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dali,deepspeed,tensorboard,wandb,dev
 
-.PHONY: demo test test-slow lint bench-gpu venv clean
+.PHONY: demo test test-slow lint bench-gpu gpu-check venv clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/shellcheck --shell=bash launch/*.sh launch/*.sbatch tools/*.sh
 
 # Longer checks (full-size benchmarks smoke, long multi-node runs); not part of `make test`.
 test-slow: $(STAMP)
@@ -36,6 +37,12 @@ test-slow: $(STAMP)
 # The GPU benchmarks of docs/BENCHMARKS.md in one run (needs a CUDA GPU; about 10 minutes); JSON in runs/bench_gpu.
 bench-gpu: $(STAMP)
 	PYTHON=$(PY) tools/bench_gpu.sh
+
+# The first run on a GPU node (one GPU, at most 10 minutes): CUDA, the DALI GPU loader, every engine end to end with
+# a resume, the CUDA-only kernels, host syncs per step, the headline benchmarks; JSON after each part in
+# runs/gpu_check. `make gpu-check SMOKE=1` runs it tiny on the CPU (the tests do).
+gpu-check: $(STAMP)
+	$(PY) -m supcon_scale.bench.gpu_check --out runs/gpu_check $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -12,11 +12,12 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
-MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}  # seconds torchrun waits for a preemption save before SIGKILL (default 30)
 exec "$PYTHON" -m supcon_scale.cli torchrun \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-supcon}" \
-  --max_restarts "$MAX_RESTARTS" \
+  --max_restarts "$MAX_RESTARTS" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
   -m supcon_scale.cli train --config "$CONFIG" train.resume=auto "$@"

@@ -15,6 +15,8 @@ from supcon_scale import distributed
 EXIT_PREEMPTED = 3
 # Signals that mean "this job is being preempted": the agent forwards them to the workers (see `torchrun_main`).
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+# Seconds `supcon-scale torchrun` waits for the workers' preemption save before killing them (torchrun's is 30).
+SHUTDOWN_TIMEOUT_S = 300
 
 
 class Preempted(Exception):
@@ -102,6 +104,10 @@ def torchrun_main(argv: list[str]) -> int:
 
     if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
         argv = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", *argv]
+    if not any(a.split("=")[0] in ("--shutdown-timeout", "--shutdown_timeout") for a in argv):
+        # torchrun SIGKILLs its workers 30 s after forwarding a signal: too short for a preemption checkpoint of a
+        # large model on a network file system.
+        argv = ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), *argv]
     try:
         run.main(argv)
     except SignalException as exc:

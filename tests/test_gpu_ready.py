@@ -201,3 +201,24 @@ def test_shellcheck_passes_on_launch_and_tools():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_check_smoke_runs_every_part_and_writes_json(tmp_path: Path):
+    """`make gpu-check SMOKE=1` (the module with --smoke): every part runs tiny on the CPU, JSON after each."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "supcon_scale.bench.gpu_check", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    from supcon_scale.bench.gpu_check import PARTS
+
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == [name for name, _ in PARTS]
+    assert all(p["status"] == "ok" for p in parts.values()), parts
+    assert parts["dali_loader"]["resume_bit_identical"] is True
+    assert parts["engines"]["ddp fp32"]["newest"] == "step_00000006"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from supcon_scale.config import AugmentConfig, DataConfig
-from supcon_scale.distributed import Context
+from supcon_scale.distributed import Context, select_device
 
 if TYPE_CHECKING:
     from typing import Self
@@ -108,8 +108,7 @@ def measure(cfg: DataConfig, warmup: int, batches: int, roi: bool = False) -> di
     from supcon_scale.data.dali import DaliLoader
 
     # Batches are delivered where training would use them: on the GPU when there is one (dali-gpu needs it).
-    cuda = torch.cuda.is_available()
-    ctx = Context(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    ctx = Context(device=select_device("auto", 0))  # GPUs made visible but unusable: an error, not a CPU figure
     with _Sampler() as sampler:
         if cfg.backend.startswith("dali"):
             loader = DaliLoader(cfg, ctx, seed=0, out_dir=None, roi=roi)
@@ -120,7 +119,7 @@ def measure(cfg: DataConfig, warmup: int, batches: int, roi: bool = False) -> di
             loader.set_epoch(epoch)
             for views, _ in loader:
                 done += 1
-                if cuda:  # the batch is really there, not just queued on a stream
+                if ctx.device.type == "cuda":  # the batch is really there, not just queued on a stream
                     torch.cuda.synchronize()
                 if done == warmup:
                     t0, cpu0 = time.perf_counter(), _cpu_seconds()

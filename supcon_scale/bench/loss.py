@@ -146,13 +146,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-    rows = [
-        _run_subprocess(impl, m, args.dim, args.device, args.repeats, args.timeout) for m in views for impl in impls
-    ]
+    rows: list[dict] = []
+    for m in views:
+        for impl in impls:
+            rows.append(_run_subprocess(impl, m, args.dim, args.device, args.repeats, args.timeout))
+            if args.json_path:  # after every case: a later failure (or a killed run) keeps the finished figures
+                Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
     _print_table(rows, _machine(args.device))
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

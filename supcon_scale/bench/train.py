@@ -26,7 +26,7 @@ import torch
 from timm.optim import Lars
 
 from supcon_scale import config, data, engines, models, objectives, optim, trainer
-from supcon_scale.distributed import Context, temporary_single_process_group
+from supcon_scale.distributed import Context, select_device, temporary_single_process_group
 from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
 
 Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
@@ -128,7 +128,8 @@ def lars_step_seconds(cfg: config.RunConfig, ctx: Context, steps: int) -> dict[s
         offsets = [sum(numels[:i]) for i in range(len(numels))]
         flats.append(flat)
         layouts.append(partition_layout(offsets, numels, flat.numel(), 0))
-    zero = ZeroLars([{"params": [f], "weight_decay": g["weight_decay"]} for f, g in zip(flats, groups)], **kwargs)
+    params = [{"params": [f], "weight_decay": g["weight_decay"]} for f, g in zip(flats, groups, strict=True)]
+    zero = ZeroLars(params, **kwargs)
     zero.attach(flats, layouts)
     timings = {}
     for name, opt in (("lars", Lars(groups, **kwargs)), ("zero_lars", zero)):
@@ -161,6 +162,16 @@ def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
     return lo
 
 
+# What cuBLAS, cuDNN and the caching allocator say when device memory runs out (torch raises RuntimeError for the
+# library ones, OutOfMemoryError only for its own allocator).
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_MAPPING_ERROR")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` means "the device ran out of memory" (so a smaller batch may fit), not a bug."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in OOM_MARKERS)
+
+
 def step_fits(cfg: config.RunConfig, ctx: Context) -> Callable[[int], bool]:
     """Whether one SupCon training step at a batch runs without running out of device memory."""
 
@@ -168,7 +179,9 @@ def step_fits(cfg: config.RunConfig, ctx: Context) -> Callable[[int], bool]:
         try:
             measure(with_batch(cfg, batch), ctx, batch, steps=1, warmup=0, loss_name="supcon")
             return True
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one; cuBLAS/cuDNN running out are plain ones
+            if not is_out_of_memory(exc):
+                raise
             return False
         finally:
             gc.collect()  # the failed step's model and activations sit in reference cycles with its traceback
@@ -209,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="LIMIT",
         help="also search the largest per-GPU batch (<= LIMIT) whose SupCon step fits in device memory",
     )
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="as the run config's `device`")
     p.add_argument("--json", type=Path, help="write the results here")
     return p
 
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None and not args.data.is_dir():
         print(f"bench_train: --data {args.data}: no such folder", file=sys.stderr)
         return 2
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = select_device(args.device, 0)  # --device cuda without usable CUDA: an error, never a CPU run
     ctx = Context(device=device)
     overrides = [
         f"model.encoder={args.model}",
