@@ -23,6 +23,7 @@ DELEGATED = {
     "check-data": ("supcon_scale.data.badfiles:main", "scan a dataset for files that cannot be decoded"),
     "make-shards": ("supcon_scale.data.shards:main", "convert an image folder into WebDataset tar shards"),
     "linear-eval": ("supcon_scale.evaluation.linear:main", "linear evaluation of a checkpoint (frozen encoder)"),
+    "finetune": ("supcon_scale.evaluation.finetune:main", "fine-tune a checkpoint's whole encoder with a new head"),
     "knn": ("supcon_scale.evaluation.knn:main", "weighted kNN accuracy of a checkpoint"),
     "imagenet-c": ("supcon_scale.evaluation.robustness:main", "corruption robustness (mCE) of checkpoints"),
     "demo": ("supcon_scale.demo:main", "the end-to-end demo on the bundled digits (CPU)"),

@@ -14,7 +14,9 @@ def test_encoders_build_and_embed(name: str, head: str):
     with torch.device("meta") if name != "resnet18" else torch.device("cpu"):
         model = models.build(cfg)
     assert model.encoder.num_features == (512 if name == "resnet18" else 2048)
-    assert {k for k in model.encoder.state_dict()} == set(timm.create_model(name, num_classes=0, pretrained=False).state_dict())
+    assert {k for k in model.encoder.state_dict()} == set(
+        timm.create_model(name, num_classes=0, pretrained=False).state_dict()
+    )
     if name == "resnet18":
         z = model(torch.randn(3, 3, 32, 32))
         assert z.shape == (3, 16)
@@ -64,8 +66,13 @@ def _global_bn_rank(rank: int, world: int) -> dict:
     y = bn(x)
     (y * w_full[part]).sum().backward()
     m = bn[0]
-    return {"y": y.detach().tolist(), "x_grad": x.grad.tolist(), "w_grad": m.weight.grad.tolist(),
-            "mean": m.running_mean.tolist(), "var": m.running_var.tolist()}
+    return {
+        "y": y.detach().tolist(),
+        "x_grad": x.grad.tolist(),
+        "w_grad": m.weight.grad.tolist(),
+        "mean": m.running_mean.tolist(),
+        "var": m.running_var.tolist(),
+    }
 
 
 def test_global_batchnorm_on_gloo_equals_one_process_batchnorm():
@@ -85,3 +92,94 @@ def test_global_batchnorm_on_gloo_equals_one_process_batchnorm():
     for r in ranks:
         torch.testing.assert_close(t(r["mean"]), ref.running_mean)
         torch.testing.assert_close(t(r["var"]), ref.running_var)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official head and input normalisation; model.init_from; exported encoders in plain timm
+
+
+def test_official_head_has_no_last_bias_and_sees_the_normalised_encoder_output():
+    import torch.nn.functional as F
+
+    cfg = config.ModelConfig(encoder="resnet18", head="linear", head_bias=False, normalize_encoder_output=True)
+    model = models.build(cfg).eval()
+    assert model.head.bias is None
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        h = model.encoder(x)
+        expected = F.normalize(model.head(F.normalize(h, dim=-1)), dim=-1)
+        torch.testing.assert_close(model(x), expected)
+        assert not torch.allclose(model(x), F.normalize(model.head(h), dim=-1))  # the normalisation acts
+
+
+def test_simclr_head_two_hidden_layers_with_batch_norm():
+    cfg = config.ModelConfig(encoder="resnet18", head="mlp", head_hidden_dim=32, head_hidden_layers=2,
+                             head_batch_norm=True, head_bias=False, feat_dim=8)  # fmt: skip
+    head = models.build(cfg).head
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 32), (32, 32), (32, 8)]
+    assert all(m.bias is None for m in linears)  # hidden layers: BN's beta instead; last: the official none
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head) == 2
+
+
+def _timm_file(tmp_path, name: str, state: dict) -> str:
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return str(path)
+
+
+def test_init_from_local_timm_and_safetensors_files(tmp_path):
+    import timm
+
+    torch.manual_seed(1)
+    full = timm.create_model("resnet18", num_classes=10)  # a classifier checkpoint: its fc is dropped
+    for name in ("weights.pth", "weights.safetensors"):
+        path = _timm_file(tmp_path, name, full.state_dict())
+        model = models.build(config.ModelConfig(encoder="resnet18", init_from=path))
+        own = model.encoder.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in full.state_dict().items() if not k.startswith("fc."))
+    for ref in ("hf-hub:timm/resnet18.a1_in1k", "local-dir:/tmp/x", "https://example.com/w.pth"):
+        with pytest.raises(ValueError, match="model.init_from.*only local files"):
+            models.build(config.ModelConfig(encoder="resnet18", init_from=ref))
+    with pytest.raises(ValueError, match="model.init_from: no file"):
+        models.build(config.ModelConfig(encoder="resnet18", init_from=str(tmp_path / "missing.pth")))
+
+
+def test_init_from_refuses_a_standard_stem_for_a_cifar_stem_and_takes_its_own(tmp_path):
+    from supcon_scale.checkpoint import export_encoder
+
+    standard = _timm_file(tmp_path, "std.safetensors", models.create_encoder("resnet18").state_dict())
+    with pytest.raises(ValueError, match=r"does not fit model.encoder: shape mismatch conv1.weight \(64, 3, 7, 7\)"):
+        models.build(config.ModelConfig(encoder="resnet18", cifar_stem=True, init_from=standard))
+    torch.manual_seed(2)
+    cifar = models.create_encoder("resnet18", cifar_stem=True)
+    path = export_encoder(cifar, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=True)
+    model = models.build(config.ModelConfig(encoder="resnet18", cifar_stem=True, init_from=str(path)))
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in cifar.state_dict().items())
+
+
+@pytest.mark.parametrize("cifar_stem", [False, True])
+def test_exported_encoder_loads_into_plain_timm(tmp_path, cifar_stem):
+    """The README's promise: timm.create_model(name, num_classes=0) takes the export as it is; a CIFAR-stem export
+    needs the two stem modules swapped first (docs/EVALUATION.md), then gives the same features."""
+    import timm
+    from safetensors.torch import load_file
+
+    from supcon_scale.checkpoint import export_encoder
+
+    torch.manual_seed(3)
+    ours = models.create_encoder("resnet18", cifar_stem=cifar_stem).eval()
+    path = export_encoder(ours, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=cifar_stem)
+    plain = timm.create_model("resnet18", num_classes=0)
+    if cifar_stem:
+        plain.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        plain.maxpool = torch.nn.Identity()
+    plain.load_state_dict(load_file(str(path)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), ours(x))
