@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from multiproc import run_ranks
+
 from supcon_scale.losses import SupConLoss
 
 CASES = [  # (impl, variant, contrast, label kind)
@@ -45,7 +45,9 @@ def rank_fn(rank: int, world: int, sizes: list[int]):
     out = []
     for impl, variant, contrast, kind in CASES:
         feats, labels = global_batch(sum(sizes), kind)
-        out.append(loss_and_grad(impl, variant, contrast, feats[start:end], None if labels is None else labels[start:end]))
+        out.append(
+            loss_and_grad(impl, variant, contrast, feats[start:end], None if labels is None else labels[start:end])
+        )
     return out
 
 
@@ -65,3 +67,41 @@ def test_ranks_average_to_single_process(sizes):
             ref = want_grad[start : start + n]
             assert (grad - ref).abs().max() <= 1e-10 * want_grad.abs().max(), (CASES[i], r)
             start += n
+
+
+OFFICIAL_CASES = [  # (impl, variant, denominator_mode, positives_cap): the official loss's options, gathered
+    ("dense", "out", "one_positive", None),
+    ("tiled", "in", "one_positive", 2),
+    ("tiled", "out", "only_negatives", None),
+    ("dense", "in", "only_negatives", 0),
+    ("tiled", "out", "all", 2),
+    ("dense", "in", "all", 4),
+]
+
+
+def official_loss_and_grad(case, feats, labels):
+    impl, variant, mode, cap = case
+    f = feats.clone().requires_grad_(True)
+    loss = SupConLoss(0.2, variant, impl=impl, block_size=3, denominator_mode=mode, positives_cap=cap)(f, labels)
+    loss.backward()
+    return loss.item(), f.grad.tolist()
+
+
+def official_rank_fn(rank: int, world: int, sizes: list[int]):
+    """Every official case on this rank's slice; the cap keeps the first images of a label in the global order."""
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    feats, labels = global_batch(sum(sizes), "ints")
+    return [official_loss_and_grad(case, feats[start:end], labels[start:end]) for case in OFFICIAL_CASES]
+
+
+@pytest.mark.parametrize("sizes", [[5, 5], [3, 6]], ids=["2even", "2uneven"])
+def test_official_options_on_two_ranks_equal_one_process(sizes):
+    results = run_ranks(official_rank_fn, 2, sizes)
+    feats, labels = global_batch(sum(sizes), "ints")
+    for i, case in enumerate(OFFICIAL_CASES):
+        want_loss, want_grad = official_loss_and_grad(case, feats, labels)
+        want_grad = torch.tensor(want_grad, dtype=torch.float64)
+        losses = [results[r][i][0] for r in range(2)]
+        assert abs(sum(losses) / 2 - want_loss) <= 1e-10 * abs(want_loss), (case, losses, want_loss)
+        got = torch.cat([torch.tensor(results[r][i][1], dtype=torch.float64) for r in range(2)]) / 2
+        assert (got - want_grad).abs().max() <= 1e-10 * want_grad.abs().max(), case

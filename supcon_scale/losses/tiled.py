@@ -1,25 +1,35 @@
-"""Memory-efficient log-sum-exps of the SupCon logits: blocks of anchors x contrast, per-row statistics only.
+"""Memory-efficient row statistics of the SupCon logits: blocks of anchors x contrast, per-row statistics only.
 
-The forward keeps a running log-sum-exp per anchor row; the backward recomputes each block and applies the closed
-form d LSE / d s = softmax (docs/BACKGROUND.md, the loss), so memory is O((n + M) * D + block^2) and the [n, M] logits never
-exist. Gradients flow to both the anchors and the contrast set, so a gathered contrast set hands its gradient to
-the all-gather's backward, which sums it over ranks.
+The forward keeps a running log-sum-exp per anchor row (one per column mask: every column, the positives, the
+negatives); the backward recomputes each block and applies the closed form d LSE / d s = softmax (docs/BACKGROUND.md,
+the loss), so memory is O((n + M) * D + block^2) and the [n, M] logits never exist. Every softmax is taken as
+exp(s + log w - lse) over its own mask, which is <= 1 wherever w > 0: the backward cannot overflow at any
+temperature (a negative far above the positives' log-sum-exp is simply outside the positives' mask). Gradients flow
+to both the anchors and the contrast set, so a gathered contrast set hands its gradient to the all-gather's
+backward, which sums it over ranks.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
-    from supcon_scale.losses.supcon import Positives
+    from supcon_scale.losses.supcon import MaskKind, Positives
 
 
-def _tiles(n: int, m: int, block: int, self_cols: list[int]) -> Iterator[tuple[int, int, int, int, int, int]]:
+def _host_cols(pos: Positives) -> Sequence[int]:
+    """The anchors' own columns on the host: known from the shapes (a range) unless anchors were selected."""
+    return pos.self_col_host if pos.self_col_host is not None else pos.self_col.tolist()
+
+
+def _tiles(n: int, m: int, block: int, self_cols: Sequence[int]) -> Iterator[tuple[int, int, int, int, int, int]]:
     """(r0, r1, c0, c1, i0, i1): a block and the anchors i0..i1 whose own column falls inside it."""
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
@@ -34,10 +44,14 @@ def _block_buffer(za: torch.Tensor, zc: torch.Tensor, block: int) -> torch.Tenso
 
 
 def _block_logits(
-    za: torch.Tensor, zc: torch.Tensor, self_col: torch.Tensor, tile: tuple[int, ...], inv_tau: float,
+    za: torch.Tensor,
+    zc: torch.Tensor,
+    self_col: torch.Tensor,
+    tile: tuple[int, ...],
+    inv_tau: float,
     buf: torch.Tensor,
 ) -> torch.Tensor:
-    """s = z_a z_c^T / tau for one block (written into `buf`), self-similarity set to -inf (out of every denominator)."""
+    """s = z_a z_c^T / tau for one block (written into `buf`), self-similarity -inf (out of every denominator)."""
     r0, r1, c0, c1, i0, i1 = tile
     s = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
     torch.mm(za[r0:r1] * inv_tau, zc[c0:c1].T, out=s)  # scaling the [rows, D] side saves a pass over the block
@@ -46,9 +60,12 @@ def _block_logits(
     return s
 
 
-def _block_weights(pos: "Positives", self_col: torch.Tensor, tile: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _block_mask(
+    pos: Positives, kind: MaskKind, self_col: torch.Tensor, tile: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Column weights of one block for a mask kind, the anchor's own column zeroed."""
     r0, r1, c0, c1, i0, i1 = tile
-    w = pos.block(slice(r0, r1), slice(c0, c1), dtype)
+    w = pos.mask(kind, slice(r0, r1), slice(c0, c1), dtype)
     if i1 > i0:
         w[torch.arange(i0 - r0, i1 - r0, device=w.device), self_col[i0:i1] - c0] = 0.0
     return w
@@ -62,77 +79,163 @@ def _consume_lse(s: torch.Tensor) -> torch.Tensor:
     return s.sum(1).log_().add_(peak)
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """-inf (an empty mask) -> 0, so exp(-inf - lse) stays 0 instead of exp(nan)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
 # exp(x) stays a normal float for x >= -80 (fp32) / -700 (fp64): the bound on the logits' spread for a fixed shift.
 _EXP_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
 
 
-class TiledLogSumExp(torch.autograd.Function):
-    """(za [n, D], zc [M, D]) -> LSE over contrast columns of each anchor row, and the positive-weighted LSE."""
+class TiledRowStats(torch.autograd.Function):
+    """(za [n, D], zc [M, D]) -> per anchor row: the LSE over each mask's columns, then (`linear`) sum_P w s.
+
+    `masks` lists mask kinds ("all", "pos", "neg", "den"; see `Positives.mask`); the outputs follow that order.
+    """
 
     @staticmethod
-    def forward(ctx, za, zc, pos, inv_tau: float, block: int, with_pos: bool):
+    def forward(ctx, za, zc, pos, inv_tau: float, block: int, masks: tuple, linear: bool):
         n, m = za.shape[0], zc.shape[0]
         self_col = pos.self_col
-        tiles = list(_tiles(n, m, block, self_col.tolist()))
-        lse_all = za.new_full((n,), -math.inf)
-        lse_pos = za.new_full((n,), -math.inf) if with_pos else za.new_zeros(n)
+        tiles = list(_tiles(n, m, block, _host_cols(pos)))
+        masked = [k for k in masks if k != "all"]
+        lse = {k: za.new_full((n,), -math.inf) for k in masks}
+        lin = za.new_zeros(n) if linear else None
         # Unit rows bound every logit by |s| <= shift, so when 2 * shift fits the exponent range a single fixed shift
         # replaces the running row maximum (saving two passes per block); tiny temperatures use the running form.
-        shift = inv_tau * float(za.detach().norm(dim=1).max()) * float(zc.detach().norm(dim=1).max())
+        # The loss passes unit (or zero) rows (supcon.normalize): |s| <= 1/tau bounds every logit, no norm read back.
+        shift = inv_tau
         fixed = 2 * shift <= _EXP_RANGE.get(za.dtype, 0.0)
         sums = za.new_zeros(n)
         buf = _block_buffer(za, zc, block)
         for tile in tiles:
             r0, r1 = tile[0], tile[1]
             s = _block_logits(za, zc, self_col, tile, inv_tau, buf)
+            if linear:  # sum_P w s (s is -inf only off the positives, at the anchor's own column)
+                w = _block_mask(pos, "pos", self_col, tile, s.dtype)
+                lin[r0:r1] += torch.where(w > 0, s, 0.0).mul_(w).sum(1)
+            for kind in masked:  # these leave `s` intact; the "all" LSE below consumes it
+                w = _block_mask(pos, kind, self_col, tile, s.dtype)
+                lse[kind][r0:r1] = torch.logaddexp(lse[kind][r0:r1], _consume_lse(w.log_().add_(s)))
+            if "all" not in lse:
+                continue
             if fixed:
                 sums[r0:r1] += s.sub_(shift).exp_().sum(1)
-                if with_pos:
-                    w = _block_weights(pos, self_col, tile, s.dtype)
-                    lse_pos[r0:r1] = torch.logaddexp(lse_pos[r0:r1], _consume_lse(w.log_().add_(s.log_()).add_(shift)))
-                continue
-            if with_pos:
-                w = _block_weights(pos, self_col, tile, s.dtype)
-                lse_pos[r0:r1] = torch.logaddexp(lse_pos[r0:r1], _consume_lse(w.log_().add_(s)))
-            lse_all[r0:r1] = torch.logaddexp(lse_all[r0:r1], _consume_lse(s))
-        if fixed:
-            lse_all = sums.log_().add_(shift)
-        ctx.save_for_backward(za, zc, lse_all, lse_pos)
-        ctx.pos, ctx.tiles, ctx.inv_tau, ctx.with_pos, ctx.block = pos, tiles, inv_tau, with_pos, block
+            else:
+                lse["all"][r0:r1] = torch.logaddexp(lse["all"][r0:r1], _consume_lse(s))
+        if fixed and "all" in lse:
+            lse["all"] = sums.log_().add_(shift)
+        outs = [lse[k] for k in masks] + ([lin] if linear else [])
+        ctx.save_for_backward(za, zc, *outs[: len(masks)])
+        ctx.pos, ctx.tiles, ctx.inv_tau, ctx.block, ctx.masks, ctx.linear = pos, tiles, inv_tau, block, masks, linear
         ctx.shared = za is zc  # one process, every view an anchor: both gradients go into one [M, D] buffer
-        return lse_all, lse_pos
+        return tuple(outs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_all, g_pos):
-        za, zc, lse_all, lse_pos = ctx.saved_tensors
-        pos, inv_tau = ctx.pos, ctx.inv_tau
+    def backward(ctx, *grads):
+        za, zc, *lses = ctx.saved_tensors
+        pos, inv_tau, masks = ctx.pos, ctx.inv_tau, ctx.masks
         self_col = pos.self_col
+        g_lse = dict(zip(masks, grads[: len(masks)], strict=True))
+        safe = {k: _finite(v) for k, v in zip(masks, lses, strict=True) if k != "all"}
+        lse_all = lses[masks.index("all")] if "all" in masks else None
+        g_lin = grads[len(masks)] if ctx.linear else None
         grad_za = torch.zeros_like(za)
         grad_zc = grad_za if ctx.shared else torch.zeros_like(zc)
         buf = _block_buffer(za, zc, ctx.block)
         for tile in ctx.tiles:
             r0, r1, c0, c1 = tile[:4]
             s = _block_logits(za, zc, self_col, tile, inv_tau, buf)
-            if ctx.with_pos:  # d/ds log sum_c w exp(s) = w exp(s - lse_pos)
-                e = (s - lse_pos[r0:r1, None]).exp_().mul_(_block_weights(pos, self_col, tile, s.dtype))
-                e.mul_(g_pos[r0:r1, None])
-            s.sub_(lse_all[r0:r1, None]).exp_()  # softmax over the contrast set
-            if ctx.with_pos:
-                s.mul_(g_all[r0:r1, None]).add_(e)
-                grad_za[r0:r1].addmm_(s, zc[c0:c1], alpha=inv_tau)
-                grad_zc[c0:c1].addmm_(s.T, za[r0:r1], alpha=inv_tau)
+            acc = None  # d loss / d s of this block from the masked statistics
+            if g_lin is not None:  # d/ds sum_c w s = w
+                acc = _block_mask(pos, "pos", self_col, tile, s.dtype).mul_(g_lin[r0:r1, None])
+            for kind in safe:
+                w = _block_mask(pos, kind, self_col, tile, s.dtype)
+                # softmax over the mask: exp(s + log w - lse) <= 1 on the mask, exactly 0 off it
+                e = w.log_().add_(s).sub_(safe[kind][r0:r1, None]).exp_().mul_(g_lse[kind][r0:r1, None])
+                acc = e if acc is None else acc.add_(e)
+            if lse_all is None:
+                s = acc
+            elif acc is None:
+                s.sub_(lse_all[r0:r1, None]).exp_()  # softmax over the contrast set
+                # Row gradients scale small [rows, D] matrices instead of the block: diag(g) P Z = g * (P Z).
+                g = g_lse["all"][r0:r1, None] * inv_tau
+                grad_za[r0:r1].addcmul_(torch.mm(s, zc[c0:c1]), g)
+                grad_zc[c0:c1].addmm_(s.T, za[r0:r1] * g)
                 continue
-            # Row gradients scale small [rows, D] matrices instead of the block: diag(g) P Z = g * (P Z).
-            g = g_all[r0:r1, None] * inv_tau
-            grad_za[r0:r1].addcmul_(torch.mm(s, zc[c0:c1]), g)
-            grad_zc[c0:c1].addmm_(s.T, za[r0:r1] * g)
-        return grad_za, (None if ctx.shared else grad_zc), None, None, None, None
+            else:
+                s.sub_(lse_all[r0:r1, None]).exp_().mul_(g_lse["all"][r0:r1, None]).add_(acc)
+            grad_za[r0:r1].addmm_(s, zc[c0:c1], alpha=inv_tau)
+            grad_zc[c0:c1].addmm_(s.T, za[r0:r1], alpha=inv_tau)
+        return grad_za, (None if ctx.shared else grad_zc), None, None, None, None, None
 
 
-def log_sum_exps(
-    za: torch.Tensor, zc: torch.Tensor, pos: "Positives", inv_tau: float, block: int, with_pos: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Blocked equivalent of the dense LSEs in `supcon._dense_log_sum_exps`."""
-    lse_all, lse_pos = TiledLogSumExp.apply(za, zc, pos, inv_tau, block, with_pos)
-    return lse_all, (lse_pos if with_pos else None)
+class TiledOnePositive(torch.autograd.Function):
+    """ONE_POSITIVE denominators, per anchor row, given the negatives' LSE `lse_n` (each positive p has its own
+    denominator exp(s_p) + exp(lse_n)):
+    L_out part: sum_P softplus(lse_n - s_p);  L_in part: LSE_P logsigmoid(s_p - lse_n).
+    """
+
+    @staticmethod
+    def forward(ctx, za, zc, lse_n, pos, inv_tau: float, block: int, inside: bool):
+        n, m = za.shape[0], zc.shape[0]
+        self_col = pos.self_col
+        tiles = list(_tiles(n, m, block, _host_cols(pos)))
+        out = za.new_full((n,), -math.inf) if inside else za.new_zeros(n)
+        buf = _block_buffer(za, zc, block)
+        for tile in tiles:
+            r0, r1 = tile[0], tile[1]
+            s = _block_logits(za, zc, self_col, tile, inv_tau, buf)
+            on = _block_mask(pos, "pos", self_col, tile, s.dtype) > 0
+            if inside:
+                u = torch.where(on, F.logsigmoid(s - lse_n[r0:r1, None]), -math.inf)
+                out[r0:r1] = torch.logaddexp(out[r0:r1], _consume_lse(u))
+            else:
+                out[r0:r1] += torch.where(on, F.softplus(lse_n[r0:r1, None] - s), 0.0).sum(1)
+        ctx.save_for_backward(za, zc, lse_n, out)
+        ctx.pos, ctx.tiles, ctx.inv_tau, ctx.block, ctx.inside = pos, tiles, inv_tau, block, inside
+        ctx.shared = za is zc
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        za, zc, lse_n, out = ctx.saved_tensors
+        pos, inv_tau = ctx.pos, ctx.inv_tau
+        self_col = pos.self_col
+        grad_za = torch.zeros_like(za)
+        grad_zc = grad_za if ctx.shared else torch.zeros_like(zc)
+        grad_lse_n = torch.zeros_like(lse_n)
+        buf = _block_buffer(za, zc, ctx.block)
+        for tile in ctx.tiles:
+            r0, r1, c0, c1 = tile[:4]
+            s = _block_logits(za, zc, self_col, tile, inv_tau, buf)
+            on = _block_mask(pos, "pos", self_col, tile, s.dtype) > 0
+            sig = torch.where(on, torch.sigmoid(lse_n[r0:r1, None] - s), 0.0)  # d softplus(lse_n - s) / d lse_n
+            if ctx.inside:  # d/du_p LSE_P(u) = exp(u_p - out), u_p = logsigmoid(s_p - lse_n), du_p/ds_p = sig_p
+                share = torch.where(on, (F.logsigmoid(s - lse_n[r0:r1, None]) - out[r0:r1, None]).exp(), 0.0)
+                ds = sig.mul_(share).mul_(grad[r0:r1, None])
+                grad_lse_n[r0:r1] -= ds.sum(1)
+            else:
+                ds = sig.mul_(-grad[r0:r1, None])
+                grad_lse_n[r0:r1] -= ds.sum(1)
+            grad_za[r0:r1].addmm_(ds, zc[c0:c1], alpha=inv_tau)
+            grad_zc[c0:c1].addmm_(ds.T, za[r0:r1], alpha=inv_tau)
+        return grad_za, (None if ctx.shared else grad_zc), grad_lse_n, None, None, None, None
+
+
+def row_stats(
+    za: torch.Tensor, zc: torch.Tensor, pos: Positives, inv_tau: float, block: int, masks: tuple, linear: bool
+) -> list[torch.Tensor]:
+    """Blocked equivalent of `supcon._dense_row_stats`."""
+    out = TiledRowStats.apply(za, zc, pos, inv_tau, block, masks, linear)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def one_positive(
+    za: torch.Tensor, zc: torch.Tensor, lse_n: torch.Tensor, pos: Positives, inv_tau: float, block: int, inside: bool
+) -> torch.Tensor:
+    """Blocked equivalent of `supcon._dense_one_positive`."""
+    return TiledOnePositive.apply(za, zc, lse_n, pos, inv_tau, block, inside)
