@@ -475,3 +475,18 @@ def test_small_temperature_fp32_matches_float64_dense(tau, variant, mode, cap):
         got, got_g = value_and_grad(loss, feats, labels)
         assert torch.isfinite(got) and torch.isfinite(got_g).all(), impl
         assert rel_err(got.double(), want) <= 1e-5 and rel_err(got_g.double(), want_g) <= 1e-4, impl
+
+
+def test_official_option_mistakes_raise_value_error():
+    feats, labels = make(b=6, v=2)
+    soft = labels_of("soft", labels)
+    with pytest.raises(ValueError, match="loss.denominator_mode"):
+        SupConLoss(denominator_mode="one_positive")(feats, soft)  # label vectors have no hard negatives
+    with pytest.raises(ValueError, match="loss.positives_cap"):
+        SupConLoss(positives_cap=3)(feats, labels)  # not a multiple of the 2 views
+    with pytest.raises(ValueError, match="loss.positives_cap"):
+        SupConLoss(positives_cap=-1)
+    with pytest.raises(ValueError, match="loss.denominator_mode"):
+        SupConLoss(denominator_mode="none")
+    with pytest.raises(ValueError, match="^block_size must be >= 1"):  # an argument, not a config key
+        SupConLoss(block_size=0)
