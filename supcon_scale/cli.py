@@ -100,8 +100,8 @@ def _config_show(args: argparse.Namespace) -> int:
     width = max(len(r["key"]) for r in rows)
     for r in rows:
         value, default = json.dumps(r["value"]), json.dumps(r["default"])
-        changed = f" (default {default})" if value != default else ""
-        print(f"{r['key']:<{width}}  {value}{changed}  # {r['help']}")
+        default = f"(default {default})" if value != default else "(default)"
+        print(f"{r['key']:<{width}}  {value} {default}  # {r['help']}")
     return 0
 
 

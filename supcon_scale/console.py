@@ -32,7 +32,8 @@ from supcon_scale import sinks
 from supcon_scale.distributed import all_reduce_mean, world
 from supcon_scale.hooks import Hook, StepInfo
 
-console = Console(stderr=True)
+# soft_wrap: a line in a job's log file stays one line (rich would wrap it at 80 columns off a terminal)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def warn(message: str) -> None:

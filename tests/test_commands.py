@@ -44,6 +44,7 @@ def test_config_show_lists_every_key_once_with_its_description(capsys: pytest.Ca
     assert by_key["seed"].split("  #")[0].split(None, 1)[1] == "3 (default 0)"
     assert by_key["log.plain"].split("  #")[0].split(None, 1)[1] == "true (default false)"
     assert by_key["model.encoder"].split("  #")[0].split(None, 1)[1] == '"resnet18" (default "resnet50")'
+    assert by_key["precision"].split("  #")[0].split(None, 1)[1] == '"fp32" (default)'
 
 
 def test_config_show_json_is_the_resolved_config(capsys: pytest.CaptureFixture[str]):
