@@ -5,6 +5,14 @@
 # The trainer resumes from its newest checkpoint by itself (train.resume=auto is passed), so torchrun's
 # --max-restarts can restart every worker with the same arguments. `supcon-scale torchrun` is torchrun (same
 # arguments) that exits 3 when the job checkpointed after a preemption signal (plain torchrun exits 1).
+#
+# Elastic: NNODES=MIN:MAX (e.g. 2:4) lets torchrun restart the job on however many nodes are left after one is
+# lost (or join new ones), between MIN and MAX; each restart resumes the newest checkpoint on the new world size
+# (docs/RELIABILITY.md "Elastic resume"): data.global_batch_size stays, the per-rank batch changes, so it must be
+# divisible by every world size the job may run on (NPROC_PER_NODE x MIN..MAX). Run the same command on every node:
+#   NNODES=2:4 MASTER_ADDR=node0 NPROC_PER_NODE=8 MAX_RESTARTS=3 launch/torchrun_multinode.sh CONFIG
+# RDZV_ID names the job (SLURM_JOB_ID under SLURM): the trainer's out_dir lock lets a restart of the same job (same
+# id and rendezvous address, higher restart count) take over from its dead attempt, and refuses any other job.
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [key=value ...]}
 shift
@@ -18,6 +26,6 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}  # seconds torchrun waits for a preemption save before SIGKILL (default 30)
 exec "$PYTHON" -m supcon_scale.cli torchrun \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-supcon}" \
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-supcon}}" \
   --max_restarts "$MAX_RESTARTS" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
   -m supcon_scale.cli train --config "$CONFIG" train.resume=auto "$@"

@@ -1,7 +1,12 @@
 """Checkpoints: complete-or-invisible directories, safe loading, purge, RNG and encoder export round trips."""
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,11 @@ def _state(seed: int = 0):
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return cfg, model, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": {}}
+    return (
+        cfg,
+        model,
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": {}},
+    )
 
 
 def test_save_load_round_trip(tmp_path: Path):
@@ -125,3 +134,64 @@ def test_trained_checkpoint_exports_its_stem(tmp_path: Path, cifar_stem: bool):
     assert (conv1.kernel_size, conv1.stride) == (((3, 3), (1, 1)) if cifar_stem else ((7, 7), (2, 2)))
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, model.encoder.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer per out_dir (issue 15): lock.json
+
+
+def _holder(lock: checkpoint.OutDirLock, **fields) -> None:
+    record = {"host": "other-host", "pid": 1, "started": time.time() - 5, "heartbeat": time.time(), "job": {}}
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    lock.path.write_text(json.dumps({**record, **fields}))
+
+
+def test_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path: Path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = checkpoint.OutDirLock(tmp_path)
+        _holder(lock, host=socket.gethostname(), pid=sleeper.pid, pid_start=checkpoint._pid_start(sleeper.pid))
+        refusal = lock.acquire()
+        assert refusal is not None and "\n" not in refusal
+        assert f"in use by another trainer (host {socket.gethostname()}, pid {sleeper.pid}," in refusal
+        assert json.loads(lock.path.read_text())["pid"] == sleeper.pid  # untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert lock.acquire() is None  # its holder is dead: taken over
+    held = json.loads(lock.path.read_text())
+    assert (held["host"], held["pid"]) == (socket.gethostname(), os.getpid()) and lock.owned()
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_lock_on_another_host_is_taken_over_only_once_its_heartbeat_is_stale(tmp_path: Path):
+    lock = checkpoint.OutDirLock(tmp_path)
+    _holder(lock, heartbeat=time.time() - 10)
+    assert "host other-host, pid 1," in lock.acquire()
+    _holder(lock, heartbeat=time.time() - checkpoint.STALE_S - 1)
+    assert lock.acquire() is None
+    lock.release()
+    lock.path.write_text("{trunc")  # a writer killed mid-write, long ago: dated by the file's mtime
+    os.utime(lock.path, (time.time() - checkpoint.STALE_S - 1,) * 2)
+    assert lock.acquire() is None
+    lock.release()
+
+
+def test_lock_of_an_earlier_torchrun_attempt_is_taken_over(tmp_path: Path, monkeypatch):
+    job = {"TORCHELASTIC_RUN_ID": "job-42", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in {**job, "TORCHELASTIC_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    lock = checkpoint.OutDirLock(tmp_path)
+    earlier = {"run_id": "job-42", "store": "10.0.0.1:29500", "restart": 0}
+    # rank 0 of attempt 0 ran on another host, whose heartbeat is still fresh: attempt 1 is the same job
+    _holder(lock, job=earlier)
+    assert lock.acquire() is None
+    lock.release()
+    # the same attempt number (a requeued job overlapping one still alive) or another job is not taken over
+    for other in ({**earlier, "restart": 1}, {**earlier, "run_id": "job-43"}, {**earlier, "store": "10.0.0.2:29500"}):
+        _holder(lock, job=other)
+        assert lock.acquire() is not None, other
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id identifies nothing
+    _holder(lock, job={**earlier, "run_id": "none"})
+    assert lock.acquire() is not None

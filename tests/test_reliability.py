@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from supcon_scale import checkpoint, config, distributed, trainer
+from supcon_scale.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for any one subprocess; the test kills it after that
@@ -246,18 +248,71 @@ def test_nan_steps_are_skipped_counted_then_stop_the_run(digits: Path, tmp_path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. World size change on resume
+# 5. World size change on resume (issue 15): the position is global, so 2 ranks' checkpoint continues on 1
 
 
-def test_resume_with_another_world_size_is_refused(digits: Path, reference: Path, tmp_path: Path):
+def test_resume_on_another_world_size_continues_the_epoch(digits: Path, reference: Path, tmp_path: Path):
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints/step_00000004").symlink_to(_step_dir(reference, 4))
+    shutil.copytree(_step_dir(reference, 4), tmp_path / "checkpoints/step_00000004")
     ctx = distributed.init(seed=0)
-    cfg = _cfg(digits, tmp_path, "train.resume=auto")
-    with pytest.raises(ValueError, match=r"train.resume: .*step_00000004 was saved by 2 ranks but this run has 1"):
+    seen = []
+
+    class Labels(Hook):
+        def on_batch(self, step, views, labels):
+            seen.append(labels.clone())
+            return views, labels
+
+    result = trainer.fit(_cfg(digits, tmp_path, "train.resume=auto"), ctx, hooks=[Labels()])
+    assert result.step == 6 and [r["step"] for r in _metrics(tmp_path)] == [5, 6]
+    # One rank trains on both ranks' shares of steps 5-6: the labels of the 2-rank run's last two global batches.
+    data = json.loads((_step_dir(reference, 6) / "meta.json").read_text())["config"]["data"]
+    assert [len(b) for b in seen] == [data["global_batch_size"]] * 2
+    meta = json.loads((checkpoint.latest(tmp_path) / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"]) == (6, 1)
+
+
+def test_resume_refuses_what_cannot_continue_exactly(digits: Path, reference: Path, tmp_path: Path):
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = tmp_path / "checkpoints/step_00000004"
+    shutil.copytree(_step_dir(reference, 4), ckpt)
+    ctx = distributed.init(seed=0)
+    # Another global batch: the saved position counts steps of 64 samples.
+    cfg = _cfg(digits, tmp_path, "train.resume=auto", "data.global_batch_size=32")
+    with pytest.raises(ValueError, match=r"step_00000004: data position was saved with data.global_batch_size=64"):
         trainer.fit(cfg, ctx)
+    # A position written before positions were global (no global batch in it) resumes on its own world size only.
+    rank0 = torch.load(ckpt / "rank_0.pt", weights_only=True)
+    rank0["data"].pop("global_batch")
+    torch.save(rank0, ckpt / "rank_0.pt")
+    with pytest.raises(ValueError, match=r"saved with world size 2 but this run has world size 1; it predates global"):
+        trainer.fit(_cfg(digits, tmp_path, "train.resume=auto"), ctx)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
     assert _metrics(tmp_path) == []  # nothing trained: no silent restart from epoch 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5b. One writer per out_dir (issue 15)
+
+
+def test_second_trainer_on_a_live_out_dir_refuses_then_takes_over_once_it_died(digits: Path, tmp_path: Path):
+    cmd = [sys.executable, FAULTS_ENTRY, "train", *_overrides(digits, tmp_path, "train.resume=auto")]
+    first = _popen(cmd, "sleep=1.5")
+    try:
+        _wait_for_step(tmp_path, 1, first)
+        ctx = distributed.init(seed=0)
+        with pytest.raises(ValueError) as info:
+            trainer.fit(_cfg(digits, tmp_path, "train.resume=auto"), ctx)
+        message = str(info.value)
+        assert "\n" not in message
+        assert f"in use by another trainer (host {socket.gethostname()}, pid {first.pid}," in message
+        assert first.poll() is None  # the first one goes on
+    finally:
+        first.kill()
+        _finish(first)
+    # Killed: its lock stays behind, naming a dead process, and the next trainer takes it over and resumes.
+    assert json.loads((tmp_path / checkpoint.LOCK).read_text())["pid"] == first.pid
+    result = trainer.fit(_cfg(digits, tmp_path, "train.resume=auto"), distributed.init(seed=0))
+    assert result.step == 6 and not (tmp_path / checkpoint.LOCK).exists()  # released at the end
 
 
 # ---------------------------------------------------------------------------------------------------------------
