@@ -38,8 +38,26 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         distributed.teardown()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
-    """Results of `fn` on ranks 0..world_size-1; raises with the failing rank's traceback, never hangs."""
+class _PortTaken(Exception):
+    """Another process took the port between `free_port()` and rank 0 binding it."""
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, attempts: int = 3) -> list[Any]:
+    """Results of `fn` on ranks 0..world_size-1; raises with the failing rank's traceback, never hangs.
+
+    The port is picked free and then bound by rank 0's store a moment later; if something else took it in between
+    (EADDRINUSE), the ranks are started again on a new port.
+    """
+    for attempt in range(attempts):
+        try:
+            return _run_ranks_once(fn, world_size, args, timeout)
+        except _PortTaken:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ranks_once(fn: Callable, world_size: int, args: tuple, timeout: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -51,6 +69,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0)
         for _ in range(world_size):
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
+                if "EADDRINUSE" in value or "address already in use" in value.lower():
+                    raise _PortTaken(value)
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results[rank] = value
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,10 @@ def two_nodes(script: str, out: Path, data: Path, env: dict[str, str], *override
     procs = [subprocess.Popen(args, cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     results = []
+    deadline = time.monotonic() + 300  # one budget for both nodes, not 300 s each in turn
     for p in procs:
         try:
-            stdout, _ = p.communicate(timeout=300)
+            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             stdout, _ = p.communicate()
