@@ -105,3 +105,32 @@ def test_official_options_on_two_ranks_equal_one_process(sizes):
         assert abs(sum(losses) / 2 - want_loss) <= 1e-10 * abs(want_loss), (case, losses, want_loss)
         got = torch.cat([torch.tensor(results[r][i][1], dtype=torch.float64) for r in range(2)]) / 2
         assert (got - want_grad).abs().max() <= 1e-10 * want_grad.abs().max(), case
+
+
+SCALES = {"none": 1.0, "temperature": 0.2, "base_temperature": 0.2 / 0.07}  # x tau, x tau / base tau (0.07)
+
+
+def scaled_rank_fn(rank: int, world: int, n: int):
+    feats, labels = global_batch(n * world, "ints")
+    out = {}
+    for impl in ("dense", "tiled"):
+        for scale in SCALES:
+            f = feats[rank * n : (rank + 1) * n].clone().requires_grad_(True)
+            loss = SupConLoss(temperature=0.2, scale=scale, impl=impl, block_size=3)(f, labels[rank * n : (rank + 1) * n])
+            loss.backward()
+            out[impl, scale] = (loss.item(), f.grad.tolist())
+    return out
+
+
+def test_loss_scale_holds_across_ranks():
+    """The recipes train with loss.scale=temperature on many GPUs: the factor must apply in a process group too."""
+    n, world = 4, 2
+    results = run_ranks(scaled_rank_fn, world, n)
+    feats, labels = global_batch(n * world, "ints")
+    for impl in ("dense", "tiled"):
+        plain, plain_grad = loss_and_grad(impl, "out", "all", feats, labels)
+        for scale, factor in SCALES.items():
+            got = sum(results[r][impl, scale][0] for r in range(world)) / world
+            assert got == pytest.approx(factor * plain, rel=1e-10), (impl, scale)
+            grad = torch.tensor([g for r in range(world) for g in results[r][impl, scale][1]], dtype=torch.float64) / world
+            torch.testing.assert_close(grad, factor * torch.tensor(plain_grad, dtype=torch.float64), rtol=1e-9, atol=1e-12)
