@@ -76,3 +76,12 @@ def test_prob_zero_leaves_batch_alone():
     (v,), vectors = mixer([x], y)
     assert torch.equal(v, x)
     torch.testing.assert_close(vectors[:, 0], torch.nn.functional.one_hot(y, 4).float())
+
+
+@pytest.mark.parametrize("switch_prob,kind", [(0.0, "mixup"), (1.0, "cutmix")])
+def test_switch_prob_chooses_between_mixup_and_cutmix(switch_prob: float, kind: str):
+    """mix.switch_prob is the chance of CutMix when both alphas are set: 0 always Mixup, 1 always CutMix."""
+    mixer = ViewMixer(MixConfig(mixup_alpha=1.0, cutmix_alpha=1.0, prob=1.0, switch_prob=switch_prob), 4, seed=0)
+    x, y = torch.rand(8, 3, 16, 16), torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float()
+    kinds = {mixer.mix_view(x, y)[3] for _ in range(20)}
+    assert kinds == {kind}

@@ -183,3 +183,11 @@ def test_exported_encoder_loads_into_plain_timm(tmp_path, cifar_stem):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), ours(x))
+
+
+def test_head_hidden_dim_sets_the_mlp_width():
+    from supcon_scale import config, models
+
+    cfg = config.load(None, ["model.encoder=resnet18", "model.head=mlp", "model.head_hidden_dim=32", "model.feat_dim=8"])
+    linears = [m for m in models.build(cfg.model).head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 32), (32, 8)]

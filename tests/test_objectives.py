@@ -200,3 +200,21 @@ def test_unmixed_objectives_have_no_rank_state():
         obj = objectives.build(config.load(None, [f"loss.name={name}"]), num_classes=4, ctx=distributed.Context())
         assert obj.rank_state() == {}
         obj.load_rank_state({})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_timm_teacher_loads_its_weights_file(tmp_path: Path, suffix: str):
+    """kd.teacher=<timm name> with kd.checkpoint=<file>: the teacher holds exactly the file's weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    model = timm.create_model("resnet18", num_classes=10)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / f"teacher{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    t = teacher.load(config.KDConfig(teacher="resnet18", checkpoint=str(path), temperature=2.0), num_classes=10)
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(t(x), torch.softmax(model.eval()(x) / 2.0, dim=-1))

@@ -73,3 +73,12 @@ def test_scheduler_decays_to_final_lr_fraction(final: float):
         cosine = 0.5 * (1 + math.cos(math.pi * (s - 4) / 16))
         assert lrs[s] == pytest.approx(peak * (final + (1 - final) * cosine)), s
     assert lrs[-1] == pytest.approx(peak * final, abs=1e-12)
+
+
+def test_adamw_keeps_the_exclusion_groups_and_the_scaled_lr():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    cfg = config.load(None, ["optim.name=adamw", "optim.base_lr=0.001", "optim.weight_decay=0.05"]).optim
+    opt = optim.build_optimizer(model, cfg, global_batch_size=1024)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all(g["lr"] == pytest.approx(0.004) for g in opt.param_groups)  # 0.001 x 1024 / 256
