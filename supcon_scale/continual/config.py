@@ -103,6 +103,9 @@ class ContinualModelConfig:
     feat_dim: int = key(128, "dimension of SCR's normalised projection", ge=1)
     sync_bn: bool = key(False, "batch-norm statistics over every rank's samples (ranks then equal one process)")
     channels_last: bool = key(False, "channels-last memory format")
+    dtype: Literal["float32", "float64"] = key(
+        "float32", "parameter and input dtype; float64 makes ranks-vs-one-process checks exact to ~1e-10"
+    )
 
 
 @dataclass(kw_only=True)

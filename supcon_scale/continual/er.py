@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from supcon_scale.continual.config import ContinualConfig
+from supcon_scale.continual.models import DTYPES, wide
 from supcon_scale.continual.views import plain_transform, seeded_views
 from supcon_scale.engines import Engine
 
@@ -23,6 +24,7 @@ class ER:
     def __init__(self, cfg: ContinualConfig):
         self.transforms = [plain_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)]
         self.classifier = cfg.er.classifier
+        self.dtype = DTYPES[cfg.model.dtype]
 
     def convention(self) -> dict:
         return {"name": "cross_entropy", "method": self.method, "terms": "mean(incoming) + mean(memory)"}
@@ -41,8 +43,8 @@ class ER:
         device = engine.ctx.device
         (x,) = seeded_views(images, seeds, self.transforms)
         with engine.autocast():
-            logits = engine(x.to(device))
-        ce = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
+            logits = engine(x.to(device, self.dtype))
+        ce = F.cross_entropy(wide(logits), labels.to(device), reduction="none")
         loss = ce[:n_incoming].sum() / global_incoming
         if global_memory:
             loss = loss + ce[n_incoming:].sum() / global_memory

@@ -27,6 +27,7 @@ from supcon_scale.continual import config, metrics, models
 from supcon_scale.continual.config import ContinualConfig
 from supcon_scale.continual.er import ER
 from supcon_scale.continual.memory import ReservoirMemory
+from supcon_scale.continual.models import wide
 from supcon_scale.continual.ncm import NearestClassMean, class_sums
 from supcon_scale.continual.scr import SCR
 from supcon_scale.continual.stream import ClassIncrementalStream, ImageSource, build_stream, decode, load_sources
@@ -303,14 +304,15 @@ def evaluate(
     model.eval()
     transform = plain_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)
     size = cfg.train.eval_batch_size
+    dtype = models.DTYPES[cfg.model.dtype]
 
     def embed(images: list, fn) -> torch.Tensor:
         outs = []
         for chunk in _batches(images, size):
-            x = torch.stack([transform(img) for img in chunk]).to(ctx.device)
+            x = torch.stack([transform(img) for img in chunk]).to(ctx.device, dtype)
             with engine.autocast():
-                outs.append(fn(x).float())
-        return torch.cat(outs) if outs else torch.zeros((0, model.encoder.num_features), device=ctx.device)
+                outs.append(wide(fn(x)))
+        return torch.cat(outs) if outs else torch.zeros((0, model.encoder.num_features), device=ctx.device, dtype=dtype)
 
     if agent.classifier == "ncm":
         held = memory.owned()
@@ -321,18 +323,18 @@ def evaluate(
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             with engine.autocast():
-                return ncm.predict(model.encoder(x).float())
+                return ncm.predict(wide(model.encoder(x)))
     else:
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             with engine.autocast():
-                return model(x).float().argmax(1)
+                return wide(model(x)).argmax(1)
 
     correct = torch.zeros(stream.num_tasks, dtype=torch.float64, device=ctx.device)
     for j in range(task + 1):
         ids = stream.test_ids[j][ctx.rank :: ctx.world_size]
         for chunk in _batches(ids, size):
-            x = torch.stack([transform(test.image(int(i))) for i in chunk]).to(ctx.device)
+            x = torch.stack([transform(test.image(int(i))) for i in chunk]).to(ctx.device, dtype)
             truth = torch.from_numpy(test.labels[chunk]).to(ctx.device)
             correct[j] += (predict(x) == truth).sum()
     correct = all_reduce_sum(correct).cpu()

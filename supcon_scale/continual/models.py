@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from supcon_scale.continual.config import ContinualModelConfig
 from supcon_scale.models import SupConModel, convert_global_batchnorm, create_encoder, create_head
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """Outputs in float32 at least (under autocast they may be bf16/fp16); float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
 
 class _BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int):
@@ -55,16 +62,17 @@ class ReducedResNet18(nn.Module):
 
 
 def build(cfg: ContinualModelConfig, num_classes: int | None) -> SupConModel:
-    """SCR (`num_classes=None`): normalised projections; ER: logits over every class of the dataset."""
+    """SCR (`num_classes=None`): projections (the loss normalises them); ER: logits over every class."""
     if cfg.encoder == "reduced_resnet18":
         encoder = ReducedResNet18(cfg.width)
     else:
         encoder = create_encoder(cfg.encoder, cfg.cifar_stem)
     dim = encoder.num_features
     if num_classes is None:
-        model = SupConModel(encoder, create_head(cfg.head, dim, None, cfg.feat_dim))
+        # SupConLoss normalises the projections itself (SupConModel's own normalisation would cast to float32)
+        model = SupConModel(encoder, create_head(cfg.head, dim, None, cfg.feat_dim), normalize=False)
     else:
         model = SupConModel(encoder, nn.Linear(dim, num_classes), normalize=False)
     if cfg.sync_bn:
         model = convert_global_batchnorm(model)
-    return model
+    return model.to(DTYPES[cfg.dtype])

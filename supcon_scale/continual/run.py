@@ -30,7 +30,7 @@ def aggregate(results: list[RunResult]) -> dict[str, Any]:
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
         mats = np.stack([metrics.as_matrix(r.matrix) for r in runs])
-        entry: dict[str, Any] = {"seeds": [r.seed for r in runs], "mean_matrix": np.nanmean(mats, axis=0).tolist()}
+        entry: dict[str, Any] = {"seeds": [r.seed for r in runs], "mean_matrix": mats.mean(axis=0).tolist()}
         for key in ("final_average_accuracy", "average_forgetting", "average_incremental_accuracy"):
             values = [metrics.summarize(m)[key] for m in mats]
             mean, half = metrics.t_interval(values)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from supcon_scale.continual.config import ContinualConfig
+from supcon_scale.continual.models import DTYPES, wide
 from supcon_scale.continual.views import augment_transform, plain_transform, seeded_views
 from supcon_scale.engines import Engine
 from supcon_scale.losses import SupConLoss
@@ -28,6 +29,7 @@ class SCR:
         augment = augment_transform(data.image_size, cfg.scr.augment, data.mean, data.std)
         first = plain_transform(data.image_size, data.mean, data.std) if cfg.scr.original_view else augment
         self.transforms = [first, augment]
+        self.dtype = DTYPES[cfg.model.dtype]
         # scale="none": the loss as the paper's Eq. 2 and the authors' utils/loss.py (no tau / base-tau factor)
         self.loss = SupConLoss(temperature=cfg.scr.temperature, variant="out", contrast="all", scale="none")
 
@@ -46,11 +48,11 @@ class SCR:
     ) -> tuple[torch.Tensor, bool]:
         """One update on this rank's share of (incoming | memory); the loss gathers the contrast set over ranks."""
         device = engine.ctx.device
-        views = [v.to(device) for v in seeded_views(images, seeds, self.transforms)]
+        views = [v.to(device, self.dtype) for v in seeded_views(images, seeds, self.transforms)]
         b = labels.shape[0]
         with engine.autocast():
             out = engine(torch.cat(views))
-        features = out.float().reshape(len(views), b, -1).transpose(0, 1)  # [B, V, D]
+        features = wide(out).reshape(len(views), b, -1).transpose(0, 1)  # [B, V, D]
         loss = self.loss(features, labels.to(device))
         engine.backward(loss)
         return loss.detach(), engine.step()

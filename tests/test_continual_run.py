@@ -1,0 +1,189 @@
+"""Continual runs end to end on tiny streams: resume (mid-task and at a task boundary) equals an uninterrupted run,
+2 gloo ranks equal one process on the global batch, and the `continual` command's summary, plots and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from multiproc import run_ranks
+from safetensors.torch import load_file
+
+from supcon_scale import checkpoint, cli
+from supcon_scale.continual import config as ccfg
+from supcon_scale.continual.learner import fit, run_dir
+from supcon_scale.distributed import Context
+
+# 4 digits in 2 tasks, 4 incoming + 8 memory samples a step (12 steps a task), a reduced ResNet-18 of width 4 at 16 px
+STEPS_PER_TASK = 12
+
+
+def tiny(out_dir: Path, data_root: Path, *extra: str) -> ccfg.ContinualConfig:
+    return ccfg.load(
+        None,
+        [
+            f"out_dir={out_dir}",
+            f"data.root={data_root}",
+            "data.image_size=16",
+            "stream.tasks=2",
+            "stream.class_order=[0, 1, 2, 3]",
+            "stream.batch_size=4",
+            "memory.size=12",
+            "memory.batch_size=8",
+            "model.width=4",
+            "model.feat_dim=16",
+            "model.sync_bn=true",
+            "optim.lr=0.05",
+            "optim.momentum=0.9",
+            "train.progress=false",
+            "seeds=[0]",
+            *extra,
+        ],
+    )
+
+
+def final_state(cfg: ccfg.ContinualConfig, method: str, rank: int = 0) -> tuple[dict, dict]:
+    """The last checkpoint's weights and this rank's memory, as written to disk."""
+    newest = checkpoint.latest(run_dir(cfg, method, 0))
+    assert newest is not None and newest.name == f"step_{2 * STEPS_PER_TASK:08d}"
+    rank_state = torch.load(newest / f"rank_{rank}.pt", weights_only=True)
+    return load_file(str(newest / "model.safetensors")), rank_state["data"]["memory"]
+
+
+def memory_bytes(memory: dict) -> dict[int, bytes]:
+    raw = np.asarray(memory["bytes"]).tobytes()
+    off = np.asarray(memory["offsets"]).tolist()
+    return {int(s): raw[off[k] : off[k + 1]] for k, s in enumerate(np.asarray(memory["slots"]).tolist())}
+
+
+class Crash:
+    """A fault: the process dies right after step `at` (its hook runs after that step's checkpoint, if any)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step(self, info) -> None:
+        if info.step == self.at:
+            raise RuntimeError(f"injected crash after step {info.step}")
+
+
+@pytest.mark.parametrize("method, crash_at, resumed_from", [("scr", 7, 5), ("er", 13, 12)])
+def test_resume_gives_the_same_memory_and_weights_as_an_uninterrupted_run(
+    tmp_path, small_digits, method, crash_at, resumed_from
+):
+    """SCR crashes mid-task (step 7, newest checkpoint 5), ER just after a task boundary (13, newest 12)."""
+    reference = tiny(tmp_path / "ref", small_digits, f"methods=[{method}]")
+    expected = fit(reference, method, 0, Context())
+    cfg = tiny(
+        tmp_path / "run", small_digits, f"methods=[{method}]", "train.checkpoint_every_steps=5", "train.resume=auto"
+    )
+    with pytest.raises(RuntimeError, match="injected crash"):
+        fit(cfg, method, 0, Context(), hooks=[Crash(crash_at)])
+    assert checkpoint.latest(run_dir(cfg, method, 0)).name == f"step_{resumed_from:08d}"
+    resumed = fit(cfg, method, 0, Context())
+
+    weights, memory = final_state(cfg, method)
+    ref_weights, ref_memory = final_state(reference, method)
+    assert weights.keys() == ref_weights.keys()
+    for k in weights:
+        assert torch.equal(weights[k], ref_weights[k]), k
+    for k in ("index", "labels", "owner", "slots", "offsets", "bytes"):
+        assert torch.equal(memory[k], ref_memory[k]), k
+    for k in ("filled", "seen", "reservoir_rng", "retrieve_rng"):
+        assert memory[k] == ref_memory[k], k
+    assert memory["filled"] == 12 and memory["seen"] == 2 * STEPS_PER_TASK * 4
+    assert resumed.matrix == expected.matrix and resumed.steps == expected.steps == 2 * STEPS_PER_TASK
+
+
+def _ranked(rank: int, world: int, out_dir: str, data_root: str, method: str) -> dict:
+    cfg = tiny(Path(out_dir), Path(data_root), f"methods=[{method}]", "model.dtype=float64")
+    result = fit(cfg, method, 0, Context(rank=rank, world_size=world, local_rank=rank))
+    weights, memory = final_state(cfg, method, rank)
+    # plain arrays: tensors sent through the queue would live in shared memory that dies with the rank
+    plain = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in memory.items()}
+    return {"matrix": result.matrix, "weights": {k: v.numpy() for k, v in weights.items()}, "memory": plain}
+
+
+@pytest.mark.parametrize("method", ["scr", "er"])
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, small_digits, method):
+    """Each rank trains on its half of the incoming batch and the memory slots it holds; SupCon gathers the
+    contrast set, ER sums over the global counts, batch norm is global: the same weights, memory and accuracy
+    matrix as one process."""
+    # the reference in a worker too: one thread, like the ranks (torch's reductions in the colour jitter round
+    # differently with another thread count, which moves a uint8 pixel now and then)
+    (one,) = run_ranks(_ranked, 1, str(tmp_path / "one"), str(small_digits), method)
+    two = run_ranks(_ranked, 2, str(tmp_path / "two"), str(small_digits), method)
+    # float64: the sums run in another order (gathered contrast set, global batch norm, DDP's mean) but agree to
+    # ~1e-11. In float32 ER's tiny network amplifies those rounding differences chaotically over 24 steps (float64
+    # shows the growth: 1e-16 -> 1e-11), so float32 weights could not be compared tightly.
+    for k, v in one["weights"].items():
+        scale = float(np.abs(v).max()) if v.size else 0.0
+        assert float(np.abs(two[0]["weights"][k] - v).max(initial=0.0)) <= 1e-8 * scale + 1e-12, k
+    for r in range(2):  # the slot table is replicated ...
+        for k in ("index", "labels"):
+            assert np.array_equal(two[r]["memory"][k], one["memory"][k]), k
+        assert np.array_equal(two[r]["memory"]["owner"], two[0]["memory"]["owner"])
+    shards = [memory_bytes(two[r]["memory"]) for r in range(2)]
+    assert set(shards[0]).isdisjoint(shards[1]) and shards[0] and shards[1]  # ... the bytes are sharded
+    assert {**shards[0], **shards[1]} == memory_bytes(one["memory"])
+    owner = two[0]["memory"]["owner"]
+    assert set(np.flatnonzero(owner == 1).tolist()) == set(shards[1])
+    assert two[0]["matrix"] == two[1]["matrix"] == one["matrix"]
+
+
+def test_continual_command_writes_summary_plots_and_intervals(tmp_path, small_digits, capsys):
+    out = tmp_path / "cmd"
+    args = [
+        f"out_dir={out}",
+        f"data.root={small_digits}",
+        "data.image_size=16",
+        "stream.tasks=2",
+        "stream.class_order=[0, 1, 2, 3]",
+        "stream.batch_size=4",
+        "memory.size=12",
+        "memory.batch_size=8",
+        "model.width=4",
+        "model.feat_dim=16",
+        "train.progress=false",
+        "seeds=[0, 1]",
+        "train.resume=auto",
+    ]
+    assert cli.main(["continual", *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"scr", "er"} and len(summary["runs"]) == 4
+    for entry in summary["methods"].values():
+        final = entry["final_average_accuracy"]
+        assert 0 <= final["mean"] <= 1 and final["ci95"] >= 0 and len(final["per_seed"]) == 2
+        assert len(entry["stage_accuracy"]) == 2 and entry["mean_matrix"][0][1] is None
+    for plot in ("accuracy_matrix.png", "stage_accuracy.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = (out / "scr" / "seed_1" / "result.json").read_text()
+    assert cli.main(["continual", *args]) == 0  # resume=auto: finished runs are kept, not trained again
+    assert (out / "scr" / "seed_1" / "result.json").read_text() == before
+    assert "finished before, result kept" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["stream.tasks=5"], "stream.tasks=5 leaves 1 task(s) without classes"),
+        (["memory.size=97"], "memory.size=97 is larger than the stream: it brings 96 training samples"),
+        (["stream.class_order=[0, 1, seven]"], "stream.class_order names unknown classes 'seven'"),
+    ],
+)
+def test_continual_command_bad_input_is_one_line_naming_the_key(tmp_path, small_digits, capsys, extra, message):
+    args = [
+        f"out_dir={tmp_path}",
+        f"data.root={small_digits}",
+        "stream.tasks=2",
+        "stream.class_order=[0, 1, 2, 3]",
+        "stream.batch_size=4",
+        "memory.size=12",
+        *extra,
+    ]
+    assert cli.main(["continual", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
