@@ -27,6 +27,7 @@ DELEGATED = {
     "knn": ("supcon_scale.evaluation.knn:main", "weighted kNN accuracy of a checkpoint"),
     "imagenet-c": ("supcon_scale.evaluation.robustness:main", "corruption robustness (mCE) of checkpoints"),
     "demo": ("supcon_scale.demo:main", "the end-to-end demo on the bundled digits (CPU)"),
+    "continual": ("supcon_scale.continual.run:main", "class-incremental continual learning: SCR against ER"),
     "torchrun": ("supcon_scale.resilience:torchrun_main", "torchrun that exits 3 when the job was preempted"),
     "bench-loss": ("supcon_scale.bench.loss:main", "time and memory of the loss implementations"),
     "bench-dataloader": ("supcon_scale.bench.loader:main", "images/s of the input pipelines"),
