@@ -29,6 +29,7 @@ DELEGATED = {
     "demo": ("supcon_scale.demo:main", "the end-to-end demo on the bundled digits (CPU)"),
     "continual": ("supcon_scale.continual.run:main", "class-incremental continual learning: SCR against ER"),
     "torchrun": ("supcon_scale.resilience:torchrun_main", "torchrun that exits 3 when the job was preempted"),
+    "doctor": ("supcon_scale.doctor:main", "driver, CUDA, NCCL, DALI, DeepSpeed, GPUs, CPUs: what a GPU run would hit"),
     "bench-loss": ("supcon_scale.bench.loss:main", "time and memory of the loss implementations"),
     "bench-dataloader": ("supcon_scale.bench.loader:main", "images/s of the input pipelines"),
     "bench-train": ("supcon_scale.bench.train:main", "training step throughput against cross-entropy"),

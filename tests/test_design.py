@@ -15,7 +15,7 @@ LAYERS = {
     "losses": 1, "optim": 1, "resilience": 1, "hooks": 1,
     "engines": 2, "objectives": 2, "data": 2, "models": 2, "checkpoint": 2, "console": 2, "sinks": 2, "profiling": 2,
     "trainer": 3, "evaluation": 3, "continual": 3,
-    "cli": 4, "demo": 4, "bench": 4,
+    "cli": 4, "demo": 4, "bench": 4, "doctor": 4,
 }
 # Pairs inside a layer that must stay apart (importer -> what it must not import).
 FORBIDDEN = {

@@ -222,3 +222,19 @@ def test_gpu_check_smoke_runs_every_part_and_writes_json(tmp_path: Path):
     assert all(p["status"] == "ok" for p in parts.values()), parts
     assert parts["dali_loader"]["resume_bit_identical"] is True
     assert parts["engines"]["ddp fp32"]["newest"] == "step_00000006"
+
+
+def test_doctor_prints_its_table():
+    proc = subprocess.run(
+        [sys.executable, "-m", "supcon_scale.cli", "doctor"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    for item in ("NVIDIA driver", "torch", "GPUs", "DALI", "DeepSpeed", "CPU affinity", "launcher"):
+        assert item in proc.stdout, proc.stdout
+    assert torch.__version__ in proc.stdout
+    assert (proc.returncode == 1) == ("would fail" in proc.stderr)
