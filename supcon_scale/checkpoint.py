@@ -311,6 +311,15 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when it is missing, partial or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _job() -> dict[str, Any]:
     """This torchrun job and attempt: run id, rendezvous store address and restart count."""
     return {
@@ -342,17 +351,14 @@ class OutDirLock:
 
     def read(self) -> dict[str, Any]:
         """The lock's content; an unreadable one (a writer killed mid-write) is dated by the file's mtime."""
-        try:
-            holder = json.loads(self.path.read_text())
-            if not isinstance(holder, dict):
-                raise ValueError("not an object")
+        holder = _read_json(self.path)
+        if holder:
             return holder
-        except (OSError, ValueError):
-            try:
-                mtime = self.path.stat().st_mtime
-            except OSError:
-                mtime = 0.0
-            return {"host": "?", "pid": -1, "started": mtime, "heartbeat": mtime, "job": {}}
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        return {"host": "?", "pid": -1, "started": mtime, "heartbeat": mtime, "job": {}}
 
     def takeover_reason(self, holder: dict[str, Any]) -> str | None:
         """Why `holder`'s lock may be taken over, or None when it belongs to a live writer."""
@@ -401,7 +407,7 @@ class OutDirLock:
                     os.rename(self.path, aside)
                 except FileNotFoundError:
                     continue
-                moved = json.loads(aside.read_text() or "{}") if aside.stat().st_size else {}
+                moved = _read_json(aside)
                 if moved and (moved.get("pid"), moved.get("started")) != (holder.get("pid"), holder.get("started")):
                     # Another trainer took it over between our read and our rename: give its lock back.
                     try:
