@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dali,deepspeed,tensorboard,wandb,dev
 
-.PHONY: demo test test-slow lint bench-gpu gpu-check venv clean
+.PHONY: demo demo-continual test test-slow test-mutation lint bench-gpu gpu-check venv clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m supcon_scale.demo $(if $(GENSCL),--genscl) $(DEMO_ARGS)
 
+# Continual learning on the digits: SCR against ER (5 tasks of 2 classes, memory 200, 3 seeds) on two torchrun
+# ranks; summary.json and the PNGs go to runs/continual/digits (trained afresh each time).
+demo-continual: $(STAMP)
+	test -d runs/continual/data/val || $(PY) -m supcon_scale.cli make-demo-data runs/continual/data
+	rm -rf runs/continual/digits
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m supcon_scale.cli \
+		continual --config configs/continual/digits.yaml $(DEMO_ARGS)
+
 # Lint and format checks first (seconds), then the suite; the 20 slowest tests are listed at the end.
 test: lint
 	$(PY) -m pytest -q -m "not slow" --durations=20 $(PYTEST_ARGS)
@@ -29,6 +37,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/shellcheck --shell=bash launch/*.sh launch/*.sbatch tools/*.sh
+
+# Plant each mutation of tools/mutation.py in a temporary copy and run the tests meant to catch it (not part of make
+# test; see the README for its time and result). JSON in runs/mutation.json.
+test-mutation: $(STAMP)
+	$(PY) tools/mutation.py --json runs/mutation.json
 
 # Longer checks (full-size benchmarks smoke, long multi-node runs); not part of `make test`.
 test-slow: $(STAMP)
