@@ -138,7 +138,9 @@ def monitors(cfg: config.RunConfig, engine: Engine, steps_per_epoch: int, metric
         from supcon_scale.evaluation.knn import KnnMonitor  # evaluation sits beside the trainer; imported when used
 
         every = steps_per_epoch * cfg.train.knn_every_epochs
-        found.append(KnnMonitor(engine.unwrapped().encoder, Path(cfg.data.root), cfg.data.image_size, every, metrics))
+        found.append(
+            KnnMonitor(engine.unwrapped().encoder, Path(cfg.data.root), cfg.data.image_size, every, metrics, engine)
+        )
     if cfg.train.profile_steps:
         first, last = config.profile_range(cfg.train.profile_steps)
         found.append(Profiler(first, last, cfg.out_dir, engine.ctx.rank, engine.ctx.device))
