@@ -117,7 +117,7 @@ def measure(cfg: DataConfig, warmup: int, batches: int, roi: bool = False) -> di
         done, epoch, t0, cpu0 = 0, 0, time.perf_counter(), _cpu_seconds()  # warmup=0 times from here
         while done < warmup + batches:
             loader.set_epoch(epoch)
-            for views, _ in loader:
+            for _views, _ in loader:
                 done += 1
                 if ctx.device.type == "cuda":  # the batch is really there, not just queued on a stream
                     torch.cuda.synchronize()
@@ -200,7 +200,7 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
                 times.append(time.perf_counter() - t0)
             best[k] = min(best[k], float(np.median(times)) * 1000)
     rows, previous = [], 0.0
-    for (name, _), ms in zip(steps, best):
+    for (name, _), ms in zip(steps, best, strict=True):
         rows.append({"step": name, "ms_per_batch": ms, "added_ms": ms - previous})
         previous = ms
     return rows
@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--synthetic", type=int, metavar="N", help="write N realistic 500x375 JPEGs and use them")
     p.add_argument("--synthetic-dir", type=Path, default=Path("runs/bench_data"), help="where --synthetic writes")
     p.add_argument("--backends", default="dali-cpu,torchvision", help="comma list of dali-gpu,dali-cpu,torchvision")
+    p.add_argument(
+        "--formats", default="folder", help="comma list of folder,shards (shards: the same images, via make-shards)"
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard for --formats shards")
     p.add_argument(
         "--dali-decode", default="once,roi", help="DALI views: once (1 decode + V crops), roi (V ROI decodes, 1 batch)"
     )
@@ -247,16 +251,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         console.print(f"[red]error:[/red] --backends: unknown {sorted(unknown)}")
         return 2
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if set(formats) - {"folder", "shards"}:
+        console.print(f"[red]error:[/red] --formats: unknown {sorted(set(formats) - {'folder', 'shards'})}")
+        return 2
+    roots = {"folder": Path(root)}
+    if "shards" in formats:
+        from supcon_scale.data.shards import write_shards
+
+        roots["shards"] = write_shards(root, Path(f"{Path(root).resolve()}_shards"), args.shard_size)
     aug = AugmentConfig(preset=args.preset)  # type: ignore[arg-type]
-    runs: list[tuple[str, bool]] = []
-    for b in backends:
-        for mode in [m.strip() for m in args.dali_decode.split(",")] if b.startswith("dali") else ["once"]:
-            runs.append((b, mode == "roi"))
-    best: dict[tuple[str, bool], dict[str, Any]] = {}
+    runs: list[tuple[str, str, bool]] = []
+    for fmt in formats:
+        for b in backends:
+            for mode in [m.strip() for m in args.dali_decode.split(",")] if b.startswith("dali") else ["once"]:
+                runs.append((fmt, b, mode == "roi"))
+    best: dict[tuple[str, str, bool], dict[str, Any]] = {}
     for _ in range(args.repeats):
-        for backend, roi in runs:
+        for fmt, backend, roi in runs:
             cfg = DataConfig(
-                root=str(root),
+                root=str(roots[fmt]),
+                format=fmt,  # type: ignore[arg-type]
                 backend=backend,
                 global_batch_size=args.batch_size,
                 image_size=args.image_size,  # type: ignore[arg-type]
@@ -267,13 +282,15 @@ def main(argv: list[str] | None = None) -> int:
                 drop_last=True,
             )
             r = measure(cfg, args.warmup, args.batches, roi=roi)
-            if (backend, roi) not in best or r["images_per_s"] > best[backend, roi]["images_per_s"]:
-                best[backend, roi] = r
-    base = best.get(("torchvision", False))
+            if (fmt, backend, roi) not in best or r["images_per_s"] > best[fmt, backend, roi]["images_per_s"]:
+                best[fmt, backend, roi] = r
     rows = []
-    for (backend, roi), r in best.items():
+    for (fmt, backend, roi), r in best.items():
+        base = best.get((fmt, "torchvision", False))
+        folder = best.get(("folder", backend, roi))
         rows.append(
             {
+                "format": fmt,
                 "backend": backend,
                 "decode": "roi" if roi else ("once" if backend != "torchvision" else "pil"),
                 "preset": args.preset,
@@ -283,18 +300,33 @@ def main(argv: list[str] | None = None) -> int:
                 "image_size": args.image_size,
                 **r,
                 "vs_torchvision": r["images_per_s"] / base["images_per_s"] if base else None,
+                "vs_folder": r["images_per_s"] / folder["images_per_s"] if folder else None,
             }
         )
     table = Table(title=f"data loading: {root}, preset {args.preset}, batch {args.batch_size}, {args.threads} threads")
-    for col in ("backend", "decode", "images/s", "views/s", "x torchvision", "CPU %", "peak RSS MiB", "GPU MiB"):
+    cols = (
+        "format",
+        "backend",
+        "decode",
+        "images/s",
+        "views/s",
+        "x torchvision",
+        "x folder",
+        "CPU %",
+        "RSS MiB",
+        "GPU MiB",
+    )
+    for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
+            r["format"],
             r["backend"],
             r["decode"],
             f"{r['images_per_s']:.1f}",
             f"{r['views_per_s']:.1f}",
             f"{r['vs_torchvision']:.2f}" if r["vs_torchvision"] else "-",
+            f"{r['vs_folder']:.2f}" if r["vs_folder"] else "-",
             f"{r['cpu_util_pct']:.0f}",
             f"{r['peak_rss_mib']:.0f}",
             f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] else "-",

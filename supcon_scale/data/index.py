@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,7 @@ class ScanStats:
     reused: int = 0
     bad: int = 0
     manifest: str | None = None  # the manifest written, if any
+    seconds: float = 0.0  # listing + manifest + decoding + all-gather, on this rank
 
 
 def train_dir(root: str | Path) -> Path:
@@ -179,6 +181,7 @@ def scan_split(
     cfg: DataConfig, ctx: distributed.Context, out_dir: Path | None, workers: int | None = None
 ) -> tuple[Any, list[tuple[str, str]], ScanStats]:
     """Every sample of the split with its verdict: `(samples, bad (name, reason), stats)`, the same on every rank."""
+    t0 = time.perf_counter()
     directory = train_dir(cfg.root)
     write, reads = manifest_paths(cfg, out_dir, directory)
     payload: Listing | str
@@ -209,6 +212,7 @@ def scan_split(
         stats.manifest = str(_save_manifest(listing, cfg.format, directory, write))
     elif write is not None and write.is_file():
         stats.manifest = str(write)
+    stats.seconds = time.perf_counter() - t0
     return listing.samples, bad, stats
 
 
@@ -230,11 +234,12 @@ def build_index(
     samples.scan = stats
     if ctx.is_main:
         log.info(
-            "data: %d samples, %d decoded over %d rank(s), %d verdicts from the manifest",
+            "data: %d samples, %d decoded over %d rank(s), %d verdicts from the manifest (%.2f s)",
             stats.samples,
             stats.decoded,
             ctx.world_size,
             stats.reused,
+            stats.seconds,
         )
     if not bad:
         return samples, 0
