@@ -138,6 +138,7 @@ class TiledRowStats(torch.autograd.Function):
         za, zc, *lses = ctx.saved_tensors
         pos, inv_tau, masks = ctx.pos, ctx.inv_tau, ctx.masks
         self_col = pos.self_col
+        binary = pos.anchor_vecs is None  # 0/1 weights (ids), not GenSCL's cosines
         g_lse = dict(zip(masks, grads[: len(masks)], strict=True))
         safe = {k: _finite(v) for k, v in zip(masks, lses, strict=True) if k != "all"}
         lse_all = lses[masks.index("all")] if "all" in masks else None
@@ -153,8 +154,13 @@ class TiledRowStats(torch.autograd.Function):
                 acc = _block_mask(pos, "pos", self_col, tile, s.dtype).mul_(g_lin[r0:r1, None])
             for kind in safe:
                 w = _block_mask(pos, kind, self_col, tile, s.dtype)
-                # softmax over the mask: exp(s + log w - lse) <= 1 on the mask, exactly 0 off it
-                e = w.log_().add_(s).sub_(safe[kind][r0:r1, None]).exp_().mul_(g_lse[kind][r0:r1, None])
+                # softmax over the mask: exp(s + log w - lse) <= 1 on the mask, exactly 0 off it. With 0/1 weights
+                # (ids) s - lse <= 0 on the mask, so clamping at 0 only tames the columns off it (cheaper than log w).
+                if binary:
+                    e = torch.sub(s, safe[kind][r0:r1, None]).clamp_max_(0.0).exp_().mul_(w)
+                else:
+                    e = w.log_().add_(s).sub_(safe[kind][r0:r1, None]).exp_()
+                e.mul_(g_lse[kind][r0:r1, None])
                 acc = e if acc is None else acc.add_(e)
             if lse_all is None:
                 s = acc
