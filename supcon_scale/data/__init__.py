@@ -1,9 +1,13 @@
-"""Training and evaluation data: `build_train_loader` picks a backend for `data.backend` (the data contract of docs/DESIGN.md)."""
+"""Training and evaluation data: `build_train_loader` picks a backend for `data.backend` (docs/DESIGN.md, "Data").
+
+Every backend reads the samples of `data.format` (folder, tar shards or CIFAR archives; `data/index.py`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
