@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from data_images import CLASSES, MEAN, PER_CLASS, STD, coded_cfg, identities
+
 from supcon_scale.config import DataConfig
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
