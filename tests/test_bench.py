@@ -112,3 +112,44 @@ def test_train_bench_times_the_trainers_step_with_the_real_objective(monkeypatch
     ]
     assert (ce["views"], supcon["views"]) == (1, 2)
     assert ce["views_per_s"] == ce["images_per_s"] and supcon["views_per_s"] == 2 * supcon["images_per_s"]
+
+
+def test_augment_bench_writes_per_view_statistics_for_both_backends(tmp_path):
+    from supcon_scale.bench import augment
+
+    out = tmp_path / "augment.json"
+    assert augment.main(["--views", "50", "--size", "32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 50 and result["machine"]["cores"] >= 1
+    assert set(result["specs"]) == {
+        "jitter_0.5", "jitter_1.0", "brightness_only", "contrast_only", "saturation_only", "hue_only", "autoaugment"
+    }  # fmt: skip
+    for name, spec in result["specs"].items():
+        backends = {"torchvision", "dali", "dali_fused"} if name.startswith("jitter_") else {"torchvision", "dali"}
+        assert set(spec["seconds"]) == backends
+        for stat in augment.STATISTICS:
+            assert set(spec[stat]) == backends | {"ks_vs_torchvision"}
+            assert set(spec[stat]["ks_vs_torchvision"]) == backends - {"torchvision"}
+            assert all(0 <= v <= 1 for v in spec[stat]["ks_vs_torchvision"].values())
+            for b in backends:
+                s = spec[stat][b]
+                assert s["q05"] <= s["q25"] <= s["q50"] <= s["q75"] <= s["q95"] and s["std"] >= 0
+    # Colour jitter alone keeps every pixel in place: no hue shift at all for brightness-only jitter.
+    assert abs(result["specs"]["brightness_only"]["hue_shift"]["dali"]["mean"]) < 0.01
+    policies = result["autoaugment_policies"]
+    # DALI's ImageNet policy is TF Model Garden's v0 (the official run's); torchvision's is another table.
+    assert policies["dali_imagenet"]["sub_policies_equal_to_tf_v0"] == 25
+    assert policies["dali_imagenet"]["applications_per_image"] == policies["tf_v0"]["applications_per_image"]
+    assert policies["torchvision_imagenet"]["ops_not_in_tf_v0"] == ["contrast", "sharpness"]
+
+
+def test_ks_statistic_matches_scipy_and_bound_holds_for_one_distribution():
+    from scipy.stats import ks_2samp
+
+    from supcon_scale.bench.augment import ks_bound, ks_statistic
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=300), rng.normal(0.3, 1.0, size=200)
+    assert abs(ks_statistic(a, b) - ks_2samp(a, b).statistic) < 1e-12
+    same = [ks_statistic(rng.normal(size=300), rng.normal(size=300)) for _ in range(200)]
+    assert np.mean(np.array(same) > ks_bound(300, 300, alpha=0.05)) < 0.12  # ~5% by construction

@@ -78,39 +78,15 @@ def augment_view(x: Any, spec: AugmentSpec) -> Any:
 
 
 def apply_stages(x: Any, spec: AugmentSpec) -> Any:
-    """The spec's colour/RandAugment stages on uint8 HWC crops, in order.
-
-    Colour jitter and a grayscale stage that follows it fuse into one `color_twist`: brightness, contrast, hue and
-    saturation are one linear colour transform, and grayscale is saturation 0, so the product is exact.
-    """
-    from nvidia.dali import fn, types
+    """The spec's colour/RandAugment stages on uint8 HWC crops, in order."""
+    from nvidia.dali import fn
 
     from supcon_scale.data.dali_auto_aug import auto_augment_views, rand_augment_views
 
-    stages = list(spec.stages)
-    i = 0
-    while i < len(stages):
-        stage = stages[i]
+    for stage in spec.stages:
         if stage == "jitter":
-            b, c, s, h = spec.jitter
-            jit = _coin_bool(spec.jitter_p)
-            on = fn.cast(jit, dtype=types.FLOAT)
-            saturation = 1.0 + on * _uniform(-s, s)
-            apply = jit
-            if i + 1 < len(stages) and stages[i + 1] == "grayscale":
-                gray = _coin_bool(spec.grayscale_p)
-                saturation = saturation * (1.0 - fn.cast(gray, dtype=types.FLOAT))
-                apply = jit | gray
-                i += 1
-            # Only the selected samples pay for the colour op (an identity color_twist costs as much as a real one).
-            if apply:
-                x = fn.color_twist(
-                    x,
-                    brightness=1.0 + on * _uniform(-b, b),
-                    contrast=1.0 + on * _uniform(-c, c),
-                    saturation=saturation,
-                    hue=on * _uniform(-360.0 * h, 360.0 * h),  # torchvision's hue is a fraction of the circle
-                )
+            if _coin_bool(spec.jitter_p):
+                x = color_jitter(x, *spec.jitter)
         elif stage == "grayscale":
             if _coin_bool(spec.grayscale_p):
                 x = fn.color_twist(x, saturation=0.0)
@@ -126,7 +102,46 @@ def apply_stages(x: Any, spec: AugmentSpec) -> Any:
             x = auto_augment_views(x, spec.image_size)
         else:  # pragma: no cover - PRESET_STAGES and this list are kept in step
             raise AssertionError(f"unknown stage {stage}")
-        i += 1
+    return x
+
+
+# torchvision's grayscale weights (ITU-R 601-2 luma): its contrast blends towards their mean over the image.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+def color_jitter(x: Any, brightness: float, contrast: float, saturation: float, hue: float) -> Any:
+    """torchvision's `ColorJitter` on uint8 HWC crops: the four ops in an order drawn per sample, each clamped.
+
+    As torchvision (and the official code's jitter) does: factors uniform in [max(0, 1 - s), 1 + s], hue a fraction
+    of the circle in [-h, h], contrast about the grayscale mean of the image as it stands when contrast runs, every
+    op rounded and saturated to uint8, an op of strength 0 skipped. The order is the ranks of uniform keys (a uniform
+    permutation); each of the k x k branches runs only on the samples that take it. One difference remains: DALI's
+    hue rotates chroma in YIQ, torchvision's shifts H in HSV (docs/RECIPES.md, "Augmentation").
+    """
+    from nvidia.dali import fn, types
+
+    def factor(s: float) -> Any:
+        return _uniform(max(0.0, 1.0 - s), 1.0 + s)
+
+    def gray_mean(x: Any) -> Any:
+        m = fn.reductions.mean(fn.cast(x, dtype=types.FLOAT), axes=[0, 1])
+        return GRAY_WEIGHTS[0] * m[0] + GRAY_WEIGHTS[1] * m[1] + GRAY_WEIGHTS[2] * m[2]
+
+    table = [
+        (brightness, lambda x: fn.brightness(x, brightness=factor(brightness))),
+        (contrast, lambda x: fn.contrast(x, contrast=factor(contrast), contrast_center=gray_mean(x))),
+        (saturation, lambda x: fn.saturation(x, saturation=factor(saturation))),
+        (hue, lambda x: fn.hue(x, hue=_uniform(-360.0 * hue, 360.0 * hue))),
+    ]
+    ops = [op for strength, op in table if strength > 0]
+    if len(ops) <= 1:
+        return ops[0](x) if ops else x
+    keys = [fn.random.uniform(range=(0.0, 1.0)) for _ in ops]
+    ranks = [sum(fn.cast(other < key, dtype=types.INT32) for other in keys if other is not key) for key in keys]
+    for slot in range(len(ops)):
+        for i, op in enumerate(ops):  # DALI's autograph rewrites zip() without `strict`
+            if ranks[i] == slot:
+                x = op(x)
     return x
 
 
@@ -305,7 +320,8 @@ class DaliLoader(FolderCursor):
             device=self.device,
             device_id=(self.ctx.device.index or 0) if self.device == "gpu" else None,
             num_threads=self.cfg.dali_threads,
-            seed=distributed.rank_seed(self.seed, self.ctx.rank, self.epoch) % 2**31,
+            # the epoch the pipeline started in (a restored one keeps the seed it was built with)
+            seed=distributed.rank_seed(self.seed, self.ctx.rank, origin // self.steps_per_epoch) % 2**31,
             raw=self.index.raw,
             roi=self.roi,
             hw_decoder_load=self.cfg.hw_decoder_load,
@@ -363,5 +379,8 @@ class DaliLoader(FolderCursor):
         # Another world size (allowed at an epoch's end only): the random state per rank cannot follow the samples.
         self._checkpoint = bytes(blob.numpy().tobytes()) if has_blob and same_world else None
         self._origin = int(state.get("dali_origin", 0))
+        if self._checkpoint is not None and self.position == self.steps_per_epoch:
+            # saved at its epoch's end: the restored pipeline runs on into the next epoch, as the saving one did
+            self._next = (self.epoch + 1, 0)
         if 0 < self.position < self.steps_per_epoch and self._checkpoint is None:
             raise ValueError("data position is mid-epoch but holds no DALI checkpoint; cannot resume exactly")
