@@ -34,12 +34,15 @@ from safetensors.torch import load_file, save_file
 
 from supcon_scale import distributed
 from supcon_scale.config import save as write_config
-from supcon_scale.console import console
+from supcon_scale.console import console, write_replacing
 from supcon_scale.models import create_encoder
-from supcon_scale.resilience import Preempted, PreemptionHandler
+from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+# Bounds of meta.json's counters: far beyond any real run, well inside what the loader's arithmetic handles.
+MAX_STEP = 10**9
+MAX_WORLD = 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,11 +63,38 @@ def export_encoder(
     if isinstance(encoder, nn.Module):
         encoder = encoder.state_dict()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.items()}
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(state, str(tmp), metadata={"encoder": encoder_name, "cifar_stem": str(int(cifar_stem))})
-    _fsync(tmp)
-    os.replace(tmp, path)
-    return path
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteError(f"refusing to export {path}: the encoder's {bad} holds NaN or inf")
+    metadata = {"encoder": encoder_name, "cifar_stem": str(int(cifar_stem))}
+    return write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding NaN or inf, or None."""
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def load_tensors(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a corrupt, truncated or foreign file is a one-line ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' SafetensorError (bad header, too large, truncated) or an OSError
+        raise ValueError(f"{source or path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def load_weights(path: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file or a `torch.save` file of tensors only (never an arbitrary pickle)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_tensors(path, f"{key}: {path}")
+    state = _load_torch(path, f"{key}:")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{key}: {path} does not hold a state dict of tensors")
+    return state
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
@@ -74,12 +104,15 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
         path = path / "encoder.safetensors"
     if not path.is_file():
         raise ValueError(f"checkpoint: no encoder at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors' SafetensorError: a corrupt, truncated or huge header
+        raise ValueError(f"checkpoint {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     if "encoder" not in meta:
         raise ValueError(f"checkpoint {path}: no 'encoder' name in its metadata; was it written by supcon_scale?")
-    encoder = create_encoder(meta["encoder"], cifar_stem=meta.get("cifar_stem") == "1")
-    load_matching(encoder, load_file(str(path)), str(path))
+    encoder = create_encoder(meta["encoder"], cifar_stem=meta.get("cifar_stem") == "1", key=f"checkpoint {path}")
+    load_matching(encoder, load_tensors(path), str(path))
     return encoder.eval(), meta
 
 
@@ -99,7 +132,14 @@ def check_matching(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
         for k in own
         if k in state and own[k].numel() > 0 and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
+    # A cast tensor (int64 weights, f16 where f32 was saved) would load silently, rounded or truncated; a wider
+    # float than the module's (fp32 masters into a bf16 module) is fine.
+    dtypes = [
+        f"{k} {str(state[k].dtype).removeprefix('torch.')} vs {str(own[k].dtype).removeprefix('torch.')}"
+        for k in own
+        if k in state and not _dtype_fits(state[k].dtype, own[k].dtype)
+    ]
+    if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -107,7 +147,18 @@ def check_matching(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append(f"shape mismatch {'; '.join(shapes[:5])}{' ...' if len(shapes) > 5 else ''}")
+        if dtypes:
+            parts.append(f"dtype mismatch {'; '.join(dtypes[:5])}{' ...' if len(dtypes) > 5 else ''}")
         raise ValueError(f"checkpoint {source} does not fit this model: {' | '.join(parts)}")
+
+
+def _dtype_fits(saved: torch.dtype, own: torch.dtype) -> bool:
+    """Whether a tensor saved as `saved` loads into one of dtype `own` without losing what it holds."""
+    if saved == own:
+        return True
+    if saved.is_floating_point and own.is_floating_point:
+        return saved.itemsize > own.itemsize
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,11 +223,17 @@ def save(
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
+    # Diverged weights are never saved over good checkpoints (nor exported): every rank stops with the same error.
+    bad = first_nonfinite(engine_state["model"]) if rank == 0 else None
+    bad = distributed.broadcast_object(bad)
+    if bad is not None:
+        raise NonFiniteError(f"step {step}: model weight {bad} holds NaN or inf; not saving it over {root}")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        if root.is_symlink():
+            raise ValueError(f"out_dir: {root} is a symbolic link; refusing to write checkpoints through it")
+        _remove(tmp)  # a stale attempt, or a planted link (the link goes, its target stays)
+        tmp.mkdir()  # a directory this run created: nothing inside it can be a planted link
     distributed.barrier()
     _save_torch({"rng": rng_state(), "data": data_state, **(rank_extra or {})}, tmp / f"rank_{rank}.pt")
     distributed.barrier()
@@ -210,8 +267,7 @@ def save(
             **(extra_meta or {}),
         }
         _write_text(tmp / META, json.dumps(meta, indent=2))
-        if final.exists():  # a re-save of the same step (e.g. after a restart) replaces the old one
-            shutil.rmtree(final)
+        _remove(final)  # a re-save of the same step (e.g. after a restart) replaces the old one
         os.replace(tmp, final)
         _fsync_dir(root)
         _purge(root, keep_last)
@@ -224,13 +280,50 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
     path = Path(path)
     if not is_complete(path):
         raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
-    meta = json.loads((path / META).read_text())
-    engine_state = {"model": load_file(str(path / "model.safetensors"))}
+    meta = read_meta(path)
+    engine_state = {"model": load_tensors(path / "model.safetensors")}
+    bad = first_nonfinite(engine_state["model"])
+    if bad is not None:
+        raise ValueError(f"train.resume: {path / 'model.safetensors'}: tensor {bad} holds NaN or inf")
     engine_state.update(_load_torch(path / "train_state.pt"))
     rank, _ = distributed.world()
     rank_file = path / f"rank_{rank}.pt"
     rank_state = _load_torch(rank_file) if rank_file.is_file() else None
     return meta, engine_state, rank_state
+
+
+def _count(meta: dict[str, Any], name: str, lo: int, hi: int, source: Path) -> int:
+    value = meta.get(name)
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"checkpoint {source}: {name}={str(value)[:60]} is not an integer in [{lo}, {hi}]")
+    return value
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, checked: step and epoch non-negative integers within bounds, world_size >= 1, the
+    config a mapping with a model section; anything else is a one-line ValueError naming the file."""
+    source = Path(path) / META if Path(path).is_dir() else Path(path)
+    try:
+        meta = json.loads(source.read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"checkpoint {source}: not readable JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {source}: holds a {type(meta).__name__}, not a JSON object")
+    _count(meta, "step", 0, MAX_STEP, source)
+    _count(meta, "epoch", 0, MAX_STEP, source)
+    _count(meta, "world_size", 1, MAX_WORLD, source)
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("loss"), dict):
+        raise ValueError(f"checkpoint {source}: 'config' is not a mapping with model and loss sections")
+    return meta
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a directory tree, if present."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _purge(root: Path, keep_last: int) -> None:
@@ -244,12 +337,9 @@ def _purge(root: Path, keep_last: int) -> None:
 
 
 def copy_atomic(src: Path, dst: Path) -> Path:
-    """Copy a file so that `dst` is either the old file or the complete new one, never a partial copy."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    _fsync(tmp)
-    os.replace(tmp, dst)
-    return dst
+    """Copy a file so that `dst` is either the old file or the complete new one, never a partial copy (nor a write
+    through a link planted at `dst` or its temporary)."""
+    return write_replacing(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -257,11 +347,11 @@ def _save_torch(obj: Any, path: Path) -> None:
     _fsync(path)
 
 
-def _load_torch(path: Path) -> Any:
+def _load_torch(path: Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends: never fall back to unsafe loading
-        raise ValueError(f"checkpoint {path}: refused to load ({str(exc).splitlines()[0]})") from None
+        raise ValueError(f"{what} {path}: refused to load ({str(exc).splitlines()[0]})") from None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -443,6 +533,7 @@ class OutDirLock:
                 return
             tmp = self.path.with_name(f".{LOCK}.tmp-{self.me['pid']}")
             try:
+                tmp.unlink(missing_ok=True)  # never write through a link planted at the temporary's name
                 tmp.write_text(json.dumps(self.record()))
                 os.replace(tmp, self.path)
             except OSError:  # a full or vanished disk: the next save reports it
@@ -456,6 +547,18 @@ class OutDirLock:
             self._thread = None
             if self.owned():
                 self.path.unlink(missing_ok=True)
+
+
+def check_fresh_start(out_dir: str | Path, resume: str | None, newest: Path | None = None) -> None:
+    """Refuse to start a new run (`resume` None) in an `out_dir` that holds checkpoints; a read, no write, so the
+    CLI runs it before the data scan or anything else touches `out_dir`."""
+    newest = latest(out_dir) if newest is None else newest
+    if resume is None and newest is not None:
+        # Starting over here would interleave two runs' checkpoints (and keep_last would prune the new ones).
+        raise ValueError(
+            f"out_dir: {out_dir} already holds checkpoints (newest {newest.name}); set "
+            "train.resume=auto to continue that run, or choose another out_dir"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,15 +619,10 @@ class Checkpointer:
         path = self.cfg.train.resume
         if path == "auto":
             path = str(self.newest) if self.newest is not None else None
-        if path is None and self.newest is not None:
-            # Starting over here would interleave two runs' checkpoints (and keep_last would prune the new ones).
-            raise ValueError(
-                f"out_dir: {self.out_dir} already holds checkpoints (newest {self.newest.name}); set "
-                "train.resume=auto to continue that run, or choose another out_dir"
-            )
+        check_fresh_start(self.out_dir, path, self.newest)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_config(self.cfg, self.out_dir / "config.yaml")
+            write_replacing(self.out_dir / "config.yaml", lambda tmp: write_config(self.cfg, tmp))
         if path is None:
             self.loader.set_epoch(0)
             return 0, 0

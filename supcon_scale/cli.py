@@ -44,9 +44,14 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
     from supcon_scale import config
 
     cfg = config.load(args.config, args.overrides)  # before importing torch: a bad config fails in a fraction of a second
-    from supcon_scale import distributed, sinks
+    from supcon_scale import checkpoint, distributed, sinks
+    from supcon_scale.console import check_out_dir
 
     sinks.check(cfg.log)  # a missing extra, before the process group and the data
+    distributed.launch_env()  # a partial or malformed launcher environment, before anything waits or is written
+    check_out_dir(cfg.out_dir)
+    if cfg.train.resume is None:
+        checkpoint.check_fresh_start(cfg.out_dir, None)  # a refused run writes nothing, not even the data scan
 
     return distributed.record(_fit)(cfg, hooks)
 
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
     except ConfigError as exc:
         print(f"supcon-scale: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # OSError: a path the user named cannot be read or written
         print(f"supcon-scale: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -17,11 +17,12 @@ import datetime
 import json
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from rich.console import Console
@@ -40,6 +41,70 @@ def warn(message: str) -> None:
     """A one-line warning on this rank's stderr, prefixed with the rank (a job log interleaves the ranks' lines)."""
     lines = str(message).strip().splitlines()
     print(f"[rank {world()[0]}] warning: {lines[0] if lines else ''}", file=sys.stderr, flush=True)
+
+
+# Writes into a run directory never follow a link planted there (it could point at any file the user can write).
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _refuse_link(path: Path, exc: OSError) -> ValueError:
+    what = "a symbolic link" if os.path.islink(path) else f"not writable ({exc.strerror})"
+    return ValueError(f"{path}: {what}; refusing to write through it (remove it or choose another out_dir)")
+
+
+def open_append(path: str | Path) -> IO[str]:
+    """`path` opened for appending text, created if missing; a symbolic link there is refused, never followed."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise _refuse_link(path, exc) from None
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def write_replacing(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write `path` as `write(tmp)` into a fresh `.tmp-<name>` beside it, fsync, then rename it over `path`.
+
+    Readers see the old file or the complete new one; a link planted at either name is replaced (the rename and
+    the unlink act on the link itself), so its target is never written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a stale temporary or a planted link: the link goes, its target stays as it was
+        os.close(os.open(tmp, _NEW_FILE, 0o644))
+    except OSError as exc:
+        raise _refuse_link(tmp, exc) from None
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`write_replacing` for a text file (config.yaml, bad_files.txt, a JSON report)."""
+    return write_replacing(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
+    """Refuse an `out_dir` that is a file, or a directory (or the nearest existing parent) this user cannot write,
+    before anything is written; nothing is created here."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link
+            raise ValueError(f"{key}: {probe} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{key}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: {probe} is not writable by this user")
+    return path
 
 
 class _RankFormatter(logging.Formatter):
@@ -90,7 +155,7 @@ class MetricsLog:
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(clean) + "\n")
         for sink in list(self.sinks):
             try:

@@ -13,7 +13,7 @@ import random
 import re
 import shlex
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +40,84 @@ class Context:
         return self.world_size > 1
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return default
+# The launcher's variables, read here and nowhere else (`launch_env`).
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+# torchrun's agent sets these beside TORCHELASTIC_RUN_ID in every worker it starts.
+AGENT_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "GROUP_RANK")
+MAX_WORLD = 2**20
+# How long the ranks wait for each other at start-up (torchrun's own rendezvous join timeout is 600 s).
+RENDEZVOUS_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher said about this process, validated as a whole (`launch_env`)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+    source: str = "none"  # the variable that made this a multi-process job: WORLD_SIZE, SLURM_NTASKS or none
+    run_id: str = ""  # TORCHELASTIC_RUN_ID
+    restart_count: int = 0
+    agent_store: bool = False  # TORCHELASTIC_USE_AGENT_STORE: the rendezvous store is torchrun's
+    under_agent: bool = False  # every torchrun agent variable is set (not a stray TORCHELASTIC_RUN_ID)
+
+    @property
+    def store(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
+
+
+def _int_var(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
+    text = env[name].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value} is outside [{lo}, {hi if hi is not None else 'inf'}]")
+    return value
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> Launch:
+    """Rank, world size, local rank and rendezvous address from torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or from srun (SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID), all checked
+    together: a partial set is an error naming what is missing, never a silent single-process or half-joined run."""
+    env = os.environ if env is None else env
+    has = {name for name in (*TORCHRUN_VARS, *SLURM_VARS, *AGENT_VARS) if env.get(name, "").strip()}
+    agent = dict(
+        run_id=env.get("TORCHELASTIC_RUN_ID", ""),
+        restart_count=_int_var(env, "TORCHELASTIC_RESTART_COUNT", 0) if "TORCHELASTIC_RESTART_COUNT" in has else 0,
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        under_agent=set(AGENT_VARS) <= has,
+    )
+    if has & {"RANK", "WORLD_SIZE"}:
+        source, names = "WORLD_SIZE", ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_NTASKS" in has and _int_var(env, "SLURM_NTASKS", 1) > 1:
+        source, names = "SLURM_NTASKS", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        local = _int_var(env, "LOCAL_RANK", 0) if "LOCAL_RANK" in has else 0  # deepspeed's --local_rank alone
+        return Launch(local_rank=local, **agent)
+    need = [n for n in names[:2] if n not in has]
+    world = _int_var(env, names[1], 1, MAX_WORLD) if names[1] in has else 0
+    if world > 1:
+        need += [n for n in (names[2], "MASTER_ADDR", "MASTER_PORT") if n not in has]
+    if need:
+        given = ", ".join(f"{n}={env[n]}" for n in (*names, "MASTER_ADDR", "MASTER_PORT") if n in has)
+        fix = (
+            "run under srun (it sets SLURM_PROCID and SLURM_LOCALID) with MASTER_ADDR and MASTER_PORT exported, or "
+            "unset SLURM_NTASKS for one process"
+            if source == "SLURM_NTASKS"
+            else "set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT together (torchrun does), or unset "
+            "them for one process"
+        )
+        raise ValueError(f"launcher environment incomplete: {given} but {', '.join(need)} not set; {fix}")
+    rank = _int_var(env, names[0], 0, world - 1)
+    local_rank = _int_var(env, names[2], 0, world - 1) if names[2] in has else 0
+    port = _int_var(env, "MASTER_PORT", 1, 65535) if world > 1 else 0
+    return Launch(rank, world, local_rank, env.get("MASTER_ADDR", ""), port, source, **agent)
 
 
 # CUDA 13 needs an R580 driver or newer (NVIDIA's CUDA Toolkit release notes, "CUDA Driver" table; README "GPUs").
@@ -137,33 +210,28 @@ def select_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0, device: str = "auto") -> Context:
+def init(
+    backend: str = "auto",
+    seed: int = 0,
+    timeout_s: float = 1800.0,
+    device: str = "auto",
+    rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S,
+) -> Context:
     """Join the process group described by the launcher's environment and seed every RNG.
 
     `device` is the run config's `device` key (`select_device`). Model-init RNGs get the same `seed` on every rank
     (so replicas start equal); augmentation seeds derive from the global rank separately (see `rank_seed`).
     """
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    launch = launch_env()
+    world, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     where = select_device(device, local_rank)
     if where.type == "cuda":
         torch.cuda.set_device(where)
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if where.type == "cuda" else "gloo"
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = None
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # After an elastic restart the agent's store still holds the dead attempt's gloo addresses: a fresh
-            # rank could read them and fail "Connection refused". A per-attempt prefix keeps attempts apart.
-            client = dist.TCPStore(
-                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
-            )
-            store = dist.PrefixStore(f"supcon_scale/attempt_{restart}/", client)
+        store = rendezvous(launch, rendezvous_timeout_s)
         dist.init_process_group(
             backend=backend,
             store=store,
@@ -174,6 +242,41 @@ def init(backend: str = "auto", seed: int = 0, timeout_s: float = 1800.0, device
         )
     seed_everything(seed)
     return Context(rank=rank, world_size=world, local_rank=local_rank, device=where)
+
+
+def rendezvous(launch: Launch, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> dist.Store:
+    """The job's store, once every rank has reached it; a missing peer is a one-line error after `timeout_s`
+    naming the address and the variable that made this process wait, never a silent half-hour hang."""
+    waited = f"{launch.source}={launch.world_size}"
+    wait = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(
+            launch.master_addr,
+            launch.master_port,
+            launch.world_size,
+            is_master=launch.rank == 0 and not launch.agent_store,
+            timeout=wait,
+            wait_for_workers=False,
+        )
+    except (RuntimeError, OSError) as exc:  # DistStoreError/DistNetworkError: refused, in use, timed out
+        raise ValueError(
+            f"rendezvous at MASTER_ADDR:MASTER_PORT={launch.store} failed for rank {launch.rank} of {waited} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+    # After an elastic restart the agent's store still holds the dead attempt's keys (gloo addresses among them):
+    # a per-attempt prefix keeps attempts apart.
+    store = dist.PrefixStore(f"supcon_scale/attempt_{launch.restart_count}/", store)
+    if store.add("arrived", 1) == launch.world_size:
+        store.set("all_arrived", "1")
+    try:
+        store.wait(["all_arrived"], wait)
+    except (RuntimeError, OSError):
+        raise ValueError(
+            f"rendezvous at MASTER_ADDR:MASTER_PORT={launch.store}: {waited} but only "
+            f"{store.add('arrived', 0)} rank(s) arrived within {timeout_s:.0f} s; start every rank, or unset "
+            f"{launch.source} for one process"
+        ) from None
+    return store
 
 
 def single_process_group(device: torch.device) -> None:

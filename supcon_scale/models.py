@@ -34,12 +34,27 @@ class SupConModel(nn.Module):
         return F.normalize(out.float(), dim=-1) if self.normalize else out
 
 
-def create_encoder(name: str, cifar_stem: bool = False, pretrained: bool = False) -> nn.Module:
-    """A timm model without classifier (`num_classes=0`): its output is the pooled feature vector."""
+def check_local_name(name: object, key: str = "model.encoder") -> str:
+    """`name` when it is a model timm builds from its own registry; a hub (`hf-hub:`), `local-dir:` or URL name, or
+    any name timm does not know, would make timm fetch or read a config that sets the constructor's arguments."""
+    if not isinstance(name, str) or ":" in name or "/" in name:
+        raise ValueError(
+            f"{key}: {str(name)[:200]!r} is not a timm model name; hub (hf-hub:), local-dir: and URL names are "
+            "refused (nothing is fetched when a model is built or a checkpoint opened)"
+        )
+    if not timm.is_model(name):
+        raise ValueError(f"{key}: Unknown model {name[:200]!r} (not in timm's registry; see timm.list_models())")
+    return name
+
+
+def create_encoder(name: str, cifar_stem: bool = False, key: str = "model.encoder") -> nn.Module:
+    """A timm model without classifier (`num_classes=0`): its output is the pooled feature vector; never downloads
+    (pretrained weights come from a local file, `model.init_from`)."""
+    check_local_name(name, key)
     try:
-        encoder = timm.create_model(name, num_classes=0, pretrained=pretrained)
+        encoder = timm.create_model(name, num_classes=0, pretrained=False)
     except RuntimeError as exc:  # timm's "Unknown model"
-        raise ValueError(f"model.encoder: {exc}") from None
+        raise ValueError(f"{key}: {exc}") from None
     if cifar_stem:
         _to_cifar_stem(encoder)
     return encoder

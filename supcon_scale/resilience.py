@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -87,8 +88,20 @@ def notify_agent() -> None:
     shuts the workers down and raises SignalException, which `torchrun_main` turns into EXIT_PREEMPTED. Only the
     node's local rank 0 does it, and only once the checkpoint is complete on every rank.
     """
-    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK", "0") == "0":
+    launch = distributed.launch_env()
+    if launch.under_agent and launch.local_rank == 0 and parent_is_torchrun():
         os.kill(os.getppid(), signal.SIGTERM)
+
+
+def parent_is_torchrun(pid: int | None = None) -> bool:
+    """Whether this process's parent is a torchrun agent (`torchrun`, `python -m torch.distributed.run` or
+    `supcon-scale torchrun`), read from its command line: a stray TORCHELASTIC_RUN_ID in a plain run must never
+    make a preempted run signal the user's own job script."""
+    try:
+        argv = Path(f"/proc/{pid or os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(a) == b"torchrun" or a == b"torch.distributed.run" for a in argv[:6])
 
 
 def torchrun_main(argv: list[str]) -> int:

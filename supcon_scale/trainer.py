@@ -78,7 +78,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     start = time.time()
     config.check_run(cfg, ctx.world_size, ctx.device.type)
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
-    objective = objectives.build(cfg, loader.num_classes, ctx)
+    objective = objectives.build(cfg, loader.num_classes, ctx, getattr(loader, "classes_present", None))
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
     model = models.build(cfg.model, objective.classifier_classes)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)

@@ -159,12 +159,23 @@ def scan(root: Path, workers: int | None = None, manifest: Path | None = None) -
     return report
 
 
+def shown(path: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) written as `\\xff` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def write_bad_list(bad: list[tuple[str, str]], out_dir: str | Path) -> Path:
+    """`out_dir/bad_files.txt`: one `path<TAB>reason` per line (the run's deny-list), names in `shown` form, written
+    through a fresh temporary renamed over it (a link planted there is replaced, never followed)."""
+    from supcon_scale.console import write_text
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_text(Path(out_dir) / BAD_FILES_NAME, "".join(f"{shown(p)}\t{shown(r)}\n" for p, r in bad))
+
+
 def write_bad_files(report: ScanReport, out_dir: Path) -> Path:
-    """`out_dir/bad_files.txt`: one `path<TAB>reason` per line (the run's deny-list)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / BAD_FILES_NAME
-    path.write_text("".join(f"{p}\t{r}\n" for p, r in report.bad))
-    return path
+    """`write_bad_list` of a scan report."""
+    return write_bad_list(report.bad, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column(f"bad file (under {args.dir})", overflow="fold")
     table.add_column("reason", overflow="fold")
     for p, r in report.bad:
-        table.add_row(os.path.relpath(p, args.dir), r)
+        table.add_row(shown(os.path.relpath(p, args.dir)), shown(r))
     console.print(table)
     if args.json is not None:
+        from supcon_scale.console import write_text
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"root": str(args.dir), **report.to_dict()}, indent=2))
+        write_text(args.json, json.dumps({"root": str(args.dir), **report.to_dict()}, indent=2))
     return 1 if report.bad else 0

@@ -103,11 +103,15 @@ def make_demo_data(out: str | Path, size: int = 32, val_fraction: float = 0.2, s
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"make-demo-data: {out} exists and is not a directory")
+    if size < 1:
+        raise ValueError(f"make-demo-data: --size must be a positive number of pixels, got {size}")
     digits = load_digits()
     images = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
     idx = np.arange(len(images))
     train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target, random_state=seed)
-    out = Path(out)
     for split, ids in (("train", train_idx), ("val", val_idx)):
         for i in sorted(ids):
             folder = out / split / str(digits.target[i])

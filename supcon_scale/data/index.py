@@ -20,7 +20,7 @@ from PIL import Image
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.badfiles import BAD_FILES_NAME, check_refs, default_workers
+from supcon_scale.data.badfiles import BAD_FILES_NAME, check_refs, default_workers, write_bad_list
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.data.manifest import DATASET_MANIFEST, RUN_MANIFEST, Manifest, load_manifest
 
@@ -249,8 +249,7 @@ def build_index(
     if ctx.is_main:
         where = ""
         if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / BAD_FILES_NAME).write_text("".join(f"{p}\t{r}\n" for p, r in bad))
+            write_bad_list(bad, out_dir)
             where = f", listed in {Path(out_dir) / BAD_FILES_NAME}"
         log.warning("skipping %d undecodable or unusable sample(s) of %d%s", len(bad), stats.samples, where)
     skip = {p for p, _ in bad}

@@ -52,7 +52,10 @@ class Manifest:
         path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"version": MANIFEST_VERSION, "root": self.root, "kind": self.kind})
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        tmp.unlink(missing_ok=True)  # a stale temporary or a planted link: never written through
+        # surrogateescape: a file name that is not UTF-8 round-trips as its bytes
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(tmp, flags, 0o644), "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(f"{MAGIC}\t{header}\n")
             for key, (size, mtime, verdict, extra) in self.rows.items():
                 tail = "".join(f"\t{x}" for x in extra)
@@ -69,7 +72,7 @@ def load_manifest(path: Path, kind: str, directory: str | Path) -> tuple[Manifes
     """
     path = Path(path)
     fix = "delete it and a new one is written by the next launch"
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         first = f.readline().rstrip("\n")
         magic, _, header = first.partition("\t")
         try:

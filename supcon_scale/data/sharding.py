@@ -214,6 +214,7 @@ class FolderCursor(EpochCursor):
         self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.index, self.bad_files = build_index(cfg, ctx, out_dir)
         self.num_classes = num_classes(cfg, self.index)
+        self.classes_present = len(set(self.index.labels))  # after the bad-file filter; empty folders not counted
         self.spec = spec_from_config(cfg.augment, cfg.image_size)
         self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
         self.steps_per_epoch = self.plan.steps

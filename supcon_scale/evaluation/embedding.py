@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from supcon_scale.evaluation.features import check_args
+
+    check_args(args)
     if args.max_images is not None and args.max_images < 3:
         raise ValueError("--max-images must be >= 3")
     feats, labels, classes = embed(args.checkpoint, args.data, args.image_size, args.device, args.max_images)

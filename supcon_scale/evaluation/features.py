@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +20,29 @@ def freeze(encoder: nn.Module) -> nn.Module:
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder
+
+
+# The evaluation commands' numeric flags and what each must be: positive (> 0) or non-negative, and finite.
+POSITIVE = ("lr", "temperature", "image_size", "batch_size", "epochs", "k", "work_size", "per_class", "max_images")
+NON_NEGATIVE = ("workers", "weight_decay", "label_smoothing")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse an evaluation command's flags that would run on garbage (`--lr nan` gives chance-level results with
+    exit 0, `--image-size -1` a traceback deep in a transform): a one-line ValueError naming the flag."""
+    for name, value in vars(args).items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise ValueError(f"{flag}: must be a finite number, got {value}")
+        if name in POSITIVE and value <= 0:
+            raise ValueError(f"{flag}: must be > 0, got {value}")
+        if name in NON_NEGATIVE and value < 0:
+            raise ValueError(f"{flag}: must be >= 0, got {value}")
+    device = getattr(args, "device", None)
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"--device: {device!r} is not cpu, cuda or cuda:N")
 
 
 def default_device(device: str | torch.device | None) -> torch.device:

@@ -151,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale finetune`: exit 0, or 2 with a one-line reason on bad input."""
     from supcon_scale.checkpoint import export_encoder, load_encoder
+    from supcon_scale.evaluation.features import check_args
     from supcon_scale.evaluation.linear import checkpoint_image_size, run_config
     from supcon_scale.evaluation.stats import format_accuracy
 
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         encoder, meta = load_encoder(args.checkpoint)
         size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
         model, result = finetune(

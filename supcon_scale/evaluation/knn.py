@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    from supcon_scale.evaluation.features import check_args
+
+    check_args(args)
     ctx = distributed.init()
     try:
         encoder, meta = load_encoder(args.checkpoint)

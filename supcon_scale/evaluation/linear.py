@@ -679,7 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     """`tools/linear_eval.py` / `supcon-scale linear-eval`: exit 0, or 2 with a one-line reason on bad input."""
     args = build_parser().parse_args(argv)
     from supcon_scale.checkpoint import load_encoder
+    from supcon_scale.evaluation.features import check_args
 
+    check_args(args)
     ctx = distributed.init(seed=args.seed)
     try:
         encoder, meta = load_encoder(args.checkpoint)

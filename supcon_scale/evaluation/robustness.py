@@ -120,16 +120,22 @@ def _prepare(image, image_size: int | None):
     return image.crop((left, top, left + image_size, top + image_size))
 
 
-def _generate_one(task: tuple[str, str, list[str], list[int], int | None, int, int, str, int]) -> tuple[int, int]:
-    """Worker: decode one image once, write every (corruption, severity) copy that is not there yet."""
+def _generate_one(
+    task: tuple[str, str, list[str], list[int], int | None, int, int, str, int],
+) -> tuple[int, int, str | None]:
+    """Worker: decode one image once, write every (corruption, severity) copy that is not there yet; (written,
+    cached, why the source could not be decoded or None)."""
     from PIL import Image
 
     src, rel, corruptions, severities, image_size, work_size, seed, out_dir, quality = task
     todo = [(c, s) for c in corruptions for s in severities if not (Path(out_dir) / c / str(s) / rel).is_file()]
     if not todo:
-        return 0, len(corruptions) * len(severities)
-    with Image.open(src) as img:
-        img = _prepare(img.convert("RGB"), image_size)
+        return 0, len(corruptions) * len(severities), None
+    try:
+        with Image.open(src) as img:
+            img = _prepare(img.convert("RGB"), image_size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # as the training scan: skip it
+        return 0, 0, f"cannot decode: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     size = img.size
     up = work_size / min(size) if min(size) < work_size else 1.0
     work = img.resize((math.ceil(size[0] * up), math.ceil(size[1] * up)), Image.BICUBIC) if up > 1 else img
@@ -143,7 +149,7 @@ def _generate_one(task: tuple[str, str, list[str], list[int], int | None, int, i
         tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
         out.save(tmp, format="JPEG", quality=quality)
         os.replace(tmp, dst)  # complete or absent: an interrupted run resumes where it stopped
-    return len(todo), len(corruptions) * len(severities) - len(todo)
+    return len(todo), len(corruptions) * len(severities) - len(todo), None
 
 
 def generate_c(
@@ -203,16 +209,27 @@ def generate_c(
 
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
         results = pool.map(_generate_one, tasks, chunksize=max(1, len(tasks) // (workers * 8)))
+    bad: list[tuple[str, str]] = []
     try:
-        for w, c in results:
+        for task, (w, c, why) in zip(tasks, results, strict=True):
             written, cached = written + w, cached + c
+            if why is not None:
+                bad.append((task[0], why))
     finally:
         if workers > 1:
             pool.shutdown()
     seconds = time.perf_counter() - start
     all_corruptions = sorted(set(json.loads(manifest.read_text())["corruptions"]) | set(corruptions)) if manifest.is_file() else list(corruptions)
     all_severities = sorted(set(json.loads(manifest.read_text())["severities"]) | set(severities)) if manifest.is_file() else list(severities)
-    info = {"params": params, "corruptions": all_corruptions, "severities": all_severities, "images": len(tasks)}
+    info = {"params": params, "corruptions": all_corruptions, "severities": all_severities}
+    info["images"] = len(tasks) - len(bad)
+    if bad:
+        from supcon_scale.console import warn
+        from supcon_scale.data.badfiles import BAD_FILES_NAME, write_bad_list
+
+        write_bad_list(bad, out_dir)
+        info["skipped"] = len(bad)
+        warn(f"skipped {len(bad)} undecodable image(s) of {source}, listed in {out_dir / BAD_FILES_NAME}")
     manifest.write_text(json.dumps(info, indent=2))
     return {"written": written, "cached": cached, "seconds": seconds, "images_per_s": written / max(seconds, 1e-9), "workers": workers, **info}
 
@@ -446,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     corruptions = list(dict.fromkeys(args.corruptions + (list(EXTRA_CORRUPTIONS) if args.extra else [])))
+    from supcon_scale.evaluation.features import check_args
+
+    check_args(args)
     ctx = distributed.init(seed=args.seed)
     try:
         if args.generate_from:

@@ -36,12 +36,13 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build(cfg: RunConfig, num_classes: int, ctx: Context) -> Objective:
-    """The objective `loss.name` asks for, on a dataset of `num_classes` classes, on this rank."""
+def build(cfg: RunConfig, num_classes: int, ctx: Context, classes_present: int | None = None) -> Objective:
+    """The objective `loss.name` asks for, on a dataset of `num_classes` classes (`classes_present` of them with
+    images: an empty class folder is a label no sample carries), on this rank."""
     if cfg.loss.name not in OBJECTIVES:
         raise ValueError(f"loss.name={cfg.loss.name!r}: choose one of {', '.join(OBJECTIVES)}")
     kind = OBJECTIVES[cfg.loss.name]
-    if kind.needs_labels and num_classes < 2:
+    if kind.needs_labels and min(num_classes, classes_present or num_classes) < 2:
         # One class: every other sample is a positive and none is a negative, so SupCon only pulls embeddings
         # together (collapse) and cross-entropy has nothing to learn. SimCLR ignores labels and is fine.
         raise ValueError(

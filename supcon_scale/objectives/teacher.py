@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from supcon_scale import checkpoint, config, models
@@ -38,8 +36,9 @@ def load(cfg: config.KDConfig, num_classes: int) -> Teacher:
     if source.is_dir():
         model = _from_run(source)
     else:
+        models.check_local_name(cfg.teacher, "kd.teacher")  # a hub name would fetch its config and weights
         try:
-            model = timm.create_model(cfg.teacher, num_classes=num_classes)
+            model = timm.create_model(cfg.teacher, num_classes=num_classes, pretrained=False)
         except RuntimeError as exc:
             raise ValueError(f"kd.teacher: {exc}") from None
         if cfg.checkpoint is None:
@@ -47,8 +46,7 @@ def load(cfg: config.KDConfig, num_classes: int) -> Teacher:
         weights = Path(cfg.checkpoint)
         if not weights.is_file():
             raise ValueError(f"kd.checkpoint: file not found: {weights}")
-        state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
-        checkpoint.load_matching(model, state, str(weights))
+        checkpoint.load_matching(model, checkpoint.load_weights(weights, "kd.checkpoint"), str(weights))
     return Teacher(model, cfg.temperature)
 
 
@@ -57,13 +55,15 @@ def _from_run(path: Path) -> nn.Module:
     ckpt = path if checkpoint.is_complete(path) else checkpoint.latest(path)
     if ckpt is None:
         raise ValueError(f"kd.teacher: no complete checkpoint in {path}")
-    meta = json.loads((ckpt / checkpoint.META).read_text())
+    meta = checkpoint.read_meta(ckpt)
     if meta["config"]["loss"]["name"] != cross_entropy.NAME:
         raise ValueError(
             f"kd.teacher: {ckpt} is a {meta['config']['loss']['name']} run; a teacher must be a classifier"
         )
-    state = load_file(str(ckpt / "model.safetensors"))
+    state = checkpoint.load_tensors(ckpt / "model.safetensors")
     run_cfg = config.from_dict(meta["config"])
+    if state.get("head.weight") is None or state["head.weight"].ndim != 2:
+        raise ValueError(f"kd.teacher: {ckpt / 'model.safetensors'} has no classifier head.weight")
     model = models.build(run_cfg.model, num_classes=state["head.weight"].shape[0])
     checkpoint.load_matching(model, state, str(ckpt))
     return model
