@@ -154,6 +154,7 @@ def test_continual_command_writes_summary_plots_and_intervals(tmp_path, small_di
     assert cli.main(["continual", *args]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"scr", "er"} and len(summary["runs"]) == 4
+    assert len(summary["paired_difference"]["scr_minus_er_final_average_accuracy"]["per_seed"]) == 2
     for entry in summary["methods"].values():
         final = entry["final_average_accuracy"]
         assert 0 <= final["mean"] <= 1 and final["ci95"] >= 0 and len(final["per_seed"]) == 2

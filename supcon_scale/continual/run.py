@@ -43,6 +43,18 @@ def aggregate(results: list[RunResult]) -> dict[str, Any]:
     return out
 
 
+def paired_difference(results: list[RunResult]) -> dict[str, Any] | None:
+    """SCR minus ER final average accuracy, seed by seed: one seed gives both the same stream and the same memory
+    decisions, so the per-seed differences are paired; their mean with its 95% t-interval."""
+    final = {(r.method, r.seed): r.summary["final_average_accuracy"] for r in results}
+    seeds = sorted({s for (m, s) in final if (("scr", s) in final and ("er", s) in final)})
+    if not seeds:
+        return None
+    diffs = [final[("scr", s)] - final[("er", s)] for s in seeds]
+    mean, half = metrics.t_interval(diffs)
+    return {"scr_minus_er_final_average_accuracy": {"mean": mean, "ci95": half, "per_seed": diffs, "seeds": seeds}}
+
+
 def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path | None = None) -> dict[str, Any]:
     start = time.time()
     sources = load_sources(cfg, ctx)
@@ -58,6 +70,7 @@ def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path |
             results.append(fit(cfg, method, seed, ctx, sources))
     summary = {
         "methods": aggregate(results),
+        "paired_difference": paired_difference(results),
         "runs": [r.to_dict() for r in results],
         "interval": "95% Student-t interval over seeds: mean +- t(0.975, n-1) * sd / sqrt(n)",
         "wall_time_s": time.time() - start,
@@ -111,6 +124,11 @@ def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path |
         console.print(
             table(title, ["method", "final avg acc %", "forgetting %", "avg incremental acc %", "seeds"], rows)
         )
+        if summary["paired_difference"] is not None:
+            d = summary["paired_difference"]["scr_minus_er_final_average_accuracy"]
+            console.print(
+                f"SCR - ER final average accuracy, paired by seed: {100 * d['mean']:+.1f} +- {100 * d['ci95']:.1f}"
+            )
         console.print(f"wrote {path}, {summary['plots']['matrix']}, {summary['plots']['stage_accuracy']}")
     return summary
 
