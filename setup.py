@@ -5,7 +5,9 @@ from setuptools import find_packages, setup
 setup(
     name="supcon_scale",
     version="0.1.0",
-    description="Supervised Contrastive (SupCon) encoders at ImageNet scale: DALI, DDP/FSDP/DeepSpeed, exact all-gather loss",
+    description=(
+        "Supervised Contrastive (SupCon) encoders at ImageNet scale: DALI, DDP/FSDP/DeepSpeed, exact all-gather loss"
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

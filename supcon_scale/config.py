@@ -347,7 +347,9 @@ class LogConfig:
 
     plain: bool = key(False, "plain log lines on rank 0 even on a terminal (always when stderr is not a terminal)")
     timing: bool = key(True, "per log window, the time shares of data wait, forward+backward and optimizer step")
-    tensorboard: bool = key(False, "the metrics also as TensorBoard scalars in out_dir/tensorboard (extra: tensorboard)")
+    tensorboard: bool = key(
+        False, "the metrics also as TensorBoard scalars in out_dir/tensorboard (extra: tensorboard)"
+    )
     wandb: bool = key(False, "the metrics also to Weights & Biases, run files in out_dir/wandb (extra: wandb)")
     wandb_project: str = key("supcon_scale", "W&B project name", nonempty=True)
     wandb_mode: Literal["offline", "online"] = key("offline", "W&B mode: offline (upload later: wandb sync) or online")
@@ -361,7 +363,8 @@ class RunConfig:
     seed: int = key(0, "seed of the initial weights, the data order and the augmentations", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = key("fp32", "autocast precision (fp16 with loss scaling)")
     device: Literal["auto", "cuda", "cpu"] = key(
-        "auto", "cuda, cpu or auto (cuda when CUDA works); cuda, or GPUs named in CUDA_VISIBLE_DEVICES, without CUDA: error"
+        "auto",
+        "cuda, cpu or auto (cuda when CUDA works); cuda, or GPUs named in CUDA_VISIBLE_DEVICES, without CUDA: error",
     )
     tf32: bool = key(True, "TF32 tensor cores for fp32 matmuls and convolutions on the GPU (bf16/fp16 unaffected)")
     data: DataConfig = field(
@@ -737,7 +740,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path} must be a list of {len(args)} values, got {_short(value)}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return float(re.sub(r"^([-+]?)\.(?=[a-zA-Z])", r"\1", value.strip()))
@@ -778,7 +781,7 @@ def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
         return
     items = value if isinstance(value, (tuple, list)) else (value,)
     ranges = bounds if isinstance(bounds, tuple) else (bounds,) * len(items)
-    for i, (x, rng) in enumerate(zip(items, ranges)):
+    for i, (x, rng) in enumerate(zip(items, ranges, strict=True)):
         problem = rng.problem(x)
         if problem:
             where = f"{path}[{i}]" if isinstance(value, (tuple, list)) else path

@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -35,8 +35,13 @@ class FitResult:
     skipped_steps: int
 
 
-def train_step(engine: Engine, objective: objectives.Objective, views: list[torch.Tensor], labels: torch.Tensor,
-               after_backward: Callable[[], None] | None = None):
+def train_step(
+    engine: Engine,
+    objective: objectives.Objective,
+    views: list[torch.Tensor],
+    labels: torch.Tensor,
+    after_backward: Callable[[], None] | None = None,
+):
     """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics).
 
     `after_backward` marks the end of forward+backward for the logger's time shares (console.StepClock)."""
@@ -91,16 +96,17 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     for hook in hooks:
         hook.on_resume(step, epoch)
     engine.train()
+    batches = itertools.islice(epochs(loader, epoch, cfg.train.epochs), total_steps - step)
     with checkpointer, logger:
-        for epoch, epoch_end, views, labels in itertools.islice(epochs(loader, epoch, cfg.train.epochs),
-                                                                 total_steps - step):
+        for epoch, epoch_end, views, labels in batches:
             for hook in hooks:
                 views, labels = hook.on_batch(step + 1, views, labels)
             loss, stepped = train_step(engine, objective, views, labels, logger.clock.mark)
             step += 1
             guard.update(step, loss, stepped, checkpointer.newest)
-            info = StepInfo(step, epoch, loss, stepped, len(views) * labels.shape[0] * ctx.world_size,
-                            epoch_end, step == total_steps)
+            info = StepInfo(
+                step, epoch, loss, stepped, len(views) * len(labels) * ctx.world_size, epoch_end, step == total_steps
+            )
             for component in (*hooks, checkpointer):
                 component.on_step(info)
     encoder_path = checkpointer.export()

@@ -74,7 +74,7 @@ def test_defaults_are_in_range():
     for k in NUMERIC:
         values = k.default if isinstance(k.default, tuple) else (k.default,)
         ranges = k.range if isinstance(k.range, tuple) else (k.range,) * len(values)
-        for v, rng in zip(values, ranges):
+        for v, rng in zip(values, ranges, strict=True):
             assert v is None or rng.problem(v) is None, k.key
 
 

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from data_images import CLASSES, PER_CLASS, coded_cfg, identities
 from multiproc import run_ranks
+
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
 

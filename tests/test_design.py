@@ -11,11 +11,27 @@ PACKAGE = Path(__file__).resolve().parents[1] / "supcon_scale"
 
 # docs/DESIGN.md, "Layers": the top-level name under supcon_scale -> its layer.
 LAYERS = {
-    "distributed": 0, "config": 0,
-    "losses": 1, "optim": 1, "resilience": 1, "hooks": 1,
-    "engines": 2, "objectives": 2, "data": 2, "models": 2, "checkpoint": 2, "console": 2, "sinks": 2, "profiling": 2,
-    "trainer": 3, "evaluation": 3, "continual": 3,
-    "cli": 4, "demo": 4, "bench": 4, "doctor": 4,
+    "distributed": 0,
+    "config": 0,
+    "losses": 1,
+    "optim": 1,
+    "resilience": 1,
+    "hooks": 1,
+    "engines": 2,
+    "objectives": 2,
+    "data": 2,
+    "models": 2,
+    "checkpoint": 2,
+    "console": 2,
+    "sinks": 2,
+    "profiling": 2,
+    "trainer": 3,
+    "evaluation": 3,
+    "continual": 3,
+    "cli": 4,
+    "demo": 4,
+    "bench": 4,
+    "doctor": 4,
 }
 # Pairs inside a layer that must stay apart (importer -> what it must not import).
 FORBIDDEN = {
@@ -61,7 +77,9 @@ def test_imports_point_down(module: Path):
     unit = _unit(module)
     for imported in _imports(module) - {unit, "__version__"}:
         assert imported in LAYERS, f"{module.name} imports unknown unit {imported}"
-        assert LAYERS[imported] <= LAYERS[unit], f"{unit} (layer {LAYERS[unit]}) imports {imported} (layer {LAYERS[imported]})"
+        assert LAYERS[imported] <= LAYERS[unit], (
+            f"{unit} (layer {LAYERS[unit]}) imports {imported} (layer {LAYERS[imported]})"
+        )
         assert imported not in FORBIDDEN.get(unit, set()), f"{unit} must not import {imported} (docs/DESIGN.md)"
 
 
@@ -69,10 +87,20 @@ def test_nothing_assigns_to_another_modules_attribute():
     """No monkeypatching inside the package: no `module.name = ...` on an imported module."""
     for module in MODULES:
         tree = ast.parse(module.read_text())
-        imported = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                    for a in n.names}
+        imported = {
+            a.asname or a.name.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
         for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AugAssign)
+                else []
+            )
             for t in targets:
                 if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in imported:
                     pytest.fail(f"{module.relative_to(PACKAGE)}:{node.lineno} assigns {t.value.id}.{t.attr}")

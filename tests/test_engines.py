@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from multiproc import run_ranks
 from timm.optim import Lars
 
-from multiproc import run_ranks
 from supcon_scale import config, engines, models
-from supcon_scale.distributed import Context, all_gather_no_grad, all_reduce_mean, all_gather_with_grad, broadcast_object
+from supcon_scale.distributed import (
+    Context,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_mean,
+    broadcast_object,
+)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -30,9 +36,18 @@ def tiny_cfg(engine: str, *overrides: str) -> config.RunConfig:
     forward is then independent of the split. With `model.sync_bn=true` it runs in train mode (global statistics).
     """
     base = [
-        f"engine.name={engine}", "engine.zero_stage=0", "model.encoder=resnet18", "model.head=linear",
-        "model.feat_dim=16", "model.sync_bn=false", "model.channels_last=true", f"data.global_batch_size={GLOBAL_B}",
-        f"data.image_size={SIZE}", "optim.name=lars", "optim.base_lr=8.0", "optim.weight_decay=0.001",
+        f"engine.name={engine}",
+        "engine.zero_stage=0",
+        "model.encoder=resnet18",
+        "model.head=linear",
+        "model.feat_dim=16",
+        "model.sync_bn=false",
+        "model.channels_last=true",
+        f"data.global_batch_size={GLOBAL_B}",
+        f"data.image_size={SIZE}",
+        "optim.name=lars",
+        "optim.base_lr=8.0",
+        "optim.weight_decay=0.001",
         "optim.schedule=constant",
     ]
     return config.load(None, base + list(overrides))
@@ -116,7 +131,9 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     after, after_fresh = engine.state_dict()["model"], fresh.state_dict()["model"]
     if rank != 0:
         return None
-    resume_err = max(float((after[k].float() - after_fresh[k].float()).abs().max()) for k in after if after[k].is_floating_point())
+    resume_err = max(
+        float((after[k].float() - after_fresh[k].float()).abs().max()) for k in after if after[k].is_floating_point()
+    )
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # > 0 only if train.compile traced the forward
     keys = sorted(state["model"])
     return {"weights": weights, "losses": losses, "resume_err": resume_err, "keys": keys, "graphs": graphs}
@@ -126,8 +143,10 @@ def reference_optimizer(model: nn.Module, cfg: config.RunConfig) -> torch.optim.
     """The optimizer written out from the recipe, not built by the library: timm's Lars (or torch's SGD) at
     base_lr x batch / 256, every 1-D tensor (batch-norm affines, biases) without weight decay or adaptation."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     lr = cfg.optim.base_lr * cfg.data.global_batch_size / 256
     if cfg.optim.name == "lars":
         return Lars(groups, lr=lr, momentum=cfg.optim.momentum, trust_coeff=cfg.optim.trust_coeff)
@@ -181,8 +200,11 @@ def assert_same_weights(got: dict, ref: dict[str, np.ndarray], keys: list[str], 
         pytest.param("deepspeed", ("engine.zero_stage=1",), id="deepspeed-zero1"),
         pytest.param("deepspeed", ("engine.zero_stage=2",), id="deepspeed-zero2"),
         # the shipped communication settings (bucketed, overlapped reduce-scatter) change nothing in the numbers
-        pytest.param("deepspeed", ("engine.zero_stage=2", f"engine.deepspeed_config={ROOT / 'configs/deepspeed/zero2.json'}"),
-                     id="deepspeed-zero2-json"),
+        pytest.param(
+            "deepspeed",
+            ("engine.zero_stage=2", f"engine.deepspeed_config={ROOT / 'configs/deepspeed/zero2.json'}"),
+            id="deepspeed-zero2-json",
+        ),
     ],
 )
 def test_lars_engine_matches_one_process(engine_name, overrides, lars_reference):
@@ -343,13 +365,15 @@ def _zero_lars_against_timm(rank: int, world: int) -> float:
     g = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (7,), (2, 2, 3)]
     weights = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    grads = [[torch.randn(s, generator=g, dtype=torch.float64) * 10 ** (i - 1) for i, s in enumerate(shapes)]
-             for _ in range(2)]
+    grads = [
+        [torch.randn(s, generator=g, dtype=torch.float64) * 10 ** (i - 1) for i, s in enumerate(shapes)]
+        for _ in range(2)
+    ]
     numels = [w.numel() for w in weights]
     offsets = [0, numels[0] + 1, numels[0] + 1 + numels[1]]  # one element of alignment padding after the first
     size = -(-(offsets[-1] + numels[-1]) // world)
     flat = torch.zeros(size * world, dtype=torch.float64)
-    for w, o in zip(weights, offsets):
+    for w, o in zip(weights, offsets, strict=True):
         flat[o : o + w.numel()] = w.flatten()
     part = flat[rank * size : (rank + 1) * size].clone().requires_grad_()
     kwargs = dict(lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coeff=0.02)
@@ -359,15 +383,15 @@ def _zero_lars_against_timm(rank: int, world: int) -> float:
     ref = Lars(full, foreach=True, **kwargs)
     for step_grads in grads:
         flat_grad = torch.zeros_like(flat)
-        for gr, o in zip(step_grads, offsets):
+        for gr, o in zip(step_grads, offsets, strict=True):
             flat_grad[o : o + gr.numel()] = gr.flatten()
         part.grad = flat_grad[rank * size : (rank + 1) * size].clone()
         zero.step()
-        for p, gr in zip(full, step_grads):
+        for p, gr in zip(full, step_grads, strict=True):
             p.grad = gr.clone()
         ref.step()
     want = torch.zeros_like(flat)
-    for p, o in zip(full, offsets):
+    for p, o in zip(full, offsets, strict=True):
         want[o : o + p.numel()] = p.detach().flatten()
     return float((part.detach() - want[rank * size : (rank + 1) * size]).abs().max())
 
@@ -387,8 +411,13 @@ def _fp16_ranks(rank: int, world: int, engine_name: str) -> dict:
     """fp16 (GradScaler) on this rank's share; at step 3 rank 0's loss is blown up so its fp16 gradients overflow."""
     cfg = tiny_cfg(engine_name, "data.image_size=32", "precision=fp16")
     torch.manual_seed(cfg.seed)
-    engine = engines.build(cfg, Context(rank=rank, world_size=world, local_rank=rank), models.build(cfg.model),
-                           total_steps=10, warmup_steps=0)
+    engine = engines.build(
+        cfg,
+        Context(rank=rank, world_size=world, local_rank=rank),
+        models.build(cfg.model),
+        total_steps=10,
+        warmup_steps=0,
+    )
     engine.train(False)
     init_state = engine.state_dict()["model"]  # collective under FSDP: every rank takes part
     init = as_numpy(init_state) if rank == 0 else None
@@ -404,11 +433,21 @@ def _fp16_ranks(rank: int, world: int, engine_name: str) -> dict:
         engine.backward(loss)
         stepped.append(engine.step())
         losses.append(float(loss.detach()))
-        moved.append(any(not torch.equal(b, _local(p)) for b, p in zip(before, engine.unwrapped().parameters())))
+        moved.append(
+            any(not torch.equal(b, _local(p)) for b, p in zip(before, engine.unwrapped().parameters(), strict=True))
+        )
     state = engine.state_dict()
-    return {"stepped": stepped, "moved": moved, "losses": losses, "skipped": engine.skipped_steps,
-            "scale": engine.scaler.get_scale(), "scheduler_steps": engine.scheduler.last_epoch,
-            "weights": as_numpy(state["model"]) if rank == 0 else None, "init": init, "scaler_state": state["scaler"]}
+    return {
+        "stepped": stepped,
+        "moved": moved,
+        "losses": losses,
+        "skipped": engine.skipped_steps,
+        "scale": engine.scaler.get_scale(),
+        "scheduler_steps": engine.scheduler.last_epoch,
+        "weights": as_numpy(state["model"]) if rank == 0 else None,
+        "init": init,
+        "scaler_state": state["scaler"],
+    }
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ def test_generate_tiny_images_reproducible_cached_and_parallel(tmp_path, photo):
     one = generate_c(src, tmp_path / "c1", corruptions=names, severities=sev, workers=1, seed=3)
     assert one["written"] == 4 * len(names) * len(sev) and one["cached"] == 0
     two = generate_c(src, tmp_path / "c2", corruptions=names, severities=sev, workers=2, seed=3)
+    assert two["written"] == one["written"] and two["cached"] == 0
     for c in names:
         for s in sev:
             for f in sorted((tmp_path / "c1" / c / str(s)).rglob("*.jpg")):

@@ -1,4 +1,4 @@
-"""mCE / relative mCE against Hendrycks & Dietterich 2019 (ICLR), Eq. 1-2, and hand-computed cases; kNN against a float64 brute force."""
+"""mCE / relative mCE against Hendrycks & Dietterich 2019 (ICLR) and hand-computed cases; kNN against float64."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from supcon_scale.evaluation.knn import knn_scores
-from supcon_scale.evaluation.robustness import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, corruption_errors_to_mce
+from supcon_scale.evaluation.robustness import (
+    ALEXNET_CLEAN_ERROR,
+    ALEXNET_ERRORS,
+    CORRUPTIONS,
+    corruption_errors_to_mce,
+)
 
 PAPER_ALEXNET = {  # typed in again from the ImageNet-C paper's AlexNet errors, not imported from the code under test
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640, "defocus_blur": 0.819880,

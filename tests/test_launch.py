@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from multiproc import free_port
+
 from supcon_scale import checkpoint
 from supcon_scale.data.folder import make_demo_data
 
@@ -24,17 +24,40 @@ def demo_data(tmp_path_factory) -> Path:
     return root
 
 
-DEMO = ["configs/demo/digits.yaml", "data.global_batch_size=16", "data.image_size=16", "train.max_steps=3",
-        "train.progress=false", "model.feat_dim=16"]
+DEMO = [
+    "configs/demo/digits.yaml",
+    "data.global_batch_size=16",
+    "data.image_size=16",
+    "train.max_steps=3",
+    "train.progress=false",
+    "model.feat_dim=16",
+]
 
 
-def two_nodes(script: str, out: Path, data: Path, env: dict[str, str], *overrides: str) -> list[subprocess.CompletedProcess]:
+def two_nodes(
+    script: str, out: Path, data: Path, env: dict[str, str], *overrides: str
+) -> list[subprocess.CompletedProcess]:
     """Run `launch/<script>` as node 0 and node 1 (one process each) of one job, like two machines would."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", **env}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        **env,
+    }
     args = ["bash", str(ROOT / "launch" / script), *DEMO, f"out_dir={out}", f"data.root={data}", *overrides]
-    procs = [subprocess.Popen(args, cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**env, "NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     results = []
     deadline = time.monotonic() + 300  # one budget for both nodes, not 300 s each in turn
     for p in procs:
@@ -97,8 +120,16 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
     expected = {"resnet50": 9.6, "resnet101": 6.4, "resnet200": 3.2}
     assert peak == pytest.approx(8.0 if "cifar" in recipe else expected[full.model.encoder])
     # torch's SyncBatchNorm refuses CPU tensors: the tiny run uses plain batch norm
-    cfg = config.load(ROOT / recipe, ["model.encoder=resnet18", "model.sync_bn=false", "data.global_batch_size=4",
-                                      "data.image_size=32", "precision=bf16"])
+    cfg = config.load(
+        ROOT / recipe,
+        [
+            "model.encoder=resnet18",
+            "model.sync_bn=false",
+            "data.global_batch_size=4",
+            "data.image_size=32",
+            "precision=bf16",
+        ],
+    )
     torch.manual_seed(0)
     engine = engines.build(cfg, Context(), models.build(cfg.model), total_steps=10, warmup_steps=2)
     engine.train()
@@ -117,8 +148,28 @@ def test_bench_train_smoke(tmp_path):
     from supcon_scale.bench.train import main
 
     out = tmp_path / "bench.json"
-    assert main(["--model", "resnet18", "--batch-per-gpu", "2", "--image-size", "32", "--steps", "1", "--warmup", "0",
-                 "--precision", "fp32", "--lars", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "resnet18",
+                "--batch-per-gpu",
+                "2",
+                "--image-size",
+                "32",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--precision",
+                "fp32",
+                "--lars",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["lars"]["lars_step_s"] > 0 and report["lars"]["zero_lars_step_s"] > 0
     import torch.distributed as dist
@@ -138,17 +189,49 @@ def test_bench_train_with_the_dali_loader(demo_data, tmp_path):
     from supcon_scale.bench.train import main
 
     out = tmp_path / "bench.json"
-    assert main(["--model", "resnet18", "--batch-per-gpu", "4", "--image-size", "32", "--steps", "2", "--warmup", "1",
-                 "--precision", "fp32", "--data", str(demo_data), "--backend", "dali-cpu", "--workers", "1",
-                 "--activation-checkpointing", "--max-batch", "6", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "resnet18",
+                "--batch-per-gpu",
+                "4",
+                "--image-size",
+                "32",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--precision",
+                "fp32",
+                "--data",
+                str(demo_data),
+                "--backend",
+                "dali-cpu",
+                "--workers",
+                "1",
+                "--activation-checkpointing",
+                "--max-batch",
+                "6",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert [(r["loss"], r["source"]) for r in report["results"]] == [
-        ("cross_entropy", "synthetic"), ("supcon", "synthetic"), ("supcon", "loader")]
+        ("cross_entropy", "synthetic"),
+        ("supcon", "synthetic"),
+        ("supcon", "loader"),
+    ]
     assert report["loader"]["backend"] == "dali-cpu" and report["loader"]["vs_synthetic"] > 0
     assert report["activation_checkpointing"] and report["max_batch_per_gpu"] == 6  # the CPU has the memory
 
 
-@pytest.mark.parametrize("capacity,limit,want", [(37, 1000, 37), (5000, 100, 100), (1, 100, 1), (0, 100, 0), (64, 64, 64)])
+@pytest.mark.parametrize(
+    "capacity,limit,want", [(37, 1000, 37), (5000, 100, 100), (1, 100, 1), (0, 100, 0), (64, 64, 64)]
+)
 def test_largest_batch_search(capacity, limit, want):
     from supcon_scale.bench.train import largest_batch
 
@@ -166,8 +249,8 @@ def test_step_fits_counts_out_of_memory_as_not_fitting(monkeypatch):
     import torch
 
     from supcon_scale import config
-    from supcon_scale.distributed import Context
     from supcon_scale.bench import train as bench
+    from supcon_scale.distributed import Context
 
     def measure(cfg, ctx, batch, steps, warmup, loss_name):
         assert cfg.data.global_batch_size == batch
@@ -184,8 +267,9 @@ def test_step_fits_counts_out_of_memory_as_not_fitting(monkeypatch):
 def test_bench_gpu_script_smoke(tmp_path):
     """tools/bench_gpu.sh with SMOKE=1: every benchmark step it chains runs (tiny, on the CPU) and writes its JSON."""
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "bench_gpu.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "bench_gpu.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     written = sorted(p.name for p in tmp_path.glob("*.json"))
     assert written == ["dataloader.json", "loss.json", "train_resnet18.json", "train_resnet18_ckpt.json"]

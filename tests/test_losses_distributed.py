@@ -116,7 +116,9 @@ def scaled_rank_fn(rank: int, world: int, n: int):
     for impl in ("dense", "tiled"):
         for scale in SCALES:
             f = feats[rank * n : (rank + 1) * n].clone().requires_grad_(True)
-            loss = SupConLoss(temperature=0.2, scale=scale, impl=impl, block_size=3)(f, labels[rank * n : (rank + 1) * n])
+            loss = SupConLoss(temperature=0.2, scale=scale, impl=impl, block_size=3)(
+                f, labels[rank * n : (rank + 1) * n]
+            )
             loss.backward()
             out[impl, scale] = (loss.item(), f.grad.tolist())
     return out
@@ -132,5 +134,9 @@ def test_loss_scale_holds_across_ranks():
         for scale, factor in SCALES.items():
             got = sum(results[r][impl, scale][0] for r in range(world)) / world
             assert got == pytest.approx(factor * plain, rel=1e-10), (impl, scale)
-            grad = torch.tensor([g for r in range(world) for g in results[r][impl, scale][1]], dtype=torch.float64) / world
-            torch.testing.assert_close(grad, factor * torch.tensor(plain_grad, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+            grad = (
+                torch.tensor([g for r in range(world) for g in results[r][impl, scale][1]], dtype=torch.float64) / world
+            )
+            torch.testing.assert_close(
+                grad, factor * torch.tensor(plain_grad, dtype=torch.float64), rtol=1e-9, atol=1e-12
+            )

@@ -42,10 +42,10 @@ def test_activation_checkpointing_same_grads_and_bn_stats_updated_once():
     for m in (plain, ckpt):
         m.train()
         m(x).square().sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
     # recomputation ran (and normalised with batch statistics) but running averages moved exactly once
-    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers()):
+    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=0, atol=0, msg=name)
     assert ckpt.encoder.layer1[0].bn1.num_batches_tracked.item() == 1
     assert ckpt.encoder.layer1[0].bn1.momentum == 0.1
@@ -188,6 +188,8 @@ def test_exported_encoder_loads_into_plain_timm(tmp_path, cifar_stem):
 def test_head_hidden_dim_sets_the_mlp_width():
     from supcon_scale import config, models
 
-    cfg = config.load(None, ["model.encoder=resnet18", "model.head=mlp", "model.head_hidden_dim=32", "model.feat_dim=8"])
+    cfg = config.load(
+        None, ["model.encoder=resnet18", "model.head=mlp", "model.head_hidden_dim=32", "model.feat_dim=8"]
+    )
     linears = [m for m in models.build(cfg.model).head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 32), (32, 8)]

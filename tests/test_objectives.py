@@ -188,8 +188,8 @@ def test_mixing_state_survives_a_restore():
     differs = False
     for views, labels in batches[2:]:
         (a, (va, _)), (b, (vb, _)) = running.prepare(views, labels), restored.prepare(views, labels)
-        assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(va, vb)
-        assert max((x - y).abs().max().item() for x, y in zip(a, b)) == 0.0
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and torch.equal(va, vb)
+        assert max((x - y).abs().max().item() for x, y in zip(a, b, strict=True)) == 0.0
         (_c, (vc, _)) = fresh.prepare(views, labels)
         differs |= not torch.equal(vc, va)
     assert differs  # without the restore the draws differ: the state is what makes them equal

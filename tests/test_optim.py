@@ -1,4 +1,4 @@
-"""LARS with exclusion groups against a float64 update written here from the LARS paper (You et al. 2017) as SimCLR/SupCon TF apply it; the LR schedule."""
+"""LARS with exclusion groups against a float64 update written here (You et al. 2017, in timm's form); the schedule."""
 
 import math
 
@@ -56,7 +56,7 @@ def test_warmup_then_cosine():
 
 @pytest.mark.parametrize("final", [0.0, 0.1, 0.5])
 def test_scheduler_decays_to_final_lr_fraction(final: float):
-    """`optim.final_lr_fraction` through the built scheduler: peak x (final + (1 - final) x cosine), written out here."""
+    """`optim.final_lr_fraction` through the built scheduler: peak x (final + (1 - final) x cosine)."""
     model = nn.Linear(2, 2)
     cfg = config.OptimConfig(name="sgd", base_lr=0.256, final_lr_fraction=final)
     opt = optim.build_optimizer(model, cfg, global_batch_size=256)

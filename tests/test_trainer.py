@@ -26,8 +26,17 @@ def digits(small_digits: Path) -> Path:
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
     return config.load(
         REPO / "configs/demo/digits.yaml",
-        [f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64", "data.image_size=16", "train.epochs=2",
-         "train.warmup_epochs=1", "train.log_every=1", "train.progress=false", *extra],
+        [
+            f"data.root={digits}",
+            f"out_dir={out}",
+            "data.global_batch_size=64",
+            "data.image_size=16",
+            "train.epochs=2",
+            "train.warmup_epochs=1",
+            "train.log_every=1",
+            "train.progress=false",
+            *extra,
+        ],
     )
 
 
@@ -162,9 +171,18 @@ def test_cli_config_error_exits_2_with_one_line(override: str, message: str):
 
 def test_cli_trains_on_two_torchrun_ranks(digits: Path, tmp_path: Path):
     proc = _cli(
-        "--standalone", "--nproc_per_node=2", "-m", "supcon_scale.cli", "train",
-        "--config", "configs/demo/digits.yaml", f"data.root={digits}", f"out_dir={tmp_path}",
-        "train.max_steps=2", "train.progress=false", "data.global_batch_size=64",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "supcon_scale.cli",
+        "train",
+        "--config",
+        "configs/demo/digits.yaml",
+        f"data.root={digits}",
+        f"out_dir={tmp_path}",
+        "train.max_steps=2",
+        "train.progress=false",
+        "data.global_batch_size=64",
         module=["-m", "torch.distributed.run"],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,9 +193,17 @@ def test_cli_trains_on_two_torchrun_ranks(digits: Path, tmp_path: Path):
 
 def test_cli_batch_not_divisible_by_world(digits: Path, tmp_path: Path):
     proc = _cli(
-        "--standalone", "--nproc_per_node=2", "-m", "supcon_scale.cli", "train",
-        "--config", "configs/demo/digits.yaml", f"data.root={digits}", f"out_dir={tmp_path}",
-        "data.global_batch_size=63", module=["-m", "torch.distributed.run"],
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "supcon_scale.cli",
+        "train",
+        "--config",
+        "configs/demo/digits.yaml",
+        f"data.root={digits}",
+        f"out_dir={tmp_path}",
+        "data.global_batch_size=63",
+        module=["-m", "torch.distributed.run"],
     )
     assert proc.returncode != 0
     assert "data.global_batch_size=63 is not divisible by the world size 2" in proc.stderr
@@ -210,6 +236,8 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints(digits: Path, tmp_path: P
     ctx = distributed.init(seed=0)
     trainer.fit(_cfg(digits, tmp_path, "train.max_steps=1"), ctx)
     before = sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir())
-    with pytest.raises(ValueError, match=r"out_dir: .* already holds checkpoints \(newest step_00000001\); set train.resume=auto"):
+    with pytest.raises(
+        ValueError, match=r"out_dir: .* already holds checkpoints \(newest step_00000001\); set train.resume=auto"
+    ):
         trainer.fit(_cfg(digits, tmp_path, "train.max_steps=2"), ctx)
     assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()) == before  # nothing touched

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ImageNet-C robustness: `python tools/imagenet_c.py --c-root DIR [--generate-from SPLIT] --checkpoint NAME=PATH ...`."""
+"""ImageNet-C robustness: `python tools/imagenet_c.py --c-root DIR [--generate-from SPLIT] --checkpoint NAME=PATH`."""
 
 import sys
 

@@ -101,13 +101,17 @@ def _load() -> Any:
             warnings.simplefilter("ignore")
             mod = importlib.import_module("imagecorruptions.corruptions")
     except ImportError as exc:
-        raise ImportError(f"corruptions need the imagecorruptions package ({exc}); pip install imagecorruptions") from None
+        raise ImportError(
+            f"corruptions need the imagecorruptions package ({exc}); pip install imagecorruptions"
+        ) from None
     finally:
         if shim is not None and sys.modules.get("pkg_resources") is shim:
             del sys.modules["pkg_resources"]  # only imagecorruptions saw the shim; nobody else is misled by it
     from skimage.filters import gaussian
 
-    def gaussian_compat(image: np.ndarray, sigma: float = 1.0, multichannel: bool | None = None, **kw: Any) -> np.ndarray:
+    def gaussian_compat(
+        image: np.ndarray, sigma: float = 1.0, multichannel: bool | None = None, **kw: Any
+    ) -> np.ndarray:
         if multichannel:
             kw["channel_axis"] = -1
         return gaussian(image, sigma=sigma, **kw)

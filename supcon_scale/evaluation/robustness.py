@@ -24,14 +24,23 @@ import torch.nn as nn
 
 from supcon_scale import distributed
 from supcon_scale.data.folder import FolderIndex, index_folder
-from supcon_scale.evaluation.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, MIN_SIDE, SEVERITIES, corrupt, image_seed
+from supcon_scale.evaluation.corruptions import (
+    ALL_CORRUPTIONS,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    MIN_SIDE,
+    SEVERITIES,
+    corrupt,
+    image_seed,
+)
 
 # Relative CE divides each model's (corrupted - clean) error gap by the baseline's. Below this clean error the
 # baseline's clean error is measured from a handful of mistakes (or none) on a small split, so its gap is noise-
 # dominated and relative mCE is reported as undefined rather than as a number (docs/EVALUATION.md).
 RELATIVE_MCE_MIN_BASELINE_CLEAN_ERROR = 0.01
 
-# AlexNet's ImageNet-C errors, averaged over severities (Hendrycks & Dietterich 2019, their Table 1 baseline), and its clean error.
+# AlexNet's ImageNet-C errors, averaged over severities (Hendrycks & Dietterich 2019, their Table 1 baseline),
+# and its clean error.
 ALEXNET_ERRORS: dict[str, float] = {
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640, "defocus_blur": 0.819880,
     "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360, "snow": 0.866816, "frost": 0.826572,
@@ -184,21 +193,32 @@ def generate_c(
         raise ValueError(f"work_size must be >= {MIN_SIDE} (imagecorruptions' minimum), got {work_size}")
     source, out_dir = Path(source), Path(out_dir)
     index = index_folder(source)
-    params = {"source": str(source.resolve()), "image_size": image_size, "work_size": work_size, "seed": seed, "quality": quality, "per_class": per_class}
+    params = {
+        "source": str(source.resolve()),
+        "image_size": image_size,
+        "work_size": work_size,
+        "seed": seed,
+        "quality": quality,
+        "per_class": per_class,
+    }
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         old = json.loads(manifest.read_text())
         diff = [k for k in params if old.get("params", {}).get(k) != params[k]]
         if diff:
-            raise ValueError(f"--c-root: {out_dir} was generated with other settings ({', '.join(diff)}); use a new folder")
+            raise ValueError(
+                f"--c-root: {out_dir} was generated with other settings ({', '.join(diff)}); use a new folder"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks, seen = [], {}
-    for path, label in zip(index.paths, index.labels):
+    for path, label in zip(index.paths, index.labels, strict=True):
         seen[label] = seen.get(label, 0) + 1
         if per_class is not None and seen[label] > per_class:
             continue
         rel = str(Path(index.classes[label]) / (Path(path).stem + ".jpg"))
-        tasks.append((path, rel, list(corruptions), list(severities), image_size, work_size, seed, str(out_dir), quality))
+        tasks.append(
+            (path, rel, list(corruptions), list(severities), image_size, work_size, seed, str(out_dir), quality)
+        )
     workers = workers if workers is not None else min(len(os.sched_getaffinity(0)), 8)  # the CPUs this job may use
     start = time.perf_counter()
     written = cached = 0
@@ -219,8 +239,16 @@ def generate_c(
         if workers > 1:
             pool.shutdown()
     seconds = time.perf_counter() - start
-    all_corruptions = sorted(set(json.loads(manifest.read_text())["corruptions"]) | set(corruptions)) if manifest.is_file() else list(corruptions)
-    all_severities = sorted(set(json.loads(manifest.read_text())["severities"]) | set(severities)) if manifest.is_file() else list(severities)
+    all_corruptions = (
+        sorted(set(json.loads(manifest.read_text())["corruptions"]) | set(corruptions))
+        if manifest.is_file()
+        else list(corruptions)
+    )
+    all_severities = (
+        sorted(set(json.loads(manifest.read_text())["severities"]) | set(severities))
+        if manifest.is_file()
+        else list(severities)
+    )
     info = {"params": params, "corruptions": all_corruptions, "severities": all_severities}
     info["images"] = len(tasks) - len(bad)
     if bad:
@@ -231,14 +259,23 @@ def generate_c(
         info["skipped"] = len(bad)
         warn(f"skipped {len(bad)} undecodable image(s) of {source}, listed in {out_dir / BAD_FILES_NAME}")
     manifest.write_text(json.dumps(info, indent=2))
-    return {"written": written, "cached": cached, "seconds": seconds, "images_per_s": written / max(seconds, 1e-9), "workers": workers, **info}
+    return {
+        "written": written,
+        "cached": cached,
+        "seconds": seconds,
+        "images_per_s": written / max(seconds, 1e-9),
+        "workers": workers,
+        **info,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading and scoring
 
 
-def index_c(root: str | Path, corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES) -> dict[tuple[str, int], FolderIndex]:
+def index_c(
+    root: str | Path, corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES
+) -> dict[tuple[str, int], FolderIndex]:
     """Index `root/<corruption>/<severity>/`; a missing corruption or severity folder is a ValueError naming it."""
     root = Path(root)
     if not root.is_dir():
@@ -260,7 +297,7 @@ class _CDataset(torch.utils.data.Dataset):
     """All (corruption, severity) folders as one dataset, so one sharded pass scores everything."""
 
     def __init__(self, indexes: list[FolderIndex], transform):
-        self.items = [(p, y) for ix in indexes for p, y in zip(ix.paths, ix.labels)]
+        self.items = [(p, y) for ix in indexes for p, y in zip(ix.paths, ix.labels, strict=True)]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -275,12 +312,19 @@ class _CDataset(torch.utils.data.Dataset):
 
 
 def _crop_transform(image_size: int):
-    """ImageNet-C evaluation: the images are already sized, so centre-crop + normalise only (as the ImageNet-C paper evaluates)."""
+    """ImageNet-C evaluation: the images are already sized, so centre-crop + normalise only (as the paper evaluates)."""
     from torchvision.transforms import v2
 
     from supcon_scale.data.eval import IMAGENET_MEAN, IMAGENET_STD
 
-    return v2.Compose([v2.PILToTensor(), v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def evaluate_c(
@@ -311,7 +355,9 @@ def evaluate_c(
             raise ValueError(f"--c-root: class folders of {Path(c_root) / c / str(s)} differ from the classifier's")
     transform = eval_transform(image_size) if resize else _crop_transform(image_size)
     dataset = _CDataset([indexes[k] for k in keys], transform)
-    logits, labels, timing = extract_features(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    logits, labels, timing = extract_features(
+        model, dataset, batch_size=batch_size, device=device, num_workers=num_workers
+    )
     wrong = (logits.argmax(1) != labels).float()
     errors: dict[str, list[float]] = {c: [] for c in corruptions}
     start = 0
@@ -319,7 +365,12 @@ def evaluate_c(
         n = len(indexes[k])
         errors[k[0]].append(float(wrong[start : start + n].mean()))
         start += n
-    return {"errors": errors, "images": len(dataset), "seconds": timing["seconds"], "images_per_s": timing["images_per_s"]}
+    return {
+        "errors": errors,
+        "images": len(dataset),
+        "seconds": timing["seconds"],
+        "images_per_s": timing["images_per_s"],
+    }
 
 
 def robustness_report(
@@ -362,15 +413,52 @@ def robustness_report(
     models: dict[str, dict[str, Any]] = {}
     for name, path in checkpoints.items():
         encoder, meta = load_encoder(path)
-        size = image_size or (generated or {}).get("image_size") or checkpoint_image_size(path, meta.get("cifar_stem") == "1")
+        size = (
+            image_size
+            or (generated or {}).get("image_size")
+            or checkpoint_image_size(path, meta.get("cifar_stem") == "1")
+        )
         if probes and name in probes:
             probe = load_probe(encoder, probes[name]).to(device or "cpu")
-            f, y, _ = extract_features(probe, EvalDataset(clean_root, "val", size), batch_size=batch_size, device=device, num_workers=num_workers)
+            f, y, _ = extract_features(
+                probe,
+                EvalDataset(clean_root, "val", size),
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+            )
             linear = {**topk_accuracy(f, y), "probe": str(probes[name])}
         else:
-            probe, linear = fit_linear_probe(encoder, clean_root, image_size=size, preset=preset, batch_size=batch_size, device=device, num_workers=num_workers)
-        res = evaluate_c(probe, c_root, image_size=size, corruptions=corruptions, severities=severities, classes=probe.classes or None, resize=resize, batch_size=batch_size, device=device, num_workers=num_workers)
-        models[name] = {"checkpoint": str(path), "encoder": meta.get("encoder"), "image_size": size, "clean_top1": linear["top1"], "clean_error": 1.0 - linear["top1"], "linear": linear, **res}
+            probe, linear = fit_linear_probe(
+                encoder,
+                clean_root,
+                image_size=size,
+                preset=preset,
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+            )
+        res = evaluate_c(
+            probe,
+            c_root,
+            image_size=size,
+            corruptions=corruptions,
+            severities=severities,
+            classes=probe.classes or None,
+            resize=resize,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+        )
+        models[name] = {
+            "checkpoint": str(path),
+            "encoder": meta.get("encoder"),
+            "image_size": size,
+            "clean_top1": linear["top1"],
+            "clean_error": 1.0 - linear["top1"],
+            "linear": linear,
+            **res,
+        }
     scored = [c for c in corruptions if baseline_name is not None or c in ALEXNET_ERRORS]
     if baseline_name is None:
         baseline: str | dict[str, Any] = "alexnet"
@@ -378,7 +466,9 @@ def robustness_report(
         b = models[baseline_name]
         scored = [c for c in scored if _mean(b["errors"][c]) > 0]  # CE against a zero baseline error is undefined
         baseline = {**{c: b["errors"][c] for c in scored}, "clean": b["clean_error"]}
-    undefined = baseline_name is not None and models[baseline_name]["clean_error"] < RELATIVE_MCE_MIN_BASELINE_CLEAN_ERROR
+    undefined = (
+        baseline_name is not None and models[baseline_name]["clean_error"] < RELATIVE_MCE_MIN_BASELINE_CLEAN_ERROR
+    )
     for m in models.values():
         clean = None if undefined else m["clean_error"]
         m.update(corruption_errors_to_mce({c: m["errors"][c] for c in scored}, clean, baseline))
@@ -392,7 +482,10 @@ def robustness_report(
         "corruptions": list(corruptions), "scored_corruptions": scored, "severities": list(severities),
         "generation": generated, "models": models,
     }  # fmt: skip
-    plots = {"accuracy_vs_severity": str(out_dir / "accuracy_vs_severity.png"), "ce_per_corruption": str(out_dir / "ce_per_corruption.png")}
+    plots = {
+        "accuracy_vs_severity": str(out_dir / "accuracy_vs_severity.png"),
+        "ce_per_corruption": str(out_dir / "ce_per_corruption.png"),
+    }
     report["plots"] = plots
     report["json"] = str(out_dir / "robustness.json")
     if distributed.world()[0] == 0:  # every rank holds the same numbers; one writes
@@ -414,7 +507,11 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, m in report["models"].items():
         mean_err = float(np.mean([e for es in m["errors"].values() for e in es]))
-        clean = format_accuracy(m["clean_top1"], m["linear"].get("num_val", 0)) if "num_val" in m["linear"] else f"{100 * m['clean_top1']:.2f}"
+        clean = (
+            format_accuracy(m["clean_top1"], m["linear"].get("num_val", 0))
+            if "num_val" in m["linear"]
+            else f"{100 * m['clean_top1']:.2f}"
+        )
         rel = f"{m['relative_mce']:.1f}" if "relative_mce" in m else "undefined"
         table.add_row(name, clean, f"{100 * (1 - mean_err):.2f}", f"{m['mce']:.1f}", rel, f"{m['images_per_s']:.0f}")
     Console().print(table)
@@ -435,18 +532,27 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagenet_c", description="ImageNet-C style robustness: generate a -C dataset and/or score checkpoints (CE, mCE, plots).")
-    p.add_argument("--c-root", required=True, help="ROOT/<corruption>/<severity>/<class>/<image> (written by --generate-from)")
+    p = argparse.ArgumentParser(
+        prog="imagenet_c",
+        description="ImageNet-C style robustness: generate a -C dataset and/or score checkpoints (CE, mCE, plots).",
+    )
+    p.add_argument(
+        "--c-root", required=True, help="ROOT/<corruption>/<severity>/<class>/<image> (written by --generate-from)"
+    )
     p.add_argument("--generate-from", default=None, help="a split folder (<class>/<image>) to build the -C copy from")
     p.add_argument("--checkpoint", action="append", help="NAME=PATH, repeat to compare models")
     p.add_argument("--probe", action="append", help="NAME=PATH of a head saved by linear_eval --save-probe")
     p.add_argument("--clean", default=None, help="dataset root with train/ (probe) and val/ (clean error)")
     p.add_argument("--baseline", default=None, help="normalise CE by this checkpoint's errors (default: AlexNet)")
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
-    p.add_argument("--extra", action="store_true", help="also the 4 extra corruptions (reported, not in mCE vs AlexNet)")
+    p.add_argument(
+        "--extra", action="store_true", help="also the 4 extra corruptions (reported, not in mCE vs AlexNet)"
+    )
     p.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES))
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--work-size", type=int, default=MIN_SIDE, help="corrupt smaller images at this size (then shrink back)")
+    p.add_argument(
+        "--work-size", type=int, default=MIN_SIDE, help="corrupt smaller images at this size (then shrink back)"
+    )
     p.add_argument("--per-class", type=int, default=None, help="generate only the first N images per class")
     p.add_argument("--preset", default="fast", help="linear probe preset when no --probe is given")
     p.add_argument("--workers", type=int, default=None)
@@ -472,9 +578,13 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.is_main:
                 g = generate_c(
                     args.generate_from, args.c_root, corruptions=corruptions, severities=args.severities,
-                    image_size=args.image_size, work_size=args.work_size, seed=args.seed, workers=args.workers, per_class=args.per_class,
+                    image_size=args.image_size, work_size=args.work_size, seed=args.seed, workers=args.workers,
+                    per_class=args.per_class,
                 )  # fmt: skip
-                Console().print(f"generated {g['written']} images ({g['cached']} cached) in {g['seconds']:.1f} s, {g['images_per_s']:.0f} images/s -> {args.c_root}")
+                Console().print(
+                    f"generated {g['written']} images ({g['cached']} cached) in {g['seconds']:.1f} s, "
+                    f"{g['images_per_s']:.0f} images/s -> {args.c_root}"
+                )
             distributed.barrier()
         checkpoints = _pairs(args.checkpoint, "--checkpoint")
         if checkpoints:
@@ -482,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--clean: needed with --checkpoint (train/ for the probe, val/ for the clean error)")
             report = robustness_report(
                 checkpoints, args.c_root, args.clean, args.out, args.baseline, image_size=args.image_size,
-                corruptions=corruptions, severities=args.severities, preset=args.preset, probes=_pairs(args.probe, "--probe"),
-                batch_size=args.batch_size, device=args.device or ctx.device, num_workers=args.workers or 0,
+                corruptions=corruptions, severities=args.severities, preset=args.preset,
+                probes=_pairs(args.probe, "--probe"), batch_size=args.batch_size, device=args.device or ctx.device, num_workers=args.workers or 0,
             )  # fmt: skip
             if ctx.is_main:
                 print_report(report)

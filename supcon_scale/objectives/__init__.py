@@ -1,8 +1,9 @@
 """What a training step optimises: the batch it prepares (mixing, teacher labels), the loss, and the head it needs.
 
 SupCon and SimCLR use the loader's batch as it is on the projection head; cross-entropy trains the classifier
-baseline on a linear head; GenSCL (arXiv 2206.00384) mixes each view on device and adds a frozen teacher's predictions as a
-second set of label vectors. Only `build` looks at `loss.name`; the trainer asks the objective for the rest.
+baseline on a linear head; GenSCL (arXiv 2206.00384) mixes each view on device and adds a frozen teacher's
+predictions as a second set of label vectors. Only `build` looks at `loss.name`; the trainer asks the objective for
+the rest.
 """
 
 from __future__ import annotations
@@ -50,5 +51,7 @@ def build(cfg: RunConfig, num_classes: int, ctx: Context, classes_present: int |
             "(use loss.name=simclr for unlabelled data)"
         )
     if not kind.uses_mix_and_kd and (mixing(cfg.mix) or cfg.kd.teacher is not None):
-        warnings.warn(f"mix.* and kd.* only act with loss.name=genscl; loss.name={cfg.loss.name} ignores them")
+        warnings.warn(
+            f"mix.* and kd.* only act with loss.name=genscl; loss.name={cfg.loss.name} ignores them", stacklevel=2
+        )
     return kind.from_config(cfg, num_classes, ctx)
