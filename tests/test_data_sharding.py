@@ -42,3 +42,15 @@ def test_a_saved_position_from_another_run_is_refused(coded: Path, field: str, v
     other.load_state_dict(state)  # the same run's position loads
     with pytest.raises(ValueError, match=message):
         other.load_state_dict({**state, field: value})
+
+
+def test_each_epoch_has_its_own_order(coded: Path):
+    """Every epoch is a permutation of the dataset, and two epochs are not the same permutation (seeded by epoch)."""
+    cfg = coded_cfg(coded)
+    loader = build_train_loader(cfg, Context(), seed=1, out_dir=None)
+    orders = []
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        orders.append([c for views, labels in loader for c in identities(views, labels)])
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == len(orders[0])
+    assert orders[0] != orders[1]
