@@ -112,7 +112,11 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
     if "encoder" not in meta:
         raise ValueError(f"checkpoint {path}: no 'encoder' name in its metadata; was it written by supcon_scale?")
     encoder = create_encoder(meta["encoder"], cifar_stem=meta.get("cifar_stem") == "1", key=f"checkpoint {path}")
-    load_matching(encoder, load_tensors(path), str(path))
+    state = load_tensors(path)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"checkpoint {path}: tensor {bad} holds NaN or inf (a diverged run?)")
+    load_matching(encoder, state, str(path))
     return encoder.eval(), meta
 
 
@@ -412,11 +416,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _job() -> dict[str, Any]:
     """This torchrun job and attempt: run id, rendezvous store address and restart count."""
-    return {
-        "run_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
-        "store": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
-        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
-    }
+    launch = distributed.launch_env()
+    return {"run_id": launch.run_id, "store": launch.store, "restart": launch.restart_count}
 
 
 class OutDirLock:

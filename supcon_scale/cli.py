@@ -52,6 +52,8 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
     check_out_dir(cfg.out_dir)
     if cfg.train.resume is None:
         checkpoint.check_fresh_start(cfg.out_dir, None)  # a refused run writes nothing, not even the data scan
+    elif cfg.train.resume != "auto" and checkpoint.is_complete(Path(cfg.train.resume)):
+        checkpoint.read_meta(cfg.train.resume)  # a malformed meta.json, before the data scan and the model
 
     return distributed.record(_fit)(cfg, hooks)
 
@@ -122,7 +124,12 @@ def _inspect(args: argparse.Namespace) -> int:
         if not done:
             raise ValueError(f"{path}: neither a checkpoint (no meta.json) nor a run directory with checkpoints")
         path = done[-1]
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / "meta.json").read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{path / 'meta.json'}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ValueError(f"{path / 'meta.json'}: not a checkpoint's meta.json (an object with a config mapping)")
     if args.json:
         print(json.dumps({"path": str(path), **meta}, indent=1))
         return 0

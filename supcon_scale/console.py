@@ -91,10 +91,18 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_replacing(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+METRICS = "metrics.jsonl"
+# Files a run appends to (they cannot be replaced by a rename): a link planted at one is refused up front.
+APPENDED = (METRICS,)
+
+
 def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
     """Refuse an `out_dir` that is a file, or a directory (or the nearest existing parent) this user cannot write,
-    before anything is written; nothing is created here."""
+    or one holding a link where the run appends, before anything is written; nothing is created here."""
     path = Path(path)
+    for name in APPENDED:
+        if (path / name).is_symlink():
+            raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
     probe = path
     while not probe.exists() and probe != probe.parent:
         if probe.is_symlink():  # a dangling link
@@ -294,7 +302,7 @@ class TrainLogger(Hook):
         sinks.check(cfg.log)  # on every rank: a missing extra stops them all, before anything is written
         self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main
         self.every = cfg.train.log_every
-        self.metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", enabled=ctx.is_main)
+        self.metrics = MetricsLog(Path(cfg.out_dir) / METRICS, enabled=ctx.is_main)
         self.clock: StepClock | NoClock = StepClock(ctx.device) if cfg.log.timing else NoClock()
         self.plain = cfg.log.plain or not console.is_terminal
         self.cuda = ctx.device if ctx.device.type == "cuda" else None

@@ -64,10 +64,7 @@ class Launch:
     restart_count: int = 0
     agent_store: bool = False  # TORCHELASTIC_USE_AGENT_STORE: the rendezvous store is torchrun's
     under_agent: bool = False  # every torchrun agent variable is set (not a stray TORCHELASTIC_RUN_ID)
-
-    @property
-    def store(self) -> str:
-        return f"{self.master_addr}:{self.master_port}"
+    store: str = ":"  # MASTER_ADDR:MASTER_PORT as given (the lock's job identity; empty parts when unset)
 
 
 def _int_var(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
@@ -92,6 +89,7 @@ def launch_env(env: Mapping[str, str] | None = None) -> Launch:
         restart_count=_int_var(env, "TORCHELASTIC_RESTART_COUNT", 0) if "TORCHELASTIC_RESTART_COUNT" in has else 0,
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         under_agent=set(AGENT_VARS) <= has,
+        store=f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}",
     )
     if has & {"RANK", "WORLD_SIZE"}:
         source, names = "WORLD_SIZE", ("RANK", "WORLD_SIZE", "LOCAL_RANK")

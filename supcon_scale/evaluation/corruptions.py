@@ -125,7 +125,7 @@ def _load() -> Any:
 
 def image_seed(seed: int, key: str, corruption: str, severity: int) -> int:
     """A reproducible seed per (image, corruption, severity), independent of worker count and processing order."""
-    words = [seed, zlib.crc32(key.encode()), ALL_CORRUPTIONS.index(corruption), severity]
+    words = [seed, zlib.crc32(key.encode("utf-8", "surrogateescape")), ALL_CORRUPTIONS.index(corruption), severity]
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 

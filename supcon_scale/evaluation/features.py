@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -154,6 +155,6 @@ def cache_key(encoder: nn.Module, paths: list[str], image_size: int) -> str:
         h.update(t.detach().cpu().contiguous().view(-1).to(torch.float32).numpy().tobytes()[:4096])
         h.update(str(float(t.detach().float().sum())).encode())
     for p in paths:
-        h.update(p.encode())
+        h.update(os.fsencode(p))  # a name that is not UTF-8 hashes as its bytes
     h.update(str(image_size).encode())
     return h.hexdigest()[:32]
