@@ -188,3 +188,15 @@ def test_continual_command_bad_input_is_one_line_naming_the_key(tmp_path, small_
     assert cli.main(["continual", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
+
+
+def test_deepspeed_engine_trains_as_ddp(tmp_path, small_digits, monkeypatch):
+    """engine.name=deepspeed (ZeRO-1, one process) gives the weights and matrix of the ddp engine."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    runs = {}
+    for engine in ("ddp", "deepspeed"):
+        cfg = tiny(tmp_path / engine, small_digits, "methods=[scr]", f"engine.name={engine}", "engine.zero_stage=1")
+        runs[engine] = (fit(cfg, "scr", 0, Context()).matrix, final_state(cfg, "scr")[0])
+    assert runs["ddp"][0] == runs["deepspeed"][0]
+    for k, v in runs["ddp"][1].items():
+        torch.testing.assert_close(runs["deepspeed"][1][k], v, rtol=1e-4, atol=1e-5, msg=k)
