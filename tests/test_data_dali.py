@@ -203,3 +203,20 @@ def test_dali_colour_jitter_samples_what_torchvision_samples():
     for stat in ("brightness", "contrast", "saturation"):
         assert ks_statistic(dali[stat], ref[stat]) < bound, stat
     assert ks_statistic(fused["brightness"], ref["brightness"]) > bound
+
+
+def test_colour_jitter_graph_builds_on_gpu_nodes_without_a_gpu():
+    """DALI takes named tensor arguments from the CPU only: the jitter passes no GPU tensor as one (the grey mean).
+
+    `_build_graph` runs DALI's Python-side graph checks (where that error is raised) without a device.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    from supcon_scale.data.dali import color_jitter
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        x = fn.external_source(source=lambda: [np.zeros((8, 8, 3), np.uint8)], batch=True, dtype=types.UINT8)
+        return color_jitter(fn.reshape(x, layout="HWC").gpu(), 0.4, 0.4, 0.4, 0.1)
+
+    graph(batch_size=1, num_threads=1, device_id=0)._build_graph()

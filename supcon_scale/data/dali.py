@@ -123,13 +123,17 @@ def color_jitter(x: Any, brightness: float, contrast: float, saturation: float, 
     def factor(s: float) -> Any:
         return _uniform(max(0.0, 1.0 - s), 1.0 + s)
 
-    def gray_mean(x: Any) -> Any:
-        m = fn.reductions.mean(fn.cast(x, dtype=types.FLOAT), axes=[0, 1])
-        return GRAY_WEIGHTS[0] * m[0] + GRAY_WEIGHTS[1] * m[1] + GRAY_WEIGHTS[2] * m[2]
+    def contrast_about_mean(x: Any) -> Any:
+        # Arithmetic, not fn.contrast: its `contrast_center` is a named argument, which DALI takes from the CPU only,
+        # and on the GPU the mean is a GPU tensor. The cast back to uint8 rounds and saturates, as fn.contrast does.
+        xf = fn.cast(x, dtype=types.FLOAT)
+        m = fn.reductions.mean(xf, axes=[0, 1])
+        gray = GRAY_WEIGHTS[0] * m[0] + GRAY_WEIGHTS[1] * m[1] + GRAY_WEIGHTS[2] * m[2]
+        return fn.cast(gray + factor(contrast) * (xf - gray), dtype=types.UINT8)
 
     table = [
         (brightness, lambda x: fn.brightness(x, brightness=factor(brightness))),
-        (contrast, lambda x: fn.contrast(x, contrast=factor(contrast), contrast_center=gray_mean(x))),
+        (contrast, contrast_about_mean),
         (saturation, lambda x: fn.saturation(x, saturation=factor(saturation))),
         (hue, lambda x: fn.hue(x, hue=_uniform(-360.0 * hue, 360.0 * hue))),
     ]
