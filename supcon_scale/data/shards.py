@@ -6,6 +6,11 @@ plan, the sharding over ranks and the resume position are those of an image fold
 byte range (`os.pread` at the member's offset; no per-file open or stat on the storage, which is what makes millions
 of small files slow on network file systems). `make-shards` writes a folder in its index order, so the shards and
 the folder give the same sample for the same index.
+
+DALI reads the same byte ranges through its `fn.external_source` (`data/dali.py`), not `fn.readers.webdataset`:
+that reader shards and shuffles by whole tar files and a buffer, which would give each rank other samples than the
+epoch plan's and break the exact, world-size-independent resume; with byte ranges the rule is the folder's (each
+sample once per epoch across the ranks, drop-last aside). The `webdataset` package is not needed (`tarfile`).
 """
 
 from __future__ import annotations
