@@ -65,6 +65,7 @@ class Launch:
     agent_store: bool = False  # TORCHELASTIC_USE_AGENT_STORE: the rendezvous store is torchrun's
     under_agent: bool = False  # every torchrun agent variable is set (not a stray TORCHELASTIC_RUN_ID)
     store: str = ":"  # MASTER_ADDR:MASTER_PORT as given (the lock's job identity; empty parts when unset)
+    local_world_size: int = 1  # LOCAL_WORLD_SIZE: processes on this node (they share its CPUs)
 
 
 def _int_var(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
@@ -90,6 +91,7 @@ def launch_env(env: Mapping[str, str] | None = None) -> Launch:
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         under_agent=set(AGENT_VARS) <= has,
         store=f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}",
+        local_world_size=_int_var(env, "LOCAL_WORLD_SIZE", 1, MAX_WORLD) if env.get("LOCAL_WORLD_SIZE") else 1,
     )
     if has & {"RANK", "WORLD_SIZE"}:
         source, names = "WORLD_SIZE", ("RANK", "WORLD_SIZE", "LOCAL_RANK")

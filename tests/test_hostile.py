@@ -41,13 +41,13 @@ BROKEN = b"broken\xfe.jpg"
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPCON_", "TORCHELASTIC_", "SLURM_"))}
-    for name in distributed.TORCHRUN_VARS:
+    for name in (*distributed.TORCHRUN_VARS, "LOCAL_WORLD_SIZE", "GROUP_RANK"):
         env.pop(name, None)
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def _clean_launcher_env(monkeypatch) -> None:
-    for name in (*distributed.TORCHRUN_VARS, *distributed.SLURM_VARS, *distributed.AGENT_VARS):
+    for name in (*distributed.TORCHRUN_VARS, *distributed.SLURM_VARS, *distributed.AGENT_VARS, "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -565,6 +565,7 @@ ENV_ROWS = [
     ({"SLURM_NTASKS": "2"}, "SLURM_PROCID"),
     ({"SLURM_NTASKS": "two"}, "SLURM_NTASKS='two'"),
     ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
+    ({"LOCAL_WORLD_SIZE": "many"}, "LOCAL_WORLD_SIZE='many'"),
 ]
 
 
@@ -607,7 +608,7 @@ def test_a_missing_peer_times_out_naming_the_address_and_variable(source, monkey
 def test_launcher_variables_are_read_only_in_distributed():
     """No other module of the run reads RANK, WORLD_SIZE, MASTER_*, SLURM_* or TORCHELASTIC_* itself (doctor.py only
     reports them; bench/ tools are outside a run)."""
-    names = (*distributed.TORCHRUN_VARS, *distributed.SLURM_VARS, *distributed.AGENT_VARS, "TORCHELASTIC_")
+    names = (*distributed.TORCHRUN_VARS, *distributed.SLURM_VARS, *distributed.AGENT_VARS, "TORCHELASTIC_", "LOCAL_")
     package = REPO / "supcon_scale"
     for path in package.rglob("*.py"):
         rel = path.relative_to(package).as_posix()

@@ -200,7 +200,7 @@ def scan_split(
     todo = [i for i, v in enumerate(listing.verdicts) if v is None]
     mine = todo[ctx.rank :: ctx.world_size]
     if workers is None:
-        workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        workers = default_workers(distributed.launch_env().local_world_size)
     reasons = check_refs([listing.samples.ref(i) for i in mine], workers)
     per_rank = distributed.all_gather_object(reasons) if ctx.distributed else [reasons]
     for r, part in enumerate(per_rank):

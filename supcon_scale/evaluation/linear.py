@@ -216,8 +216,9 @@ def run_config(path: str | Path) -> config.RunConfig | None:
         meta, yaml_path = folder / "meta.json", folder / "config.yaml"
         try:
             if meta.is_file():
-                raw = json.loads(meta.read_text()).get("config")
-                if raw:
+                raw = json.loads(meta.read_text())
+                raw = raw.get("config") if isinstance(raw, dict) else None  # a list or a number: no config
+                if isinstance(raw, dict) and raw:
                     return config.from_dict(raw)
             if yaml_path.is_file():
                 return config.load(yaml_path)
