@@ -451,6 +451,14 @@ def test_meta_json_that_is_not_an_object_names_the_file(text, step_dir, data16, 
     one_line_error(err, str(ckpt / "meta.json"))
 
 
+def test_evaluation_reads_a_meta_json_list_as_no_config(step_dir, tmp_path):
+    from supcon_scale.evaluation.linear import checkpoint_image_size, run_config
+
+    ckpt = _checkpoint_copy(step_dir, tmp_path / "old")
+    (ckpt / "meta.json").write_text("[1, 2, 3]")
+    assert run_config(ckpt) is None and checkpoint_image_size(ckpt, cifar_stem=True) == 32
+
+
 def test_nan_weights_are_refused_at_resume(step_dir, data16, tmp_path, capsys):
     ckpt = _checkpoint_copy(step_dir, tmp_path / "old")
     state = load_file(str(ckpt / "model.safetensors"))
