@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import config, distributed
+from supcon_scale.console import write_text
 
 
 class Finetuned(nn.Module):
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         export_encoder(model.encoder, args.save, meta["encoder"], meta.get("cifar_stem") == "1")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

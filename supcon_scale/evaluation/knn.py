@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import distributed
+from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import default_device, extract_features
 from supcon_scale.hooks import Hook, StepInfo
 
@@ -200,6 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         Console().print(f"kNN (k={result['k']}, T={args.temperature}): top-1 {top1:.2f}  top-5 {top5:.2f}")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
+            write_text(args.json, json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
     distributed.teardown()
     return 0

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import config, distributed
+from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import (
     cache_key,
     default_device,
@@ -703,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         print_results("Linear evaluation (final epoch)", {meta.get("encoder", "encoder"): result})
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            write_text(args.json, json.dumps(result, indent=2))
         if args.save_probe:
             save_probe(probe, args.save_probe)
     distributed.teardown()

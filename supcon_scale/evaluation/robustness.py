@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import distributed
+from supcon_scale.console import write_text
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.evaluation.corruptions import (
     ALL_CORRUPTIONS,
@@ -258,7 +259,7 @@ def generate_c(
         write_bad_list(bad, out_dir)
         info["skipped"] = len(bad)
         warn(f"skipped {len(bad)} undecodable image(s) of {source}, listed in {out_dir / BAD_FILES_NAME}")
-    manifest.write_text(json.dumps(info, indent=2))
+    write_text(manifest, json.dumps(info, indent=2))
     return {
         "written": written,
         "cached": cached,
@@ -492,7 +493,7 @@ def robustness_report(
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_accuracy_vs_severity(models, plots["accuracy_vs_severity"])
         plot_ce_bars(models, plots["ce_per_corruption"], reference=baseline_name or "AlexNet")
-        (out_dir / "robustness.json").write_text(json.dumps(report, indent=2))
+        write_text(out_dir / "robustness.json", json.dumps(report, indent=2))
     return report
 
 
