@@ -10,8 +10,9 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from supcon_scale.config import RunConfig
@@ -43,7 +44,9 @@ EXIT_USAGE = 2
 def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
     from supcon_scale import config
 
-    cfg = config.load(args.config, args.overrides)  # before importing torch: a bad config fails in a fraction of a second
+    cfg = config.load(
+        args.config, args.overrides
+    )  # before importing torch: a bad config fails in a fraction of a second
     from supcon_scale import checkpoint, distributed, sinks
     from supcon_scale.console import check_out_dir
 
@@ -101,8 +104,16 @@ def _config_show(args: argparse.Namespace) -> int:
         for part in k.key.split("."):
             value = value[part]
         default = list(k.default) if isinstance(k.default, tuple) else k.default
-        rows.append({"key": k.key, "value": value, "default": default, "type": k.type_name, "range": k.range_text,
-                     "help": k.help})
+        rows.append(
+            {
+                "key": k.key,
+                "value": value,
+                "default": default,
+                "type": k.type_name,
+                "range": k.range_text,
+                "help": k.help,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -135,10 +146,15 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     files = sorted(p for p in path.iterdir() if p.is_file())
     convention = meta.get("loss_convention", meta.get("loss"))
-    for name, value in [("checkpoint", path), ("step", meta.get("step")), ("epoch", meta.get("epoch")),
-                        ("world size", meta.get("world_size")), ("engine", meta.get("engine")),
-                        ("loss convention", json.dumps(convention)),
-                        ("files", ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files))]:
+    for name, value in [
+        ("checkpoint", path),
+        ("step", meta.get("step")),
+        ("epoch", meta.get("epoch")),
+        ("world size", meta.get("world_size")),
+        ("engine", meta.get("engine")),
+        ("loss convention", json.dumps(convention)),
+        ("files", ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files)),
+    ]:
         print(f"{name:<16} {value}")
     print("config:")
 
@@ -158,7 +174,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="pre-train an encoder (run under torchrun or the deepspeed launcher)")
     t.add_argument("--config", type=Path, help="YAML recipe (configs/...); `base:` inheritance allowed")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.global_batch_size=512 loss.temperature=0.1")
+    t.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. data.global_batch_size=512 loss.temperature=0.1"
+    )
     t.set_defaults(func=_train)
     d = sub.add_parser("make-demo-data", help="write scikit-learn's digits as JPEGs in the ImageNet folder layout")
     d.add_argument("dir", type=Path)

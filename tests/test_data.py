@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from data_images import CLASSES, MEAN, PER_CLASS, STD, coded_cfg, identities
 from multiproc import run_ranks
+
 from supcon_scale.config import AugmentConfig, DataConfig
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
@@ -24,7 +24,7 @@ def _rank_identities(rank: int, world: int, root: str) -> dict[tuple[str, bool],
             cfg = coded_cfg(Path(root), backend=backend, global_batch_size=batch, drop_last=drop_last, dali_threads=1)
             loader = build_train_loader(cfg, Context(rank=rank, world_size=world), seed=5, out_dir=None)
             loader.set_epoch(2)
-            out[backend, drop_last] = [identities(v, l) for v, l in loader]
+            out[backend, drop_last] = [identities(v, lb) for v, lb in loader]
             assert len(out[backend, drop_last]) == loader.steps_per_epoch
     return out
 
@@ -36,7 +36,7 @@ def test_two_ranks_see_every_file_once(coded):
         drop_last = key[1]
         per_rank = [r[key] for r in results]
         assert len(per_rank[0]) == len(per_rank[1])  # same number of steps on every rank
-        for b0, b1 in zip(*per_rank):
+        for b0, b1 in zip(*per_rank, strict=True):
             assert len(b0) == len(b1)
         seen = [c for rank in per_rank for batch_ in rank for c in batch_]
         assert sorted(seen) == [(k, i) for k in range(CLASSES) for i in range(PER_CLASS)]
@@ -49,7 +49,7 @@ def test_resume_mid_epoch_yields_the_remaining_batches(coded, backend, preset):
     cfg = coded_cfg(coded, backend=backend, augment=AugmentConfig(preset=preset), workers=2, dali_threads=2)
     full = build_train_loader(cfg, Context(), seed=1, out_dir=None)
     full.set_epoch(4)
-    reference = [(torch.stack(v), l) for v, l in full]
+    reference = [(torch.stack(v), lb) for v, lb in full]
 
     first = build_train_loader(cfg, Context(), seed=1, out_dir=None)
     first.set_epoch(4)
@@ -64,11 +64,11 @@ def test_resume_mid_epoch_yields_the_remaining_batches(coded, backend, preset):
     resumed = build_train_loader(cfg, Context(), seed=1, out_dir=None)
     resumed.load_state_dict(state)
     resumed.set_epoch(4)  # the trainer calls set_epoch again for the resumed epoch: the position must survive
-    rest = [(torch.stack(v), l) for v, l in resumed]
+    rest = [(torch.stack(v), lb) for v, lb in resumed]
     assert len(rest) == len(reference) - 2
     pixels = torch.cat([v for v, _ in reference]) * STD + MEAN
     assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
-    for (va, la), (vb, lb) in zip(reference[2:], rest):
+    for (va, la), (vb, lb) in zip(reference[2:], rest, strict=True):
         assert torch.equal(va, vb) and torch.equal(la, lb)
     resumed.set_epoch(5)
     assert len(list(resumed)) == resumed.steps_per_epoch
@@ -76,7 +76,9 @@ def test_resume_mid_epoch_yields_the_remaining_batches(coded, backend, preset):
     other = "dali-cpu" if backend == "torchvision" else "torchvision"
     if backend == "torchvision":  # the position is global: another world size continues the same global order
         resumed.load_state_dict({**state, "world_size": 2})
-        assert [torch.equal(torch.stack(v), va) for (va, _), (v, _) in zip(reference[2:], resumed)] == [True] * 3
+        assert [torch.equal(torch.stack(v), va) for (va, _), (v, _) in zip(reference[2:], resumed, strict=False)] == [
+            True
+        ] * 3
     else:  # DALI's reader checkpoint is per rank
         with pytest.raises(ValueError, match="world size 2 .* world size 1"):
             resumed.load_state_dict({**state, "world_size": 2})
@@ -109,5 +111,5 @@ def test_same_seed_same_batches(digits, backend, workers):
         return out
 
     a, b, c = batches(7, workers[0]), batches(7, workers[1]), batches(8, workers[0])
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])

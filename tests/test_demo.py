@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
     """The README's figures (SupCon 0.986, cross-entropy 0.997 linear top-1; GenSCL 0.961 earlier) with intervals."""
-    proc = subprocess.run([sys.executable, "-m", "supcon_scale.demo", "--out", str(tmp_path), "--genscl"], cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "supcon_scale.demo", "--out", str(tmp_path), "--genscl"],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["nproc"] == 2

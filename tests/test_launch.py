@@ -97,7 +97,8 @@ def test_two_node_deepspeed_launcher_trains_and_checkpoints(demo_data, tmp_path)
     deepspeed = Path(sys.executable).with_name("deepspeed")  # the launcher that this environment installed
     env = {"HOSTFILE": str(hostfile), "NO_SSH": "1", "MASTER_PORT": str(free_port()), "DEEPSPEED": str(deepspeed)}
     out = tmp_path / "run"
-    results = two_nodes("deepspeed.sh", out, demo_data, env)
+    # the launcher sets CUDA_VISIBLE_DEVICES=<slot> even on a CPU machine; device=auto reads that as GPUs wanted
+    results = two_nodes("deepspeed.sh", out, demo_data, env, "device=cpu")
     assert_one_checkpoint(results, out, "deepspeed")
     assert "--local_rank=0" in results[0].stdout  # the launcher's flag reached the CLI, which took it
 

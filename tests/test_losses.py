@@ -240,7 +240,7 @@ def test_build_from_config():
     }
     official = build(LossConfig(denominator_mode="one_positive", positives_cap=2))
     assert official.convention()["denominator_mode"] == "one_positive" and official.convention()["positives_cap"] == 2
-    json.dumps(loss.describe())
+    assert json.loads(json.dumps(loss.describe())) == loss.describe()  # plain JSON: it goes into meta.json
     feats, labels = make()
     simclr = build(LossConfig(name="simclr"))
     assert rel_err(simclr(feats, labels), brute_force(feats, None, 0.1)) <= 1e-12

@@ -36,9 +36,17 @@ def digits(small_digits: Path) -> Path:
 def _overrides(digits: Path, out: Path, *extra: str) -> list[str]:
     return [
         # torchvision: its data position is plain integers to compare; DALI's resume has its own tests
-        "--config", "configs/demo/digits.yaml", f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64",
-        "data.image_size=16", "data.backend=torchvision", "train.epochs=2", "train.warmup_epochs=1",
-        "train.log_every=1", "train.progress=false",
+        "--config",
+        "configs/demo/digits.yaml",
+        f"data.root={digits}",
+        f"out_dir={out}",
+        "data.global_batch_size=64",
+        "data.image_size=16",
+        "data.backend=torchvision",
+        "train.epochs=2",
+        "train.warmup_epochs=1",
+        "train.log_every=1",
+        "train.progress=false",
         *extra,
     ]
 
@@ -61,8 +69,18 @@ FAULTS_ENTRY = str(REPO / "tests" / "faults.py")
 
 def _torchrun_cmd(digits: Path, out: Path, *extra: str, max_restarts: int = 0) -> list[str]:
     return [
-        sys.executable, "-m", "supcon_scale.cli", "torchrun", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", str(max_restarts), FAULTS_ENTRY, "train", *_overrides(digits, out, *extra),
+        sys.executable,
+        "-m",
+        "supcon_scale.cli",
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(max_restarts),
+        FAULTS_ENTRY,
+        "train",
+        *_overrides(digits, out, *extra),
     ]
 
 
@@ -140,7 +158,8 @@ def _assert_same_checkpoint(got: Path, ref: Path) -> None:
         # draw apart; augmentation uses per-sample seeds and does not read it)
     oa, ob = (torch.load(p / "train_state.pt", weights_only=True) for p in (got, ref))
     assert oa["scheduler"] == ob["scheduler"]
-    for s, t in zip(oa["optimizer"]["state"].values(), ob["optimizer"]["state"].values()):
+    assert oa["optimizer"]["state"].keys() == ob["optimizer"]["state"].keys()
+    for s, t in zip(oa["optimizer"]["state"].values(), ob["optimizer"]["state"].values(), strict=True):
         for key in s:
             assert torch.equal(s[key], t[key]) if torch.is_tensor(s[key]) else s[key] == t[key]
 
@@ -172,8 +191,10 @@ def test_killed_rank_restarts_from_newest_checkpoint_and_matches(digits: Path, r
     assert (resumed_from["epoch"], resumed_from["batch"]) == (1, 1)
     _assert_same_checkpoint(checkpoint.latest(tmp_path), _step_dir(reference, 6))
     torch.testing.assert_close(
-        load_file(str(tmp_path / "encoder.safetensors")), load_file(str(reference / "encoder.safetensors")),
-        rtol=0, atol=0,
+        load_file(str(tmp_path / "encoder.safetensors")),
+        load_file(str(reference / "encoder.safetensors")),
+        rtol=0,
+        atol=0,
     )
 
 
@@ -232,7 +253,12 @@ def test_crash_during_save_keeps_previous_checkpoint_and_keep_last(digits: Path,
 
 
 def test_nan_steps_are_skipped_counted_then_stop_the_run(digits: Path, tmp_path: Path):
-    cmd = [sys.executable, FAULTS_ENTRY, "train", *_overrides(digits, tmp_path, "train.epochs=3", "train.max_bad_steps=3")]
+    cmd = [
+        sys.executable,
+        FAULTS_ENTRY,
+        "train",
+        *_overrides(digits, tmp_path, "train.epochs=3", "train.max_bad_steps=3"),
+    ]
     proc = _run(cmd, faults="nan_steps=2-3,5-7")
     assert proc.returncode == 1, proc.stderr[-3000:]
     newest = _step_dir(tmp_path, 6)
@@ -240,7 +266,7 @@ def test_nan_steps_are_skipped_counted_then_stop_the_run(digits: Path, tmp_path:
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 2, 3, 4]
-    # Skipped steps do not advance the schedule: linear warm-up over 3 steps to 1.0 x 64/256 (the paper's recipe: LR = base x batch / 256).
+    # Skipped steps do not advance the schedule: linear warm-up over 3 steps to 1.0 x 64/256 (LR = base x batch / 256).
     peak = _cfg(digits, tmp_path).optim.base_lr * 64 / 256
     assert [r["lr"] for r in rows[:4]] == pytest.approx([peak * 2 / 3] * 3 + [peak])
     assert checkpoint.latest(tmp_path) == newest
@@ -322,7 +348,9 @@ def test_second_trainer_on_a_live_out_dir_refuses_then_takes_over_once_it_died(d
 def test_older_config_keys_name_their_new_name(tmp_path: Path):
     old = tmp_path / "old.yaml"
     old.write_text("base: " + str(REPO / "configs/demo/digits.yaml") + "\ntrain:\n  save_freq: 50\n")
-    with pytest.raises(config.ConfigError, match=r"^config key train.save_freq was renamed to train.checkpoint_every_steps"):
+    with pytest.raises(
+        config.ConfigError, match=r"^config key train.save_freq was renamed to train.checkpoint_every_steps"
+    ):
         config.load(old)
     with pytest.raises(config.ConfigError, match=r"^config key loss.temp was renamed to loss.temperature"):
         config.load(None, ["loss.temp=0.1"])
@@ -391,7 +419,10 @@ def test_empty_or_single_class_dataset_is_refused(digits: Path, tmp_path: Path):
 
 @pytest.mark.parametrize(
     "module, override, extra",
-    [("deepspeed", "engine.name=deepspeed engine.zero_stage=0", "deepspeed"), ("nvidia.dali", "data.backend=dali", "dali")],
+    [
+        ("deepspeed", "engine.name=deepspeed engine.zero_stage=0", "deepspeed"),
+        ("nvidia.dali", "data.backend=dali", "dali"),
+    ],
 )
 def test_missing_extra_names_the_pip_install(digits: Path, tmp_path: Path, module: str, override: str, extra: str):
     args = ["train", *_overrides(digits, tmp_path, *override.split())]

@@ -33,8 +33,12 @@ def _current(aug: Any) -> Any:
     if op is None:
         return aug
     return augmentation(
-        op, mag_range=aug.mag_range, randomly_negate=aug.randomly_negate, mag_to_param=aug.mag_to_param,
-        param_device=aug.param_device, name=aug.name,
+        op,
+        mag_range=aug.mag_range,
+        randomly_negate=aug.randomly_negate,
+        mag_to_param=aug.mag_to_param,
+        param_device=aug.param_device,
+        name=aug.name,
     )
 
 
@@ -42,7 +46,13 @@ def rand_augment_views(x: Any, n: int, m: int, num_magnitude_bins: int, size: in
     """RandAugment n/m over DALI's default 14-operation suite (translations relative to the `size` px view)."""
     suite = [_current(a) for a in rand_augment.get_rand_augment_suite(use_shape=True)]
     return rand_augment.apply_rand_augment(
-        suite, x, n, m, num_magnitude_bins=num_magnitude_bins, shape=(size, size), fill_value=128,
+        suite,
+        x,
+        n,
+        m,
+        num_magnitude_bins=num_magnitude_bins,
+        shape=(size, size),
+        fill_value=128,
         interp_type=types.INTERP_NN,
     )
 
@@ -57,6 +67,4 @@ def auto_augment_views(x: Any, size: int) -> Any:
         policy.num_magnitude_bins,
         [[(swapped[aug], p, mag) for aug, p, mag in sub] for sub in policy.sub_policies],
     )
-    return auto_augment.apply_auto_augment(
-        policy, x, shape=(size, size), fill_value=128, interp_type=types.INTERP_NN
-    )
+    return auto_augment.apply_auto_augment(policy, x, shape=(size, size), fill_value=128, interp_type=types.INTERP_NN)

@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             report = robustness_report(
                 checkpoints, args.c_root, args.clean, args.out, args.baseline, image_size=args.image_size,
                 corruptions=corruptions, severities=args.severities, preset=args.preset,
-                probes=_pairs(args.probe, "--probe"), batch_size=args.batch_size, device=args.device or ctx.device, num_workers=args.workers or 0,
+                probes=_pairs(args.probe, "--probe"), batch_size=args.batch_size, device=args.device or ctx.device,
+                num_workers=args.workers or 0,
             )  # fmt: skip
             if ctx.is_main:
                 print_report(report)
