@@ -134,6 +134,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, small_digits,
     assert two[0]["matrix"] == two[1]["matrix"] == one["matrix"]
 
 
+@pytest.mark.slow  # the command end to end (3 minutes on a loaded 2-core machine); the parts are tested above
 def test_continual_command_writes_summary_plots_and_intervals(tmp_path, small_digits, capsys):
     out = tmp_path / "cmd"
     args = [

@@ -179,7 +179,7 @@ def _numpy_tree(obj):
     return obj
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])  # stage 2 in make test-slow
 def test_zero_optimizer_state_repartitions_on_another_world_size(stage: int, tmp_path: Path):
     path = str(tmp_path / "state.pt")
     reference = run_ranks(_zero_save, 2, stage, path, timeout=TIMEOUT)[0]
