@@ -44,6 +44,17 @@ class Crash(Exception):
     pass
 
 
+class CrashAt(Hook):
+    """Raises `Crash` after step `step`, as a process dying there would (its checkpoints stay)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.step == self.step:
+            raise Crash
+
+
 class RecordRng(Hook):
     """The global torch / numpy / python RNG states after each step: what a resume must restore."""
 
@@ -60,14 +71,9 @@ def test_resume_after_epoch_one_matches_uninterrupted(digits: Path, tmp_path: Pa
     full = trainer.fit(_cfg(digits, tmp_path / "full"), ctx, hooks=[full_rng])
     steps_per_epoch = full.step // 2
 
-    class CrashInSecondEpoch(Hook):
-        def on_step(self, info: StepInfo) -> None:
-            if info.step == steps_per_epoch + 1:
-                raise Crash
-
     distributed.seed_everything(123)  # resume must not depend on the RNG state of the new process
     with pytest.raises(Crash):
-        trainer.fit(_cfg(digits, tmp_path / "resumed"), ctx, hooks=[CrashInSecondEpoch()])
+        trainer.fit(_cfg(digits, tmp_path / "resumed"), ctx, hooks=[CrashAt(steps_per_epoch + 1)])
     assert checkpoint.latest(tmp_path / "resumed").name == f"step_{steps_per_epoch:08d}"
     distributed.seed_everything(456)
     resumed_rng = RecordRng()
@@ -99,13 +105,8 @@ def test_genscl_with_mixing_resumes_exactly(digits: Path, tmp_path: Path):
     full = trainer.fit(_cfg(digits, tmp_path / "full", *extra), ctx)
     crash_at = full.step // 2 + 1  # the first step of the second epoch
 
-    class CrashInSecondEpoch(Hook):
-        def on_step(self, info: StepInfo) -> None:
-            if info.step == crash_at:
-                raise Crash
-
     with pytest.raises(Crash):
-        trainer.fit(_cfg(digits, tmp_path / "resumed", *extra), ctx, hooks=[CrashInSecondEpoch()])
+        trainer.fit(_cfg(digits, tmp_path / "resumed", *extra), ctx, hooks=[CrashAt(crash_at)])
     distributed.seed_everything(7)
     trainer.fit(_cfg(digits, tmp_path / "resumed", *extra, "train.resume=auto"), ctx)
     a = load_file(str(checkpoint.latest(tmp_path / "full") / "model.safetensors"))
