@@ -337,12 +337,16 @@ def test_identity_eval_crop_refuses_a_resize():
 def test_wilson_interval_against_its_formula_and_overlap():
     from scipy.stats import binomtest
 
-    from supcon_scale.evaluation.stats import format_accuracy, wilson_interval, within_noise
+    from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, wilson_interval, within_noise
 
     for k, n in ((0, 10), (351, 360), (360, 360), (50, 100)):
         lo, hi = wilson_interval(k, n)
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
         assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    # the interval always holds the accuracy itself, even where the float formula rounds past it (hi at 360/360)
+    for k, n in ((0, 10), (360, 360), (7, 7), (1000, 1000), (0, 1)):
+        lo, hi = accuracy_interval(k / n, n)
+        assert lo <= k / n <= hi
     # the demo's old table, 351/360 vs 360/360: [95.3, 98.7] and [98.9, 100] do not overlap, so even that gap is a
     # finding at n = 360 (Fisher's exact test agrees: p = 0.004); 0.95 vs 0.96 on 360 images is not
     assert not within_noise(0.975, 360, 1.0, 360) and within_noise(0.95, 360, 0.96, 360)
