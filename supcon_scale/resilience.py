@@ -24,6 +24,17 @@ class Preempted(Exception):
     """Raised after the checkpoint that a preemption signal asked for has been written."""
 
 
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: loader workers ignore the preemption signals; only the trainer acts on them.
+
+    torchrun forwards a signal to each worker's whole process group, and SLURM signals every process of the step,
+    so a loader worker killed by SIGTERM would make the trainer raise "DataLoader worker ... is killed by signal"
+    before its preemption checkpoint. The trainer still shuts its loader workers down when it exits.
+    """
+    for name in PREEMPT_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the message names the step, the loss and the newest good checkpoint."""
 
@@ -43,6 +54,11 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, frame: object) -> None:
         self._flag = True
+
+    @property
+    def signalled(self) -> bool:
+        """Whether this process has received the signal (its own flag, not yet agreed with the other ranks)."""
+        return self._flag
 
     def requested(self, device: torch.device | None = None) -> bool:
         """Whether any rank has been signalled (`device` is unused: the agreement runs on the CPU)."""
@@ -126,8 +142,8 @@ def torchrun_main(argv: list[str]) -> int:
     except SignalException as exc:
         if exc.sigval.name in PREEMPT_SIGNALS:
             print(
-                f"supcon-scale torchrun: {exc.sigval.name}: workers checkpointed and stopped; exit "
-                f"{EXIT_PREEMPTED} (requeue)",
+                f"supcon-scale torchrun: {exc.sigval.name} forwarded; the workers checkpoint at their next step "
+                f"boundary (their log says 'preempted at step N'); exit {EXIT_PREEMPTED} (requeue)",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED

@@ -6,14 +6,16 @@ The package has no fault switch of its own: only this test entry point reads the
 trainer through the public Hook protocol. The faults are real ones (a SIGKILL, a NaN, a process dying inside a
 save), injected at exact steps so a test can check what survives:
 
-    SUPCON_FAULTS="kill_rank=1@5; nan_steps=2-3,5-9; die_in_save=4; sleep=1.5"
+    SUPCON_FAULTS="kill_rank=1@5; nan_steps=2-3,5-9; die_in_save=4; hold=SIGTERM@2:1"
 
 - `kill_rank=R@S`   rank R SIGKILLs itself right after step S, on the first torchrun attempt only
                     (`TORCHELASTIC_RESTART_COUNT` = 0), so an elastic restart gets past it.
 - `nan_steps=A-B,.` the inputs of those steps are multiplied by NaN (loss and gradients become non-finite).
 - `die_in_save=S`   rank 0 SIGKILLs itself inside the save of step S (every file written but `meta.json`), on the
                     first attempt only.
-- `sleep=SECONDS`   sleep after every step, so a test can deliver a signal while a given step is running.
+- `hold=SIG@S[:R]`  after step S (its metrics written), rank R (every rank without `:R`) waits until it has
+                    received SIG, the run's preemption signal; the preemption check of step S then sees it. A test
+                    waits for step S in metrics.jsonl, then signals: no sleep decides which step is preempted.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from pathlib import Path
 import torch
 
 from supcon_scale.hooks import Hook, StepInfo
+from supcon_scale.resilience import PREEMPT_SIGNALS, PreemptionHandler
 
 ENV = "SUPCON_FAULTS"
+HOLD_TIMEOUT_S = 240.0  # the reliability tests' subprocess timeout: a hold never outlives its test
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Faults:
     kill_rank: tuple[int, int] | None = None  # (rank, step)
     nan_steps: set[int] = field(default_factory=set)
     die_in_save: int | None = None
-    sleep: float = 0.0
+    hold: tuple[str, int, int | None] | None = None  # (signal name, step, rank or None for every rank)
 
 
 def parse(spec: str) -> Faults:
@@ -55,8 +59,12 @@ def parse(spec: str) -> Faults:
                     faults.nan_steps.update(range(int(lo), int(hi or lo) + 1))
             elif key == "die_in_save":
                 faults.die_in_save = int(value)
-            elif key == "sleep":
-                faults.sleep = float(value)
+            elif key == "hold":
+                name, _, where = value.partition("@")
+                step, _, rank = where.partition(":")
+                if name not in PREEMPT_SIGNALS:
+                    raise ValueError(name)
+                faults.hold = (name, int(step), int(rank) if rank else None)
             else:
                 raise ValueError(key)
         except ValueError:
@@ -70,6 +78,18 @@ def first_attempt() -> bool:
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_for(name: str) -> None:
+    """Block until this process has received `name`, seen through the run's own handler (never a second one)."""
+    handler = getattr(signal.getsignal(getattr(signal, name)), "__self__", None)
+    if not isinstance(handler, PreemptionHandler):
+        raise RuntimeError(f"{ENV}: hold={name} but the run's preemption signal is another (train.preempt_signal)")
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while not handler.signalled:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{ENV}: no {name} within {HOLD_TIMEOUT_S:.0f} s")
+        time.sleep(0.01)
 
 
 class FaultHook(Hook):
@@ -86,8 +106,10 @@ class FaultHook(Hook):
     def on_step(self, info: StepInfo) -> None:
         if self.faults.kill_rank == (self.rank, info.step) and first_attempt():
             _die()
-        if self.faults.sleep:
-            time.sleep(self.faults.sleep)
+        if self.faults.hold is not None:
+            name, step, rank = self.faults.hold
+            if info.step == step and rank in (None, self.rank):
+                _wait_for(name)
 
     def on_save(self, step: int, path: Path) -> None:
         if step == self.faults.die_in_save and self.rank == 0 and first_attempt():

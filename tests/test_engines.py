@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -286,6 +287,29 @@ def test_deepspeed_json_cannot_accumulate_gradients(tmp_path):
     merged = ds_config(cfg, 2)
     assert merged["zero_optimization"] == {"stage": 0, "overlap_comm": False}  # the run config wins
     assert merged["train_micro_batch_size_per_gpu"] == GLOBAL_B // 2
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optimizer", {"type": "Adam"}),
+        ("scheduler", {"type": "WarmupLR"}),
+        ("fp16", {"enabled": True}),
+        ("bf16", {"enabled": True}),
+        ("amp", {"enabled": True}),
+        ("train_batch_size", 64),
+        ("train_micro_batch_size_per_gpu", 8),
+    ],
+)
+def test_deepspeed_json_refuses_what_the_run_config_owns(tmp_path, key, value):
+    """The optimizer, schedule, precision and batch come from the run config; a JSON setting them is named."""
+    from supcon_scale.engines.deepspeed import ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({key: value, "wall_clock_breakdown": False}))
+    cfg = tiny_cfg("deepspeed", f"engine.deepspeed_config={path}")
+    with pytest.raises(ValueError, match=f"engine.deepspeed_config {path}: remove {key} "):
+        ds_config(cfg, 2)
 
 
 @pytest.mark.parametrize("engine_name", ["ddp", "fsdp", "deepspeed"])

@@ -352,3 +352,75 @@ def test_wilson_interval_against_its_formula_and_overlap():
     assert not within_noise(0.975, 360, 1.0, 360) and within_noise(0.95, 360, 0.96, 360)
     assert not within_noise(0.80, 1000, 0.90, 1000)
     assert format_accuracy(0.975, 360).endswith("(n=360)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command's promises: --cache-dir, --save-probe / imagenet_c --probe, --augment, the final epoch's accuracy
+
+
+def _cli(checkpoint: Path, data: Path, out: Path, *extra: str, epochs: int = 3, lr: float = 0.05) -> dict:
+    from supcon_scale.evaluation.linear import main
+
+    argv = ["--checkpoint", str(checkpoint), "--data", str(data), "--image-size", "32", "--json", str(out)]
+    sgd = ["--preset", "sgd", "--epochs", str(epochs), "--batch-size", "8", "--lr", str(lr)]
+    assert main([*argv, *sgd, *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_cache_dir_reuses_features_for_the_same_encoder_only(small, checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    first = _cli(checkpoint, small, tmp_path / "a.json", "--cache-dir", str(cache))
+    assert {p.name for p in cache.iterdir()} == {"features_train.safetensors", "features_val.safetensors"}
+    assert "extract_train_s" in first and "extract_val_s" in first
+    stamp = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    second = _cli(checkpoint, small, tmp_path / "b.json", "--cache-dir", str(cache))
+    assert "extract_train_s" not in second and "extract_val_s" not in second  # read back, not extracted again
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp
+    assert second["top1"] == first["top1"] and second["top5"] == first["top5"]
+    # another encoder over the same cache directory: its key differs, so the stale features are not reused
+    torch.manual_seed(5)
+    other = export_encoder(create_encoder("resnet18"), tmp_path / "o.safetensors", "resnet18", cifar_stem=False)
+    third = _cli(other, small, tmp_path / "c.json", "--cache-dir", str(cache))
+    assert "extract_train_s" in third and "extract_val_s" in third
+
+
+def test_saved_probe_scores_the_final_epoch_and_feeds_imagenet_c(small, checkpoint, tmp_path):
+    """The reported top-1 is the final head's (recomputed here by a plain loop from the saved head), and
+    imagenet_c --probe scores the same clean accuracy with that head instead of training one."""
+    from safetensors.torch import load_file
+
+    from supcon_scale.evaluation.robustness import generate_c, robustness_report
+
+    head = tmp_path / "probe.safetensors"
+    r = _cli(checkpoint, small, tmp_path / "r.json", "--save-probe", str(head), epochs=10, lr=2.0)
+    assert r["top1"] > 0.4  # above chance (1/3), so a head from another epoch would score otherwise
+    t = {k: v.double() for k, v in load_file(str(head)).items()}
+    encoder, _ = load_encoder(checkpoint)
+    vx, vy = _plain_features(encoder, small, "val")
+    logits = ((torch.from_numpy(vx) - t["mean"]) / t["std"]) @ t["weight"].T + t["bias"]
+    assert r["epochs"] == 10 and (logits.argmax(1).numpy() == vy).mean() == pytest.approx(r["top1"], abs=1e-6)
+    c_root = tmp_path / "small-c"
+    generate_c(small / "val", c_root, corruptions=["fog"], severities=[1], image_size=32, workers=1)
+    report = robustness_report(
+        {"m": checkpoint}, c_root, small, tmp_path / "out", "m", corruptions=["fog"], severities=[1],
+        probes={"m": head},
+    )  # fmt: skip
+    assert report["models"]["m"]["linear"]["probe"] == str(head)
+    assert report["models"]["m"]["clean_top1"] == pytest.approx(r["top1"], abs=1e-6)
+
+
+def test_augment_trains_the_head_on_crop_flip_views(small, checkpoint, tmp_path, capsys):
+    from supcon_scale.evaluation.linear import main
+
+    plain = _cli(checkpoint, small, tmp_path / "p.json", "--save-probe", str(tmp_path / "p.safetensors"))
+    aug = _cli(checkpoint, small, tmp_path / "a.json", "--augment", "--save-probe", str(tmp_path / "a.safetensors"))
+    assert (plain["augment"], plain["stream"]) == (False, "cached")
+    assert (aug["augment"], aug["stream"]) == (True, "crop_flip")
+    from safetensors.torch import load_file
+
+    w_plain = load_file(str(tmp_path / "p.safetensors"))["weight"]
+    w_aug = load_file(str(tmp_path / "a.safetensors"))["weight"]
+    assert not torch.allclose(w_plain, w_aug, atol=1e-4)  # other inputs, another head
+    argv = ["--checkpoint", str(checkpoint), "--data", str(small), "--image-size", "32", "--preset", "fast"]
+    assert main([*argv, "--augment"]) == 2
+    assert "--augment" in capsys.readouterr().err

@@ -199,16 +199,36 @@ def test_killed_rank_restarts_from_newest_checkpoint_and_matches(digits: Path, r
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Preemption: SIGUSR1 to the torchrun agent, then SIGTERM to one worker pid; both checkpoint and exit 3
+# 2. Preemption: a signal to the torchrun agent, then SIGTERM to one worker pid; both checkpoint and exit 3.
+# The ranks hold after the step to preempt until the signal has reached them (tests/faults.py `hold`), so the
+# preempted step is decided by the test, never by how fast this machine is.
+
+
+def _preempt_via_agent(digits: Path, out: Path, name: str) -> str:
+    """Start a 2-rank run, send `name` to its agent once step 2 is logged; returns the agent's stderr (exit 3)."""
+    over = (f"train.preempt_signal={name}", "train.resume=auto")
+    proc = _popen(_torchrun_cmd(digits, out, *over), f"hold={name}@2")
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(getattr(signal, name))
+    _, err = _finish(proc)
+    assert proc.returncode == 3, err[-3000:]
+    return err
+
+
+@pytest.mark.parametrize("name", ["SIGUSR2", "SIGTERM"])
+def test_other_preemption_signals_to_the_agent_checkpoint_and_exit_3(
+    digits: Path, reference: Path, tmp_path: Path, name: str
+):
+    """SLURM's --signal=B:USR2 and a scheduler's SIGTERM to the agent are forwarded like SIGUSR1 (below)."""
+    err = _preempt_via_agent(digits, tmp_path, name)
+    assert "preempted at step 2" in err and "exit 3 (requeue)" in err
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
+    _assert_same_checkpoint(_step_dir(tmp_path, 2), _step_dir(reference, 2))
 
 
 def test_preemption_via_agent_and_via_worker_exit_3_and_resume_exactly(digits: Path, reference: Path, tmp_path: Path):
     # SLURM's --signal=B:USR1 reaches the agent; supcon-scale torchrun forwards it to the workers.
-    proc = _popen(_torchrun_cmd(digits, tmp_path, "train.preempt_signal=SIGUSR1", "train.resume=auto"), "sleep=1.5")
-    _wait_for_step(tmp_path, 2, proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = _finish(proc)
-    assert proc.returncode == 3, err[-3000:]
+    err = _preempt_via_agent(digits, tmp_path, "SIGUSR1")
     assert "preempted at step 2" in err and "exit 3 (requeue)" in err
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]  # checkpoint at the next step boundary, then stop
     assert checkpoint.latest(tmp_path) == _step_dir(tmp_path, 2)
@@ -216,7 +236,7 @@ def test_preemption_via_agent_and_via_worker_exit_3_and_resume_exactly(digits: P
 
     # Requeued: resume, and this time SIGTERM reaches rank 1 only. The ranks agree on it (all-reduce), both save
     # step 4, and the worker stops its agent, so --max-restarts 1 does not restart a preempted job.
-    proc = _popen(_torchrun_cmd(digits, tmp_path, "train.resume=auto", max_restarts=1), "sleep=1.5")
+    proc = _popen(_torchrun_cmd(digits, tmp_path, "train.resume=auto", max_restarts=1), "hold=SIGTERM@4:1")
     _wait_for_step(tmp_path, 4, proc)
     os.kill(_worker_pid(proc.pid, rank=1), signal.SIGTERM)
     _, err = _finish(proc)
@@ -322,7 +342,7 @@ def test_resume_refuses_what_cannot_continue_exactly(digits: Path, reference: Pa
 
 def test_second_trainer_on_a_live_out_dir_refuses_then_takes_over_once_it_died(digits: Path, tmp_path: Path):
     cmd = [sys.executable, FAULTS_ENTRY, "train", *_overrides(digits, tmp_path, "train.resume=auto")]
-    first = _popen(cmd, "sleep=1.5")
+    first = _popen(cmd, "hold=SIGTERM@1")  # alive until killed below
     try:
         _wait_for_step(tmp_path, 1, first)
         ctx = distributed.init(seed=0)

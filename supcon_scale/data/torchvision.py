@@ -19,6 +19,7 @@ from supcon_scale.config import DataConfig
 from supcon_scale.data.index import Samples
 from supcon_scale.data.sharding import EpochPlan, FolderCursor, sample_seed
 from supcon_scale.data.spec import AugmentSpec
+from supcon_scale.resilience import ignore_preemption_signals
 
 BACKEND = "torchvision"
 
@@ -112,6 +113,7 @@ class TorchvisionLoader(FolderCursor):
             persistent_workers=workers > 0,
             pin_memory=ctx.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_preemption_signals,
         )
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
