@@ -14,6 +14,7 @@ from supcon_scale.evaluation.robustness import (
     ALEXNET_ERRORS,
     CORRUPTIONS,
     corruption_errors_to_mce,
+    defined_corruptions,
 )
 
 PAPER_ALEXNET = {  # typed in again from the ImageNet-C paper's AlexNet errors, not imported from the code under test
@@ -50,6 +51,13 @@ def test_hand_computed_two_corruptions_custom_baseline():
     # relative: fog (0.3 - 0.05) / (0.6 - 0.1) = 50 %; snow (0.2 - 0.05) / (0.4 - 0.1) = 50 %
     assert out["relative_ce"]["fog"] == pytest.approx(50.0, abs=1e-12)
     assert out["relative_ce"]["snow"] == pytest.approx(50.0, abs=1e-12)
+
+
+def test_a_corruption_where_the_baseline_errs_nowhere_is_not_scored():
+    """CE = model error / baseline error: undefined where the baseline's error is 0 at every severity."""
+    baseline = {"fog": [0.0, 0.0, 0.0], "snow": [0.0, 0.0, 0.3], "frost": 0.2, "contrast": 0.0}
+    assert defined_corruptions(baseline) == ["snow", "frost"]
+    assert defined_corruptions({}) == []
 
 
 def test_hand_computed_alexnet_single_corruption():

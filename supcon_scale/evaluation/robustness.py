@@ -53,6 +53,7 @@ MANIFEST = "_generation.json"
 
 __all__ = [
     "ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "CORRUPTIONS", "EXTRA_CORRUPTIONS", "corruption_errors_to_mce",
+    "defined_corruptions",
     "generate_c", "index_c", "evaluate_c", "robustness_report", "main",
 ]  # fmt: skip
 
@@ -62,6 +63,11 @@ def _mean(values: float | Sequence[float]) -> float:
         return float(values)
     values = [float(v) for v in values]
     return math.fsum(values) / len(values)
+
+
+def defined_corruptions(baseline_errors: Mapping[str, float | Sequence[float]]) -> list[str]:
+    """The corruptions whose CE is defined against this baseline: those where it errs at all (CE divides by it)."""
+    return [c for c, e in baseline_errors.items() if _mean(e) > 0]
 
 
 def corruption_errors_to_mce(
@@ -465,7 +471,7 @@ def robustness_report(
         baseline: str | dict[str, Any] = "alexnet"
     else:
         b = models[baseline_name]
-        scored = [c for c in scored if _mean(b["errors"][c]) > 0]  # CE against a zero baseline error is undefined
+        scored = defined_corruptions({c: b["errors"][c] for c in scored})
         baseline = {**{c: b["errors"][c] for c in scored}, "clean": b["clean_error"]}
     undefined = (
         baseline_name is not None and models[baseline_name]["clean_error"] < RELATIVE_MCE_MIN_BASELINE_CLEAN_ERROR
