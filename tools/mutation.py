@@ -232,6 +232,20 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_checkpoint.py",),
     ),
     M(
+        "checkpoint: cifar_stem exported as False",
+        "supcon_scale/checkpoint.py",
+        '            model_cfg.get("cifar_stem", False),\n        )',
+        "            False,\n        )",
+        ("tests/test_checkpoint.py::test_trained_checkpoint_exports_its_stem",),
+    ),
+    M(
+        "knn: the monitor leaves the encoder in eval mode",
+        "supcon_scale/evaluation/features.py",
+        "    encoder.train(was_training)",
+        "    encoder.train(False)",
+        ("tests/test_trainer.py::test_knn_monitor_leaves_the_encoder_training",),
+    ),
+    M(
         "checkpointer: no save at the end of an epoch",
         "supcon_scale/checkpoint.py",
         "or info.epoch_end or info.last:",
