@@ -103,6 +103,18 @@ def test_plot_writes_the_curves(run: Path, capsys: pytest.CaptureFixture[str]):
         assert width > 500 and height > 300
 
 
+def test_plot_replaces_a_planted_link_never_writing_its_target(run: Path, tmp_path: Path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    png = run / "plots" / "training_curves.png"
+    png.unlink(missing_ok=True)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.symlink_to(target)
+    assert cli.main(["plot", str(run)]) == 0
+    assert target.read_text() == "keep me"
+    assert not png.is_symlink() and _png(png)[0] > 500
+
+
 def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"supcon-scale: error: {tmp_path}: no metrics.jsonl (is it a training " \

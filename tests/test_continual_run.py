@@ -152,7 +152,13 @@ def test_continual_command_writes_summary_plots_and_intervals(tmp_path, small_di
         "seeds=[0, 1]",
         "train.resume=auto",
     ]
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out.mkdir()
+    for name in ("summary.json", "accuracy_matrix.png"):  # planted links are replaced, their target never written
+        (out / name).symlink_to(target)
     assert cli.main(["continual", *args]) == 0
+    assert target.read_text() == "keep me" and not (out / "summary.json").is_symlink()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"scr", "er"} and len(summary["runs"]) == 4
     assert len(summary["paired_difference"]["scr_minus_er_final_average_accuracy"]["per_seed"]) == 2

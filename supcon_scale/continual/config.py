@@ -22,6 +22,7 @@ import yaml
 
 from supcon_scale import config as base
 from supcon_scale.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ConfigError, EngineConfig, key
+from supcon_scale.console import write_text
 
 METHODS = ("scr", "er")
 
@@ -202,7 +203,7 @@ def from_dict(raw: Mapping[str, Any]) -> ContinualConfig:
 
 
 def save(cfg: ContinualConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:

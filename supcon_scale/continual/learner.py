@@ -22,7 +22,7 @@ import torch
 
 from supcon_scale import checkpoint, engines
 from supcon_scale.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from supcon_scale.console import MetricsLog, TrainProgress, console
+from supcon_scale.console import MetricsLog, TrainProgress, console, write_text
 from supcon_scale.continual import config, metrics, models
 from supcon_scale.continual.config import ContinualConfig
 from supcon_scale.continual.er import ER
@@ -208,7 +208,7 @@ def fit(
         [[train.classes[c] for c in t] for t in stream.tasks],
     )
     if ctx.is_main:
-        (out_dir / RESULT).write_text(json.dumps(plain_json(result.to_dict()), indent=2))
+        write_text(out_dir / RESULT, json.dumps(plain_json(result.to_dict()), indent=2))
     return result
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from supcon_scale.console import write_replacing
 from supcon_scale.evaluation.plots import _pyplot, _save
 
 LABELS = {"scr": "SCR (SupCon + NCM)", "er": "ER (cross-entropy)"}
@@ -38,7 +39,7 @@ def plot_matrices(matrices: dict[str, np.ndarray], path: str | Path) -> Path:
     fig.suptitle("Accuracy matrix a[i][j] (mean over seeds)", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    write_replacing(path, fig.savefig)  # a link planted at the name is replaced, never followed
     plt.close(fig)
     return path
 

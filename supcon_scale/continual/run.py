@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from supcon_scale import distributed
-from supcon_scale.console import console, table
+from supcon_scale.console import console, table, write_text
 from supcon_scale.continual import config, metrics
 from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
 from supcon_scale.continual.stream import load_sources
@@ -104,7 +104,7 @@ def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path |
         }
         path = json_path or out / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plain_json(summary), indent=2))
+        write_text(path, json.dumps(plain_json(summary), indent=2))
         rows = []
         for m, e in methods.items():
             cell = lambda k, e=e: f"{100 * e[k]['mean']:.1f} +- {100 * e[k]['ci95']:.1f}"

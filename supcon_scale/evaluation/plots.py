@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from supcon_scale.console import write_replacing
+
 
 def _pyplot():
     import matplotlib
@@ -25,7 +27,7 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     fig.tight_layout()  # also keeps a legend placed outside the axes inside the saved image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    write_replacing(path, fig.savefig)  # a link planted at the name is replaced, never followed
     plt.close(fig)
     return path
 
