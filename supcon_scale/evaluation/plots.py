@@ -99,6 +99,8 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     """Loss, learning rate, views/s and kNN top-1 against the optimizer step, one panel each."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=120)
+    steps = [r["step"] for r in rows]
+    pad = max(1, (max(steps) - min(steps)) // 20) if steps else 1
     for ax, (name, label, log) in zip(axes.flat, CURVES, strict=True):
         points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
         if points:
@@ -109,6 +111,8 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
+        if steps:  # every panel on the run's step range: a kNN curve of one point gets integer steps too
+            ax.set_xlim(min(steps) - pad / 2, max(steps) + pad / 2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
