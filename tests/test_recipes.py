@@ -19,6 +19,7 @@ OFFICIAL_SCRIPTS = [
     "supcon_imagenet_resnet50.sh", "supcon_imagenet_resnet101.sh", "supcon_imagenet_resnet200.sh",
     "supcon_cifar10_resnet50.sh", "simclr_imagenet_resnet50.sh", "simclr_cifar10_resnet50.sh",
     "cross_entropy_imagenet_resnet50.sh", "cross_entropy_imagenet_resnet200.sh", "cross_entropy_cifar10_resnet50.sh",
+    "train_classification_head_from_pretrained_encoder.sh",  # every script of supcon/scripts/ but configs.sh
 ]  # fmt: skip
 
 
