@@ -386,15 +386,15 @@ class RunConfig:
         check_run(self, world_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Tuples to lists, so the dict survives YAML/JSON and `torch.load(weights_only=True)`."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 
@@ -529,11 +529,6 @@ def build(cls: type, raw: Any, path: str = "") -> Any:
     the prefix `path`); a section's `_check(path)` then checks the rules between its own keys.
     """
     return _build(cls, raw, path)
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Deprecated name of `read_yaml` (supcon_scale/continual/config.py uses it)."""
-    return read_yaml(path)
 
 
 class _Override:

@@ -10,9 +10,6 @@ the stream, unknown class names) run when the stream is built (`stream.build_str
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +174,7 @@ class ContinualConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return base._plain(dataclasses.asdict(self))
+        return base.plain(dataclasses.asdict(self))
 
 
 def check(cfg: ContinualConfig, world_size: int) -> None:
@@ -188,70 +185,14 @@ def check(cfg: ContinualConfig, world_size: int) -> None:
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ContinualConfig:
     """Read `path` (following `base:` links), apply `a.b=value` overrides and return a checked ContinualConfig."""
-    raw = base._read_chain(Path(path)) if path is not None else {}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        base._set_dotted(raw, name, base._Override(value))
-    return from_dict(raw)
+    raw = base.read_yaml(path) if path is not None else {}
+    return from_dict(base.apply_overrides(raw, overrides))
 
 
 def from_dict(raw: Mapping[str, Any]) -> ContinualConfig:
-    return _build(ContinualConfig, raw, "")
+    """The schema of supcon_scale/config.py's builder: unknown keys, types and ranges named by their dotted key."""
+    return base.build(ContinualConfig, raw)
 
 
 def save(cfg: ContinualConfig, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def _build(cls: type, raw: Any, path: str) -> Any:
-    """The project's section builder (nearest-name hints, ranges, `_check`), with list keys."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in raw.items():
-        dotted = f"{path}.{name}" if path else str(name)
-        if name not in fields:
-            near = difflib.get_close_matches(str(name), sorted(fields), n=1)
-            hint = f" (did you mean {(path + '.' if path else '') + near[0]}?)" if near else ""
-            raise ConfigError(f"unknown config key {dotted}{hint}")
-        value = _coerce(hints[name], value, dotted)
-        if not isinstance(value, list):
-            base._check_range(value, fields[name].metadata, dotted)
-        kwargs[name] = value
-    obj = cls(**kwargs)
-    if hasattr(obj, "_check"):
-        obj._check(path)
-    return obj
-
-
-def _list_type(tp: Any) -> Any:
-    """`list[X]` itself, or the list member of `list[X] | None`; None for any other annotation."""
-    if typing.get_origin(tp) is list:
-        return tp
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next((a for a in typing.get_args(tp) if typing.get_origin(a) is list), None)
-    return None
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    lst = _list_type(tp)
-    if lst is None:
-        if dataclasses.is_dataclass(tp) and tp.__module__ == __name__:  # this schema's sections may hold lists
-            return _build(tp, value if value is not None else {}, path)
-        return base._coerce(tp, value, path)
-    optional = type(None) in typing.get_args(tp)
-    if isinstance(value, base._Override):
-        if optional and value.text in base._NULLS:
-            return None
-        value = base._parse_yaml(value.text, f"override {path}")
-    if value is None and optional:
-        return None
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{path} must be a list, got {type(value).__name__} {value!r}")
-    (item,) = typing.get_args(lst)
-    return [base._coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
