@@ -144,27 +144,36 @@ def _parts(overrides: list[str]):
         ["loss.impl=tiled", "loss.variant=in", "loss.contrast=one"],
         ["loss.name=simclr"],
         ["loss.name=cross_entropy"],
+        ["precision=fp16", "model.cifar_stem=false"],  # fp16 CPU convolutions are slow: 8 px maps after the stem
     ],
-    ids=["supcon", "supcon-tiled-in-one", "simclr", "cross_entropy"],
+    ids=["supcon", "supcon-tiled-in-one", "simclr", "cross_entropy", "fp16-loss-scaling"],
 )
 def test_at_most_one_host_read_per_training_step(overrides: list[str]):
-    """A step (train_step, the non-finite guard, the preemption check) reads one value back: the finite flag."""
+    """A step (train_step, the non-finite guard, the preemption check) reads one value back: the finite flag.
+
+    A skipped step may read one more (the guard reads the loss to tell fp16 calibration from a real failure); fp16
+    skips its first steps while the loss scale calibrates, so it runs until two steps have been taken.
+    """
     cfg, engine, objective = _parts(overrides)
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=False)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
     preemption = PreemptionHandler("SIGUSR2")
     g = torch.Generator().manual_seed(0)
+    taken = []
     try:
-        for step in range(1, 4):
+        for step in range(1, 17):
             views = [torch.rand(16, 3, 32, 32, generator=g) for _ in range(cfg.data.views)]
             labels = torch.randint(0, 10, (16,), generator=g)
             with count_host_reads() as counts:
                 loss, stepped = trainer.train_step(engine, objective, views, labels)
                 guard.update(step, loss, stepped, None)
                 assert not preemption.requested()
-            assert stepped and torch.isfinite(loss)
-            assert sum(counts.values()) <= 1, dict(counts)
+            assert sum(counts.values()) <= (1 if stepped else 2), (step, stepped, dict(counts))
+            taken.append(stepped)
+            if sum(taken) == 2:
+                break
     finally:
         preemption.close()
+    assert sum(taken) == 2 and (cfg.precision == "fp16" or all(taken)), taken
 
 
 def test_skipped_step_restores_batch_norm_statistics_exactly():

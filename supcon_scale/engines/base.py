@@ -65,20 +65,18 @@ def scaled_step(
 ) -> bool:
     """One optimizer + schedule step, or none on every rank when any gradient anywhere is not finite.
 
-    fp16: the scaler's inf check is global, because DDP gradients are already all-reduced and FSDP2's DTensor
-    gradients max-reduce the scaler's found-inf flag; it skips the step and backs off, seen as a smaller scale.
-    Otherwise one all-reduce (MIN) of a device-side finite flag, no host sync per parameter (as torchtitan checks its
-    loss before `optimizer.step()`).
+    One all-reduce (MIN) of a device-side finite flag and one host read, no sync per parameter (as torchtitan checks
+    its loss before `optimizer.step()`). fp16: the gradients are unscaled first and the same flag decides the step;
+    `scaler.update()` then backs off from the inf checks `unscale_` recorded. (`scaler.step` would read its found-inf
+    flag, and comparing scales before and after two more: three host syncs a step.)
     """
     if scaler.is_enabled():
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)
+    stepped = bool(all_reduce_min(local_grads_finite(params).to(device)).item())
+    if stepped:
+        optimizer.step()
+    if scaler.is_enabled():
         scaler.update()
-        stepped = scaler.get_scale() >= scale_before
-    else:
-        stepped = bool(all_reduce_min(local_grads_finite(params).to(device)).item())
-        if stepped:
-            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if stepped:
         scheduler.step()
