@@ -30,9 +30,14 @@ def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
     assert summary["linear_top1"] >= 0.95 and summary["ce_top1"] >= 0.95 and summary["genscl_top1"] >= 0.9
     # every accuracy comes with its n and 95% interval; the few-label probe and the verdicts are in the summary
     assert summary["num_val"] == 360 and summary["labels_per_class"] == 5
+    top1 = {"supcon": summary["linear_top1"], "cross_entropy": summary["ce_top1"], "genscl": summary["genscl_top1"]}
+    assert set(summary["intervals_95"]) == set(top1)
     for name, (lo, hi) in summary["intervals_95"].items():
-        top1 = {"supcon": summary["linear_top1"], "cross_entropy": summary["ce_top1"]}.get(name)
-        assert lo <= (top1 if top1 is not None else lo) <= hi
+        assert lo <= top1[name] <= hi, name
+    # the pictures: the two embedding maps side by side, and each run's curves, written and listed
+    pictures = [Path(p) for p in summary["pictures"]]
+    assert pictures[0].name == "embeddings.png" and len(pictures) >= 4
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in pictures)
     assert all(0 <= v <= 1 for v in summary["few_label_top1"].values())
     assert len(summary["comparisons"]) == 4  # SupCon and GenSCL against cross-entropy, two probes each
     assert all(("within noise" in c) or ("beyond the 95% intervals" in c) for c in summary["comparisons"])
