@@ -100,6 +100,16 @@ def _rank_scan(rank: int, world: int, root: str, out: str) -> tuple[list[tuple[s
     return bad, stats.decoded_here, stats.decoded
 
 
+@pytest.mark.parametrize("cpus, ranks, workers", [({0, 1, 2, 3, 4, 5, 6, 7}, 1, 8), ({2, 3, 4, 5}, 2, 2), ({5}, 4, 1)])
+def test_decoding_pool_is_sized_by_this_processes_cpus_shared_by_the_nodes_ranks(monkeypatch, cpus, ranks, workers):
+    """Under srun --cpus-per-task the affinity mask, not os.cpu_count(), is what a rank may use."""
+    from supcon_scale.data import badfiles
+
+    monkeypatch.setattr(badfiles.os, "sched_getaffinity", lambda pid: cpus)
+    monkeypatch.setattr(badfiles.os, "cpu_count", lambda: 256)
+    assert badfiles.default_workers(ranks) == workers
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_scan_over_ranks_finds_what_one_process_finds(tmp_path, world):
     from multiproc import run_ranks

@@ -265,6 +265,23 @@ def test_step_fits_counts_out_of_memory_as_not_fitting(monkeypatch):
     assert bench.largest_batch(fits, 2, 100) == 8
 
 
+@pytest.mark.parametrize(
+    "message, oom",
+    [
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+        ("cuDNN error: CUDNN_STATUS_MAPPING_ERROR", True),
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+        ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)", False),
+    ],
+)
+def test_library_allocation_failures_count_as_out_of_memory(message, oom):
+    """cuBLAS/cuDNN report a failed allocation as a RuntimeError, not torch.OutOfMemoryError: still "does not fit"."""
+    from supcon_scale.bench.train import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError(message)) is oom
+
+
 def test_bench_gpu_script_smoke(tmp_path):
     """tools/bench_gpu.sh with SMOKE=1: every benchmark step it chains runs (tiny, on the CPU) and writes its JSON."""
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "THREADS": "1"}
