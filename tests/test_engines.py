@@ -137,7 +137,11 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     )
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # > 0 only if train.compile traced the forward
     keys = sorted(state["model"])
-    return {"weights": weights, "losses": losses, "resume_err": resume_err, "keys": keys, "graphs": graphs}
+    broadcast = getattr(engine.forward_module, "broadcast_buffers", None)  # DDP's; None under fsdp and deepspeed
+    return {
+        "weights": weights, "losses": losses, "resume_err": resume_err, "keys": keys, "graphs": graphs,
+        "broadcast_buffers": broadcast,
+    }  # fmt: skip
 
 
 def reference_optimizer(model: nn.Module, cfg: config.RunConfig) -> torch.optim.Optimizer:
@@ -213,6 +217,7 @@ def test_lars_engine_matches_one_process(engine_name, overrides, lars_reference)
     got = run_ranks(_train_ranks, 2, engine_name, overrides, timeout=240)[0]
     np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
     assert_same_weights(got, ref, got["keys"], ref_keys)
+    assert got["broadcast_buffers"] is (True if engine_name == "ddp" else None)  # per-rank BN: rank 0's buffers
 
 
 def _train_without_launcher(rank: int, world: int, engine_name: str, overrides: tuple[str, ...]) -> dict | None:
@@ -349,6 +354,8 @@ def test_global_batch_norm_in_train_mode_matches_one_process(engine_name):
     assert_same_weights(got, ref, got["keys"], ref_keys)
     for k in (k for k in ref if "running" in k):  # running statistics are global too
         np.testing.assert_allclose(got["weights"][k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # equal on every rank already: DDP does not re-broadcast rank 0's buffers before each forward
+    assert got["broadcast_buffers"] is (False if engine_name == "ddp" else None)
 
 
 def test_sync_bn_conversion():
