@@ -197,6 +197,7 @@ def test_continual_command_bad_input_is_one_line_naming_the_key(tmp_path, small_
     assert message in err and "\n" not in err, err
 
 
+@pytest.mark.slow  # about a minute; the deepspeed engine itself is checked against one process in test_engines.py
 def test_deepspeed_engine_trains_as_ddp(tmp_path, small_digits, monkeypatch):
     """engine.name=deepspeed (ZeRO-1, one process) gives the weights and matrix of the ddp engine."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")

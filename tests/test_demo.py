@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,8 @@ def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
     assert all(0 <= v <= 1 for v in summary["few_label_top1"].values())
     assert len(summary["comparisons"]) == 4  # SupCon and GenSCL against cross-entropy, two probes each
     assert all(("within noise" in c) or ("beyond the 95% intervals" in c) for c in summary["comparisons"])
-    assert "[95% CI]" in proc.stdout and "nan" not in proc.stdout
+    printed = proc.stdout + proc.stderr  # the demo prints through the console, on stderr
+    assert "[95% CI]" in printed and not re.search(r"\bnan\b", printed, re.IGNORECASE)
     models = summary["robustness"]["models"]
     for m in models.values():  # a relative mCE is a finite number or absent with its reason
         assert ("relative_mce" in m and m["relative_mce"] == m["relative_mce"]) or "relative_mce_undefined" in m
