@@ -92,7 +92,9 @@ def uninterrupted(coded_run_data: Path, tmp_path_factory) -> dict[int, list[tupl
     return {step: sorted(ids) for step, ids in seen.items()}
 
 
-@pytest.mark.parametrize("engine, extra", ENGINES)
+# make test keeps one ZeRO stage per test; the other runs in make test-slow (same code path, 30-50 s each)
+@pytest.mark.parametrize("engine, extra", [*ENGINES[:2], pytest.param(*ENGINES[2].values, marks=pytest.mark.slow,
+                                                                       id="deepspeed-zero1"), ENGINES[3]])  # fmt: skip
 def test_two_ranks_resumed_on_three_then_one_see_every_sample_once_per_epoch(
     coded_run_data: Path, uninterrupted: dict, tmp_path: Path, engine: str, extra: tuple[str, ...]
 ):
@@ -207,7 +209,9 @@ def _fit_knn(rank: int, world: int, overrides: list[str]) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
 
 
-@pytest.mark.parametrize("engine, extra", [ENGINES[0], ENGINES[1], ENGINES[3]])
+@pytest.mark.parametrize("engine, extra", [ENGINES[0], ENGINES[1], pytest.param(*ENGINES[3].values,
+                                                                                marks=pytest.mark.slow,
+                                                                                id="deepspeed-zero2")])  # fmt: skip
 def test_knn_monitor_on_two_ranks_matches_one_process(coded_run_data: Path, tmp_path: Path, engine: str, extra):
     overrides = _overrides(coded_run_data, tmp_path, engine, *extra, "train.epochs=1", "train.knn_every_epochs=1")
     rows = run_ranks(_fit_knn, 2, overrides, timeout=TIMEOUT)[0]

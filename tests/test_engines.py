@@ -365,7 +365,7 @@ def test_sync_bn_conversion():
     assert sum(isinstance(m, models.GlobalBatchNorm) for m in model.modules()) == 20  # resnet18: 20 BatchNorm layers
 
 
-@pytest.mark.parametrize("engine_name", ["ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("engine_name", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow), "deepspeed"])
 def test_compiled_engine_matches_one_process(engine_name, lars_reference):
     """train.compile: torch.compile (inductor) around each engine's wrapper takes the eager reference's steps."""
     ref, ref_losses, ref_keys = lars_reference

@@ -282,6 +282,7 @@ def test_library_allocation_failures_count_as_out_of_memory(message, oom):
     assert is_out_of_memory(RuntimeError(message)) is oom
 
 
+@pytest.mark.slow  # 25 s; every benchmark it chains has its own fast test
 def test_bench_gpu_script_smoke(tmp_path):
     """tools/bench_gpu.sh with SMOKE=1: every benchmark step it chains runs (tiny, on the CPU) and writes its JSON."""
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "THREADS": "1"}

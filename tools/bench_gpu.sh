@@ -6,7 +6,7 @@
 # Each tool writes its JSON into $OUT as it goes (bench_loss after every case) and status.jsonl gets one line per
 # finished step, so a failing or killed step loses nothing that finished; the other steps still run.
 #   make bench-gpu                     (or: OUT=runs/bench_gpu tools/bench_gpu.sh)
-#   SMOKE=1 tools/bench_gpu.sh         tiny sizes on the CPU, to check the script itself (make test does)
+#   SMOKE=1 tools/bench_gpu.sh         tiny sizes on the CPU, to check the script itself (make test-slow does)
 set -uo pipefail
 OUT=${OUT:-runs/bench_gpu}
 PYTHON=${PYTHON:-python}
