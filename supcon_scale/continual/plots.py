@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from supcon_scale.console import write_replacing
 from supcon_scale.evaluation.plots import _pyplot, _save
 
 LABELS = {"scr": "SCR (SupCon + NCM)", "er": "ER (cross-entropy)"}
@@ -37,11 +36,7 @@ def plot_matrices(matrices: dict[str, np.ndarray], path: str | Path) -> Path:
         ax.set_title(LABELS.get(method, method), fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
     fig.suptitle("Accuracy matrix a[i][j] (mean over seeds)", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_replacing(path, fig.savefig)  # a link planted at the name is replaced, never followed
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, tight=False)  # tight_layout cannot place a colorbar shared by several axes
 
 
 def plot_stage_accuracy(stages: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> Path:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import distributed
+from supcon_scale.resilience import ignore_preemption_signals
 
 
 def freeze(encoder: nn.Module) -> nn.Module:
@@ -90,6 +91,7 @@ def extract_features(
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=ignore_preemption_signals,  # the kNN monitor runs mid-training: a preemption must find it
     )  # fmt: skip
     feats, labels, order = [], [], []
     start = time.perf_counter()

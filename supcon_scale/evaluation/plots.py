@@ -23,8 +23,9 @@ def _pyplot():
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    fig.tight_layout()  # also keeps a legend placed outside the axes inside the saved image
+def _save(plt: Any, fig: Any, path: str | Path, tight: bool = True) -> Path:
+    if tight:  # also keeps a legend placed outside the axes inside the saved image
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_replacing(path, fig.savefig)  # a link planted at the name is replaced, never followed
