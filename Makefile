@@ -5,14 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dali,deepspeed,tensorboard,wandb,dev
+EXTRAS ?= dali,deepspeed,tensorboard,wandb,robustness,dev
+# The CUDA 12 path (README, "Install"): CONSTRAINTS=constraints-cu12.txt with EXTRAS naming dali-cuda120, not dali.
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo demo-continual test test-slow test-mutation lint bench-gpu gpu-check venv clean
+.PHONY: demo demo-continual test test-slow test-mutation lint bench-gpu gpu-check venv clean check-constraints
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): setup.py constraints.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -56,6 +58,12 @@ bench-gpu: $(STAMP)
 # runs/gpu_check. `make gpu-check SMOKE=1` runs it tiny on the CPU (the tests do).
 gpu-check: $(STAMP)
 	$(PY) -m supcon_scale.bench.gpu_check --out runs/gpu_check $(if $(SMOKE),--smoke)
+
+# Every pin of constraints.txt and constraints-cu12.txt has a release for setup.py's Python floor (asks the package
+# registry: needs the network, about 2 minutes; not part of make test, whose tests/test_install.py checks offline that
+# the floor written in the constraints files is setup.py's).
+check-constraints: $(STAMP)
+	$(PY) tools/check_constraints.py
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

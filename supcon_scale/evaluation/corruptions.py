@@ -102,7 +102,7 @@ def _load() -> Any:
             mod = importlib.import_module("imagecorruptions.corruptions")
     except ImportError as exc:
         raise ImportError(
-            f"corruptions need the imagecorruptions package ({exc}); pip install imagecorruptions"
+            f"corruptions need the robustness extra ({exc}): pip install 'supcon_scale[robustness]'"
         ) from None
     finally:
         if shim is not None and sys.modules.get("pkg_resources") is shim:
