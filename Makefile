@@ -9,7 +9,7 @@ EXTRAS ?= dali,deepspeed,tensorboard,wandb,robustness,dev
 # The CUDA 12 path (README, "Install"): CONSTRAINTS=constraints-cu12.txt with EXTRAS naming dali-cuda120, not dali.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo demo-continual test test-slow test-mutation lint bench-gpu gpu-check venv clean check-constraints
+.PHONY: demo demo-continual test test-slow test-mutation lint ops bench-gpu gpu-check venv clean check-constraints
 
 $(STAMP): setup.py constraints.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,15 @@ demo-continual: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m supcon_scale.cli \
 		continual --config configs/continual/digits.yaml $(DEMO_ARGS)
 
-# Lint and format checks first (seconds), then the suite; the 20 slowest tests are listed at the end.
-test: lint
+# Lint and format checks first (seconds), DeepSpeed's CPU op compiled if it is not (once: minutes on 2 cores, which
+# would otherwise fall inside the first DeepSpeed test's timeout), then the suite; the 20 slowest tests at the end.
+test: lint ops
 	$(PY) -m pytest -q -m "not slow" --durations=20 $(PYTEST_ARGS)
+
+# DeepSpeed's CPU communication op (deepspeed_shm_comm), compiled where torch's JIT loader keeps it; a no-op when
+# built (`supcon-scale doctor` says whether it is).
+ops: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m supcon_scale.cli doctor --build-ops
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,11 +48,11 @@ lint: $(STAMP)
 
 # Plant each mutation of tools/mutation.py in a temporary copy and run the tests meant to catch it (not part of make
 # test; see the README for its time and result). JSON in runs/mutation.json.
-test-mutation: $(STAMP)
+test-mutation: $(STAMP) ops
 	$(PY) tools/mutation.py --json runs/mutation.json
 
 # Longer checks (full-size benchmarks smoke, long multi-node runs); not part of `make test`.
-test-slow: $(STAMP)
+test-slow: $(STAMP) ops
 	$(PY) -m pytest -q -m slow --durations=10 $(PYTEST_ARGS)
 
 # The GPU benchmarks of docs/BENCHMARKS.md in one run (needs a CUDA GPU; about 10 minutes); JSON in runs/bench_gpu.

@@ -1,17 +1,22 @@
 """`supcon-scale doctor`: what this node would run with, and what would fail, before a job is queued on it.
 
 One table: the NVIDIA driver against the minimum for torch's CUDA major, torch and its CUDA build, NCCL, the GPUs,
-DALI (and whether its CUDA major matches torch's), DeepSpeed (and the accelerator it would pick), the CPUs this
-process may use, and the launcher's variables. A row that would make a `device=cuda` run fail says so; the exit
-status is 1 when any does.
+DALI (and whether its CUDA major matches torch's), DeepSpeed (the accelerator it would pick, and whether its CPU
+communication op is compiled), the CPUs this process may use, and the launcher's variables. A row that would make a
+`device=cuda` run fail says so; the exit status is 1 when any does. `--json` prints the rows as JSON; `--build-ops`
+compiles DeepSpeed's CPU op once (`make` runs it before the tests), so no run or test compiles it on first use.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
+import json
+import logging
 import os
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -36,6 +41,95 @@ def _major(version: str | None) -> int | None:
         return int(str(version).split(".")[0])
     except ValueError:
         return None
+
+
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder: the CPU accelerator's collectives (deepspeed.comm)
+SHM_SOURCES = ("shm_interface.cpp", "shm.cpp")  # ShareMemCommBuilder.sources(), under deepspeed/ops/csrc/cpu/comm
+
+
+def shm_op_build_dir() -> Path:
+    """Where torch's JIT loader builds the op: TORCH_EXTENSIONS_DIR, or ~/.cache/torch_extensions/py311_cu130.
+
+    The naming of torch.utils.cpp_extension._get_build_directory, rebuilt here because that private function
+    creates the folder, and a check must not write anything.
+    """
+    import torch
+
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on a CPU node: not a finding here
+    try:
+        from torch.utils.cpp_extension import get_default_build_root
+    finally:
+        quiet.setLevel(level)
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        if torch.version.hip is not None:
+            accel = f"rocm{torch.version.hip.replace('.', '')}"
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{py}_{accel}")
+    return Path(root) / SHM_OP
+
+
+def shm_op_state() -> tuple[str, str]:
+    """("built" | "not built" | "stale", where or why) for DeepSpeed's CPU op, without importing DeepSpeed.
+
+    Built means: the library exists, its build.ninja names this DeepSpeed install's sources (a venv moved or a
+    DeepSpeed upgrade makes torch rebuild it) and no source is newer than it.
+    """
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or spec.origin is None:
+        return "not built", "DeepSpeed is not installed"
+    sources = [Path(spec.origin).parent / "ops" / "csrc" / "cpu" / "comm" / name for name in SHM_SOURCES]
+    folder = shm_op_build_dir()
+    lib, ninja = folder / f"{SHM_OP}.so", folder / "build.ninja"
+    if not lib.is_file() or not ninja.is_file():
+        return "not built", f"no {lib}"
+    text = ninja.read_text(errors="replace")
+    if not all(str(src) in text for src in sources):
+        return "stale", f"{folder} was built from another DeepSpeed install"
+    if any(src.is_file() and src.stat().st_mtime > lib.stat().st_mtime for src in sources):
+        return "stale", f"{lib} is older than its sources"
+    return "built", str(lib)
+
+
+def build_shm_op() -> int:
+    """Compile DeepSpeed's CPU op now (minutes on 2 cores the first time; a no-op when built), as a run would."""
+    if importlib.util.find_spec("deepspeed") is None:
+        print("supcon-scale doctor: DeepSpeed is not installed: no op to build")
+        return 0
+    state, _ = shm_op_state()
+    if state != "built":
+        print(f"supcon-scale doctor: compiling DeepSpeed's {SHM_OP} ({state}; minutes on a small CPU)", flush=True)
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    builder = ShareMemCommBuilder()
+    if not builder.is_compatible(verbose=False):
+        print(f"supcon-scale doctor: {SHM_OP} cannot be built here: DeepSpeed falls back to gloo's collectives")
+        return 0
+    builder.load(verbose=False)
+    print(f"supcon-scale doctor: {SHM_OP} {shm_op_state()[0]} ({shm_op_state()[1]})")
+    return 0
+
+
+def _deepspeed_rows(cuda_works: bool) -> list[Row]:
+    """DeepSpeed's version and accelerator, and whether its CPU op is compiled."""
+    ds = _version("deepspeed")
+    if ds is None:
+        return [Row("DeepSpeed", "not installed", WARN, "engine.name=deepspeed needs supcon_scale[deepspeed]")]
+    want = "cuda" if cuda_works else "cpu"
+    chosen = os.environ.get("DS_ACCELERATOR")
+    bad = chosen is not None and chosen != want
+    note = f"DS_ACCELERATOR={chosen} but the device is {want}" if bad else f"accelerator {want}"
+    state, where = shm_op_state()
+    if state != "built":
+        where += ": the first DS_ACCELERATOR=cpu run compiles it (minutes); supcon-scale doctor --build-ops does it now"
+    return [
+        Row("DeepSpeed", ds, FAIL if bad else OK, note),
+        Row(f"DeepSpeed CPU op {SHM_OP}", state, OK if state == "built" else WARN, where),
+    ]
 
 
 def rows() -> list[Row]:
@@ -98,21 +192,7 @@ def rows() -> list[Row]:
                 "" if match else f"built for CUDA {dali_major}, torch for CUDA {cuda_major}: one major",
             )
         )
-    ds = _version("deepspeed")
-    if ds is None:
-        out.append(Row("DeepSpeed", "not installed", WARN, "engine.name=deepspeed needs supcon_scale[deepspeed]"))
-    else:
-        want = "cuda" if problem is None else "cpu"
-        chosen = os.environ.get("DS_ACCELERATOR")
-        bad = chosen is not None and chosen != want
-        out.append(
-            Row(
-                "DeepSpeed",
-                ds,
-                FAIL if bad else OK,
-                f"DS_ACCELERATOR={chosen} but the device is {want}" if bad else f"accelerator {want}",
-            )
-        )
+    out += _deepspeed_rows(cuda_works=problem is None)
     cpus = len(os.sched_getaffinity(0))
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0] or 1)
     per_rank = cpus // max(ranks, 1)
@@ -130,20 +210,34 @@ def rows() -> list[Row]:
     return out
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supcon-scale doctor", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="the rows as JSON: {rows: [{item, value, verdict, note}], ...}")
+    p.add_argument(
+        "--build-ops", action="store_true", help=f"compile DeepSpeed's CPU op {SHM_OP} now (make does, once)"
+    )
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="supcon-scale doctor", description=__doc__.splitlines()[0]).parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.build_ops:
+        return build_shm_op()
+    found = rows()
+    failing = [r.item for r in found if r.verdict == FAIL]
+    if args.json:
+        print(json.dumps({"rows": [r._asdict() for r in found], "would_fail": failing}, indent=1))
+        return 1 if failing else 0
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="supcon-scale doctor")
     for col in ("check", "value", "", "note"):
         table.add_column(col)
-    found = rows()
     colour = {OK: "green", WARN: "yellow", FAIL: "red"}
     for r in found:
         table.add_row(r.item, r.value, f"[{colour[r.verdict]}]{r.verdict}[/]", r.note)
     Console(width=160).print(table)
-    failing = [r.item for r in found if r.verdict == FAIL]
     if failing:
         print(f"supcon-scale doctor: would fail: {', '.join(failing)}", file=sys.stderr)
     return 1 if failing else 0
