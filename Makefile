@@ -29,7 +29,7 @@ demo-continual: $(STAMP)
 	test -d runs/continual/data/val || $(PY) -m supcon_scale.cli make-demo-data runs/continual/data
 	rm -rf runs/continual/digits
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m supcon_scale.cli \
-		continual --config configs/continual/digits.yaml $(DEMO_ARGS)
+		continual --config continual/digits $(DEMO_ARGS)
 
 # Lint and format checks first (seconds), DeepSpeed's CPU op compiled if it is not (once: minutes on 2 cores, which
 # would otherwise fall inside the first DeepSpeed test's timeout), then the suite; the 20 slowest tests at the end.

@@ -14,6 +14,7 @@ setup(
     # matplotlib 3.11 and pillow 13 have none for 3.10); `make check-constraints` checks it against the registry.
     python_requires=">=3.11",
     packages=find_packages(include=["supcon_scale", "supcon_scale.*"]),
+    package_data={"supcon_scale.recipes": ["*/*.yaml", "*/*.json"]},  # the recipes: `supcon-scale recipes`
     install_requires=[
         "torch>=2.6",
         "torchvision>=0.21",

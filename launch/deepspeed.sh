@@ -2,7 +2,7 @@
 # Training under the deepspeed launcher, which sets RANK/WORLD_SIZE/LOCAL_RANK (read by supcon_scale.distributed).
 # engine.name=deepspeed is forced; every ZeRO stage 0-2 is exact with LARS (docs/ENGINES.md).
 #   from node 0, reaching the others by passwordless ssh (pdsh):
-#     HOSTFILE=launch/hostfile.example launch/deepspeed.sh configs/imagenet/supcon_resnet50.yaml [key=value ...]
+#     HOSTFILE=launch/hostfile.example launch/deepspeed.sh imagenet/supcon_resnet50 [key=value ...]
 #   without ssh, the same command on every node (its line number in the hostfile, from 0):
 #     NO_SSH=1 NODE_RANK=<r> MASTER_ADDR=node0 HOSTFILE=... launch/deepspeed.sh CONFIG [key=value ...]
 #   one machine, all its GPUs (NUM_GPUS=k for fewer): launch/deepspeed.sh CONFIG [key=value ...]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node training with torchrun and c10d rendezvous. Run the same command on every node:
 #   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=node0 NPROC_PER_NODE=8 \
-#     launch/torchrun_multinode.sh configs/imagenet/supcon_resnet50.yaml [key=value ...]
+#     launch/torchrun_multinode.sh imagenet/supcon_resnet50 [key=value ...]
 # The trainer resumes from its newest checkpoint by itself (train.resume=auto is passed), so torchrun's
 # --max-restarts can restart every worker with the same arguments. `supcon-scale torchrun` is torchrun (same
 # arguments) that exits 3 when the job checkpointed after a preemption signal (plain torchrun exits 1).

@@ -125,6 +125,36 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    """The packaged recipes, one line each: name, model, global batch and GPUs as the recipe's own header states."""
+    import json
+
+    from supcon_scale import config, recipes
+
+    rows = []
+    for name in recipes.names():
+        raw = config.read_yaml(recipes.path(name))
+        if "stream" in raw:  # a `continual` recipe: its own schema (continual/config.py), read as YAML
+            model = raw.get("model", {}).get("encoder", "?")
+            batch = f"{raw['stream'].get('batch_size', '?')} + {raw.get('memory', {}).get('batch_size', '?')} replayed"
+            device = raw.get("device", "auto")
+        else:
+            cfg = config.from_dict(raw)
+            model, batch, device = cfg.model.encoder, str(cfg.data.global_batch_size), cfg.device
+        gpus = recipes.gpus_stated(name) or (
+            "not stated" if device == "cuda" else "not stated; device auto (a CPU runs it)"
+        )
+        rows.append({"name": name, "model": model, "global_batch": batch, "gpus": gpus})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    w = [max(len(r[k]) for r in rows) for k in ("name", "model", "global_batch")]
+    for r in rows:
+        print(f"{r['name']:<{w[0]}}  {r['model']:<{w[1]}}  batch {r['global_batch']:<{w[2]}}  GPUs {r['gpus']}")
+    print(f"(in {recipes.ROOT}; `--config NAME` takes a name or a YAML path)")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     """What a checkpoint holds, from its meta.json (plain JSON: nothing is unpickled, torch is not imported)."""
     import json
@@ -173,7 +203,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"supcon-scale {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="pre-train an encoder (run under torchrun or the deepspeed launcher)")
-    t.add_argument("--config", type=Path, help="YAML recipe (configs/...); `base:` inheritance allowed")
+    t.add_argument(
+        "--config", type=Path, help="a recipe's name (supcon-scale recipes) or a YAML file; `base:` inheritance allowed"
+    )
     t.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. data.global_batch_size=512 loss.temperature=0.1"
     )
@@ -186,10 +218,13 @@ def parser() -> argparse.ArgumentParser:
     show = c.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
         "show", help="the resolved config (the recipe and overrides over the defaults), one key a line"
     )
-    show.add_argument("--config", type=Path, help="YAML recipe; without it, the defaults")
+    show.add_argument("--config", type=Path, help="a recipe's name or a YAML file; without it, the defaults")
     show.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     show.add_argument("--json", action="store_true", help="a JSON list of {key, value, default, type, range, help}")
     show.set_defaults(func=_config_show)
+    r = sub.add_parser("recipes", help="the packaged recipes: name, model, global batch, GPUs needed")
+    r.add_argument("--json", action="store_true", help="a JSON list of {name, model, global_batch, gpus}")
+    r.set_defaults(func=_recipes)
     i = sub.add_parser("inspect", help="step, epoch, world size, engine, loss convention and config of a checkpoint")
     i.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest checkpoint)")
     i.add_argument("--json", action="store_true", help="meta.json as it is")

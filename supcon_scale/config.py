@@ -503,8 +503,13 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in the YAML file `path` merged over its `base:` files (each relative to the file naming it)."""
-    return _read_chain(Path(path))
+    """The mapping in the YAML file `path` merged over its `base:` files (each relative to the file naming it).
+
+    `path` may name a packaged recipe (`imagenet/supcon_resnet50`); a file at `path` wins.
+    """
+    from supcon_scale import recipes
+
+    return _read_chain(recipes.find(path))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -182,10 +182,10 @@ def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="supcon-scale demo", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="where data, runs and summary.json go")
-    p.add_argument("--config", type=Path, default=Path("configs/demo/digits.yaml"))
-    p.add_argument("--ce-config", type=Path, default=Path("configs/demo/digits_ce.yaml"))
+    p.add_argument("--config", type=Path, default=Path("demo/digits"))
+    p.add_argument("--ce-config", type=Path, default=Path("demo/digits_ce"))
     p.add_argument("--nproc", type=int, default=2, help="torchrun ranks (gloo on CPU)")
-    p.add_argument("--genscl-config", type=Path, default=Path("configs/demo/digits_genscl.yaml"))
+    p.add_argument("--genscl-config", type=Path, default=Path("demo/digits_genscl"))
     p.add_argument("--genscl", action="store_true", help="also train GenSCL with the cross-entropy model as teacher")
     p.add_argument("--skip-robustness", action="store_true")
     p.add_argument("--c-per-class", type=int, default=8, help="val images per digit in digits-C (75 versions each)")

@@ -19,7 +19,7 @@ def run(small_digits: Path, tmp_path_factory) -> Path:
     """Three steps of a run at 16 px with kNN rows, logged every step."""
     out = tmp_path_factory.mktemp("commands") / "run"
     cfg = config.load(
-        REPO / "configs/demo/digits.yaml",
+        REPO / "supcon_scale/recipes/demo/digits.yaml",
         [f"data.root={small_digits}", f"out_dir={out}", "data.global_batch_size=64", "data.image_size=16",
          "data.backend=torchvision", "data.workers=0", "train.epochs=1", "train.warmup_epochs=0",
          "train.log_every=1", "train.progress=false", "train.knn_every_epochs=1"],
@@ -29,7 +29,7 @@ def run(small_digits: Path, tmp_path_factory) -> Path:
 
 
 def test_config_show_lists_every_key_once_with_its_description(capsys: pytest.CaptureFixture[str]):
-    assert cli.main(["config", "show", "--config", "configs/demo/digits.yaml", "seed=3", "log.plain=true"]) == 0
+    assert cli.main(["config", "show", "--config", "demo/digits", "seed=3", "log.plain=true"]) == 0
     lines = capsys.readouterr().out.splitlines()
     keys = config.schema()
     assert len(lines) == len(keys)

@@ -26,7 +26,7 @@ def test_base_inheritance_and_overrides(tmp_path: Path):
 
 
 def test_resolved_config_round_trips(tmp_path: Path):
-    cfg = config.load(REPO / "configs/demo/digits.yaml", ["seed=7"])
+    cfg = config.load(REPO / "supcon_scale/recipes/demo/digits.yaml", ["seed=7"])
     config.save(cfg, tmp_path / "config.yaml")
     assert config.load(tmp_path / "config.yaml") == cfg
 
@@ -70,8 +70,10 @@ def test_missing_file_and_cycle(tmp_path: Path):
         config.load(tmp_path / "a.yaml")
 
 
-# The training recipes (configs/continual/ holds the `continual` command's own schema, loaded by its tests).
-RECIPES = sorted(p for d in ("imagenet", "cifar", "demo") for p in (REPO / "configs" / d).rglob("*.yaml"))
+# The training recipes (recipes/continual/ holds the `continual` command's own schema, loaded by its tests).
+RECIPES = sorted(
+    p for d in ("imagenet", "cifar", "demo") for p in (REPO / "supcon_scale" / "recipes" / d).rglob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO).as_posix())

@@ -95,7 +95,7 @@ def test_out_of_range_value_names_the_key(key: str, value: str, name: str):
 )
 def test_cli_refuses_the_issue_values(override: str, capsys: pytest.CaptureFixture[str]):
     """`supcon-scale train` in this process (a subprocess each costs seconds of imports; one runs below)."""
-    assert cli.main(["train", "--config", "configs/demo/digits.yaml", override]) == cli.EXIT_USAGE
+    assert cli.main(["train", "--config", "demo/digits", override]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and override.split("=")[0] in err, err
 
@@ -103,7 +103,7 @@ def test_cli_refuses_the_issue_values(override: str, capsys: pytest.CaptureFixtu
 def test_cli_exits_2_with_one_line(tmp_path: Path):
     override = "optim.base_lr=.nan"
     proc = subprocess.run(
-        [sys.executable, "-m", "supcon_scale.cli", "train", "--config", "configs/demo/digits.yaml",
+        [sys.executable, "-m", "supcon_scale.cli", "train", "--config", "demo/digits",
          f"out_dir={tmp_path / 'run'}", override],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -27,7 +27,7 @@ LINE = re.compile(
 def _train(out: Path, digits: Path, *extra: str) -> str:
     """`supcon-scale train` in a subprocess with stderr redirected to a file (as under SLURM); returns that file."""
     args = [
-        "--config", "configs/demo/digits.yaml", f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64",
+        "--config", "demo/digits", f"data.root={digits}", f"out_dir={out}", "data.global_batch_size=64",
         "data.image_size=16", "data.backend=torchvision", "data.workers=0", "train.epochs=2", "train.warmup_epochs=1",
         "train.log_every=2", "log.tensorboard=true", "log.wandb=true", *extra,
     ]  # fmt: skip
@@ -206,7 +206,7 @@ def test_a_failing_sink_warns_once_and_the_log_goes_on(tmp_path: Path, capsys: p
 @pytest.mark.parametrize("key, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
 def test_missing_extra_is_one_line_naming_it(key: str, module: str, monkeypatch, capsys, tmp_path: Path):
     monkeypatch.setitem(sys.modules, module, None)  # what `import` sees when the package is not installed
-    code = cli.main(["train", "--config", "configs/demo/digits.yaml", f"out_dir={tmp_path}", f"log.{key}=true"])
+    code = cli.main(["train", "--config", "demo/digits", f"out_dir={tmp_path}", f"log.{key}=true"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [
         f"supcon-scale: config error: log.{key}=true needs the {key} extra: pip install 'supcon_scale[{key}]'"

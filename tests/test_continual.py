@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from supcon_scale import recipes
 from supcon_scale.config import ConfigError
 from supcon_scale.continual import config as ccfg
 from supcon_scale.continual import metrics
@@ -237,8 +238,7 @@ def test_config_reads_lists_and_recipes(tmp_path):
     assert cfg.seeds == [0, 1, 2] and cfg.methods == ["er"] and cfg.stream.class_order is None
     with pytest.raises(ConfigError, match="not divisible by the world size 4"):
         ccfg.check(ccfg.load(None, ["stream.batch_size=10"]), 4)
-    root = Path(__file__).resolve().parents[1] / "configs" / "continual"
-    for recipe in sorted(root.glob("*.yaml")):
+    for recipe in [name for name in recipes.names() if name.startswith("continual/")]:
         loaded = ccfg.load(recipe)
         assert loaded.methods == ["scr", "er"], recipe
         ccfg.save(loaded, tmp_path / "again.yaml")

@@ -110,7 +110,7 @@ def test_no_archive_or_two_archives(tmp_path):
 
 
 def test_cifar_recipe_trains_two_steps(cifar, tmp_path):
-    """configs/cifar/supcon_resnet50.yaml as written, on the test archive: only size, device and length overridden."""
+    """The cifar/supcon_resnet50 recipe as written, on the test archive: only size, device and length overridden."""
     from supcon_scale import cli
 
     out = tmp_path / "run"
@@ -125,6 +125,8 @@ def test_cifar_recipe_trains_two_steps(cifar, tmp_path):
         "data.workers=0",
         "data.dali_threads=1",
     ]
-    assert cli.main(["train", "--config", str(REPO / "configs/cifar/supcon_resnet50.yaml"), *overrides]) == 0
+    assert (
+        cli.main(["train", "--config", str(REPO / "supcon_scale/recipes/cifar/supcon_resnet50.yaml"), *overrides]) == 0
+    )
     steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(s for s in steps if s is not None) == 2

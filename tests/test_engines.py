@@ -207,7 +207,7 @@ def assert_same_weights(got: dict, ref: dict[str, np.ndarray], keys: list[str], 
         # the shipped communication settings (bucketed, overlapped reduce-scatter) change nothing in the numbers
         pytest.param(
             "deepspeed",
-            ("engine.zero_stage=2", f"engine.deepspeed_config={ROOT / 'configs/deepspeed/zero2.json'}"),
+            ("engine.zero_stage=2", f"engine.deepspeed_config={ROOT / 'supcon_scale/recipes/deepspeed/zero2.json'}"),
             id="deepspeed-zero2-json",
         ),
     ],

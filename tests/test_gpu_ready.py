@@ -27,7 +27,7 @@ def test_device_cuda_without_cuda_exits_2_naming_driver_cuda_and_visible_devices
         "supcon_scale.cli",
         "train",
         "--config",
-        str(REPO / "configs/demo/digits.yaml"),
+        str(REPO / "supcon_scale/recipes/demo/digits.yaml"),
         "device=cuda",
         f"out_dir={tmp_path / 'run'}",
     ]

@@ -31,7 +31,7 @@ from supcon_scale.console import MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [
-    "train", "--config", "configs/demo/digits.yaml", "data.backend=torchvision", "data.image_size=16",
+    "train", "--config", "demo/digits", "data.backend=torchvision", "data.image_size=16",
     "data.global_batch_size=16", "data.workers=0", "train.max_steps=1", "train.progress=false", "train.log_every=1",
 ]  # fmt: skip
 TIMEOUT = 300  # seconds for any one subprocess

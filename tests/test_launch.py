@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from multiproc import free_port
 
-from supcon_scale import checkpoint
+from supcon_scale import checkpoint, recipes
 from supcon_scale.data.folder import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 DEMO = [
-    "configs/demo/digits.yaml",
+    "demo/digits",
     "data.global_batch_size=16",
     "data.image_size=16",
     "train.max_steps=3",
@@ -103,7 +104,7 @@ def test_two_node_deepspeed_launcher_trains_and_checkpoints(demo_data, tmp_path)
     assert "--local_rank=0" in results[0].stdout  # the launcher's flag reached the CLI, which took it
 
 
-RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/supcon_resnet*.yaml"))
+RECIPES = [name for name in recipes.names() if re.fullmatch(r"\w+/supcon_resnet\d+", name)]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -114,7 +115,7 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
     from supcon_scale import config, engines, losses, models, optim
     from supcon_scale.distributed import Context
 
-    full = config.load(ROOT / recipe)
+    full = config.load(recipe)
     assert full.loss.scale == "temperature" and full.loss.temperature == 0.1 and full.loss.variant == "out"
     assert full.model.sync_bn and full.precision == "bf16"
     peak = optim.scaled_lr(full.optim, full.data.global_batch_size)
@@ -122,7 +123,7 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
     assert peak == pytest.approx(8.0 if "cifar" in recipe else expected[full.model.encoder])
     # torch's SyncBatchNorm refuses CPU tensors: the tiny run uses plain batch norm
     cfg = config.load(
-        ROOT / recipe,
+        recipe,
         [
             "model.encoder=resnet18",
             "model.sync_bn=false",

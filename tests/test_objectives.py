@@ -55,7 +55,7 @@ def digits(small_digits: Path) -> Path:
 
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
     return config.load(
-        REPO / "configs/demo/digits.yaml",
+        REPO / "supcon_scale/recipes/demo/digits.yaml",
         [
             f"data.root={digits}",
             f"out_dir={out}",

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supcon_scale import config
+from supcon_scale import config, recipes
 from supcon_scale.evaluation import linear
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "RECIPES.md"
-RECIPES = sorted(str(p.relative_to(ROOT)) for d in ("imagenet", "cifar") for p in (ROOT / "configs" / d).glob("*.yaml"))
+RECIPES = [name for name in recipes.names() if name.startswith(("imagenet/", "cifar/"))]
 OFFICIAL_SCRIPTS = [
     "supcon_imagenet_resnet50.sh", "supcon_imagenet_resnet101.sh", "supcon_imagenet_resnet200.sh",
     "supcon_cifar10_resnet50.sh", "simclr_imagenet_resnet50.sh", "simclr_cifar10_resnet50.sh",
@@ -28,17 +28,17 @@ def _cells(line: str) -> list[str]:
 
 
 def parse_doc(text: str) -> dict[str, dict]:
-    """{recipe path: {"base": path | None, "rows": {key: value text}}} from the `## \\`configs/...\\`` sections."""
+    """{recipe path: {"base": path | None, "rows": {key: value text}}} from the `## \\`imagenet/...\\`` sections."""
     sections: dict[str, dict] = {}
     current = None
     for line in text.splitlines():
-        head = re.match(r"^## `(configs/[^`]+)`", line)
+        head = re.match(r"^## `((?:imagenet|cifar)/[^`]+)`", line)
         if head:
             current = sections.setdefault(head.group(1), {"base": None, "rows": {}})
             continue
         if current is None:
             continue
-        base = re.match(r"^Base: `(configs/[^`]+)`", line)
+        base = re.match(r"^Base: `([^`]+)`", line)
         if base:
             current["base"] = base.group(1)
         cells = _cells(line) if line.startswith("|") else []
@@ -87,7 +87,7 @@ def test_every_recipe_and_official_script_has_a_table():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_table_values_are_the_resolved_config(recipe):
-    cfg = config.load(ROOT / recipe)
+    cfg = config.load(recipe)
     rows = rows_of(recipe)
     assert len(rows) >= 4, f"{recipe}: the table has almost no rows"
     for key, text in rows.items():
@@ -100,8 +100,8 @@ def test_table_values_are_the_resolved_config(recipe):
 def test_the_parser_sees_a_drifted_value(tmp_path):
     """A wrong value in a table row is caught (the check is not vacuous)."""
     text = DOC.read_text().replace("| `data.global_batch_size` | `6144` |", "| `data.global_batch_size` | `6000` |", 1)
-    rows = {**parse_doc(text)["configs/imagenet/supcon_resnet50.yaml"]["rows"]}
-    cfg = config.load(ROOT / "configs/imagenet/supcon_resnet50.yaml")
+    rows = {**parse_doc(text)["imagenet/supcon_resnet50"]["rows"]}
+    cfg = config.load("imagenet/supcon_resnet50")
     assert not same(yaml.safe_load(rows["data.global_batch_size"]), resolve(cfg, "data.global_batch_size"))
 
 
@@ -115,10 +115,10 @@ def test_protocol_rows_name_real_fields():
 
 
 def test_official_cifar_recipe_evaluates_as_stored_with_cifar_whitening():
-    cfg = config.load(ROOT / "configs/cifar/supcon_resnet50.yaml")
+    cfg = config.load("cifar/supcon_resnet50")
     name, preset = linear.resolve_protocol("official", cfg)
     assert name == "official_cifar" and preset.optimizer == "sgd" and preset.boundaries == (60, 75, 90)
-    name, preset = linear.resolve_protocol("official", config.load(ROOT / "configs/imagenet/supcon_resnet50.yaml"))
+    name, preset = linear.resolve_protocol("official", config.load("imagenet/supcon_resnet50"))
     assert name == "official_imagenet" and preset.optimizer == "rmsprop"
     # the official whitening, given on [-1, 1] inputs (supcon inputs.py), is the config's on 0..1 inputs
     for m, s, m01, s01 in zip((-0.0172, -0.0356, -0.107), (0.4046, 0.3988, 0.402), cfg.data.augment.mean,

@@ -37,7 +37,7 @@ def _overrides(digits: Path, out: Path, *extra: str) -> list[str]:
     return [
         # torchvision: its data position is plain integers to compare; DALI's resume has its own tests
         "--config",
-        "configs/demo/digits.yaml",
+        "demo/digits",
         f"data.root={digits}",
         f"out_dir={out}",
         "data.global_batch_size=64",
@@ -52,7 +52,7 @@ def _overrides(digits: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
-    return config.load(REPO / "configs/demo/digits.yaml", _overrides(digits, out, *extra)[2:])
+    return config.load(REPO / "supcon_scale/recipes/demo/digits.yaml", _overrides(digits, out, *extra)[2:])
 
 
 def _env(faults: str | None) -> dict[str, str]:
@@ -367,7 +367,7 @@ def test_second_trainer_on_a_live_out_dir_refuses_then_takes_over_once_it_died(d
 
 def test_older_config_keys_name_their_new_name(tmp_path: Path):
     old = tmp_path / "old.yaml"
-    old.write_text("base: " + str(REPO / "configs/demo/digits.yaml") + "\ntrain:\n  save_freq: 50\n")
+    old.write_text("base: " + str(REPO / "supcon_scale/recipes/demo/digits.yaml") + "\ntrain:\n  save_freq: 50\n")
     with pytest.raises(
         config.ConfigError, match=r"^config key train.save_freq was renamed to train.checkpoint_every_steps"
     ):

@@ -25,7 +25,7 @@ def digits(small_digits: Path) -> Path:
 
 def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
     return config.load(
-        REPO / "configs/demo/digits.yaml",
+        REPO / "supcon_scale/recipes/demo/digits.yaml",
         [
             f"data.root={digits}",
             f"out_dir={out}",
@@ -165,7 +165,7 @@ def test_cli_takes_the_deepspeed_launchers_local_rank(monkeypatch):
     [("loss.temprature=0.1", "did you mean loss.temperature?"), ("loss.temperature=0", "loss.temperature must be > 0")],
 )
 def test_cli_config_error_exits_2_with_one_line(override: str, message: str):
-    proc = _cli("train", "--config", "configs/demo/digits.yaml", override)
+    proc = _cli("train", "--config", "demo/digits", override)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -178,7 +178,7 @@ def test_cli_trains_on_two_torchrun_ranks(digits: Path, tmp_path: Path):
         "supcon_scale.cli",
         "train",
         "--config",
-        "configs/demo/digits.yaml",
+        "demo/digits",
         f"data.root={digits}",
         f"out_dir={tmp_path}",
         "train.max_steps=2",
@@ -200,7 +200,7 @@ def test_cli_batch_not_divisible_by_world(digits: Path, tmp_path: Path):
         "supcon_scale.cli",
         "train",
         "--config",
-        "configs/demo/digits.yaml",
+        "demo/digits",
         f"data.root={digits}",
         f"out_dir={tmp_path}",
         "data.global_batch_size=63",

@@ -136,7 +136,7 @@ def part_engines(check: Check) -> dict[str, Any]:
         out = check.out / "engines" / name.replace(" ", "_")
         common = [
             "--config",
-            str(Path(__file__).resolve().parents[2] / "configs/demo/digits.yaml"),
+            "demo/digits",
             f"out_dir={out}",
             f"data.root={check.root}",
             f"data.backend={check.backend.replace('-gpu', '')}",

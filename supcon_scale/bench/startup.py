@@ -96,7 +96,7 @@ def launch(root: Path, work: Path, ranks: int, manifest: Path, tag: str) -> dict
     report = work / f"report-{tag}.json"
     args = [
         "--config",
-        str(Path(__file__).resolve().parents[2] / "configs/demo/digits.yaml"),
+        "demo/digits",
         f"data.root={root}",
         f"out_dir={out_dir}",
         f"data.manifest={manifest}",

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="supcon-scale continual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", type=Path, help="YAML recipe (configs/continual/...); `base:` inheritance allowed")
+    p.add_argument(
+        "--config", type=Path, help="a recipe (continual/digits, ...) or a YAML file; `base:` inheritance allowed"
+    )
     p.add_argument("--json", type=Path, help="where the summary goes (default OUT_DIR/summary.json)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. memory.size=500 seeds=[0,1,2]")
     args = p.parse_args(argv)
