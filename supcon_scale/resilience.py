@@ -120,6 +120,30 @@ def parent_is_torchrun(pid: int | None = None) -> bool:
     return any(os.path.basename(a) == b"torchrun" or a == b"torch.distributed.run" for a in argv[:6])
 
 
+def torchrun_help() -> str:
+    """What `supcon-scale torchrun` adds to torchrun, printed before torchrun's own `--help`."""
+    return (
+        "supcon-scale torchrun: torchrun with the same arguments, and exit statuses a scheduler can act on:\n"
+        f"  {EXIT_PREEMPTED}  the job was preempted (SIGTERM/SIGUSR1/SIGUSR2 forwarded, or a worker exited "
+        f"{EXIT_PREEMPTED}): its checkpoint is written; requeue it, train.resume=auto continues from it\n"
+        "  1  a worker failed (plain torchrun exits 1 for a preemption too)\n"
+        "  128+N  the agent itself died of signal N\n"
+        f"Added unless given: --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 (SLURM's --signal)"
+        f" and --shutdown-timeout {SHUTDOWN_TIMEOUT_S} (torchrun's 30 s is short for a preemption checkpoint).\n"
+        "torchrun's own options follow.\n"
+    )
+
+
+def _asks_help(argv: list[str]) -> bool:
+    """`-h`/`--help` among torchrun's own options (before `-m MODULE` or the script), not the script's."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return True
+        if arg in ("-m", "--module", "--no-python", "--no_python") or arg.endswith(".py"):
+            return False
+    return False
+
+
 def torchrun_main(argv: list[str]) -> int:
     """`supcon-scale torchrun ...`: torchrun whose exit status is EXIT_PREEMPTED when the job was preempted.
 
@@ -130,6 +154,9 @@ def torchrun_main(argv: list[str]) -> int:
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if _asks_help(argv):
+        print(torchrun_help(), flush=True)
 
     if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
         argv = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", *argv]

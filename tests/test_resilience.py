@@ -35,3 +35,35 @@ def test_fp16_scaler_calibration_skips_are_not_failures():
     without.update(1, FINITE, False, None)
     with pytest.raises(NonFiniteError):  # bf16/fp32 have no scaler: any skipped step is a bad one
         without.update(2, FINITE, False, None)
+
+
+@pytest.mark.parametrize(
+    "argv, asks",
+    [
+        (["--help"], True),
+        (["--nproc-per-node", "2", "-h"], True),
+        (["--nproc-per-node", "2", "-m", "supcon_scale.cli", "train", "--help"], False),  # the script's help
+        (["train.py", "--help"], False),
+        (["--standalone", "-m", "x"], False),
+    ],
+)
+def test_torchrun_help_is_asked_only_before_the_entrypoint(argv, asks):
+    from supcon_scale.resilience import _asks_help
+
+    assert _asks_help(argv) is asks
+
+
+def test_torchrun_help_explains_exit_3_then_prints_torchruns_own(tmp_path):
+    import subprocess
+    import sys
+
+    from supcon_scale.resilience import EXIT_PREEMPTED
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "supcon_scale.cli", "torchrun", "--help"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ours, _, theirs = proc.stdout.partition("usage:")
+    assert f"\n  {EXIT_PREEMPTED}  the job was preempted" in ours and "requeue" in ours
+    assert "--nproc-per-node" in theirs and "--max-restarts" in theirs  # torchrun's own help follows
