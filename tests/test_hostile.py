@@ -313,18 +313,19 @@ def test_out_dir_that_is_a_file(data16, tmp_path, capsys):
 
 
 def test_out_dir_in_a_read_only_folder(data16, tmp_path):
-    """As an unprivileged user (root writes anywhere, so the row drops to `nobody` when run as root)."""
-    base = Path(f"/tmp/supcon-hostile-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    shutil.copytree(data16, base / "data")
-    (base / "ro").mkdir()
+    """As an unprivileged process: root writes anywhere, so as root the row runs without capabilities.
+
+    Root without CAP_DAC_OVERRIDE obeys the permission bits like any user, yet stays uid 0, the owner of the
+    checkout, the interpreter and tmp_path: the test does not depend on where they lie (a checkout under a private
+    `mktemp -d` is out of `nobody`'s reach, and so is a venv inside it).
+    """
+    base = tmp_path / "hostile"
+    (base / "ro").mkdir(parents=True)
     try:
-        for p in [base, *base.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
         (base / "ro").chmod(0o555)
-        cmd = [sys.executable, "-m", "supcon_scale.cli", *train_args(base / "data", base / "ro" / "out")]
+        cmd = [sys.executable, "-m", "supcon_scale.cli", *train_args(data16, base / "ro" / "out")]
         if os.geteuid() == 0:
-            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+            cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *cmd]
         env = _env(HOME=str(base))
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, env=env)
         assert proc.returncode == 2, proc.stderr[-3000:]
