@@ -110,7 +110,8 @@ def build_shm_op() -> int:
         print(f"supcon-scale doctor: {SHM_OP} cannot be built here: DeepSpeed falls back to gloo's collectives")
         return 0
     builder.load(verbose=False)
-    print(f"supcon-scale doctor: {SHM_OP} {shm_op_state()[0]} ({shm_op_state()[1]})")
+    state, where = shm_op_state()
+    print(f"supcon-scale doctor: {SHM_OP} {state} ({where})")
     return 0
 
 
