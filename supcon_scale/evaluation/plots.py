@@ -33,21 +33,32 @@ def _save(plt: Any, fig: Any, path: str | Path, tight: bool = True) -> Path:
     return path
 
 
-def plot_accuracy_vs_severity(models: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """Top-1 accuracy (mean over corruptions) at severity 0 (clean) to 5, one line per model."""
+def accuracy_vs_severity_figure(models: dict[str, dict[str, Any]], severities: list[int] | tuple[int, ...]) -> Any:
+    """The figure: top-1 accuracy (mean over corruptions) at 0 (clean) and at each severity scored, one line per
+    model; the x axis places and labels the severities as scored (1, 3, 5 stay 1, 3, 5)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = [0, *severities]
     for name, m in models.items():
         per_severity = np.array(list(m["errors"].values()), dtype=float)  # [corruptions, severities]
+        if per_severity.shape[1] != len(severities):
+            raise ValueError(f"{name}: errors at {per_severity.shape[1]} severities, but {len(severities)} are named")
         acc = [100 * (1 - m["clean_error"])] + list(100 * (1 - per_severity.mean(axis=0)))
-        ax.plot(range(len(acc)), acc, marker="o", label=name)
+        ax.plot(xs, acc, marker="o", label=name)
     ax.set_xlabel("corruption severity (0 = clean)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_xticks(range(len(acc)))
+    ax.set_xticks(xs, labels=[str(x) for x in xs])
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Accuracy under corruption")
-    return _save(plt, fig, path)
+    return fig
+
+
+def plot_accuracy_vs_severity(
+    models: dict[str, dict[str, Any]], path: str | Path, severities: list[int] | tuple[int, ...] = (1, 2, 3, 4, 5)
+) -> Path:
+    """`accuracy_vs_severity_figure` saved as a PNG (the paper's Figure 3)."""
+    return _save(_pyplot(), accuracy_vs_severity_figure(models, severities), path)
 
 
 def plot_ce_bars(models: dict[str, dict[str, Any]], path: str | Path, reference: str = "AlexNet") -> Path:
