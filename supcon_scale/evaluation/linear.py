@@ -513,14 +513,17 @@ def fit_linear_probe(
     train_split: str = "train",
     val_split: str = "val",
     stage1: config.RunConfig | None = None,
+    keep_predictions: bool = False,
 ) -> tuple[LinearProbe, dict[str, Any]]:
     """Train a linear head on `data_root/train_split` and score it on `data_root/val_split` (final epoch).
 
     `stage1` is the pre-training run's config (`run_config`): its augmentation, batch size, normalisation and
-    evaluation crop; without it the defaults of config.py stand in.
+    evaluation crop; without it the defaults of config.py stand in. `keep_predictions` adds `val_correct`, whether
+    each val image (in folder order) was right, for paired comparisons of models (`stats.mcnemar`).
     """
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.data.folder import index_folder
+    from supcon_scale.evaluation.splits import check_splits
 
     form, cfg = resolve_protocol(preset, stage1)
     if epochs is not None and epochs < 1:
@@ -534,9 +537,8 @@ def fit_linear_probe(
         cfg = replace(cfg, stream="crop_flip")
     device = default_device(device)
     root = Path(data_root)
+    check_splits(root, "--data", train_split, val_split)  # both there, the same class folders: else labels shift
     train_index, val_index = index_folder(root / train_split), index_folder(root / val_split)
-    if train_index.classes != val_index.classes:
-        raise ValueError(f"--data: class folders of {root / train_split} and {root / val_split} differ")
     num_classes = len(train_index.classes)
     encoder = freeze(encoder).to(device)
     data_cfg = stage1.data if stage1 is not None else config.DataConfig()
@@ -590,7 +592,8 @@ def fit_linear_probe(
     timing["train_s"] = time.perf_counter() - start
     probe = LinearProbe(encoder, fc, mean, std, train_index.classes, normalize=normalize).to(device)
     with torch.no_grad():
-        val_acc = topk_accuracy(probe.head(val_x), val_y)
+        val_logits = probe.head(val_x)
+        val_acc = topk_accuracy(val_logits, val_y)
         train_acc = (
             topk_accuracy(probe.head(feats["train"][0].to(device)), feats["train"][1].to(device))
             if "train" in feats
@@ -624,6 +627,8 @@ def fit_linear_probe(
         **info,
         **timing,
     }
+    if keep_predictions:
+        result["val_correct"] = (val_logits.argmax(1) == val_y).tolist()
     return probe, result
 
 
@@ -684,6 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     from supcon_scale.evaluation.features import check_args
 
     check_args(args)
+    from supcon_scale.evaluation.splits import check_splits
+
+    try:  # before the encoder loads: a missing or mismatched split, named by its flag
+        check_splits(args.data, "--data")
+    except ValueError as exc:
+        print(f"linear_eval: error: {exc}", file=sys.stderr)
+        return 2
     ctx = distributed.init(seed=args.seed)
     try:
         encoder, meta = load_encoder(args.checkpoint)
