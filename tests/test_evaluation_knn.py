@@ -142,3 +142,17 @@ def test_train_with_the_monitor_and_no_val_split_stops_before_training(tiny, tmp
     assert rc == 2
     one_line_error(err, "data.root", str(data / "val"), "train.knn_every_epochs")
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()  # not one step trained
+
+
+def test_the_training_curves_show_the_knn_interval_as_a_band():
+    from supcon_scale.evaluation.plots import training_curves_figure
+
+    rows = [{"step": 10, "loss": 2.0, "lr": 0.1, "views_per_s": 5.0},
+            {"step": 10, "epoch": 0, "knn_top1": 0.6, "knn_top1_interval_95": [0.5, 0.7]},
+            {"step": 20, "epoch": 1, "knn_top1": 0.8, "knn_top1_interval_95": [0.72, 0.86]}]  # fmt: skip
+    fig = training_curves_figure(rows)
+    knn = fig.axes[3]
+    (band,) = knn.collections
+    ys = sorted({round(float(y), 6) for x, y in band.get_paths()[0].vertices})
+    assert ys == [0.5, 0.7, 0.72, 0.86]
+    assert [t.get_text() for t in knn.get_legend().get_texts()] == ["95% interval"]

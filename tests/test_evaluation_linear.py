@@ -437,3 +437,18 @@ def test_keep_predictions_gives_each_val_image_right_or_wrong_in_folder_order(sm
     with torch.no_grad():
         want = (probe.head(torch.from_numpy(vx).float()).argmax(1).numpy() == vy).tolist()
     assert r["val_correct"] == want and sum(want) == r["correct"] and len(want) == r["num_val"] == 18
+
+
+@pytest.mark.parametrize("epochs", [1, 5])
+def test_fast_epochs_are_reported_as_asked(small, checkpoint, tmp_path, capsys, epochs):
+    """`--epochs N` on the L-BFGS preset runs N full-batch iterations and reports N epochs; the function evaluations
+    (the first one and the line search's, once reported as the epochs: 5 became 6) are reported apart."""
+    from supcon_scale.evaluation.linear import main
+
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(checkpoint), "--data", str(small), "--image-size", "32", "--preset", "fast"]
+    assert main([*argv, "--epochs", str(epochs), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["epochs"], r["max_epochs"]) == (epochs, epochs) and r["function_evaluations"] > epochs
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if " fast " in line]
+    assert row.split("│")[5].strip() == str(epochs)  # the table's epochs column

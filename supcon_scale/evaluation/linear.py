@@ -345,14 +345,17 @@ def _fit_minibatch(
 
 def _lbfgs(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, init: nn.Linear | None = None
-) -> tuple[nn.Linear, int]:
-    """Multinomial logistic regression, full batch: mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised)."""
+) -> tuple[nn.Linear, tuple[int, int]]:
+    """Multinomial logistic regression, full batch: mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised); returns
+    the head and (iterations, function evaluations): each iteration is one full-batch pass, an epoch here."""
     fc = _zero_head(x.shape[1], num_classes, x.device)
     if init is not None:  # warm start along the regularisation path: far fewer iterations per fit
         fc.load_state_dict(init.state_dict())
+    # max_eval well above max_iter: the iteration count (`--epochs`) is the limit, not torch's default evaluation
+    # budget of 1.25 x max_iter, which the line search's extra evaluations can reach an iteration or more earlier.
     opt = torch.optim.LBFGS(
-        fc.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-7, tolerance_change=1e-10,
+        fc.parameters(), lr=1.0, max_iter=max_iter, max_eval=max_iter * 25, history_size=20,
+        line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10,
     )  # fmt: skip
 
     def closure() -> torch.Tensor:
@@ -362,7 +365,8 @@ def _lbfgs(
         return loss
 
     opt.step(closure)
-    return fc, int(opt.state[opt._params[0]].get("func_evals", 0))
+    state = opt.state[opt._params[0]]
+    return fc, (int(state.get("n_iter", 0)), int(state.get("func_evals", 0)))
 
 
 def _fit_lbfgs(
@@ -383,8 +387,11 @@ def _fit_lbfgs(
         with torch.no_grad():
             scores[l2] = float((prev(x[hold_idx]).argmax(1) == y[hold_idx]).float().mean())
     best = max(FAST_L2_GRID, key=lambda l2: (scores[l2], l2))  # ties go to the stronger regulariser
-    fc, evals = _lbfgs(x, y, num_classes, best, max_iter, init=fits[best])
-    return fc, {"epochs": evals, "l2": best, "l2_holdout_top1": {str(k): v for k, v in scores.items()}}
+    fc, (iterations, evals) = _lbfgs(x, y, num_classes, best, max_iter, init=fits[best])
+    # `epochs` is the iterations of the final fit (at most `--epochs`; fewer when it converged), not the function
+    # evaluations, which count the first evaluation and the line search's (`--epochs 5` was reported as 6)
+    info = {"epochs": iterations, "max_epochs": max_iter, "function_evaluations": evals}
+    return fc, {**info, "l2": best, "l2_holdout_top1": {str(k): v for k, v in scores.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------

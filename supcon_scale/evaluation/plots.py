@@ -108,7 +108,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Loss, learning rate, views/s and kNN top-1 against the optimizer step, one panel each."""
+    """`training_curves_figure` saved as a PNG."""
+    return _save(_pyplot(), training_curves_figure(rows, title), path)
+
+
+def training_curves_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
+    """Loss, learning rate, views/s and kNN top-1 (with its 95% interval as a band) against the optimizer step."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=120)
     steps = [r["step"] for r in rows]
@@ -117,6 +122,10 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, ms=3)
+            band = [(r["step"], *r[f"{name}_interval_95"]) for r in rows if r.get(f"{name}_interval_95") is not None]
+            if band:  # the kNN top-1's 95% Wilson interval (knn_top1_interval_95 in the monitor's rows)
+                ax.fill_between(*zip(*band, strict=True), alpha=0.25, label="95% interval")
+                ax.legend(fontsize=8)
         else:
             hint = " (train.knn_every_epochs)" if name == "knn_top1" else ""
             ax.text(0.5, 0.5, f"no {name} in metrics.jsonl{hint}", ha="center", va="center", transform=ax.transAxes)
@@ -130,7 +139,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(plt, fig, path)
+    return fig
 
 
 def plot_time_shares(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
