@@ -322,7 +322,7 @@ def evaluate_c(
 def check_inputs(
     checkpoints: Mapping[str, Any], c_root: Path, clean: Path, corruptions: Sequence[str], severities: Sequence[int]
 ) -> list[str]:
-    """Before any model is loaded: the clean splits and every "-C" folder hold the same classes; their names."""
+    """Before anything is scored: the clean splits and every "-C" folder hold the same classes; their names."""
     if not checkpoints:
         raise ValueError("--checkpoint: give at least one NAME=PATH")
     unknown = [c for c in corruptions if c not in ALL_CORRUPTIONS]
@@ -377,6 +377,7 @@ def _score(
 
     probes, batch_size, device, num_workers = kw["probes"], kw["batch_size"], kw["device"], kw["num_workers"]
     encoder, meta = load_encoder(path)
+    check_inputs({name: path}, c_root, clean_root, kw["corruptions"], kw["severities"])  # before any image is scored
     size = (
         kw["image_size"]
         or (generated or {}).get("image_size")
@@ -431,7 +432,9 @@ def robustness_report(
     from supcon_scale.evaluation.plots import plot_accuracy_vs_severity, plot_ce_bars
 
     c_root, clean_root, out_dir = Path(c_root), Path(clean_root), Path(out_dir)
-    classes = check_inputs(checkpoints, c_root, clean_root, corruptions, severities)
+    if not checkpoints:
+        raise ValueError("--checkpoint: give at least one NAME=PATH")
+    classes = check_splits(clean_root, "--clean")
     baseline, why = choose_baseline(baseline_name, list(checkpoints), severities, len(classes))
     manifest = c_root / MANIFEST
     generated = json.loads(manifest.read_text())["params"] if manifest.is_file() else None
