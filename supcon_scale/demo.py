@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         why = next(m["relative_mce_undefined"] for m in robustness["models"].values() if "relative_mce_undefined" in m)
         console.print(f"relative mCE not reported: {why} (a ratio over a near-zero baseline gap is noise)")
     if robustness is not None:
+        console.print(f"mCE baseline: {robustness['baseline']} ({robustness['baseline_why']})")
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     console.print(f"pictures: {', '.join(summary['pictures'])}", soft_wrap=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -50,4 +50,6 @@ def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
     for m in models.values():  # a relative mCE is a finite number or absent with its reason
         assert ("relative_mce" in m and m["relative_mce"] == m["relative_mce"]) or "relative_mce_undefined" in m
     assert models["cross_entropy"]["mce"] == pytest.approx(100.0)  # the baseline scores 100 by definition
+    assert summary["robustness"]["baseline"] == "cross_entropy"  # digits: 10 classes, never AlexNet's errors
+    assert "same images at the same severities" in summary["robustness"]["baseline_why"]
     assert set(models) == {"supcon", "cross_entropy", "genscl"}
