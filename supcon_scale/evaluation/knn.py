@@ -84,7 +84,7 @@ def cap_k(k: int, labels: torch.Tensor, classes: list[str] | None, warn: bool = 
     """k capped at the smallest class's number of train rows, and that class's name when it capped it.
 
     With k above a class's size, even a query whose every same-class neighbour is nearest gets at least k - size
-    votes from other classes, so the small classes are outvoted (issue: `knn` at k=200 on 144-image digit classes).
+    votes from other classes, so the small classes are outvoted (k=200 against the digits' ~144-image classes).
     """
     counts = torch.bincount(labels.cpu(), minlength=len(classes) if classes else 0)
     present = counts[counts > 0]
