@@ -8,6 +8,12 @@ A run's log line, every `train.log_every` steps when stderr is not a terminal (a
 
 `data`, `fwd+bwd` and `optim` are shares of the window's wall time (StepClock); `mem` (GPU only) is the window's
 peak of allocated device memory.
+
+A kNN monitor's result (`train.knn_every_epochs`) gets a line of its own when it arrives, with its 95% interval:
+
+    2026-12-01 21:02:10 step 1000/3000 epoch 0 knn top-1 75.83% [71.2, 79.9] (n=360, k=144)
+
+Every metrics.jsonl record carries `time` (UNIX seconds) and `time_iso` (UTC), the moment it was written.
 """
 
 from __future__ import annotations
@@ -148,9 +154,11 @@ def rank_stderr(rank: int) -> Iterator[None]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line, and hands the same record to each sink; only the main rank writes.
+    """Appends one JSON object per line, each stamped with when it was written (`time`, UNIX seconds, and
+    `time_iso`, UTC), and hands the record to each sink (they keep their own clocks); only the main rank writes.
 
-    A sink that raises is dropped with one warning: a dashboard never stops training.
+    A sink that raises is dropped with one warning: a dashboard never stops training. `echo`, when set, sees every
+    record too (the TrainLogger prints a monitor's rows on the console with it).
     """
 
     def __init__(self, path: str | Path | None, enabled: bool = True, sinks: Iterable[sinks.Sink] = ()):
@@ -158,19 +166,25 @@ class MetricsLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.sinks = list(sinks) if enabled else []
+        self.echo: Callable[[Mapping[str, Any]], None] | None = None
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        now = datetime.datetime.now(datetime.timezone.utc)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # both stamps name the same millisecond
+        stamp = {"time": now.timestamp(), "time_iso": now.isoformat(timespec="milliseconds")}
         with open_append(self.path) as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps({**clean, **stamp}) + "\n")
         for sink in list(self.sinks):
             try:
                 sink.write(clean)
             except Exception as exc:  # noqa: BLE001 - any failure of a third-party sink
                 self.sinks.remove(sink)
                 warn(f"the {sink.name} sink failed and is off for the rest of the run: {type(exc).__name__}: {exc}")
+        if self.echo is not None:
+            self.echo(clean)
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -303,6 +317,7 @@ class TrainLogger(Hook):
         self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main
         self.every = cfg.train.log_every
         self.metrics = MetricsLog(Path(cfg.out_dir) / METRICS, enabled=ctx.is_main)
+        self.metrics.echo = self._echo  # a monitor's row (the kNN top-1) gets its own console line
         self.clock: StepClock | NoClock = StepClock(ctx.device) if cfg.log.timing else NoClock()
         self.plain = cfg.log.plain or not console.is_terminal
         self.cuda = ctx.device if ctx.device.type == "cuda" else None
@@ -310,6 +325,7 @@ class TrainLogger(Hook):
         self.start_step, self.start_time = 0, time.time()
         self.window_start, self.window_views = time.time(), 0
         self.progress = TrainProgress(total_steps, 0, enabled=False)
+        self.lines = False  # plain lines: decided when the block starts
 
     def on_resume(self, step: int, epoch: int) -> None:
         self.start_step, self.start_time = step, time.time()
@@ -327,6 +343,14 @@ class TrainLogger(Hook):
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
         self.metrics.close()
+
+    def _echo(self, record: Mapping[str, Any]) -> None:
+        """A monitor's row on the console: one plain line, or the progress bar's status."""
+        if "knn_top1" not in record:
+            return
+        if self.lines:
+            print(log_line(record, self.total_steps, 0.0), file=sys.stderr, flush=True)
+        self.progress.update(int(record["step"]), f"epoch {record['epoch']} {knn_text(record)}")
 
     def on_step(self, info: StepInfo) -> None:
         self.clock.stop()
@@ -356,11 +380,20 @@ class TrainLogger(Hook):
         self.window_start, self.window_views = time.time(), 0
 
 
+def knn_text(record: Mapping[str, Any]) -> str:
+    """ "knn top-1 75.83% [71.2, 79.9] (n=360, k=144)": a kNN monitor row's top-1 with its 95% interval and n."""
+    lo, hi = record["knn_top1_interval_95"]
+    return (f"knn top-1 {100 * record['knn_top1']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
+            f"(n={record['knn_num_val']}, k={record['knn_k']})")  # fmt: skip
+
+
 def log_line(record: Mapping[str, Any], total_steps: int, eta_s: float) -> str:
-    """One plain line of a log record (the module docstring shows one)."""
+    """One plain line of a log record (the module docstring shows one), or of a kNN monitor's row."""
+    head = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), f"step {record['step']}/{total_steps}"]
+    if "knn_top1" in record:
+        return " ".join([*head, f"epoch {record['epoch']}", knn_text(record)])
     parts = [
-        datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-        f"step {record['step']}/{total_steps}",
+        *head,
         f"epoch {record['epoch']}",
         f"loss {record['loss']:.4f}",
         f"lr {record['lr']:.4g}",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from supcon_scale import config
 from supcon_scale.console import console, table
-from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, within_noise
+from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, mcnemar
 
 
 def _torchrun(cfg_path: Path, nproc: int, overrides: list[str]) -> None:
@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> dict:
     results, few = {}, {}
     for name, (_, run_dir, _) in runs.items():
         encoder, _ = load_encoder(run_dir / "encoder.safetensors")
-        results[name] = linear_eval(encoder, data_root, image_size=cfg.data.image_size, preset="fast")
-        few[name] = linear_eval(encoder, few_root, image_size=cfg.data.image_size, preset="fast")
+        results[name] = linear_eval(encoder, data_root, image_size=cfg.data.image_size, preset="fast",
+                                    keep_predictions=True)  # fmt: skip
+        few[name] = linear_eval(encoder, few_root, image_size=cfg.data.image_size, preset="fast", keep_predictions=True)
         console.print(f"{name}: linear top-1 {results[name]['top1']:.4f}, {args.labels_per_class} labels/class "
                       f"{few[name]['top1']:.4f}")  # fmt: skip
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
 
     pictures = _pictures(out, {name: run_dir for name, (_, run_dir, _) in runs.items()}, data_root, cfg.data.image_size)
     n_val = results["supcon"]["num_val"]
+    tests = comparisons(results, few)  # every model against cross-entropy on the same val images: exact McNemar
     summary = {
         "linear_top1": results["supcon"]["top1"],
         "linear_top5": results["supcon"]["top5"],
@@ -96,21 +98,26 @@ def run(args: argparse.Namespace) -> dict:
         "few_label_top1": {n: r["top1"] for n, r in few.items()},
         "intervals_95": {n: accuracy_interval(r["top1"], n_val) for n, r in results.items()},
         "few_label_intervals_95": {n: accuracy_interval(r["top1"], r["num_val"]) for n, r in few.items()},
-        "comparisons": comparisons(results, few),
+        "comparisons": [c["line"] for c in tests],
+        "mcnemar": [{k: v for k, v in c.items() if k != "line"} for c in tests],
         "wall_time_s": time.time() - start,
         "nproc": args.nproc,
         "config": cfg.to_dict(),
         "robustness": robustness,
         "pictures": [str(p) for p in pictures],
     }
-    columns = ["model", "top-1 [95% CI] (n), all labels", f"top-1 [95% CI] (n), {args.labels_per_class} labels/class"]
-    rows = [(LABELS[n], format_accuracy(r["top1"], n_val), format_accuracy(few[n]["top1"], few[n]["num_val"]))
+    columns = ["model", "top-1 [95% CI] (n), McNemar p vs CE, all labels",
+               f"top-1 [95% CI] (n), McNemar p vs CE, {args.labels_per_class} labels/class"]  # fmt: skip
+    p = {(c["model"], c["probe"]): f" p={c['p_value']:.2g}" for c in tests}
+    rows = [(LABELS[n], format_accuracy(r["top1"], n_val) + p.get((n, "all labels"), ""),
+             format_accuracy(few[n]["top1"], few[n]["num_val"]) + p.get((n, "few labels"), ""))
             for n, r in results.items()]  # fmt: skip
     undefined = robustness is not None and any("relative_mce_undefined" in m for m in robustness["models"].values())
     if robustness is not None:
         columns += ["mCE (CE = 100)"] + ([] if undefined else ["relative mCE"])
-        rows = [row + (f"{robustness['models'][n]['mce']:.1f}",)
-                + (() if undefined else (f"{robustness['models'][n]['relative_mce']:.1f}",))
+        models = robustness["models"]
+        rows = [row + (f"{models[n]['mce']:.1f}" if "mce" in models[n] else "-",)
+                + (() if undefined else (f"{models[n]['relative_mce']:.1f}" if "relative_mce" in models[n] else "-",))
                 for row, n in zip(rows, results, strict=True)]  # fmt: skip
     title = f"digits demo: {args.nproc} torchrun ranks, {summary['wall_time_s']:.0f} s"
     console.print(table(title, columns, rows))
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         why = next(m["relative_mce_undefined"] for m in robustness["models"].values() if "relative_mce_undefined" in m)
         console.print(f"relative mCE not reported: {why} (a ratio over a near-zero baseline gap is noise)")
     if robustness is not None:
+        console.print(f"mCE baseline: {robustness['baseline']} ({robustness['baseline_why']})")
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     console.print(f"pictures: {', '.join(summary['pictures'])}", soft_wrap=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -161,22 +169,31 @@ def few_labels(data_root: Path, out: Path, per_class: int, seed: int) -> Path:
     return out
 
 
-def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[str]:
-    """One line per model against the cross-entropy baseline and probe: a difference, or "within noise"."""
-    lines = []
+def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[dict]:
+    """Each model against the cross-entropy baseline, per probe, on the same val images: both accuracies with their
+    95% intervals, and an exact McNemar test on the images one model gets right and the other wrong (stats.mcnemar).
+
+    Paired, so it sees what overlapping intervals miss: two models scored on the same images share their hard ones.
+    """
+    out = []
     for probe, rows in (("all labels", results), ("few labels", few)):
         base = rows["cross_entropy"]
         for name, r in rows.items():
             if name == "cross_entropy":
                 continue
-            if within_noise(r["top1"], r["num_val"], base["top1"], base["num_val"]):
-                verdict = "within noise (the 95% intervals overlap)"
+            test = mcnemar(r["val_correct"], base["val_correct"])
+            a, b = test["only_a"], test["only_b"]
+            if test["p_value"] < 0.05:
+                verdict = f"{'higher' if a > b else 'lower'} than cross-entropy (p < 0.05)"
             else:
-                verdict = "higher" if r["top1"] > base["top1"] else "lower"
-                verdict = f"{verdict} than cross-entropy beyond the 95% intervals"
-            lines.append(f"{LABELS[name]} vs cross-entropy, {probe}: {100 * r['top1']:.2f} vs "
-                         f"{100 * base['top1']:.2f}: {verdict}")  # fmt: skip
-    return lines
+                verdict = "no significant difference (p >= 0.05)"
+            line = (f"{LABELS[name]} vs cross-entropy, {probe}: {format_accuracy(r['top1'], r['num_val'])} vs "
+                    f"{format_accuracy(base['top1'], base['num_val'])}; exact McNemar p={test['p_value']:.3g} on the "
+                    f"{a + b} images only one gets right ({a} {LABELS[name].split(' +')[0]}, {b} cross-entropy): "
+                    f"{verdict}")  # fmt: skip
+            out.append({"model": name, "baseline": "cross_entropy", "probe": probe, **test, "verdict": verdict,
+                        "line": line})  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     """Train `cfg` on this process's share of the job and export the encoder; returns where it stopped."""
     start = time.time()
     config.check_run(cfg, ctx.world_size, ctx.device.type)
+    check_monitors(cfg)  # a monitor's inputs, before the data scan writes anything and before the first step
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
     objective = objectives.build(cfg, loader.num_classes, ctx, getattr(loader, "classes_present", None))
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
@@ -135,6 +136,15 @@ def epochs(loader: data.TrainLoader, epoch: int, num_epochs: int) -> Iterator[tu
         epoch += 1
         if epoch < num_epochs:
             loader.set_epoch(epoch)
+
+
+def check_monitors(cfg: config.RunConfig) -> None:
+    """The monitors' inputs at start (`train.knn_every_epochs` needs data.root/train and /val with the same classes),
+    so a missing split is a one-line error before training, not a crash at the first epoch's end."""
+    if cfg.train.knn_every_epochs:
+        from supcon_scale.evaluation.knn import check_monitor_data
+
+        check_monitor_data(cfg.data.root)
 
 
 def monitors(cfg: config.RunConfig, engine: Engine, steps_per_epoch: int, metrics: MetricsLog) -> list[Hook]:

@@ -231,3 +231,64 @@ def test_log_line_fields():
     line = console.log_line(record, 3000, eta_s=3723)
     assert line.endswith("step 120/3000 epoch 2 loss 5.1235 lr 0.48 1,234 views/s data 3% fwd+bwd 85% optim 9% "
                          "eta 1:02:03 mem 10.2 GiB")  # fmt: skip
+
+
+def test_log_line_of_a_knn_row_shows_its_interval_and_n():
+    from scipy.stats import binomtest
+
+    ci = binomtest(273, 360).proportion_ci(confidence_level=0.95, method="wilson")  # 75.83% of 360
+    record = {"step": 1000, "epoch": 0, "knn_top1": 273 / 360, "knn_top5": 0.99, "knn_num_val": 360, "knn_k": 144,
+              "knn_top1_interval_95": [ci.low, ci.high]}  # fmt: skip
+    line = console.log_line(record, 3000, eta_s=0)
+    assert line.endswith("step 1000/3000 epoch 0 knn top-1 75.83% [71.2, 80.0] (n=360, k=144)")
+
+
+def test_every_metrics_record_carries_the_time_it_was_written(tmp_path: Path):
+    import datetime
+    import time
+
+    log, echoed = console.MetricsLog(tmp_path / "metrics.jsonl"), []
+    log.echo = echoed.append
+    before = time.time()
+    for step in (1, 2):
+        log.write({"step": step, "loss": 1.0})
+    log.write({"step": 2, "epoch": 0, "knn_top1": 0.5})
+    after = time.time()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    stamps = [r["time"] for r in rows]
+    assert before - 1e-3 <= stamps[0] <= stamps[1] <= stamps[2] <= after + 1e-3
+    for r in rows:
+        iso = datetime.datetime.fromisoformat(r["time_iso"])
+        assert iso.utcoffset() == datetime.timedelta(0) and iso.timestamp() == pytest.approx(r["time"], abs=1e-3)
+    assert [e["step"] for e in echoed] == [1, 2, 2] and all("time" not in e for e in echoed)  # sinks: no time key
+
+
+def test_the_knn_monitor_result_is_on_the_console_line(small_digits: Path, tmp_path: Path, capsys):
+    """A training run whose stderr is not a terminal: the monitor's row gets a plain line with its interval and n,
+    and the numbers are metrics.jsonl's."""
+    import shutil
+
+    from supcon_scale import config, distributed, trainer
+
+    data = tmp_path / "data"  # 8 train and 4 val images per digit: one step, and a kNN over 40 queries
+    for split, keep in (("train", 8), ("val", 4)):
+        for folder in sorted((small_digits / split).iterdir()):
+            (data / split / folder.name).mkdir(parents=True)
+            for f in sorted(folder.iterdir())[:keep]:
+                shutil.copy(f, data / split / folder.name / f.name)
+    overrides = [f"data.root={data}", f"out_dir={tmp_path / 'run'}", "data.global_batch_size=64", "data.image_size=16",
+                 "data.backend=torchvision", "data.workers=0", "train.epochs=1", "train.warmup_epochs=0",
+                 "train.log_every=2", "train.knn_every_epochs=1", "train.progress=true"]  # fmt: skip
+    cfg = config.load(REPO / "configs/demo/digits.yaml", overrides)
+    capsys.readouterr()
+    trainer.fit(cfg, distributed.init(seed=0))
+    text = capsys.readouterr().err
+    (row,) = [
+        r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r
+    ]
+    lo, hi = row["knn_top1_interval_95"]
+    want = (f"step {row['step']}/{row['step']} epoch 0 knn top-1 {100 * row['knn_top1']:.2f}% "
+            f"[{100 * lo:.1f}, {100 * hi:.1f}] (n={row['knn_num_val']}, k={row['knn_k']})")  # fmt: skip
+    assert [line for line in text.splitlines() if " knn top-1 " in line][0].endswith(want), text[-2000:]
+    assert row["knn_num_val"] == 40 and row["knn_k"] == 8  # 8 train images per class cap k=200
+    assert "knn: k=200 exceeds the 8 train images of class '0' (the smallest); using k=8" in text

@@ -41,11 +41,15 @@ def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in pictures)
     assert all(0 <= v <= 1 for v in summary["few_label_top1"].values())
     assert len(summary["comparisons"]) == 4  # SupCon and GenSCL against cross-entropy, two probes each
-    assert all(("within noise" in c) or ("beyond the 95% intervals" in c) for c in summary["comparisons"])
+    assert all("(n=360) vs " in c and "exact McNemar p=" in c for c in summary["comparisons"])
+    for c in summary["mcnemar"]:  # paired on the same 360 val images
+        assert c["n"] == 360 and 0 <= c["p_value"] <= 1 and c["only_a"] + c["only_b"] <= 360
     printed = proc.stdout + proc.stderr  # the demo prints through the console, on stderr
     assert "[95% CI]" in printed and not re.search(r"\bnan\b", printed, re.IGNORECASE)
     models = summary["robustness"]["models"]
     for m in models.values():  # a relative mCE is a finite number or absent with its reason
         assert ("relative_mce" in m and m["relative_mce"] == m["relative_mce"]) or "relative_mce_undefined" in m
     assert models["cross_entropy"]["mce"] == pytest.approx(100.0)  # the baseline scores 100 by definition
+    assert summary["robustness"]["baseline"] == "cross_entropy"  # digits: 10 classes, never AlexNet's errors
+    assert "same images at the same severities" in summary["robustness"]["baseline_why"]
     assert set(models) == {"supcon", "cross_entropy", "genscl"}

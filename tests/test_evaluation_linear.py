@@ -106,7 +106,8 @@ def test_encoder_stays_frozen_and_bad_input_is_exit_2(digits, checkpoint, capsys
     after = encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats untouched
     assert main(["--checkpoint", str(checkpoint), "--data", str(digits / "nope")]) == 2
-    assert "data.root" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the flag the user typed, not a config key
+    assert f"--data: directory not found: {digits / 'nope' / 'train'}" in err and "data.root" not in err
     with pytest.raises(ValueError, match="--preset"):
         linear_eval(encoder, digits, image_size=32, preset="adam")
 
@@ -424,3 +425,30 @@ def test_augment_trains_the_head_on_crop_flip_views(small, checkpoint, tmp_path,
     argv = ["--checkpoint", str(checkpoint), "--data", str(small), "--image-size", "32", "--preset", "fast"]
     assert main([*argv, "--augment"]) == 2
     assert "--augment" in capsys.readouterr().err
+
+
+def test_keep_predictions_gives_each_val_image_right_or_wrong_in_folder_order(small, checkpoint):
+    """The per-image correctness the demo's McNemar test pairs, recomputed by a plain loop from the trained head."""
+    from supcon_scale.evaluation.linear import fit_linear_probe
+
+    encoder, _ = load_encoder(checkpoint)
+    probe, r = fit_linear_probe(encoder, small, image_size=32, preset="fast", keep_predictions=True)
+    vx, vy = _plain_features(encoder, small, "val")
+    with torch.no_grad():
+        want = (probe.head(torch.from_numpy(vx).float()).argmax(1).numpy() == vy).tolist()
+    assert r["val_correct"] == want and sum(want) == r["correct"] and len(want) == r["num_val"] == 18
+
+
+@pytest.mark.parametrize("epochs", [1, 5])
+def test_fast_epochs_are_reported_as_asked(small, checkpoint, tmp_path, capsys, epochs):
+    """`--epochs N` on the L-BFGS preset runs N full-batch iterations and reports N epochs; the function evaluations
+    (the first one and the line search's, once reported as the epochs: 5 became 6) are reported apart."""
+    from supcon_scale.evaluation.linear import main
+
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(checkpoint), "--data", str(small), "--image-size", "32", "--preset", "fast"]
+    assert main([*argv, "--epochs", str(epochs), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["epochs"], r["max_epochs"]) == (epochs, epochs) and r["function_evaluations"] > epochs
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if " fast " in line]
+    assert row.split("│")[5].strip() == str(epochs)  # the table's epochs column

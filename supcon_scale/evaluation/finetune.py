@@ -61,15 +61,15 @@ def finetune(
     from supcon_scale.data.folder import index_folder
     from supcon_scale.evaluation.features import default_device, extract_features
     from supcon_scale.evaluation.linear import _AugmentedFolder, topk_accuracy
+    from supcon_scale.evaluation.splits import check_splits
 
     if distributed.world()[1] > 1:
         raise ValueError("finetune runs in one process; launch it without torchrun")
     if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
         raise ValueError(f"--epochs, --batch-size and --lr must be positive: {epochs}, {batch_size}, {lr}")
     root = Path(data_root)
+    check_splits(root, "--data")  # both there, the same class folders: else every label after a difference shifts
     train_index, val_index = index_folder(root / "train"), index_folder(root / "val")
-    if train_index.classes != val_index.classes:
-        raise ValueError(f"--data: class folders of {root / 'train'} and {root / 'val'} differ")
     data_cfg = stage1.data if stage1 is not None else config.DataConfig()
     mean, std = list(data_cfg.augment.mean), list(data_cfg.augment.std)
     device = default_device(device)

@@ -65,9 +65,10 @@ def knn_scores(
 
 def _features(
     encoder: nn.Module, source: Source, image_size: int | None, batch_size: int, device: torch.device, workers: int
-):
+) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """(features, labels, class names when the source knows them) of a folder, a dataset or cached tensors."""
     if isinstance(source, tuple):
-        return source[0].to(device), source[1].to(device)
+        return source[0].to(device), source[1].to(device), None
     if isinstance(source, (str, Path)):
         from supcon_scale.data.eval import EvalDataset
 
@@ -75,7 +76,28 @@ def _features(
             raise ValueError("knn: image_size is required when train/val are folders")
         source = EvalDataset(source, "", image_size)
     f, y, _ = extract_features(encoder, source, batch_size=batch_size, device=device, num_workers=workers)
-    return f.to(device), y.to(device)
+    index = getattr(source, "index", None)
+    return f.to(device), y.to(device), list(index.classes) if index is not None else None
+
+
+def cap_k(k: int, labels: torch.Tensor, classes: list[str] | None, warn: bool = True) -> tuple[int, str | None]:
+    """k capped at the smallest class's number of train rows, and that class's name when it capped it.
+
+    With k above a class's size, even a query whose every same-class neighbour is nearest gets at least k - size
+    votes from other classes, so the small classes are outvoted (k=200 against the digits' ~144-image classes).
+    """
+    counts = torch.bincount(labels.cpu(), minlength=len(classes) if classes else 0)
+    present = counts[counts > 0]
+    smallest = int(present.min())
+    if k <= smallest:
+        return k, None
+    label = int(torch.nonzero(counts == smallest)[0])
+    name = classes[label] if classes else str(label)
+    if warn and distributed.world()[0] == 0:
+        from supcon_scale.console import warn as say
+
+        say(f"knn: k={k} exceeds the {smallest} train images of class {name!r} (the smallest); using k={smallest}")
+    return smallest, name
 
 
 def knn_eval(
@@ -89,22 +111,39 @@ def knn_eval(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    flag: str = "--data",
+    warn: bool = True,
 ) -> dict[str, Any]:
-    """{"top1", "top5"} (fractions) of a weighted kNN classifier; `train`/`val` are split folders
-    (`<class>/<image>`), datasets yielding `(image, label)`, or `(features, labels)` tensors.
+    """{"top1", "top5" (fractions) with their 95% intervals and n, the k used} of a weighted kNN classifier;
+    `train`/`val` are split folders (`<class>/<image>`), datasets yielding `(image, label)`, or `(features,
+    labels)` tensors. Folders must hold the same class folders (a ValueError naming `flag` otherwise); k is capped
+    at the smallest train class (`cap_k`, with a warning when `warn`).
 
     Feature extraction is sharded over ranks when a process group is up; every rank returns the same numbers.
     """
     from supcon_scale.evaluation.linear import topk_accuracy
+    from supcon_scale.evaluation.splits import check_same_classes, class_difference
+    from supcon_scale.evaluation.stats import accuracy_interval
 
+    if isinstance(train, (str, Path)) and isinstance(val, (str, Path)):
+        check_same_classes(train, val, flag)  # before any image is decoded
     device = default_device(device)
-    tx, ty = _features(encoder, train, image_size, batch_size, device, num_workers)
-    vx, vy = _features(encoder, val, image_size, batch_size, device, num_workers)
+    tx, ty, train_classes = _features(encoder, train, image_size, batch_size, device, num_workers)
+    vx, vy, val_classes = _features(encoder, val, image_size, batch_size, device, num_workers)
+    if train_classes is not None and val_classes is not None and train_classes != val_classes:
+        diff = class_difference("train", train_classes, "val", val_classes)
+        raise ValueError(f"{flag}: the classes of the train and val datasets differ ({diff})")
     num_classes = int(max(int(ty.max()), int(vy.max())) + 1)
-    scores = knn_scores(tx, ty, vx, num_classes=num_classes, k=k, temperature=temperature)
+    used, capped_by = cap_k(k, ty, train_classes, warn)  # the smallest class is never above the train size
+    scores = knn_scores(tx, ty, vx, num_classes=num_classes, k=used, temperature=temperature)
+    acc = topk_accuracy(scores, vy)
     return {
-        **topk_accuracy(scores, vy),
-        "k": min(k, len(ty)),
+        **acc,
+        "top1_interval_95": accuracy_interval(acc["top1"], len(vy)),
+        "top5_interval_95": accuracy_interval(acc["top5"], len(vy)),
+        "k": used,
+        "k_requested": k,
+        "k_capped_by_class": capped_by,
         "temperature": temperature,
         "num_train": len(ty),
         "num_val": len(vy),
@@ -117,8 +156,9 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 class KnnMonitor(Hook):
-    """During pre-training: weighted kNN (k=200, T=0.07) of the encoder on `data.root/val` every `every_steps` steps,
-    written to the run's metrics. `encoder` is the engine's unwrapped encoder; extraction is sharded over the ranks.
+    """During pre-training: weighted kNN (k=200 capped at the smallest class, T=0.07) of the encoder on
+    `data.root/val` every `every_steps` steps, written to the run's metrics with its 95% interval and n. `encoder`
+    is the engine's unwrapped encoder; extraction is sharded over the ranks.
 
     Under FSDP2 (several ranks) the encoder's parameters are shards, and calling the encoder directly would mix
     DTensor and plain tensors (its stem is in the root's shard) or hang (each stage all-gathers per call, and ranks
@@ -131,9 +171,11 @@ class KnnMonitor(Hook):
     ) -> None:
         if is_sharded(encoder) and engine is None:
             raise ValueError("KnnMonitor: the encoder's parameters are sharded (FSDP2); pass engine= to gather a copy")
-        self.encoder, self.root, self.image_size, self.every = encoder, root, image_size, every_steps
+        check_monitor_data(root)  # at start: a missing val/ would otherwise end the run at the first epoch's end
+        self.encoder, self.root, self.image_size, self.every = encoder, Path(root), image_size, every_steps
         self.metrics, self.engine = metrics, engine
         self._copy: nn.Module | None = None
+        self._warned = False  # the k cap is said once per run, not every epoch
 
     def full_encoder(self) -> nn.Module:
         """The encoder to extract with: itself, or under FSDP2 a plain copy of its current weights (collective)."""
@@ -156,10 +198,27 @@ class KnnMonitor(Hook):
             # Loader workers decode (0 would decode in the training process, with the GPU idle meanwhile).
             workers = min(8, len(os.sched_getaffinity(0)))
             result = knn_eval(
-                encoder, self.root / "train", self.root / "val", image_size=self.image_size, num_workers=workers
-            )
-            row = {"step": info.step, "epoch": info.epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]}
+                encoder, self.root / "train", self.root / "val", image_size=self.image_size, num_workers=workers,
+                flag="data.root", warn=not self._warned,
+            )  # fmt: skip
+            self._warned = True
+            row = {
+                "step": info.step, "epoch": info.epoch, "knn_top1": result["top1"], "knn_top5": result["top5"],
+                "knn_top1_interval_95": result["top1_interval_95"], "knn_top5_interval_95": result["top5_interval_95"],
+                "knn_num_val": result["num_val"], "knn_k": result["k"],
+            }  # fmt: skip
             self.metrics.write(row)
+
+
+def check_monitor_data(root: str | Path) -> None:
+    """The kNN monitor's splits, `data.root/train` and `data.root/val` with the same class folders, checked before
+    training starts (a one-line ValueError naming data.root and the folder)."""
+    from supcon_scale.evaluation.splits import check_splits
+
+    try:
+        check_splits(root, "data.root")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (train.knn_every_epochs reads data.root/train and data.root/val)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     from supcon_scale.evaluation.features import check_args
 
     check_args(args)
+    from supcon_scale.evaluation.splits import check_splits
+
+    try:  # before the encoder loads: a missing or mismatched split, named by its flag
+        check_splits(args.data, "--data")
+    except ValueError as exc:
+        print(f"knn: error: {exc}", file=sys.stderr)
+        return 2
     ctx = distributed.init()
     try:
         encoder, meta = load_encoder(args.checkpoint)
@@ -197,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_main:
         from rich.console import Console
 
-        top1, top5 = 100 * result["top1"], 100 * result["top5"]
-        Console().print(f"kNN (k={result['k']}, T={args.temperature}): top-1 {top1:.2f}  top-5 {top5:.2f}")
+        from supcon_scale.evaluation.stats import format_accuracy
+
+        n, k = result["num_val"], result["k"]
+        by = result["k_capped_by_class"]
+        asked = "" if k == args.k else f" (capped from {args.k} at " + (f"class {by!r})" if by else "the train size)")
+        top1, top5 = format_accuracy(result["top1"], n), format_accuracy(result["top5"], n)
+        Console(soft_wrap=True).print(f"kNN (k={k}{asked}, T={args.temperature}): top-1 {top1}  top-5 {top5}")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             write_text(args.json, json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))

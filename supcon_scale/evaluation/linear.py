@@ -345,14 +345,17 @@ def _fit_minibatch(
 
 def _lbfgs(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, init: nn.Linear | None = None
-) -> tuple[nn.Linear, int]:
-    """Multinomial logistic regression, full batch: mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised)."""
+) -> tuple[nn.Linear, tuple[int, int]]:
+    """Multinomial logistic regression, full batch: mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised); returns
+    the head and (iterations, function evaluations): each iteration is one full-batch pass, an epoch here."""
     fc = _zero_head(x.shape[1], num_classes, x.device)
     if init is not None:  # warm start along the regularisation path: far fewer iterations per fit
         fc.load_state_dict(init.state_dict())
+    # max_eval well above max_iter: the iteration count (`--epochs`) is the limit, not torch's default evaluation
+    # budget of 1.25 x max_iter, which the line search's extra evaluations can reach an iteration or more earlier.
     opt = torch.optim.LBFGS(
-        fc.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-7, tolerance_change=1e-10,
+        fc.parameters(), lr=1.0, max_iter=max_iter, max_eval=max_iter * 25, history_size=20,
+        line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10,
     )  # fmt: skip
 
     def closure() -> torch.Tensor:
@@ -362,7 +365,8 @@ def _lbfgs(
         return loss
 
     opt.step(closure)
-    return fc, int(opt.state[opt._params[0]].get("func_evals", 0))
+    state = opt.state[opt._params[0]]
+    return fc, (int(state.get("n_iter", 0)), int(state.get("func_evals", 0)))
 
 
 def _fit_lbfgs(
@@ -383,8 +387,11 @@ def _fit_lbfgs(
         with torch.no_grad():
             scores[l2] = float((prev(x[hold_idx]).argmax(1) == y[hold_idx]).float().mean())
     best = max(FAST_L2_GRID, key=lambda l2: (scores[l2], l2))  # ties go to the stronger regulariser
-    fc, evals = _lbfgs(x, y, num_classes, best, max_iter, init=fits[best])
-    return fc, {"epochs": evals, "l2": best, "l2_holdout_top1": {str(k): v for k, v in scores.items()}}
+    fc, (iterations, evals) = _lbfgs(x, y, num_classes, best, max_iter, init=fits[best])
+    # `epochs` is the iterations of the final fit (at most `--epochs`; fewer when it converged), not the function
+    # evaluations, which count the first evaluation and the line search's (`--epochs 5` was reported as 6)
+    info = {"epochs": iterations, "max_epochs": max_iter, "function_evaluations": evals}
+    return fc, {**info, "l2": best, "l2_holdout_top1": {str(k): v for k, v in scores.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,14 +520,17 @@ def fit_linear_probe(
     train_split: str = "train",
     val_split: str = "val",
     stage1: config.RunConfig | None = None,
+    keep_predictions: bool = False,
 ) -> tuple[LinearProbe, dict[str, Any]]:
     """Train a linear head on `data_root/train_split` and score it on `data_root/val_split` (final epoch).
 
     `stage1` is the pre-training run's config (`run_config`): its augmentation, batch size, normalisation and
-    evaluation crop; without it the defaults of config.py stand in.
+    evaluation crop; without it the defaults of config.py stand in. `keep_predictions` adds `val_correct`, whether
+    each val image (in folder order) was right, for paired comparisons of models (`stats.mcnemar`).
     """
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.data.folder import index_folder
+    from supcon_scale.evaluation.splits import check_splits
 
     form, cfg = resolve_protocol(preset, stage1)
     if epochs is not None and epochs < 1:
@@ -534,9 +544,8 @@ def fit_linear_probe(
         cfg = replace(cfg, stream="crop_flip")
     device = default_device(device)
     root = Path(data_root)
+    check_splits(root, "--data", train_split, val_split)  # both there, the same class folders: else labels shift
     train_index, val_index = index_folder(root / train_split), index_folder(root / val_split)
-    if train_index.classes != val_index.classes:
-        raise ValueError(f"--data: class folders of {root / train_split} and {root / val_split} differ")
     num_classes = len(train_index.classes)
     encoder = freeze(encoder).to(device)
     data_cfg = stage1.data if stage1 is not None else config.DataConfig()
@@ -590,7 +599,8 @@ def fit_linear_probe(
     timing["train_s"] = time.perf_counter() - start
     probe = LinearProbe(encoder, fc, mean, std, train_index.classes, normalize=normalize).to(device)
     with torch.no_grad():
-        val_acc = topk_accuracy(probe.head(val_x), val_y)
+        val_logits = probe.head(val_x)
+        val_acc = topk_accuracy(val_logits, val_y)
         train_acc = (
             topk_accuracy(probe.head(feats["train"][0].to(device)), feats["train"][1].to(device))
             if "train" in feats
@@ -624,6 +634,8 @@ def fit_linear_probe(
         **info,
         **timing,
     }
+    if keep_predictions:
+        result["val_correct"] = (val_logits.argmax(1) == val_y).tolist()
     return probe, result
 
 
@@ -684,6 +696,13 @@ def main(argv: list[str] | None = None) -> int:
     from supcon_scale.evaluation.features import check_args
 
     check_args(args)
+    from supcon_scale.evaluation.splits import check_splits
+
+    try:  # before the encoder loads: a missing or mismatched split, named by its flag
+        check_splits(args.data, "--data")
+    except ValueError as exc:
+        print(f"linear_eval: error: {exc}", file=sys.stderr)
+        return 2
     ctx = distributed.init(seed=args.seed)
     try:
         encoder, meta = load_encoder(args.checkpoint)

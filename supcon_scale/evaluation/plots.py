@@ -33,21 +33,32 @@ def _save(plt: Any, fig: Any, path: str | Path, tight: bool = True) -> Path:
     return path
 
 
-def plot_accuracy_vs_severity(models: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """Top-1 accuracy (mean over corruptions) at severity 0 (clean) to 5, one line per model."""
+def accuracy_vs_severity_figure(models: dict[str, dict[str, Any]], severities: list[int] | tuple[int, ...]) -> Any:
+    """The figure: top-1 accuracy (mean over corruptions) at 0 (clean) and at each severity scored, one line per
+    model; the x axis places and labels the severities as scored (1, 3, 5 stay 1, 3, 5)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = [0, *severities]
     for name, m in models.items():
         per_severity = np.array(list(m["errors"].values()), dtype=float)  # [corruptions, severities]
+        if per_severity.shape[1] != len(severities):
+            raise ValueError(f"{name}: errors at {per_severity.shape[1]} severities, but {len(severities)} are named")
         acc = [100 * (1 - m["clean_error"])] + list(100 * (1 - per_severity.mean(axis=0)))
-        ax.plot(range(len(acc)), acc, marker="o", label=name)
+        ax.plot(xs, acc, marker="o", label=name)
     ax.set_xlabel("corruption severity (0 = clean)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_xticks(range(len(acc)))
+    ax.set_xticks(xs, labels=[str(x) for x in xs])
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Accuracy under corruption")
-    return _save(plt, fig, path)
+    return fig
+
+
+def plot_accuracy_vs_severity(
+    models: dict[str, dict[str, Any]], path: str | Path, severities: list[int] | tuple[int, ...] = (1, 2, 3, 4, 5)
+) -> Path:
+    """`accuracy_vs_severity_figure` saved as a PNG (the paper's Figure 3)."""
+    return _save(_pyplot(), accuracy_vs_severity_figure(models, severities), path)
 
 
 def plot_ce_bars(models: dict[str, dict[str, Any]], path: str | Path, reference: str = "AlexNet") -> Path:
@@ -97,7 +108,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Loss, learning rate, views/s and kNN top-1 against the optimizer step, one panel each."""
+    """`training_curves_figure` saved as a PNG."""
+    return _save(_pyplot(), training_curves_figure(rows, title), path)
+
+
+def training_curves_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
+    """Loss, learning rate, views/s and kNN top-1 (with its 95% interval as a band) against the optimizer step."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=120)
     steps = [r["step"] for r in rows]
@@ -106,6 +122,10 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, ms=3)
+            band = [(r["step"], *r[f"{name}_interval_95"]) for r in rows if r.get(f"{name}_interval_95") is not None]
+            if band:  # the kNN top-1's 95% Wilson interval (knn_top1_interval_95 in the monitor's rows)
+                ax.fill_between(*zip(*band, strict=True), alpha=0.25, label="95% interval")
+                ax.legend(fontsize=8)
         else:
             hint = " (train.knn_every_epochs)" if name == "knn_top1" else ""
             ax.text(0.5, 0.5, f"no {name} in metrics.jsonl{hint}", ha="center", va="center", transform=ax.transAxes)
@@ -119,7 +139,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(plt, fig, path)
+    return fig
 
 
 def plot_time_shares(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:

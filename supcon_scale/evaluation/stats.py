@@ -1,8 +1,11 @@
-"""Honest comparisons: an accuracy with its n and a 95% Wilson score interval, and when two are within noise."""
+"""Honest comparisons: an accuracy with its n and a 95% Wilson score interval, and two models scored on the same
+images compared by an exact McNemar test."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -36,7 +39,26 @@ def format_accuracy(accuracy: float, n: int) -> str:
 
 
 def within_noise(a: float, n_a: int, b: float, n_b: int) -> bool:
-    """Whether the two accuracies' 95% intervals overlap: their difference is then not a finding."""
+    """Whether the two accuracies' 95% intervals overlap, for accuracies measured on *different* images (a
+    conservative test). Two models scored on the same images are compared by `mcnemar`, which uses the pairing."""
     lo_a, hi_a = accuracy_interval(a, n_a)
     lo_b, hi_b = accuracy_interval(b, n_b)
     return lo_a <= hi_b and lo_b <= hi_a
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, Any]:
+    """Exact McNemar test of two classifiers scored on the same images (McNemar 1947, in its exact binomial form).
+
+    Only the discordant images carry information: under the null hypothesis that both models are equally accurate,
+    the images only A gets right are Binomial(discordant, 1/2). The two-sided p-value is scipy's exact binomial
+    test of that count; with no discordant image the models agree everywhere and p is 1.
+    """
+    from scipy.stats import binomtest
+
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"mcnemar: the two models were scored on {len(correct_a)} and {len(correct_b)} images")
+    only_a = sum(1 for a, b in zip(correct_a, correct_b, strict=True) if a and not b)
+    only_b = sum(1 for a, b in zip(correct_a, correct_b, strict=True) if b and not a)
+    discordant = only_a + only_b
+    p = binomtest(only_a, discordant, 0.5).pvalue if discordant else 1.0
+    return {"n": len(correct_a), "only_a": only_a, "only_b": only_b, "p_value": float(p)}
