@@ -25,6 +25,7 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
         "scikit-learn>=1.3",
+        "scipy>=1.11",  # evaluation/stats.py: the exact McNemar test (binomtest)
         "matplotlib>=3.7",
         "psutil>=5.9",
     ],
