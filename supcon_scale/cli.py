@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from supcon_scale import arguments
+
 if TYPE_CHECKING:
     from supcon_scale.config import RunConfig
     from supcon_scale.hooks import Hook
 
 # Subcommands implemented elsewhere, as "module:function" taking argv and returning an exit status. Imported only
-# when called, so `--help` stays fast and a missing optional extra only matters to the command that needs it.
+# when called, after their arguments parse (arguments.PARSERS), so `--help` and a refused flag stay fast, and a
+# missing optional extra only matters to the command that needs it.
 DELEGATED = {
     "check-data": ("supcon_scale.data.badfiles:main", "scan a dataset for files that cannot be decoded"),
     "make-shards": ("supcon_scale.data.shards:main", "convert an image folder into WebDataset tar shards"),
@@ -265,6 +268,8 @@ def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
     try:
         argv = take_local_rank(argv)
         if argv and argv[0] in DELEGATED:
+            if argv[0] in arguments.PARSERS:  # `--help` and argparse's refusals exit here, before torch is imported
+                arguments.PARSERS[argv[0]]().parse_args(argv[1:])
             module, func = DELEGATED[argv[0]][0].split(":")
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         args = parser().parse_args(argv)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from supcon_scale import config
+from supcon_scale import arguments, config
 from supcon_scale.console import console, table
 from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, mcnemar
 
@@ -197,18 +197,7 @@ def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="supcon-scale demo", description=__doc__)
-    p.add_argument("--out", default="runs/demo", help="where data, runs and summary.json go")
-    p.add_argument("--config", type=Path, default=Path("demo/digits"))
-    p.add_argument("--ce-config", type=Path, default=Path("demo/digits_ce"))
-    p.add_argument("--nproc", type=int, default=2, help="torchrun ranks (gloo on CPU)")
-    p.add_argument("--genscl-config", type=Path, default=Path("demo/digits_genscl"))
-    p.add_argument("--genscl", action="store_true", help="also train GenSCL with the cross-entropy model as teacher")
-    p.add_argument("--skip-robustness", action="store_true")
-    p.add_argument("--c-per-class", type=int, default=8, help="val images per digit in digits-C (75 versions each)")
-    p.add_argument("--labels-per-class", type=int, default=5, help="train images per digit of the few-label probe")
-    p.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs")
-    run(p.parse_args(argv))
+    run(arguments.demo().parse_args(argv))
     return 0
 
 

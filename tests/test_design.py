@@ -14,6 +14,7 @@ LAYERS = {
     "distributed": 0,
     "config": 0,
     "recipes": 0,
+    "arguments": 0,
     "losses": 1,
     "optim": 1,
     "resilience": 1,

@@ -7,7 +7,6 @@ pipelines (read, + decode, + crops, + each stage, + normalise) to show where the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from supcon_scale import arguments
 from supcon_scale.config import AugmentConfig, DataConfig
 from supcon_scale.distributed import Context, select_device
 
@@ -211,30 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    p = argparse.ArgumentParser(prog="bench_dataloader", description=main.__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="an image folder (ROOT/train/<class>/... or ROOT/<class>/...)")
-    src.add_argument("--synthetic", type=int, metavar="N", help="write N realistic 500x375 JPEGs and use them")
-    p.add_argument("--synthetic-dir", type=Path, default=Path("runs/bench_data"), help="where --synthetic writes")
-    p.add_argument("--backends", default="dali-cpu,torchvision", help="comma list of dali-gpu,dali-cpu,torchvision")
-    p.add_argument(
-        "--formats", default="folder", help="comma list of folder,shards (shards: the same images, via make-shards)"
-    )
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard for --formats shards")
-    p.add_argument(
-        "--dali-decode", default="once,roi", help="DALI views: once (1 decode + V crops), roi (V ROI decodes, 1 batch)"
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
-    p.add_argument("--preset", default="jitter_randaugment", help="AugmentSpec preset (default: jitter + RandAugment)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--views", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=3, help="batches before timing")
-    p.add_argument("--batches", type=int, default=20, help="timed batches")
-    p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best counts")
-    p.add_argument("--profile", action="store_true", help="also time cumulative DALI CPU stages")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT")
-    args = p.parse_args(argv)
+    args = arguments.bench_dataloader().parse_args(argv)
     console = Console()
 
     root = args.data

@@ -10,7 +10,6 @@ whose SupCon step fits.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import itertools
@@ -19,13 +18,12 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from timm.optim import Lars
 
-from supcon_scale import config, data, engines, models, objectives, optim, trainer
+from supcon_scale import arguments, config, data, engines, models, objectives, optim, trainer
 from supcon_scale.distributed import Context, select_device, temporary_single_process_group
 from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
 
@@ -195,40 +193,8 @@ def with_batch(cfg: config.RunConfig, batch: int) -> config.RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch_size=batch))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_train", description=__doc__)
-    p.add_argument("--model", default="resnet50", help="timm encoder name")
-    p.add_argument("--batch-per-gpu", type=int, default=64, help="images per step (SupCon trains V views of each)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each ResNet stage in backward")
-    p.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="one process of this engine")
-    p.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage with --engine deepspeed")
-    p.add_argument("--data", type=Path, help="an image folder: also time the SupCon step fed by --backend's loader")
-    p.add_argument("--backend", default="dali", choices=["dali", "dali-cpu", "dali-gpu", "torchvision"])
-    p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers for --data")
-    p.add_argument("--preset", default="simclr", help="AugmentSpec preset of the loader (--data)")
-    p.add_argument(
-        "--lars",
-        action="store_true",
-        help="also time one LARS step: timm's Lars on the tensors vs ZeroLars on ZeRO-style flat partitions",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        metavar="LIMIT",
-        help="also search the largest per-GPU batch (<= LIMIT) whose SupCon step fits in device memory",
-    )
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="as the run config's `device`")
-    p.add_argument("--json", type=Path, help="write the results here")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = arguments.bench_train().parse_args(argv)
     if args.batch_per_gpu < 2 or args.steps < 1:
         print("bench_train: --batch-per-gpu must be >= 2 and --steps >= 1", file=sys.stderr)
         return 2

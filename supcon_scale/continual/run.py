@@ -7,7 +7,6 @@ checkpoints, metrics and result live in OUT_DIR/<method>/seed_<s>/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from supcon_scale import distributed
+from supcon_scale import arguments, distributed
 from supcon_scale.console import console, table, write_text
 from supcon_scale.continual import config, metrics
 from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
@@ -134,15 +133,7 @@ def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path |
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="supcon-scale continual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--config", type=Path, help="a recipe (continual/digits, ...) or a YAML file; `base:` inheritance allowed"
-    )
-    p.add_argument("--json", type=Path, help="where the summary goes (default OUT_DIR/summary.json)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. memory.size=500 seeds=[0,1,2]")
-    args = p.parse_args(argv)
+    args = arguments.continual().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
     ctx = distributed.init(cfg.engine.backend, cfg.seeds[0])
     try:

@@ -8,7 +8,6 @@ caught) and the bad ones are either skipped and listed in `bad_files.txt` or sto
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -16,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supcon_scale import arguments
+from supcon_scale.arguments import default_workers
 from supcon_scale.data.folder import IMAGE_EXTENSIONS
 from supcon_scale.data.manifest import DATASET_MANIFEST, Manifest, load_manifest
 
@@ -88,11 +89,6 @@ def check_ref(ref: Ref) -> str | None:
 
 def _check_chunk(refs: list[Ref]) -> list[str | None]:
     return [check_ref(r) for r in refs]
-
-
-def default_workers(ranks_per_node: int = 1) -> int:
-    """Decoding processes of one rank: the CPUs this process may use (not the machine's), shared by the node's ranks."""
-    return max(1, min(32, len(os.sched_getaffinity(0)) // max(1, ranks_per_node)))
 
 
 def check_refs(refs: list[Ref], workers: int | None = None) -> list[str | None]:
@@ -183,18 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    parser = argparse.ArgumentParser(prog="supcon-scale check-data", description=main.__doc__)
-    parser.add_argument("dir", type=Path, help="dataset folder, scanned recursively")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="decoding processes (default: the CPUs)")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the report as JSON")
-    parser.add_argument(
-        "--manifest",
-        type=Path,
-        default=None,
-        help=f"manifest to read and write (default DIR/{DATASET_MANIFEST}; training runs over DIR read it)",
-    )
-    parser.add_argument("--no-manifest", action="store_true", help="decode every file and write no manifest")
-    args = parser.parse_args(argv)
+    args = arguments.check_data().parse_args(argv)
     console = Console()
     manifest = None if args.no_manifest else (args.manifest or args.dir / DATASET_MANIFEST)
     try:

@@ -15,7 +15,6 @@ sample once per epoch across the ranks, drop-last aside). The `webdataset` packa
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from supcon_scale import arguments
 from supcon_scale.data.folder import IMAGE_EXTENSIONS, index_folder
 
 INDEX_NAME = "index.json"
@@ -212,11 +212,7 @@ def write_shards(src: str | Path, dst: str | Path, shard_size: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale make-shards SRC DST --shard-size N`: an image folder as WebDataset tar shards + index.json."""
-    parser = argparse.ArgumentParser(prog="supcon-scale make-shards", description=main.__doc__)
-    parser.add_argument("src", type=Path, help="image folder (SRC/train/<class>/* or SRC/<class>/*)")
-    parser.add_argument("dst", type=Path, help="output directory for shard-*.tar and index.json")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    args = parser.parse_args(argv)
+    args = arguments.make_shards().parse_args(argv)
     out = write_shards(args.src, args.dst, args.shard_size)
     meta = json.loads((out / INDEX_NAME).read_text())
     n = sum(s["samples"] for s in meta["shards"])

@@ -8,7 +8,6 @@ far clusters (t-SNE and UMAP keep local structure only).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from supcon_scale import arguments
 from supcon_scale.evaluation.plots import _pyplot, _save
 
 Method = Literal["auto", "tsne", "umap"]
@@ -93,16 +93,7 @@ def embed(
 
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale embed-plot --checkpoint ENC --data DIR [--out PNG] [--method auto|tsne|umap]`."""
-    p = argparse.ArgumentParser(prog="supcon-scale embed-plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="encoder.safetensors (or the run directory holding it)")
-    p.add_argument("--data", required=True, help="dataset root holding val/<class>/*")
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the checkpoint, embedding.png)")
-    p.add_argument("--method", choices=["auto", "tsne", "umap"], default="auto", help="auto: UMAP when installed")
-    p.add_argument("--max-images", type=int, default=2000, help="evenly spaced subset of val (t-SNE is quadratic)")
-    p.add_argument("--image-size", type=int, default=None, help="default: the run's data.image_size")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = arguments.embed_plot().parse_args(argv)
     from supcon_scale.evaluation.features import check_args
 
     check_args(args)

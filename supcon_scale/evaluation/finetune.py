@@ -9,7 +9,6 @@ One process; the accuracy reported is the final epoch's on the evaluation split,
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supcon_scale import config, distributed
+from supcon_scale import arguments, config, distributed
 from supcon_scale.console import write_text
 
 
@@ -131,24 +130,6 @@ def finetune(
     return model, result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="supcon-scale finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or encoder.safetensors")
-    p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of the cosine (absolute)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None, help="write the fine-tuned encoder here (a timm state dict, safetensors)")
-    p.add_argument("--json", default=None, help="write the results as JSON")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale finetune`: exit 0, or 2 with a one-line reason on bad input."""
     from supcon_scale.checkpoint import export_encoder, load_encoder
@@ -156,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from supcon_scale.evaluation.linear import checkpoint_image_size, run_config
     from supcon_scale.evaluation.stats import format_accuracy
 
-    args = build_parser().parse_args(argv)
+    args = arguments.finetune().parse_args(argv)
     try:
         check_args(args)
         encoder, meta = load_encoder(args.checkpoint)

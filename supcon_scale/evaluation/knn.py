@@ -5,7 +5,6 @@ Cheap enough to run every few epochs during pre-training (`train.knn_every_epoch
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supcon_scale import distributed
+from supcon_scale import arguments, distributed
 from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import default_device, extract_features
 from supcon_scale.hooks import Hook, StepInfo
@@ -226,17 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from supcon_scale.checkpoint import load_encoder
     from supcon_scale.evaluation.linear import checkpoint_image_size
 
-    p = argparse.ArgumentParser(prog="knn", description="Weighted kNN accuracy of a frozen encoder (train -> val).")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="dataset root holding train/ and val/")
-    p.add_argument("--k", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    args = arguments.knn().parse_args(argv)
     from supcon_scale.evaluation.features import check_args
 
     check_args(args)

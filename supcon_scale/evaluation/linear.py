@@ -17,7 +17,6 @@ ranks. The reported accuracy is the final epoch's, never the best on the evaluat
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supcon_scale import config, distributed
+from supcon_scale import arguments, config, distributed
 from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import (
     cache_key,
@@ -646,30 +645,6 @@ def linear_eval(
     return fit_linear_probe(encoder, data_root, image_size=image_size, preset=preset, **kwargs)[1]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="linear_eval", description="Linear evaluation of a frozen encoder (final-epoch top-1/top-5)."
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or encoder.safetensors")
-    p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
-    p.add_argument(
-        "--protocol", "--preset", dest="preset", default="official", choices=PROTOCOL_NAMES,
-        help="official (the TF stage 2, ImageNet or CIFAR form by the run), hobbitlong (main_linear.py), fast (L-BFGS)",
-    )  # fmt: skip
-    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the protocol's (official: the run's batch)")
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: protocol base x batch/256)")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
-    p.add_argument("--augment", action="store_true", help="fast/sgd: train the head on crop+flip views")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None, help="keep extracted features here and reuse them")
-    p.add_argument("--save-probe", default=None, help="write the trained linear head (safetensors) for imagenet_c")
-    p.add_argument("--json", default=None, help="write the results as JSON")
-    return p
-
-
 def print_results(title: str, rows: dict[str, dict[str, Any]]) -> None:
     """A rich table of top-1 (with its n and 95% Wilson interval) and top-5 per named result (rank 0 only)."""
     from rich.console import Console
@@ -691,7 +666,7 @@ def print_results(title: str, rows: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`tools/linear_eval.py` / `supcon-scale linear-eval`: exit 0, or 2 with a one-line reason on bad input."""
-    args = build_parser().parse_args(argv)
+    args = arguments.linear_eval().parse_args(argv)
     from supcon_scale.checkpoint import load_encoder
     from supcon_scale.evaluation.features import check_args
 

@@ -3,7 +3,6 @@ curves and time shares from its metrics.jsonl (`supcon-scale plot`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from supcon_scale import arguments
 from supcon_scale.console import write_replacing
 
 
@@ -179,10 +179,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale plot RUN_DIR [--out DIR]`: PNG curves from the run's metrics.jsonl; prints their paths."""
-    p = argparse.ArgumentParser(prog="supcon-scale plot", description="PNG training curves from a run's metrics.jsonl")
-    p.add_argument("run_dir", type=Path, help="a training run's out_dir")
-    p.add_argument("--out", type=Path, default=None, help="where the PNGs go (default RUN_DIR/plots)")
-    args = p.parse_args(argv)
+    args = arguments.plot().parse_args(argv)
     for path in plot_run(args.run_dir, args.out):
         print(path)
     return 0

@@ -6,7 +6,6 @@ which baseline may normalise them are in `mce.py` (Hendrycks & Dietterich 2019, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from supcon_scale import distributed
+from supcon_scale import arguments, distributed
 from supcon_scale.console import write_text
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.evaluation.corruptions import (
@@ -502,47 +501,11 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="imagenet_c",
-        description="ImageNet-C style robustness: generate a -C dataset and/or score checkpoints (CE, mCE, plots).",
-    )
-    p.add_argument(
-        "--c-root", required=True, help="ROOT/<corruption>/<severity>/<class>/<image> (written by --generate-from)"
-    )
-    p.add_argument("--generate-from", default=None, help="a split folder (<class>/<image>) to build the -C copy from")
-    p.add_argument("--checkpoint", action="append", help="NAME=PATH, repeat to compare models")
-    p.add_argument("--probe", action="append", help="NAME=PATH of a head saved by linear_eval --save-probe")
-    p.add_argument("--clean", default=None, help="dataset root with train/ (probe) and val/ (clean error)")
-    p.add_argument(
-        "--baseline", default=None,
-        help="NAME of a scored checkpoint (or alexnet) to normalise CE by; default: AlexNet on ImageNet-C's 1,000 "
-        "classes at all five severities, else no CE/mCE",
-    )  # fmt: skip
-    p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
-    p.add_argument(
-        "--extra", action="store_true", help="also the 4 extra corruptions (reported, not in mCE vs AlexNet)"
-    )
-    p.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES))
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument(
-        "--work-size", type=int, default=MIN_SIDE, help="corrupt smaller images at this size (then shrink back)"
-    )
-    p.add_argument("--per-class", type=int, default=None, help="generate only the first N images per class")
-    p.add_argument("--preset", default="fast", help="linear probe preset when no --probe is given")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/robustness")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """`tools/imagenet_c.py` / `supcon-scale imagenet-c`: exit 0, or 2 with a one-line reason on bad input."""
     from rich.console import Console
 
-    args = build_parser().parse_args(argv)
+    args = arguments.imagenet_c().parse_args(argv)
     corruptions = list(dict.fromkeys(args.corruptions + (list(EXTRA_CORRUPTIONS) if args.extra else [])))
     from supcon_scale.evaluation.features import check_args
 
