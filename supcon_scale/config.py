@@ -132,7 +132,10 @@ def key(
     bounds: Range | tuple[Range, ...] | None = items
     if bounds is None and any(b is not None for b in (ge, gt, le, lt)):
         bounds = Range(ge=ge, gt=gt, le=le, lt=lt, inf=inf)
-    return field(default=default, metadata={"help": help, "range": bounds, "nonempty": nonempty})
+    metadata = {"help": help, "range": bounds, "nonempty": nonempty}
+    if isinstance(default, dict):  # a mapping key: each config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +217,12 @@ class ModelConfig:
     sync_bn: bool = key(False, "batch-norm statistics over the global batch (every rank)")
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
-    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images")
+    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images (ResNets only)")
+    kwargs: dict[str, Any] = key(
+        {},
+        "arguments to timm.create_model (img_size, patch_size, depth, drop_path_rate, ...); data.image_size "
+        "is the img_size of a fixed-size family (ViT, Swin) unless given here",
+    )
     head_hidden_layers: int = key(1, "hidden layers of the mlp head (SimCLR's 2048-2048-128 head has 2)", ge=1)
     head_batch_norm: bool = key(False, "batch norm after each hidden mlp layer, which then has no bias (SimCLR)")
     head_bias: bool = key(True, "bias in the head's last layer (the official projection head has none)")
@@ -224,6 +232,22 @@ class ModelConfig:
     init_from: str | None = key(
         None, "local timm checkpoint or .safetensors file the encoder starts from (no hub download)", nonempty=True
     )
+
+    def _check(self, path: str) -> None:
+        for name, why in RESERVED_MODEL_KWARGS.items():
+            if name in self.kwargs:
+                raise ConfigError(f"{path}.kwargs.{name} cannot be set: {why}")
+
+
+# timm.create_model arguments the toolkit sets itself (models.create_encoder), with the reason.
+RESERVED_MODEL_KWARGS = {
+    "num_classes": "the encoder is built without a classifier (num_classes=0); the head is model.head",
+    "pretrained": "nothing is downloaded; start from a local file with model.init_from",
+    "pretrained_cfg": "nothing is downloaded; start from a local file with model.init_from",
+    "pretrained_cfg_overlay": "nothing is downloaded; start from a local file with model.init_from",
+    "checkpoint_path": "start from a local file with model.init_from",
+    "features_only": "the encoder returns pooled features",
+}
 
 
 @dataclass(kw_only=True)
@@ -431,7 +455,8 @@ def schema(cls: type = RunConfig, prefix: str = "") -> list[Key]:
         if dataclasses.is_dataclass(tp):
             out += schema(tp, dotted + ".")
         else:
-            out.append(Key(dotted, tp, f.default, f.metadata["help"], f.metadata["range"]))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(Key(dotted, tp, default, f.metadata["help"], f.metadata["range"]))
     return out
 
 
@@ -728,6 +753,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str) or value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {_short(value)}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__} {_short(value)}")
+        return {_mapping_key(k, path): _plain_value(v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {type(value).__name__} {_short(value)}")
@@ -760,6 +789,29 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     else:  # pragma: no cover - a schema annotation this loader does not know
         raise AssertionError(f"unsupported annotation {tp} at {path}")
     raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {_short(value)}")
+
+
+def _mapping_key(name: Any, path: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"{path}: key {_short(name)} must be a Python identifier (a keyword argument name)")
+    return name
+
+
+def _plain_value(value: Any, path: str) -> Any:
+    """A value of a mapping key (model.kwargs): YAML scalars, lists and mappings of them; an override is YAML."""
+    if isinstance(value, _Override):
+        value = _parse_yaml(value.text, f"override {path}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} must be finite, got {value}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{path} must not contain a NUL character")
+    if isinstance(value, Mapping):
+        return {_mapping_key(k, path): _plain_value(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"{path} must be a number, string, boolean, null, list or mapping; got {_short(value)}")
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
