@@ -282,13 +282,26 @@ class LossConfig:
 class OptimConfig:
     """The optimizer and learning-rate schedule."""
 
-    name: Literal["lars", "sgd", "adamw"] = key("lars", "lars (the paper), sgd with momentum, or adamw")
+    name: Literal["lars", "sgd", "adamw", "lamb"] = key(
+        "lars", "lars (the paper), sgd with momentum, adamw or lamb (timm's; the ViT recipes)"
+    )
     base_lr: float = key(0.4, "learning rate per 256 images: lr = base_lr * global_batch_size / 256", gt=0)
     weight_decay: float = key(1e-4, "L2 weight decay", ge=0)
-    momentum: float = key(0.9, "momentum of lars and sgd (adamw ignores it)", ge=0, lt=1)
+    momentum: float = key(0.9, "momentum of lars and sgd (adamw and lamb use betas)", ge=0, lt=1)
+    betas: tuple[float, float] = key(
+        (0.9, 0.999), "adamw and lamb moment coefficients (DeiT: 0.9, 0.999; MoCo v3 ViT: 0.9, 0.95)", ge=0, lt=1
+    )
+    eps: float | None = key(None, "adamw and lamb epsilon; null: the optimizer's default (1e-8, lamb 1e-6)", gt=0)
+    layer_decay: float | None = key(
+        None, "layer-wise LR decay: block i of n gets lr x layer_decay ** (n - i) (BEiT); null: none", gt=0, le=1
+    )
     nesterov: bool = key(False, "Nesterov momentum for name=sgd (the official cross-entropy recipes)")
     trust_coeff: float = key(0.001, "LARS trust coefficient eta", gt=0)
-    exclude_bn_bias: bool = key(True, "batch-norm and bias tensors get neither weight decay nor LARS adaptation")
+    exclude_bn_bias: bool = key(
+        True,
+        "1-D tensors (norms, biases) and timm's no_weight_decay() names (pos_embed, cls_token) get neither "
+        "weight decay nor LARS adaptation",
+    )
     schedule: Literal["cosine", "constant"] = key("cosine", "after the warm-up: cosine decay or constant")
     final_lr_fraction: float = key(0.0, "learning rate at the end of the cosine, as a fraction of the peak", ge=0, le=1)
 
@@ -501,6 +514,12 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
                 "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for "
                 "ResNets (ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, "
                 "or fsdp"
+            )
+        if cfg.optim.name == "lamb" and cfg.engine.zero_stage >= 1:
+            # LAMB's trust ratio is per tensor; ZeRO hands the optimizer flat partitions (DeepSpeed #490).
+            raise ConfigError(
+                f"optim.name=lamb with engine.zero_stage={cfg.engine.zero_stage}: ZeRO steps flat partitions of many "
+                "tensors, so LAMB's per-tensor trust ratios would be wrong; use engine.zero_stage=0, fsdp or ddp"
             )
         if cfg.precision == "fp16":
             # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in

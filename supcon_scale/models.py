@@ -144,6 +144,7 @@ def check(cfg: RunConfig) -> None:
 BLOCK_USERS = {
     "model.activation_checkpointing": lambda cfg: cfg.model.activation_checkpointing,
     "engine.name=fsdp": lambda cfg: cfg.engine.name == "fsdp",
+    "optim.layer_decay": lambda cfg: cfg.optim.layer_decay is not None,
 }
 
 

@@ -335,6 +335,8 @@ def test_layer_ids_follow_timms_layer_map_and_beits_head_layer():
         (("model.encoder=vit_tiny_patch16_224", "model.kwargs.img_size=64"), ("model.kwargs.img_size", "(32)")),
         ((*TINY_VIT, "model.cifar_stem=true"), ("model.cifar_stem",)),
         (("model.encoder=caformer_s18", "model.activation_checkpointing=true"), ("model.activation_checkpointing",)),
+        (("model.encoder=caformer_s18", "optim.layer_decay=0.75"), ("optim.layer_decay", "blocks")),
+        ((*TINY_VIT, "optim.layer_decay=1.5"), ("optim.layer_decay", "(0, 1]")),
     ],
 )
 def test_train_refuses_a_model_timm_cannot_build_before_writing(small_digits, tmp_path, capsys, overrides, names):
