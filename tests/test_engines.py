@@ -608,3 +608,13 @@ def test_tiny_vit_trust_ratio_optimizers_match_one_process(engine_name, optimize
     got = run_ranks(_train_ranks, 2, engine_name, (*over, "engine.zero_stage=2"), timeout=240)[0]
     np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
     assert_same_weights(got, ref, got["keys"], ref_keys)
+
+
+def test_convnext_fsdp_shards_each_stage_and_matches_one_process():
+    """A second family (ConvNeXt: layer norms, no batch norm) at 32 px under FSDP2 with LARS: one unit per stage."""
+    over = ("model.encoder=convnext_atto", "data.image_size=32", "optim.base_lr=2.0")
+    ref, ref_losses, ref_keys = reference(*over)
+    got = run_ranks(_train_ranks, 2, "fsdp", over, timeout=240)[0]
+    np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
+    assert_same_weights(got, ref, got["keys"], ref_keys)
+    assert got["fsdp_units"] == 4 + 1  # stages.0..3, then the root
