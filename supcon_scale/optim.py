@@ -49,8 +49,8 @@ def param_groups(
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        excluded = cfg.exclude_bn_bias and p.ndim <= 1
-        decay = not (excluded or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+        exempt = p.ndim <= 1 or any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        decay = not (cfg.exclude_bn_bias and exempt)
         layer, scale = 0, 1.0
         if layers is not None and cfg.layer_decay is not None:
             ids, n = layers

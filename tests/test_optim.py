@@ -106,6 +106,8 @@ def test_pos_embed_and_cls_token_get_no_weight_decay(name: str):
         exempt = p.ndim <= 1 or n in ("encoder.pos_embed", "encoder.cls_token")
         assert decay_of[id(p)] == (0.0 if exempt else 0.05), n
     assert model.encoder.pos_embed.ndim == 3 and model.encoder.cls_token.ndim == 3
+    plain = optim.build_optimizer(model, config.OptimConfig(name=name, weight_decay=0.05, exclude_bn_bias=False), 256)
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.05]  # the switch turns every exclusion off
 
 
 def _layer_of(name: str, depth: int) -> int:
