@@ -132,7 +132,10 @@ def key(
     bounds: Range | tuple[Range, ...] | None = items
     if bounds is None and any(b is not None for b in (ge, gt, le, lt)):
         bounds = Range(ge=ge, gt=gt, le=le, lt=lt, inf=inf)
-    return field(default=default, metadata={"help": help, "range": bounds, "nonempty": nonempty})
+    metadata = {"help": help, "range": bounds, "nonempty": nonempty}
+    if isinstance(default, dict):  # a mapping key: each config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +217,12 @@ class ModelConfig:
     sync_bn: bool = key(False, "batch-norm statistics over the global batch (every rank)")
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
-    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images")
+    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images (ResNets only)")
+    kwargs: dict[str, Any] = key(
+        {},
+        "arguments to timm.create_model (img_size, patch_size, depth, drop_path_rate, ...); data.image_size "
+        "is the img_size of a fixed-size family (ViT, Swin) unless given here",
+    )
     head_hidden_layers: int = key(1, "hidden layers of the mlp head (SimCLR's 2048-2048-128 head has 2)", ge=1)
     head_batch_norm: bool = key(False, "batch norm after each hidden mlp layer, which then has no bias (SimCLR)")
     head_bias: bool = key(True, "bias in the head's last layer (the official projection head has none)")
@@ -224,6 +232,22 @@ class ModelConfig:
     init_from: str | None = key(
         None, "local timm checkpoint or .safetensors file the encoder starts from (no hub download)", nonempty=True
     )
+
+    def _check(self, path: str) -> None:
+        for name, why in RESERVED_MODEL_KWARGS.items():
+            if name in self.kwargs:
+                raise ConfigError(f"{path}.kwargs.{name} cannot be set: {why}")
+
+
+# timm.create_model arguments the toolkit sets itself (models.create_encoder), with the reason.
+RESERVED_MODEL_KWARGS = {
+    "num_classes": "the encoder is built without a classifier (num_classes=0); the head is model.head",
+    "pretrained": "nothing is downloaded; start from a local file with model.init_from",
+    "pretrained_cfg": "nothing is downloaded; start from a local file with model.init_from",
+    "pretrained_cfg_overlay": "nothing is downloaded; start from a local file with model.init_from",
+    "checkpoint_path": "start from a local file with model.init_from",
+    "features_only": "the encoder returns pooled features",
+}
 
 
 @dataclass(kw_only=True)
@@ -258,13 +282,26 @@ class LossConfig:
 class OptimConfig:
     """The optimizer and learning-rate schedule."""
 
-    name: Literal["lars", "sgd", "adamw"] = key("lars", "lars (the paper), sgd with momentum, or adamw")
+    name: Literal["lars", "sgd", "adamw", "lamb"] = key(
+        "lars", "lars (the paper), sgd with momentum, adamw or lamb (timm's; the ViT recipes)"
+    )
     base_lr: float = key(0.4, "learning rate per 256 images: lr = base_lr * global_batch_size / 256", gt=0)
     weight_decay: float = key(1e-4, "L2 weight decay", ge=0)
-    momentum: float = key(0.9, "momentum of lars and sgd (adamw ignores it)", ge=0, lt=1)
+    momentum: float = key(0.9, "momentum of lars and sgd (adamw and lamb use betas)", ge=0, lt=1)
+    betas: tuple[float, float] = key(
+        (0.9, 0.999), "adamw and lamb moment coefficients (DeiT: 0.9, 0.999; MoCo v3 ViT: 0.9, 0.95)", ge=0, lt=1
+    )
+    eps: float | None = key(None, "adamw and lamb epsilon; null: the optimizer's default (1e-8, lamb 1e-6)", gt=0)
+    layer_decay: float | None = key(
+        None, "layer-wise LR decay: block i of n gets lr x layer_decay ** (n - i) (BEiT); null: none", gt=0, le=1
+    )
     nesterov: bool = key(False, "Nesterov momentum for name=sgd (the official cross-entropy recipes)")
     trust_coeff: float = key(0.001, "LARS trust coefficient eta", gt=0)
-    exclude_bn_bias: bool = key(True, "batch-norm and bias tensors get neither weight decay nor LARS adaptation")
+    exclude_bn_bias: bool = key(
+        True,
+        "1-D tensors (norms, biases) and timm's no_weight_decay() names (pos_embed, cls_token) get neither "
+        "weight decay nor LARS adaptation",
+    )
     schedule: Literal["cosine", "constant"] = key("cosine", "after the warm-up: cosine decay or constant")
     final_lr_fraction: float = key(0.0, "learning rate at the end of the cosine, as a fraction of the peak", ge=0, le=1)
 
@@ -431,7 +468,8 @@ def schema(cls: type = RunConfig, prefix: str = "") -> list[Key]:
         if dataclasses.is_dataclass(tp):
             out += schema(tp, dotted + ".")
         else:
-            out.append(Key(dotted, tp, f.default, f.metadata["help"], f.metadata["range"]))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(Key(dotted, tp, default, f.metadata["help"], f.metadata["range"]))
     return out
 
 
@@ -476,6 +514,12 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
                 "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for "
                 "ResNets (ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, "
                 "or fsdp"
+            )
+        if cfg.optim.name == "lamb" and cfg.engine.zero_stage >= 1:
+            # LAMB's trust ratio is per tensor; ZeRO hands the optimizer flat partitions (DeepSpeed #490).
+            raise ConfigError(
+                f"optim.name=lamb with engine.zero_stage={cfg.engine.zero_stage}: ZeRO steps flat partitions of many "
+                "tensors, so LAMB's per-tensor trust ratios would be wrong; use engine.zero_stage=0, fsdp or ddp"
             )
         if cfg.precision == "fp16":
             # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in
@@ -733,6 +777,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str) or value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {_short(value)}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__} {_short(value)}")
+        return {_mapping_key(k, path): _plain_value(v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {type(value).__name__} {_short(value)}")
@@ -765,6 +813,29 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     else:  # pragma: no cover - a schema annotation this loader does not know
         raise AssertionError(f"unsupported annotation {tp} at {path}")
     raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {_short(value)}")
+
+
+def _mapping_key(name: Any, path: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"{path}: key {_short(name)} must be a Python identifier (a keyword argument name)")
+    return name
+
+
+def _plain_value(value: Any, path: str) -> Any:
+    """A value of a mapping key (model.kwargs): YAML scalars, lists and mappings of them; an override is YAML."""
+    if isinstance(value, _Override):
+        value = _parse_yaml(value.text, f"override {path}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} must be finite, got {value}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{path} must not contain a NUL character")
+    if isinstance(value, Mapping):
+        return {_mapping_key(k, path): _plain_value(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"{path} must be a number, string, boolean, null, list or mapping; got {_short(value)}")
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
