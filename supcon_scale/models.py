@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
@@ -47,12 +49,14 @@ def check_local_name(name: object, key: str = "model.encoder") -> str:
     return name
 
 
-def create_encoder(name: str, cifar_stem: bool = False, key: str = "model.encoder") -> nn.Module:
+def create_encoder(
+    name: str, cifar_stem: bool = False, key: str = "model.encoder", kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
     """A timm model without classifier (`num_classes=0`): its output is the pooled feature vector; never downloads
     (pretrained weights come from a local file, `model.init_from`)."""
     check_local_name(name, key)
     try:
-        encoder = timm.create_model(name, num_classes=0, pretrained=False)
+        encoder = timm.create_model(name, num_classes=0, pretrained=False, **(kwargs or {}))
     except RuntimeError as exc:  # timm's "Unknown model"
         raise ValueError(f"{key}: {exc}") from None
     if cifar_stem:

@@ -403,11 +403,11 @@ def robustness_report(
     AlexNet (`baseline_name=None`, ImageNet-C) or by the model named `baseline_name` (any other dataset), whose
     own mCE is then 100 by construction.
     """
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.evaluation.features import extract_features
     from supcon_scale.evaluation.linear import checkpoint_image_size, fit_linear_probe, load_probe, topk_accuracy
     from supcon_scale.evaluation.plots import plot_accuracy_vs_severity, plot_ce_bars
+    from supcon_scale.export import encoder_from_export
 
     if not checkpoints:
         raise ValueError("--checkpoint: give at least one NAME=PATH")
@@ -419,7 +419,7 @@ def robustness_report(
     resize = generated is not None and generated.get("image_size") is None
     models: dict[str, dict[str, Any]] = {}
     for name, path in checkpoints.items():
-        encoder, meta = load_encoder(path)
+        encoder, meta = encoder_from_export(path)
         size = (
             image_size
             or (generated or {}).get("image_size")
