@@ -200,3 +200,28 @@ def test_imagenet_c_finetune_and_continual_run_on_the_vit_export(vit_export, sma
             "methods=[scr]"]  # fmt: skip
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "continual" / "summary.json").read_text())["methods"]["scr"]
+
+
+def test_a_trained_vit_run_exports_a_timm_folder_with_its_features(small_digits, tmp_path):
+    """A training run of the tiny ViT (model.kwargs) writes encoder_timm/, which timm loads offline into the encoder
+    of the run's last checkpoint (reference: plain timm with the same arguments and that checkpoint's weights)."""
+    from safetensors.torch import load_file
+
+    from supcon_scale import distributed, trainer
+
+    name, kwargs = TINY_VIT
+    cfg = config.load(
+        Path(__file__).resolve().parents[1] / "configs/demo/digits.yaml",
+        [f"data.root={small_digits}", f"out_dir={tmp_path}", f"model.encoder={name}", "model.channels_last=false",
+         "model.kwargs={patch_size: 4, depth: 2}", "data.image_size=32", "data.global_batch_size=16",
+         "train.max_steps=2", "train.warmup_epochs=0", "train.progress=false"],
+    )  # fmt: skip
+    trainer.fit(cfg, distributed.init(seed=0))
+    reference = timm.create_model(name, num_classes=0, **kwargs).eval()
+    model_state = load_file(str(checkpoint.latest(tmp_path) / "model.safetensors"))
+    reference.load_state_dict({k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")})
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'encoder_timm'}", pretrained=True, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+    assert export.input_size(export.read_metadata(tmp_path / "encoder.safetensors")) == 32
