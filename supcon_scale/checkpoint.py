@@ -6,7 +6,7 @@ directory without it is never picked (the rule of PyTorch's distributed checkpoi
 unpickles arbitrary objects: tensors live in safetensors or `torch.load(weights_only=True)` files, the rest is JSON.
 
     model.safetensors     full model state (encoder + head)
-    encoder.safetensors   the encoder alone, a plain timm state dict (see `export_encoder`)
+    encoder.safetensors   the encoder alone, a timm state dict with its construction arguments (export.py)
     train_state.pt        optimizer, scheduler, scaler
     rank_<r>.pt           that rank's RNG states and data position
     meta.json             step, epoch, resolved config, loss convention, world size, engine
@@ -29,13 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from supcon_scale import distributed
 from supcon_scale.config import save as write_config
 from supcon_scale.console import console, write_replacing
-from supcon_scale.models import create_encoder
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -52,22 +50,6 @@ MAX_WORLD = 2**20
 def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's entries of a full SupConModel state dict, with the `encoder.` prefix removed."""
     return {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
-
-
-def export_encoder(
-    encoder: nn.Module | dict[str, torch.Tensor], path: str | Path, encoder_name: str, cifar_stem: bool = False
-) -> Path:
-    """Write the encoder (a module or its state dict) as a timm state dict: `timm.create_model(name,
-    num_classes=0).load_state_dict(...)` accepts it."""
-    path = Path(path)
-    if isinstance(encoder, nn.Module):
-        encoder = encoder.state_dict()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.items()}
-    bad = first_nonfinite(state)
-    if bad is not None:
-        raise NonFiniteError(f"refusing to export {path}: the encoder's {bad} holds NaN or inf")
-    metadata = {"encoder": encoder_name, "cifar_stem": str(int(cifar_stem))}
-    return write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
@@ -95,29 +77,6 @@ def load_weights(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{key}: {path} does not hold a state dict of tensors")
     return state
-
-
-def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
-    """Load an exported encoder (a `.safetensors` file or a checkpoint directory holding one) in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "encoder.safetensors"
-    if not path.is_file():
-        raise ValueError(f"checkpoint: no encoder at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors' SafetensorError: a corrupt, truncated or huge header
-        raise ValueError(f"checkpoint {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    if "encoder" not in meta:
-        raise ValueError(f"checkpoint {path}: no 'encoder' name in its metadata; was it written by supcon_scale?")
-    encoder = create_encoder(meta["encoder"], cifar_stem=meta.get("cifar_stem") == "1", key=f"checkpoint {path}")
-    state = load_tensors(path)
-    bad = first_nonfinite(state)
-    if bad is not None:
-        raise ValueError(f"checkpoint {path}: tensor {bad} holds NaN or inf (a diverged run?)")
-    load_matching(encoder, state, str(path))
-    return encoder.eval(), meta
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -249,12 +208,10 @@ def save(
         _fsync(tmp / "model.safetensors")
         train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
         _save_torch(train_state, tmp / "train_state.pt")
-        model_cfg = config["model"]
-        export_encoder(
-            encoder_state(engine_state["model"]),
-            tmp / "encoder.safetensors",
-            model_cfg["encoder"],
-            model_cfg.get("cifar_stem", False),
+        from supcon_scale import export  # export.py builds on this module's tensor helpers
+
+        export.export_encoder(
+            encoder_state(engine_state["model"]), tmp / "encoder.safetensors", export.metadata_from_config(config)
         )
     if before_commit is not None:
         before_commit(tmp)
@@ -698,10 +655,14 @@ class Checkpointer:
         self.saved_step = step
 
     def export(self) -> Path | None:
-        """Copy the newest checkpoint's encoder to `out_dir/encoder.safetensors` (main rank); its path, or None."""
+        """Copy the newest checkpoint's encoder to `out_dir/encoder.safetensors` and write `out_dir/encoder_timm/`
+        (timm's `local-dir:` layout, export.py) on the main rank; the encoder's path, or None."""
         if self.newest is None:
             return None
         path = self.out_dir / "encoder.safetensors"
         if self.ctx.is_main:
+            from supcon_scale.export import TIMM_FOLDER, write_timm_folder  # export.py imports this module
+
             copy_atomic(self.newest / "encoder.safetensors", path)
+            write_timm_folder(path, self.out_dir / TIMM_FOLDER)
         return path

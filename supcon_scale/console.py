@@ -172,7 +172,7 @@ class MetricsLog:
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # both stamps name the same millisecond
         stamp = {"time": now.timestamp(), "time_iso": now.isoformat(timespec="milliseconds")}
         with open_append(self.path) as f:

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from supcon_scale import checkpoint, config, models
+from supcon_scale import checkpoint, config, export, models
 
 
 def _state(seed: int = 0):
@@ -53,7 +53,7 @@ def test_exported_encoder_is_a_plain_timm_state_dict(tmp_path: Path):
 
     plain = timm.create_model("resnet18", num_classes=0)
     plain.load_state_dict(load_file(str(path / "encoder.safetensors")))  # strict: every key and shape matches
-    encoder, meta = checkpoint.load_encoder(path)
+    encoder, meta = export.encoder_from_export(path)
     assert meta["encoder"] == "resnet18" and not encoder.training
     x = torch.randn(2, 3, 32, 32)
     model.eval()
@@ -91,7 +91,7 @@ def test_refuses_arbitrary_pickles(tmp_path: Path):
 
 def test_mismatched_model_names_keys_and_shapes(tmp_path: Path):
     enc = models.create_encoder("resnet18")
-    path = checkpoint.export_encoder(enc, tmp_path / "encoder.safetensors", "resnet18")
+    path = export.export_encoder(enc, tmp_path / "encoder.safetensors", export.encoder_metadata("resnet18"))
     target = models.create_encoder("resnet34")
     from safetensors.torch import load_file
 
@@ -122,13 +122,13 @@ def test_meta_is_plain_json(tmp_path: Path):
 
 @pytest.mark.parametrize("cifar_stem", [True, False])
 def test_trained_checkpoint_exports_its_stem(tmp_path: Path, cifar_stem: bool):
-    """checkpoint.save exports the encoder with the run's `model.cifar_stem`, and load_encoder rebuilds that stem."""
+    """checkpoint.save exports the encoder with the run's `model.cifar_stem`; encoder_from_export rebuilds it."""
     cfg = config.load(None, ["model.encoder=resnet18", f"model.cifar_stem={str(cifar_stem).lower()}"])
     torch.manual_seed(0)
     model = models.build(cfg.model)
     state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}}
     path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
-    encoder, meta = checkpoint.load_encoder(path)
+    encoder, meta = export.encoder_from_export(path)
     assert meta["cifar_stem"] == str(int(cifar_stem))
     conv1 = encoder.conv1
     assert (conv1.kernel_size, conv1.stride) == (((3, 3), (1, 1)) if cifar_stem else ((7, 7), (2, 2)))

@@ -23,6 +23,7 @@ LAYERS = {
     "data": 2,
     "models": 2,
     "checkpoint": 2,
+    "export": 2,
     "console": 2,
     "sinks": 2,
     "profiling": 2,

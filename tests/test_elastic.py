@@ -19,7 +19,7 @@ import torch
 from data_images import identities, write_coded
 from multiproc import run_ranks
 
-from supcon_scale import checkpoint, config, distributed, engines, models, trainer
+from supcon_scale import checkpoint, config, distributed, engines, export, models, trainer
 from supcon_scale.evaluation.knn import knn_eval
 from supcon_scale.hooks import Hook
 
@@ -218,7 +218,7 @@ def test_knn_monitor_on_two_ranks_matches_one_process(coded_run_data: Path, tmp_
     knn = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in knn] == [STEPS_PER_EPOCH]
     # The monitor saw the weights of the last step, which the exported encoder holds: one process must agree.
-    encoder, _ = checkpoint.load_encoder(tmp_path / "encoder.safetensors")
+    encoder, _ = export.encoder_from_export(tmp_path / "encoder.safetensors")
     want = knn_eval(encoder, coded_run_data / "train", coded_run_data / "val", image_size=16)
     assert knn[0]["knn_top1"] == pytest.approx(want["top1"], abs=1.5 / want["num_val"])
     assert knn[0]["knn_top5"] == pytest.approx(want["top5"], abs=1.5 / want["num_val"])

@@ -135,7 +135,7 @@ def test_the_monitor_checks_its_splits_when_built(tiny, tmp_path):
 def test_train_with_the_monitor_and_no_val_split_stops_before_training(tiny, tmp_path, capsys):
     data, out = _copy(tiny, tmp_path), tmp_path / "run"
     shutil.rmtree(data / "val")
-    args = ["train", "--config", "configs/demo/digits.yaml", f"data.root={data}", f"out_dir={out}",
+    args = ["train", "--config", "demo/digits", f"data.root={data}", f"out_dir={out}",
             "data.backend=torchvision", "data.image_size=16", "data.global_batch_size=16", "data.workers=0",
             "train.epochs=1", "train.warmup_epochs=0", "train.progress=false", "train.knn_every_epochs=1"]  # fmt: skip
     rc, err = run_cli(capsys, args)

@@ -157,14 +157,14 @@ def test_init_from_local_timm_and_safetensors_files(tmp_path):
 
 
 def test_init_from_refuses_a_standard_stem_for_a_cifar_stem_and_takes_its_own(tmp_path):
-    from supcon_scale.checkpoint import export_encoder
+    from supcon_scale.export import encoder_metadata, export_encoder
 
     standard = _timm_file(tmp_path, "std.safetensors", models.create_encoder("resnet18").state_dict())
     with pytest.raises(ValueError, match=r"does not fit model.encoder: shape mismatch conv1.weight \(64, 3, 7, 7\)"):
         models.build(config.ModelConfig(encoder="resnet18", cifar_stem=True, init_from=standard))
     torch.manual_seed(2)
     cifar = models.create_encoder("resnet18", cifar_stem=True)
-    path = export_encoder(cifar, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=True)
+    path = export_encoder(cifar, tmp_path / "encoder.safetensors", encoder_metadata("resnet18", cifar_stem=True))
     model = models.build(config.ModelConfig(encoder="resnet18", cifar_stem=True, init_from=str(path)))
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in cifar.state_dict().items())
 
@@ -176,11 +176,11 @@ def test_exported_encoder_loads_into_plain_timm(tmp_path, cifar_stem):
     import timm
     from safetensors.torch import load_file
 
-    from supcon_scale.checkpoint import export_encoder
+    from supcon_scale.export import encoder_metadata, export_encoder
 
     torch.manual_seed(3)
     ours = models.create_encoder("resnet18", cifar_stem=cifar_stem).eval()
-    path = export_encoder(ours, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=cifar_stem)
+    path = export_encoder(ours, tmp_path / "encoder.safetensors", encoder_metadata("resnet18", cifar_stem=cifar_stem))
     plain = timm.create_model("resnet18", num_classes=0)
     if cifar_stem:
         plain.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -344,7 +344,7 @@ def test_train_refuses_a_model_timm_cannot_build_before_writing(small_digits, tm
     from supcon_scale.cli import main
 
     out = tmp_path / "run"
-    args = ["train", "--config", str(REPO / "configs/demo/digits.yaml"), f"data.root={small_digits}"]
+    args = ["train", "--config", str(REPO / "supcon_scale/recipes/demo/digits.yaml"), f"data.root={small_digits}"]
     args += [f"out_dir={out}", "data.image_size=32", "data.workers=0", "train.progress=false", *overrides]
     capsys.readouterr()
     rc = main(args)

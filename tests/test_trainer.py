@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supcon_scale import checkpoint, config, distributed, models, trainer
+from supcon_scale import checkpoint, config, distributed, export, models, trainer
 from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,8 +122,14 @@ def test_metrics_config_and_encoder_written(digits: Path, tmp_path: Path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["lr"] > 0 for r in rows)
     assert config.load(tmp_path / "config.yaml").train.max_steps == 3
-    encoder, meta = checkpoint.load_encoder(tmp_path / "encoder.safetensors")
-    assert meta["encoder"] == "resnet18"
+    encoder, meta = export.encoder_from_export(tmp_path / "encoder.safetensors")
+    assert meta["encoder"] == "resnet18" and export.input_size(meta) == 16
+    import timm  # the run's timm folder loads offline into the same encoder
+
+    plain = timm.create_model(f"local-dir:{tmp_path / 'encoder_timm'}", pretrained=True, num_classes=0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain(x), encoder(x))
 
 
 def test_cross_entropy_baseline_trains(digits: Path, tmp_path: Path):
@@ -268,7 +274,7 @@ def test_a_timm_family_trains_on_the_digits_from_a_config_alone(digits: Path, tm
     from supcon_scale.cli import main
 
     recipe = tmp_path / f"{family}.yaml"
-    recipe.write_text(f"base: {REPO / 'configs/demo/digits.yaml'}\n{NEW_FAMILIES[family]}")
+    recipe.write_text(f"base: {REPO / 'supcon_scale/recipes/demo/digits.yaml'}\n{NEW_FAMILIES[family]}")
     out = tmp_path / "run"
     args = ["train", "--config", str(recipe), f"data.root={digits}", f"out_dir={out}", "data.backend=torchvision"]
     args += ["data.global_batch_size=16", "data.workers=0", "train.max_steps=3", "train.warmup_epochs=0"]

@@ -195,16 +195,33 @@ def with_batch(cfg: config.RunConfig, batch: int) -> config.RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch_size=batch))
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """`--model-kwargs`: a JSON object, or argparse's one-line usage error (exit 2)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text[:80]!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_train", description=__doc__)
     p.add_argument("--model", default="resnet50", help="timm encoder name")
+    p.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default=None,
+        help='JSON object of timm.create_model arguments (model.kwargs), e.g. \'{"patch_size": 4, "depth": 2}\'',
+    )
     p.add_argument("--batch-per-gpu", type=int, default=64, help="images per step (SupCon trains V views of each)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each ResNet stage in backward")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="one process of this engine")
     p.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage with --engine deepspeed")
     p.add_argument("--data", type=Path, help="an image folder: also time the SupCon step fed by --backend's loader")
@@ -248,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         f"engine.name={args.engine}",
         f"engine.zero_stage={args.zero_stage}",
     ]
+    if args.model_kwargs:  # JSON is YAML: the override is the mapping itself
+        overrides.append(f"model.kwargs={json.dumps(args.model_kwargs)}")
     if args.data is not None:
         overrides += [
             f"data.root={args.data}",
@@ -275,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": device_name,
         "model": args.model,
+        "model_kwargs": args.model_kwargs or {},
         "precision": args.precision,
         "image_size": args.image_size,
         "engine": args.engine,

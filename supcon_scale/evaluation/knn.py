@@ -223,8 +223,8 @@ def check_monitor_data(root: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale knn --checkpoint PATH --data DIR [--k 200] [--temperature 0.07] [--json OUT]`."""
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.evaluation.linear import checkpoint_image_size
+    from supcon_scale.export import encoder_from_export
 
     p = argparse.ArgumentParser(prog="knn", description="Weighted kNN accuracy of a frozen encoder (train -> val).")
     p.add_argument("--checkpoint", required=True)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = distributed.init()
     try:
-        encoder, meta = load_encoder(args.checkpoint)
+        encoder, meta = encoder_from_export(args.checkpoint)
         size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
         root = Path(args.data)
         result = knn_eval(

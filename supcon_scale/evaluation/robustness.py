@@ -370,13 +370,13 @@ def _score(
     name: str, path: str | Path, c_root: Path, clean_root: Path, generated: dict[str, Any] | None, **kw: Any
 ) -> dict[str, Any]:
     """One checkpoint: its probe (fitted, or saved in `kw["probes"]`), clean top-1 and errors on every folder."""
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.evaluation.features import extract_features
     from supcon_scale.evaluation.linear import checkpoint_image_size, fit_linear_probe, load_probe, topk_accuracy
+    from supcon_scale.export import encoder_from_export
 
     probes, batch_size, device, num_workers = kw["probes"], kw["batch_size"], kw["device"], kw["num_workers"]
-    encoder, meta = load_encoder(path)
+    encoder, meta = encoder_from_export(path)
     check_inputs({name: path}, c_root, clean_root, kw["corruptions"], kw["severities"])  # before any image is scored
     size = (
         kw["image_size"]
