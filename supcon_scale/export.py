@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from supcon_scale.checkpoint import first_nonfinite, load_matching, load_tensors, read_meta
 from supcon_scale.console import warn, write_replacing
-from supcon_scale.models import create_encoder
+from supcon_scale.models import create_encoder, fixed_size_kwargs
 from supcon_scale.resilience import NonFiniteError
 
 ENCODER_FILE = "encoder.safetensors"
@@ -64,16 +64,6 @@ def encoder_metadata(
     return meta
 
 
-def construction_kwargs(architecture: str, kwargs: Mapping[str, Any], image_size: int) -> dict[str, Any]:
-    """`model.kwargs`, plus `img_size` for a family whose input size is fixed at construction (ViT, Swin, ...):
-    timm's pretrained config marks them with `fixed_input_size`; other families take any size."""
-    kwargs = dict(kwargs)
-    cfg = timm.models.get_pretrained_cfg(architecture)
-    if "img_size" not in kwargs and cfg is not None and getattr(cfg, "fixed_input_size", False):
-        kwargs["img_size"] = image_size
-    return kwargs
-
-
 def names_export(encoder: str) -> bool:
     """Whether a config's encoder entry is a path to an export (the continual learner may start from one)."""
     return encoder.endswith(".safetensors") or "/" in encoder
@@ -92,7 +82,7 @@ def metadata_from_config(config: Mapping[str, Any]) -> dict[str, str]:
     norm = data.get("augment", data)
     return encoder_metadata(
         name,
-        kwargs=construction_kwargs(name, model.get("kwargs") or {}, size),
+        kwargs=fixed_size_kwargs(name, model.get("kwargs") or {}, size),
         cifar_stem=cifar_stem,
         image_size=size,
         mean=norm.get("mean"),

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import timm
@@ -66,10 +67,15 @@ def create_encoder(
 
 
 def encoder_kwargs(cfg: ModelConfig, image_size: int | None = None) -> dict[str, Any]:
-    """The arguments the encoder is built with: `model.kwargs`, plus `img_size=image_size` for a family whose input
-    size is fixed when it is built (timm's `fixed_input_size`: ViT, DeiT, Swin, ...) unless `model.kwargs` sets it."""
-    kwargs = dict(cfg.kwargs)
-    pretrained_cfg = timm.get_pretrained_cfg(cfg.encoder) if timm.is_model(cfg.encoder) else None
+    """The arguments `cfg`'s encoder is built with (`fixed_size_kwargs` of `model.encoder` and `model.kwargs`)."""
+    return fixed_size_kwargs(cfg.encoder, cfg.kwargs, image_size)
+
+
+def fixed_size_kwargs(name: str, kwargs: Mapping[str, Any], image_size: int | None) -> dict[str, Any]:
+    """`kwargs`, plus `img_size=image_size` for a family whose input size is fixed when it is built (timm's
+    `fixed_input_size`: ViT, DeiT, Swin, ...) unless `kwargs` sets it; other families take any size."""
+    kwargs = dict(kwargs)
+    pretrained_cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
     if image_size is not None and "img_size" not in kwargs and getattr(pretrained_cfg, "fixed_input_size", False):
         kwargs["img_size"] = image_size
     return kwargs

@@ -124,13 +124,6 @@ def test_checkpoint_records_the_construction_arguments_and_rebuilds_without_its_
         assert torch.equal(v, model.encoder.state_dict()[k]), k
 
 
-def test_vit_image_size_reaches_a_fixed_size_family_only():
-    """`img_size` joins the arguments of a family built for one input size (timm's `fixed_input_size`)."""
-    assert export.construction_kwargs("vit_tiny_patch16_224", {"depth": 2}, 32) == {"depth": 2, "img_size": 32}
-    assert export.construction_kwargs("vit_tiny_patch16_224", {"img_size": 48}, 32) == {"img_size": 48}
-    assert export.construction_kwargs("convnext_atto", {}, 32) == {}
-
-
 def test_cifar_stem_export_warns_and_writes_no_timm_folder(tmp_path, capsys):
     path = export.export_encoder(
         models.create_encoder("resnet18", cifar_stem=True),
