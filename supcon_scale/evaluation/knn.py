@@ -182,13 +182,13 @@ class KnnMonitor(Hook):
         if not is_sharded(self.encoder):
             return self.encoder
         from supcon_scale.checkpoint import encoder_state
-        from supcon_scale.models import create_encoder
+        from supcon_scale.models import create_encoder, encoder_kwargs
 
         model = self.engine.state_dict()["model"]  # every rank calls it; rank 0 receives the full state
         state = distributed.broadcast_object(encoder_state(model) if self.engine.ctx.is_main else None)
         if self._copy is None:
             cfg = self.engine.cfg.model
-            self._copy = create_encoder(cfg.encoder, cifar_stem=cfg.cifar_stem)
+            self._copy = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, self.image_size))
         self._copy.load_state_dict(state)
         return self._copy
 
