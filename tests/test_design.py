@@ -17,6 +17,7 @@ LAYERS = {
     "optim": 1,
     "resilience": 1,
     "hooks": 1,
+    "files": 1,
     "engines": 2,
     "objectives": 2,
     "data": 2,

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from supcon_scale import distributed
-from supcon_scale.console import console, table, write_text
+from supcon_scale.console import console, table
 from supcon_scale.continual import config, metrics
 from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
 from supcon_scale.continual.stream import load_sources
+from supcon_scale.files import write_text
 from supcon_scale.resilience import EXIT_PREEMPTED, Preempted
 
 

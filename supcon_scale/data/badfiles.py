@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -167,7 +166,7 @@ def shown(path: str) -> str:
 def write_bad_list(bad: list[tuple[str, str]], out_dir: str | Path) -> Path:
     """`out_dir/bad_files.txt`: one `path<TAB>reason` per line (the run's deny-list), names in `shown` form, written
     through a fresh temporary renamed over it (a link planted there is replaced, never followed)."""
-    from supcon_scale.console import write_text
+    from supcon_scale.files import write_text
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return write_text(Path(out_dir) / BAD_FILES_NAME, "".join(f"{shown(p)}\t{shown(r)}\n" for p, r in bad))
@@ -212,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(shown(os.path.relpath(p, args.dir)), shown(r))
     console.print(table)
     if args.json is not None:
-        from supcon_scale.console import write_text
+        from supcon_scale.files import write_json
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.json, json.dumps({"root": str(args.dir), **report.to_dict()}, indent=2))
+        write_json(args.json, {"root": str(args.dir), **report.to_dict()})
     return 1 if report.bad else 0

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supcon_scale.files import write_replacing
+
 # Bumped when the row layout or `check_file`'s verdicts change: an older manifest is refused, not trusted.
 MANIFEST_VERSION = 1
 MAGIC = "#supcon_scale data manifest"
@@ -47,20 +49,20 @@ class Manifest:
         raise ValueError(f"covers {self.root}, not {directory} (another dataset)")
 
     def save(self, path: Path) -> Path:
-        """Write atomically (a temporary file renamed over `path`), so a killed launch leaves the old one whole."""
+        """Write atomically (`files.write_replacing`), so a killed launch leaves the old one whole."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"version": MANIFEST_VERSION, "root": self.root, "kind": self.kind})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)  # a stale temporary or a planted link: never written through
-        # surrogateescape: a file name that is not UTF-8 round-trips as its bytes
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        with os.fdopen(os.open(tmp, flags, 0o644), "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(f"{MAGIC}\t{header}\n")
-            for key, (size, mtime, verdict, extra) in self.rows.items():
-                tail = "".join(f"\t{x}" for x in extra)
-                f.write(f"{key}\t{size}\t{mtime}\t{_clean(verdict)}{tail}\n")
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            # surrogateescape: a file name that is not UTF-8 round-trips as its bytes
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(f"{MAGIC}\t{header}\n")
+                for key, (size, mtime, verdict, extra) in self.rows.items():
+                    tail = "".join(f"\t{x}" for x in extra)
+                    f.write(f"{key}\t{size}\t{mtime}\t{_clean(verdict)}{tail}\n")
+
+        write_replacing(path, write)  # a link planted at the name is replaced; a device there is refused
         return path
 
 

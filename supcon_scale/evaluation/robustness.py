@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import distributed
-from supcon_scale.console import write_text
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.evaluation.corruptions import (
     ALL_CORRUPTIONS,
@@ -34,6 +33,7 @@ from supcon_scale.evaluation.corruptions import (
     corrupt,
     image_seed,
 )
+from supcon_scale.files import write_text
 
 # Relative CE divides each model's (corrupted - clean) error gap by the baseline's. Below this clean error the
 # baseline's clean error is measured from a handful of mistakes (or none) on a small split, so its gap is noise-

@@ -1,0 +1,106 @@
+"""The bad-input matrix, round two (issue 25): output paths that are devices, a full disk, formats the scan must
+refuse, shard names, CIFAR arrays, sizes, and YAML rules, each through the CLI.
+
+Every row asserts the exit status, the one-line message naming the culprit, no traceback, and the disk state (a
+device node made with mknod stays a device; nothing outside the output folder is touched). docs/RELIABILITY.md
+"Hostile input" lists the rows. The fixtures (the digits at 16 px, one trained run) are test_hostile.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_hostile import REPO, TIMEOUT, _env, data16, one_line_error, run16, run_cli, snapshot, train_args
+
+from supcon_scale import checkpoint
+
+__all__ = ["data16", "run16"]  # module fixtures shared with test_hostile.py
+
+
+def _device(path: Path) -> Path:
+    """A character device node (the numbers of /dev/null), made where the test says, never at a system path."""
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    return path
+
+
+def _special(kind: str, path: Path) -> Path:
+    if kind == "device":
+        return _device(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    return path
+
+
+def _is_kind(kind: str, path: Path) -> bool:
+    mode = os.lstat(path).st_mode
+    return {"device": stat.S_ISCHR, "fifo": stat.S_ISFIFO, "directory": stat.S_ISDIR}[kind](mode)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 1: one writer, regular files only
+
+
+def _writer_args(tool: str, target: Path, run16: Path, data16: Path, tmp: Path) -> list:
+    enc = run16 / "encoder.safetensors"
+    return {
+        "check-data": ["check-data", data16 / "val", "--no-manifest", "--workers", "1", "--json", target],
+        "knn": ["knn", "--checkpoint", enc, "--data", data16, "--k", "5", "--json", target],
+        "linear-eval": ["linear-eval", "--checkpoint", enc, "--data", data16, "--protocol", "fast", "--json", target],
+        "linear-eval --save-probe": ["linear-eval", "--checkpoint", enc, "--data", data16, "--protocol", "fast",
+                                     "--save-probe", target],
+        "finetune": ["finetune", "--checkpoint", enc, "--data", data16, "--epochs", "1", "--image-size", "16",
+                     "--json", target],
+        "embed-plot": ["embed-plot", "--checkpoint", enc, "--data", data16, "--method", "tsne", "--out", target],
+        "data.manifest": train_args(data16, tmp / "out", f"data.manifest={target}"),
+    }[tool]  # fmt: skip
+
+
+WRITER_ROWS = [(tool, "device") for tool in ("check-data", "knn", "linear-eval", "finetune", "embed-plot")] + [
+    ("check-data", "fifo"),
+    ("knn", "directory"),
+    ("linear-eval --save-probe", "directory"),
+    ("data.manifest", "device"),
+    ("data.manifest", "fifo"),
+]
+
+
+@pytest.mark.parametrize(("tool", "kind"), WRITER_ROWS, ids=[f"{t}-{k}" for t, k in WRITER_ROWS])
+def test_an_output_path_that_is_not_a_regular_file_is_refused(tool, kind, run16, data16, tmp_path, capsys):
+    target = _special(kind, tmp_path / ("report.png" if tool == "embed-plot" else "report"))
+    before = snapshot(run16)
+    rc, err = run_cli(capsys, _writer_args(tool, target, run16, data16, tmp_path))
+    assert rc == 2, err[-3000:]
+    one_line_error(err, str(target), {"device": "character device", "fifo": "FIFO"}.get(kind, kind))
+    assert _is_kind(kind, target)  # still what it was, not a regular file
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == [target.name]  # no temporary left
+    assert snapshot(run16) == before
+
+
+def _file_size_limit(limit: int):
+    """A real write failure inside the child: RLIMIT_FSIZE makes a write past `limit` bytes fail with EFBIG (Python
+    ignores SIGXFSZ), the errno a full disk's ENOSPC shares its handling with."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(run16, data16, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run16, out)
+    previous = checkpoint.latest(out)
+    before = snapshot(previous)
+    args = train_args(data16, out, "train.resume=auto", "train.max_steps=2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "supcon_scale.cli", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+        timeout=TIMEOUT, preexec_fn=_file_size_limit(2 << 20),
+    )  # fmt: skip
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    one_line_error(proc.stderr, str(out), "not written", "File too large")
+    assert checkpoint.latest(out) == previous and snapshot(previous) == before  # the previous one intact
