@@ -33,7 +33,7 @@ CPU_BF16_MIN_IMAGE_SIZE = 17
 
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
 MAX_BASE_DEPTH = 32  # files in one `base:` chain
-MAX_YAML_NODES = 10_000  # nodes of one YAML document after expanding its aliases (recipes have about 60)
+MAX_YAML_NODES = 10_000  # nodes that aliases may add to one YAML document (recipes use none)
 INT64_MAX = 2**63 - 1
 
 
@@ -187,10 +187,19 @@ class DataConfig:
         "torchvision", "input pipeline: torchvision (Pillow), dali (on the GPU when there is one), dali-cpu, ..."
     )
     global_batch_size: int = key(256, "images per optimizer step over all ranks (each gives `views` views)", ge=1)
-    views: int = key(2, "augmented views of each image", ge=1)
-    image_size: int = key(224, "side of the square training crop, in pixels", ge=8)
+    views: int = key(
+        2,
+        "augmented views of each image (at most 64: each view is another forward pass; the paper uses 2)",
+        ge=1,
+        le=64,
+    )
+    image_size: int = key(
+        224, "side of the square training crop, in pixels (at most 4096: one fp32 view is then 192 MiB)", ge=8, le=4096
+    )
     num_classes: int | None = key(None, "number of classes; read from the folder when null", ge=1)
-    workers: int = key(4, "torchvision DataLoader workers per rank (0: load in the training process)", ge=0)
+    workers: int = key(
+        4, "torchvision DataLoader workers per rank (0: in the training process; at most 256 processes)", ge=0, le=256
+    )
     dali_threads: int = key(4, "DALI CPU threads per rank", ge=1)
     hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
     drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
@@ -210,7 +219,9 @@ class ModelConfig:
     encoder: str = key("resnet50", "timm name of the encoder (resnet50, resnet101, resnet200, ...)", nonempty=True)
     head: Literal["mlp", "linear"] = key("mlp", "projection head: mlp (one hidden layer) or linear")
     head_hidden_dim: int | None = key(None, "hidden width of the mlp head; the encoder's width when null", ge=1)
-    feat_dim: int = key(128, "dimension of the normalised embedding the loss sees", ge=1)
+    feat_dim: int = key(
+        128, "dimension of the normalised embedding the loss sees (at most 65536; the paper uses 128)", ge=1, le=65536
+    )
     sync_bn: bool = key(False, "batch-norm statistics over the global batch (every rank)")
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
@@ -543,22 +554,67 @@ class _Override:
         return repr(self.text)
 
 
+# YAML 1.2 core schema numbers (yaml.org/spec/1.2.2, 10.3.2): PyYAML reads YAML 1.1, where `1:30` is the base-60
+# integer 90 and `012` the octal 10; here they are a string (refused for a number key) and 12.
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_12 = re.compile(
+    r"^(?:[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN))$"
+)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses documents whose aliases expand beyond MAX_YAML_NODES nodes (or into themselves)."""
+    """SafeLoader with YAML 1.2 numbers that refuses duplicate keys (a repeated section would silently win) and
+    documents whose aliases add more than MAX_YAML_NODES nodes (or refer into themselves)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def compose_document(self) -> Any:
         node = super().compose_document()
-        _expanded_size(node, {}, set())
+        _expanded_size(node, {}, set(), [0])
         return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        sign = -1 if text.startswith("-") else 1
+        body = text.lstrip("+-")
+        if body.startswith(("0o", "0x")):
+            return sign * int(body[2:], 8 if body[1] == "o" else 16)
+        return sign * int(body, 10)  # `012` is 12 in YAML 1.2, not octal
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 class _YAMLTooLarge(yaml.YAMLError):
     pass
 
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
-    """Nodes under `node` with every alias expanded; shared nodes are sized once but counted each time used."""
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int], aliased: list[int]) -> int:
+    """Nodes under `node` with every alias expanded; shared nodes are sized once but counted each time used, and
+    `aliased[0]` counts what the aliases add: a large document without aliases is no bomb (its bytes are bounded
+    by MAX_CONFIG_BYTES), a small one whose aliases add MAX_YAML_NODES nodes is."""
     if id(node) in sizes:
+        aliased[0] += sizes[id(node)]
+        if aliased[0] > MAX_YAML_NODES:
+            raise _YAMLTooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
         return sizes[id(node)]
     if id(node) in open_:
         raise _YAMLTooLarge("an alias refers to a node that contains it")
@@ -571,9 +627,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> i
     else:
         children = []
     for child in children:
-        size += _expanded_size(child, sizes, open_)
-        if size > MAX_YAML_NODES:
-            raise _YAMLTooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
+        size += _expanded_size(child, sizes, open_, aliased)
     open_.discard(id(node))
     sizes[id(node)] = size
     return size
@@ -655,6 +709,13 @@ def _set_dotted(raw: dict[str, Any], name: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {_name(name)}: {_name(part)} is not a section")
         node = child
+    old = node.get(parts[-1])
+    if isinstance(value, _Override) and isinstance(old, dict):
+        # `loss={variant: in}` over a recipe's loss section: merged into it, the section's other keys kept
+        parsed = _parse_yaml(value.text, f"override {_name(name)}")
+        if isinstance(parsed, dict):
+            _deep_merge(old, parsed)
+            return
     node[parts[-1]] = value
 
 

@@ -99,7 +99,7 @@ def test_every_shipped_config_loads(path: Path):
         ("data.augment.crop_scale=[0,1]", "data.augment.crop_scale[0] must be in (0, 1], got 0"),
         ("seed=-1", "seed must be >= 0, got -1"),
         ("seed=9223372036854775808", "seed must fit in 64 bits"),
-        ("data.global_batch_size=1e3", "data.global_batch_size must be int, got str '1e3'"),
+        ("data.global_batch_size=1e3", "data.global_batch_size must be int, got float 1000.0"),
         ("data.views=[1,", "override data.views: invalid YAML"),
         ("data.views=!!python/object/apply:os.system [ls]", "override data.views: invalid YAML"),
         ("out_dir=", "out_dir must not be empty"),
