@@ -86,6 +86,24 @@ def test_an_output_path_that_is_not_a_regular_file_is_refused(tool, kind, run16,
     assert snapshot(run16) == before
 
 
+def test_embed_plot_out_without_a_suffix_writes_a_png_named_so(run16, data16, tmp_path, capsys):
+    args = ["embed-plot", "--checkpoint", run16 / "encoder.safetensors", "--data", data16, "--method", "tsne",
+            "--out", tmp_path / "map"]  # fmt: skip
+    rc, out = run_cli(capsys, args)
+    assert rc == 0, out[-3000:]
+    assert str(tmp_path / "map.png") in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]  # no 0-byte `map`, no temporary left
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetune_lr_beyond_float32_is_one_line(run16, data16, tmp_path, capsys):
+    rc, err = run_cli(capsys, ["finetune", "--checkpoint", run16 / "encoder.safetensors", "--data", data16,
+                               "--epochs", "1", "--lr", "1e300", "--json", tmp_path / "r.json"])  # fmt: skip
+    assert rc == 2
+    one_line_error(err, "--lr", "1e+300", "float32")
+    assert not list(tmp_path.iterdir())
+
+
 def _file_size_limit(limit: int):
     """A real write failure inside the child: RLIMIT_FSIZE makes a write past `limit` bytes fail with EFBIG (Python
     ignores SIGXFSZ), the errno a full disk's ENOSPC shares its handling with."""

@@ -29,6 +29,9 @@ POSITIVE = ("lr", "temperature", "image_size", "batch_size", "epochs", "k", "wor
 NON_NEGATIVE = ("workers", "weight_decay", "label_smoothing")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest float flag torch can take
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse an evaluation command's flags that would run on garbage (`--lr nan` gives chance-level results with
     exit 0, `--image-size -1` a traceback deep in a transform): a one-line ValueError naming the flag."""
@@ -38,6 +41,8 @@ def check_args(args: argparse.Namespace) -> None:
         flag = "--" + name.replace("_", "-")
         if not math.isfinite(value):
             raise ValueError(f"{flag}: must be a finite number, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # `--lr 1e300`: an overflow inside the optimizer
+            raise ValueError(f"{flag}: {value} does not fit in float32, the precision the model computes in")
         if name in POSITIVE and value <= 0:
             raise ValueError(f"{flag}: must be > 0, got {value}")
         if name in NON_NEGATIVE and value < 0:
