@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import resource
 import shutil
 import stat
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_hostile import REPO, TIMEOUT, _env, data16, one_line_error, run16, run_cli, snapshot, train_args
 
@@ -191,3 +193,39 @@ def test_a_large_config_without_aliases_is_not_taken_for_an_alias_bomb(tmp_path,
     assert rc == 2
     line = one_line_error(err, "unknown config key notes")  # read in full, refused for what it says
     assert "alias" not in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 9: CIFAR archives checked by shape, dtype and range
+
+
+def _cifar_damage(d: Path, how: str) -> tuple[str, str]:
+    """Damage one file of a CIFAR-10 archive; (the file, the field) the error must name."""
+    batch_file = d / "data_batch_2"
+    batch = pickle.loads(batch_file.read_bytes(), encoding="bytes")
+    if how == "meta_without_names":
+        (d / "batches.meta").write_bytes(pickle.dumps({b"num_vis": 3072}, protocol=2))
+        return "batches.meta", "label_names"
+    if how == "float_pixels":
+        batch[b"data"] = batch[b"data"].astype(np.float32) / 255  # would be cast to zeros
+    elif how == "int64_wrap":
+        batch[b"data"] = batch[b"data"].astype(np.int64) + 256  # would wrap to the same bytes
+    elif how == "fewer_labels":
+        batch[b"labels"] = batch[b"labels"][:-1]  # would shift every later label
+    elif how == "labels_2d":
+        batch[b"labels"] = np.asarray(batch[b"labels"])[:, None]
+    batch_file.write_bytes(pickle.dumps(batch, protocol=2))
+    return "data_batch_2", "labels" if "labels" in how else "data"
+
+
+@pytest.mark.parametrize("how", ["float_pixels", "int64_wrap", "fewer_labels", "labels_2d", "meta_without_names"])
+def test_cifar_arrays_are_checked_not_cast(how, tmp_path, capsys):
+    from test_data_cifar import write_cifar10
+
+    root = write_cifar10(tmp_path / "cifar")
+    file, field = _cifar_damage(root / "cifar-10-batches-py", how)
+    before = snapshot(root)
+    rc, err = run_cli(capsys, [*train_args(root, tmp_path / "out"), "data.format=cifar", "data.global_batch_size=8"])
+    assert rc == 2
+    one_line_error(err, str(root / "cifar-10-batches-py" / file), f"'{field}'")
+    assert snapshot(root) == before
