@@ -8,6 +8,7 @@ device node made with mknod stays a device; nothing outside the output folder is
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +231,157 @@ def test_cifar_arrays_are_checked_not_cast(how, tmp_path, capsys):
     assert rc == 2
     one_line_error(err, str(root / "cifar-10-batches-py" / file), f"'{field}'")
     assert snapshot(root) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 4 (and issue 26): the scan checks what the backend decodes, the manifest is keyed on content and lives
+# outside the dataset
+
+
+def _odd_format_data(root: Path, data16: Path, fmt: str) -> Path:
+    """A copy of the digits' class folders with one image saved as `fmt` under a .jpg name."""
+    from PIL import Image
+
+    shutil.copytree(data16 / "train", root)
+    src = sorted((root / "0").glob("*.jpg"))[0]
+    with Image.open(src) as img:
+        img.convert("RGB").save(root / "1" / "odd.jpg", format=fmt)
+    return root / "1" / "odd.jpg"
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TGA", "PCX", "ICO"])
+def test_a_format_dali_cannot_decode_under_a_jpg_name_is_listed(fmt, data16, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    odd = _odd_format_data(tmp_path / "data", data16, fmt)
+    before = snapshot(tmp_path / "data")
+    rc, out = run_cli(capsys, ["check-data", tmp_path / "data", "--workers", "1", "--json", tmp_path / "r.json"])
+    assert rc == 1 and "Traceback" not in out
+    [bad] = json.loads((tmp_path / "r.json").read_text())["bad"]
+    assert bad["path"] == str(odd) and f"a {fmt} image" in bad["reason"] and "dali" in bad["reason"]
+    rc, out = run_cli(capsys, ["check-data", tmp_path / "data", "--workers", "1", "--backend", "torchvision"])
+    assert rc == 0, out  # Pillow, the torchvision backend's decoder, reads it
+    assert snapshot(tmp_path / "data") == before  # nothing written into the dataset
+
+
+def test_a_dali_run_stops_naming_a_gif_named_jpg(data16, tmp_path, capsys):
+    odd = _odd_format_data(tmp_path / "data" / "train", data16, "GIF")
+    args = train_args(tmp_path / "data", tmp_path / "out", "data.backend=dali-cpu", "data.on_bad_file=fail")
+    rc, err = run_cli(capsys, args)
+    assert rc == 2
+    one_line_error(err, "data.on_bad_file=fail", str(odd), "a GIF image")
+
+
+def test_a_file_corrupted_in_place_with_size_and_mtime_kept_is_rescanned(data16, tmp_path, capsys):
+    shutil.copytree(data16 / "val", tmp_path / "data")
+    manifest = tmp_path / "run" / "scan.tsv"
+    base = ["check-data", tmp_path / "data", "--workers", "1", "--manifest", manifest]
+    assert run_cli(capsys, [*base])[0] == 0
+    victim = sorted((tmp_path / "data" / "3").glob("*.jpg"))[1]
+    st = victim.stat()
+    victim.write_bytes(b"\xff\xd8" + b"x" * (st.st_size - 2))  # the same size, garbage after the JPEG marker
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rc, out = run_cli(capsys, [*base, "--json", tmp_path / "run" / "r.json"])
+    assert rc == 1, out
+    assert "(1 decoded" in out  # the only file whose content changed
+    assert [b["path"] for b in json.loads((tmp_path / "run" / "r.json").read_text())["bad"]] == [str(victim)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 8: make-shards keys round-trip any file name; one key, one image; written through the one writer
+
+NAMES = ["cat.1.jpg", "a b.jpg", "ünï çødé.jpg", "v1.2.final.JPG", "100%.jpg"]
+
+
+def test_make_shards_keys_round_trip_any_file_name(data16, tmp_path, capsys):
+    from supcon_scale.data.shards import decode_key
+
+    src = tmp_path / "src"
+    shutil.copytree(data16 / "train", src)
+    first = sorted((src / "2").glob("*.jpg"))[0]
+    for name in NAMES:
+        shutil.copyfile(first, src / "2" / name)
+    stems = {os.fsencode(p.stem) for p in (src / "2").iterdir()}
+    rc, out = run_cli(capsys, ["make-shards", src, tmp_path / "shards", "--shard-size", "16"])
+    assert rc == 0, out
+    keys = set()
+    for tar in sorted((tmp_path / "shards").glob("shard-*.tar")):
+        with tarfile.open(tar) as tf:
+            keys |= {m.name.split("/", 1)[1].split(".")[0] for m in tf if m.name.startswith("2/")}
+    assert {os.fsencode(decode_key(k)) for k in keys} == stems  # every name back, byte for byte
+    rc, err = run_cli(capsys, [*train_args(tmp_path / "shards", tmp_path / "out"), "data.format=shards"])
+    assert rc == 0, err[-3000:]
+    assert "skipping" not in err  # no sample dropped
+
+
+def test_make_shards_refuses_two_images_under_one_key(data16, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(data16 / "train", src)
+    first = sorted((src / "4").glob("*.jpg"))[0]
+    shutil.copyfile(first, first.with_suffix(".png"))
+    rc, err = run_cli(capsys, ["make-shards", src, tmp_path / "shards"])
+    assert rc == 2
+    one_line_error(err, str(first), str(first.with_suffix(".png")))
+    assert not (tmp_path / "shards").exists()  # refused before anything is written
+
+
+def test_make_shards_replaces_planted_links_never_their_targets(data16, tmp_path, capsys):
+    dst = tmp_path / "shards"
+    dst.mkdir()
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    for name in ("index.json", "shard-000000.tar", ".tmp-index.json"):
+        (dst / name).symlink_to(precious)
+    rc, out = run_cli(capsys, ["make-shards", data16, dst, "--shard-size", "1000"])
+    assert rc == 0, out
+    assert precious.read_text() == "keep me"
+    assert not any(p.is_symlink() for p in dst.iterdir())
+    assert json.loads((dst / "index.json").read_text())["shards"][0]["path"] == "shard-000000.tar"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 11: bounded reads
+
+
+def _sparse_tail(path: Path, size: int) -> None:
+    """Grow a file to `size` bytes without writing them (a sparse tail: no disk used, reads return zeros)."""
+    os.truncate(path, size)
+
+
+def test_a_jpeg_with_a_huge_tail_is_refused_unread(data16, tmp_path, capsys):
+    from supcon_scale.data.folder import MAX_SAMPLE_BYTES
+
+    shutil.copytree(data16 / "train", tmp_path / "data" / "train")
+    victim = sorted((tmp_path / "data" / "train" / "5").glob("*.jpg"))[0]
+    _sparse_tail(victim, MAX_SAMPLE_BYTES + 1)
+    args = train_args(tmp_path / "data", tmp_path / "out", "data.on_bad_file=fail")
+    rc, err = run_cli(capsys, args)
+    assert rc == 2
+    one_line_error(err, str(victim), "limit for one image")
+
+
+def _sparse_tar(path: Path, member_size: int) -> None:
+    """A tar whose image member `c/a.jpg` claims (and holds, sparsely) `member_size` zero bytes, after its label."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        info = tarfile.TarInfo("c/a.cls")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"0"))
+        big = tarfile.TarInfo("c/a.jpg")
+        big.size = member_size
+        f = tf.fileobj
+        f.write(big.tobuf(tarfile.USTAR_FORMAT))
+        end = f.tell() + member_size + (-member_size % tarfile.BLOCKSIZE)
+    _sparse_tail(path, end + 2 * tarfile.BLOCKSIZE)  # the member's zeros, then the two end-of-archive blocks
+
+
+def test_a_huge_shard_member_is_refused_unread(tmp_path, capsys):
+    from supcon_scale.data.folder import MAX_SAMPLE_BYTES
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    _sparse_tar(root / "shard-000000.tar", MAX_SAMPLE_BYTES + 1)
+    index = {"format": "webdataset", "classes": ["c", "d"], "shards": [{"path": "shard-000000.tar", "samples": 1}]}
+    (root / "index.json").write_text(json.dumps(index))
+    args = [*train_args(root, tmp_path / "out", "data.on_bad_file=fail"), "data.format=shards"]
+    rc, err = run_cli(capsys, args)
+    assert rc == 2
+    one_line_error(err, "shard-000000.tar:c/a", "limit for one image")

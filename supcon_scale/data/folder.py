@@ -12,6 +12,28 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The largest encoded sample read (a file, or a shard's member): a 100-megapixel JPEG is about 50 MB; a larger file is
+# no training image, and reading it whole could exhaust the host's memory (issue 25: a JPEG with a 12 GB tail).
+MAX_SAMPLE_BYTES = 256 << 20
+
+
+def too_large(size: int) -> str | None:
+    """The reason a sample of `size` bytes is refused, or None."""
+    if size > MAX_SAMPLE_BYTES:
+        return f"{size:,} bytes, over the {MAX_SAMPLE_BYTES >> 20} MiB limit for one image"
+    return None
+
+
+def read_bounded(path: str) -> bytes:
+    """A sample file's bytes, refusing (ValueError naming it) one over MAX_SAMPLE_BYTES before reading it."""
+    with open(path, "rb") as f:
+        reason = too_large(os.fstat(f.fileno()).st_size)
+        if reason is not None:
+            raise ValueError(f"{path}: {reason}")
+        data = f.read(MAX_SAMPLE_BYTES + 1)
+    if len(data) > MAX_SAMPLE_BYTES:  # it grew while we read it
+        raise ValueError(f"{path}: {too_large(len(data))}")
+    return data
 
 
 @dataclass
@@ -39,8 +61,7 @@ class FolderIndex:
 
     def encoded(self, i: int) -> np.ndarray:
         """The file's bytes as uint8 (DALI's decoders take them as they are)."""
-        with open(self.paths[i], "rb") as f:
-            return np.frombuffer(f.read(), dtype=np.uint8)
+        return np.frombuffer(read_bounded(self.paths[i]), dtype=np.uint8)
 
     def image(self, i: int) -> Image.Image:
         """Any decodable file (grayscale, CMYK, palette, a PNG named .jpg) as an RGB image."""
