@@ -23,6 +23,8 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
+from supcon_scale.yamlload import Loader
+
 # The ImageNet channel statistics (RGB, 0..1 scale) every training and evaluation view is normalised with.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -33,7 +35,6 @@ CPU_BF16_MIN_IMAGE_SIZE = 17
 
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
 MAX_BASE_DEPTH = 32  # files in one `base:` chain
-MAX_YAML_NODES = 10_000  # nodes that aliases may add to one YAML document (recipes use none)
 INT64_MAX = 2**63 - 1
 
 
@@ -554,89 +555,10 @@ class _Override:
         return repr(self.text)
 
 
-# YAML 1.2 core schema numbers (yaml.org/spec/1.2.2, 10.3.2): PyYAML reads YAML 1.1, where `1:30` is the base-60
-# integer 90 and `012` the octal 10; here they are a string (refused for a number key) and 12.
-_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT_12 = re.compile(
-    r"^(?:[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN))$"
-)
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 numbers that refuses duplicate keys (a repeated section would silently win) and
-    documents whose aliases add more than MAX_YAML_NODES nodes (or refer into themselves)."""
-
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-    def compose_document(self) -> Any:
-        node = super().compose_document()
-        _expanded_size(node, {}, set(), [0])
-        return node
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        text = str(self.construct_scalar(node))
-        sign = -1 if text.startswith("-") else 1
-        body = text.lstrip("+-")
-        if body.startswith(("0o", "0x")):
-            return sign * int(body[2:], 8 if body[1] == "o" else 16)
-        return sign * int(body, 10)  # `012` is 12 in YAML 1.2, not octal
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                continue
-            key = key_node.value
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-class _YAMLTooLarge(yaml.YAMLError):
-    pass
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int], aliased: list[int]) -> int:
-    """Nodes under `node` with every alias expanded; shared nodes are sized once but counted each time used, and
-    `aliased[0]` counts what the aliases add: a large document without aliases is no bomb (its bytes are bounded
-    by MAX_CONFIG_BYTES), a small one whose aliases add MAX_YAML_NODES nodes is."""
-    if id(node) in sizes:
-        aliased[0] += sizes[id(node)]
-        if aliased[0] > MAX_YAML_NODES:
-            raise _YAMLTooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise _YAMLTooLarge("an alias refers to a node that contains it")
-    open_.add(id(node))
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = []
-    for child in children:
-        size += _expanded_size(child, sizes, open_, aliased)
-    open_.discard(id(node))
-    sizes[id(node)] = size
-    return size
-
-
 def _parse_yaml(text: str, where: str) -> Any:
     """YAML -> plain values, or a one-line ConfigError naming `where` (a file or an override key)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
         raise ConfigError(f"{where}: invalid YAML ({exc.problem or exc.context}{mark})") from None

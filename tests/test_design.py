@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "supcon_scale"
 LAYERS = {
     "distributed": 0,
     "config": 0,
+    "yamlload": 0,
     "losses": 1,
     "optim": 1,
     "resilience": 1,
