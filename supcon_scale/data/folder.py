@@ -11,6 +11,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from supcon_scale.files import write_replacing
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # The largest encoded sample read (a file, or a shard's member): a 100-megapixel JPEG is about 50 MB; a larger file is
 # no training image, and reading it whole could exhaust the host's memory (issue 25: a JPEG with a 12 GB tail).
@@ -138,5 +140,5 @@ def make_demo_data(out: str | Path, size: int = 32, val_fraction: float = 0.2, s
             folder = out / split / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
-            img.save(folder / f"{i:04d}.jpg", quality=95)
+            write_replacing(folder / f"{i:04d}.jpg", lambda tmp, img=img: img.save(tmp, format="JPEG", quality=95))
     return out

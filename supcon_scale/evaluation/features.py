@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import distributed
+from supcon_scale.files import write_replacing
 from supcon_scale.resilience import ignore_preemption_signals
 
 
@@ -132,9 +133,8 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    state = {"features": features.contiguous(), "labels": labels.contiguous()}
+    write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
 
 
 def load_features(path: str | Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
