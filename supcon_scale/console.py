@@ -31,7 +31,7 @@ from rich.table import Table
 
 from supcon_scale import sinks
 from supcon_scale.distributed import all_reduce_mean, world
-from supcon_scale.files import open_append
+from supcon_scale.files import WriteError, check_target, open_append
 from supcon_scale.hooks import Hook, StepInfo
 
 # soft_wrap: a line in a job's log file stays one line (rich would wrap it at 80 columns off a terminal)
@@ -56,6 +56,10 @@ def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
     for name in APPENDED:
         if (path / name).is_symlink():
             raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
+        try:
+            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
+        except WriteError as exc:
+            raise ValueError(f"{key}: {exc}") from None
     probe = path
     while not probe.exists() and probe != probe.parent:
         if probe.is_symlink():  # a dangling link

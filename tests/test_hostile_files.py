@@ -107,6 +107,16 @@ def test_finetune_lr_beyond_float32_is_one_line(run16, data16, tmp_path, capsys)
     assert not list(tmp_path.iterdir())
 
 
+def test_a_fifo_at_metrics_jsonl_is_refused_before_anything_is_written(data16, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "metrics.jsonl")  # appended to, so it cannot be replaced: opening it would block the run
+    rc, err = run_cli(capsys, train_args(data16, out))
+    assert rc == 2
+    one_line_error(err, "out_dir", str(out / "metrics.jsonl"), "FIFO")
+    assert os.listdir(out) == ["metrics.jsonl"] and stat.S_ISFIFO(os.lstat(out / "metrics.jsonl").st_mode)
+
+
 @contextlib.contextmanager
 def _file_size_limit(limit: int):
     """A real write failure: while the block runs, RLIMIT_FSIZE makes any write past `limit` bytes fail with EFBIG
