@@ -90,10 +90,11 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def new_file(path: str | Path, write: Callable[[Path], object]) -> Path:
+def new_file(path: str | Path, write: Callable[[Path], object], shown: Path | None = None) -> Path:
     """Write a file that must not exist yet (inside a directory this run created): `write(path)`, then fsync.
 
-    A failed write (a full disk) removes the partial file and raises WriteError naming it.
+    A failed write (a full disk) removes the partial file and raises WriteError naming it (or `shown`, the name
+    the caller is writing, when `path` is its temporary).
     """
     path = Path(path)
     try:
@@ -105,7 +106,7 @@ def new_file(path: str | Path, write: Callable[[Path], object]) -> Path:
             os.unlink(path)
         full = disk_full(exc)
         if full is not None:
-            raise _failed(path, full) from None
+            raise _failed(shown or path, full) from None
         if isinstance(exc, OSError):
             raise _failed(path, exc) from None
         raise
@@ -126,7 +127,7 @@ def write_replacing(path: str | Path, write: Callable[[Path], object]) -> Path:
             os.unlink(tmp)  # a stale temporary or a planted link: the link goes, its target stays as it was
     except OSError as exc:
         raise _failed(tmp, exc) from None
-    new_file(tmp, write)
+    new_file(tmp, write, shown=path)
     try:
         check_target(path)  # again, just before the rename: the name may have changed while we wrote
         os.replace(tmp, path)
@@ -176,9 +177,10 @@ def open_append(path: str | Path) -> IO[str]:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
         raise _failed(path, exc) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    kind = _kind(os.fstat(fd).st_mode)
+    if kind is not None:  # swapped in between the check and the open
         os.close(fd)
-        check_target(path)
+        raise WriteError(f"{path} is {kind}; refusing to replace it with a regular file (choose another path)")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "a", encoding="utf-8")
 

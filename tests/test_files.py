@@ -68,8 +68,7 @@ def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path):
     path.write_bytes(b"old")
     with pytest.raises(files.WriteError) as err:
         files.write_replacing(path, _full_disk)
-    assert str(err.value) == f"{tmp_path / '.tmp-report.json'}: not written: No space left on device (the previous " \
-        "file, if any, is intact)"  # fmt: skip
+    assert str(err.value) == f"{path}: not written: No space left on device (the previous file, if any, is intact)"
     assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["report.json"]
 
 
