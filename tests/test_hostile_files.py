@@ -65,6 +65,7 @@ def _writer_args(tool: str, target: Path, run16: Path, data16: Path, tmp: Path) 
                      "--json", target],
         "embed-plot": ["embed-plot", "--checkpoint", enc, "--data", data16, "--method", "tsne", "--out", target],
         "data.manifest": train_args(data16, tmp / "out", f"data.manifest={target}"),
+        "continual": ["continual", "--json", target, f"out_dir={tmp / 'out'}", f"data.root={data16}"],
     }[tool]  # fmt: skip
 
 
@@ -74,6 +75,7 @@ WRITER_ROWS = [(tool, "device") for tool in ("check-data", "knn", "linear-eval",
     ("linear-eval --save-probe", "directory"),
     ("data.manifest", "device"),
     ("data.manifest", "fifo"),
+    ("continual", "device"),
 ]
 
 
