@@ -338,6 +338,26 @@ def test_make_shards_refuses_two_images_under_one_key(data16, tmp_path, capsys):
     assert not (tmp_path / "shards").exists()  # refused before anything is written
 
 
+def test_a_shard_with_two_images_under_one_key_names_it(data16, tmp_path, capsys):
+    root = tmp_path / "shards"
+    root.mkdir()
+    jpgs = sorted((data16 / "train" / "0").glob("*.jpg"))
+    members = [("c/a.jpg", jpgs[0].read_bytes()), ("c/a.png", jpgs[1].read_bytes()), ("c/a.cls", b"0")]
+    members += [(f"d/{i}.jpg", p.read_bytes()) for i, p in enumerate(jpgs[2:6])]
+    members += [(f"d/{i}.cls", b"1") for i in range(4)]
+    with tarfile.open(root / "shard-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    index = {"format": "webdataset", "classes": ["c", "d"], "shards": [{"path": "shard-000000.tar", "samples": 5}]}
+    (root / "index.json").write_text(json.dumps(index))
+    args = [*train_args(root, tmp_path / "out", "data.on_bad_file=fail"), "data.format=shards"]
+    rc, err = run_cli(capsys, args)
+    assert rc == 2
+    one_line_error(err, "shard-000000.tar:c/a", "two images under the key c/a")
+
+
 def test_make_shards_replaces_planted_links_never_their_targets(data16, tmp_path, capsys):
     dst = tmp_path / "shards"
     dst.mkdir()
