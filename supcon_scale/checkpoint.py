@@ -19,8 +19,6 @@ import os
 import random
 import re
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from supcon_scale import distributed
 from supcon_scale.config import save as write_config
-from supcon_scale.console import console, write_replacing
+from supcon_scale.console import console
+from supcon_scale.files import OutDirLock, copy_atomic, new_file, write_replacing
+from supcon_scale.files import fsync as _fsync
+from supcon_scale.files import fsync as _fsync_dir
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -297,15 +298,12 @@ def _purge(root: Path, keep_last: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def copy_atomic(src: Path, dst: Path) -> Path:
-    """Copy a file so that `dst` is either the old file or the complete new one, never a partial copy (nor a write
-    through a link planted at `dst` or its temporary)."""
-    return write_replacing(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
 def _save_torch(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-    _fsync(path)
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: a full disk surfaces as the OSError behind torch's RuntimeError
+            torch.save(obj, f)
+
+    new_file(path, write)
 
 
 def _load_torch(path: Path, what: str = "checkpoint") -> Any:
@@ -316,195 +314,7 @@ def _load_torch(path: Path, what: str = "checkpoint") -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One writer per out_dir
-
-LOCK = "lock.json"
-HEARTBEAT_S = 30.0  # how often the holder refreshes its heartbeat (a thread: long saves and evaluations included)
-STALE_S = 300.0  # a lock whose heartbeat is older than this is taken over (its holder is dead or frozen)
-NO_RUN_ID = ("", "none")  # torchrun's default --rdzv-id: it does not identify a job
-
-
-def _pid_start(pid: int) -> str | None:
-    """The process's start time (Linux /proc, in clock ticks since boot), so a reused pid is not taken as alive."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        pass
-    now = _pid_start(pid)
-    return start is None or now is None or now == start
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or {} when it is missing, partial or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _job() -> dict[str, Any]:
-    """This torchrun job and attempt: run id, rendezvous store address and restart count."""
-    launch = distributed.launch_env()
-    return {"run_id": launch.run_id, "store": launch.store, "restart": launch.restart_count}
-
-
-class OutDirLock:
-    """`out_dir/lock.json` naming the one process that writes the run (host, pid, start time, heartbeat).
-
-    Taken with O_EXCL by the main rank before anything is written. An existing lock is taken over only when its
-    holder is this process, an earlier attempt of the same torchrun job (same run id and store, lower restart
-    count: torchrun stops every worker before it restarts them, wherever rank 0 lands), a dead process on this
-    host, or silent for `STALE_S` seconds; otherwise the second trainer refuses with a message naming the holder.
-    """
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / LOCK
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid())}
-        self.started = time.time()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost: dict[str, Any] | None = None
-
-    def record(self) -> dict[str, Any]:
-        return {**self.me, "started": self.started, "heartbeat": time.time(), "job": _job()}
-
-    def read(self) -> dict[str, Any]:
-        """The lock's content; an unreadable one (a writer killed mid-write) is dated by the file's mtime."""
-        holder = _read_json(self.path)
-        if holder:
-            return holder
-        try:
-            mtime = self.path.stat().st_mtime
-        except OSError:
-            mtime = 0.0
-        return {"host": "?", "pid": -1, "started": mtime, "heartbeat": mtime, "job": {}}
-
-    def takeover_reason(self, holder: dict[str, Any]) -> str | None:
-        """Why `holder`'s lock may be taken over, or None when it belongs to a live writer."""
-        same_host = holder.get("host") == self.me["host"]
-        if same_host and holder.get("pid") == self.me["pid"]:
-            return "held by this process"
-        theirs, mine = holder.get("job") or {}, _job()
-        if (
-            mine["run_id"] not in NO_RUN_ID
-            and theirs.get("run_id") == mine["run_id"]
-            and theirs.get("store") == mine["store"]
-            and int(theirs.get("restart", 0)) < mine["restart"]
-        ):
-            return f"held by attempt {theirs.get('restart', 0)} of this torchrun job"
-        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"], holder.get("pid_start")):
-            return f"its holder (pid {holder['pid']}) is no longer alive"
-        age = time.time() - float(holder.get("heartbeat", 0.0))
-        if age > STALE_S:
-            return f"no heartbeat for {age:.0f} s"
-        return None
-
-    def refusal(self, holder: dict[str, Any]) -> str:
-        age = time.time() - float(holder.get("heartbeat", 0.0))
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0.0))))
-        return (
-            f"out_dir: {self.path.parent} is in use by another trainer (host {holder.get('host')}, pid "
-            f"{holder.get('pid')}, started {started}, heartbeat {age:.0f} s ago); wait for it, choose another "
-            f"out_dir, or delete {self.path} if that job is dead"
-        )
-
-    def acquire(self) -> str | None:
-        """Take the lock and start the heartbeat; None when taken, else the one-line refusal."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.read()
-                reason = self.takeover_reason(holder)
-                if reason is None:
-                    return self.refusal(holder)
-                # Move the old lock aside: of two processes taking over at once, one rename wins; the other
-                # finds no file (or the winner's fresh lock) and goes round again.
-                aside = self.path.with_name(f".{LOCK}.stale-{self.me['pid']}")
-                try:
-                    os.rename(self.path, aside)
-                except FileNotFoundError:
-                    continue
-                moved = _read_json(aside)
-                if moved and (moved.get("pid"), moved.get("started")) != (holder.get("pid"), holder.get("started")):
-                    # Another trainer took it over between our read and our rename: give its lock back.
-                    try:
-                        os.link(aside, self.path)
-                    except FileExistsError:
-                        pass
-                    aside.unlink(missing_ok=True)
-                    return self.refusal(moved)
-                aside.unlink(missing_ok=True)
-                console.print(f"out_dir lock {self.path} taken over: {reason}")
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.record()))
-                f.flush()
-                os.fsync(f.fileno())
-            self._thread = threading.Thread(target=self._beat, name="supcon-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return None
-        return self.refusal(self.read())
-
-    def owned(self) -> bool:
-        """Whether the lock still names this process (False once another trainer took it over)."""
-        holder = self.read()
-        mine = (self.me["host"], self.me["pid"], self.started)
-        if (holder.get("host"), holder.get("pid"), holder.get("started")) == mine:
-            return True
-        self.lost = holder
-        return False
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            if not self.owned():
-                return
-            tmp = self.path.with_name(f".{LOCK}.tmp-{self.me['pid']}")
-            try:
-                tmp.unlink(missing_ok=True)  # never write through a link planted at the temporary's name
-                tmp.write_text(json.dumps(self.record()))
-                os.replace(tmp, self.path)
-            except OSError:  # a full or vanished disk: the next save reports it
-                pass
-
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-            if self.owned():
-                self.path.unlink(missing_ok=True)
+    new_file(path, lambda p: p.write_text(text))
 
 
 def check_fresh_start(out_dir: str | Path, resume: str | None, newest: Path | None = None) -> None:

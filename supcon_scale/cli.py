@@ -78,6 +78,15 @@ def _fit(cfg: RunConfig, hooks: Sequence[Hook]) -> int:
     except NonFiniteError as exc:
         print(f"supcon-scale: [rank {ctx.rank}] error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from supcon_scale.files import disk_full
+
+        full = disk_full(exc)  # a full disk (or quota) inside torch.save or safetensors: one line, exit 1
+        if full is None:
+            raise
+        print(f"supcon-scale: [rank {ctx.rank}] error: {cfg.out_dir}: not written: {full.strerror} "
+              f"({type(exc).__name__}); the checkpoints already there are intact", file=sys.stderr)  # fmt: skip
+        return 1
     finally:
         distributed.teardown()
     return 0
@@ -275,6 +284,14 @@ def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
     except (ValueError, OSError, ImportError) as exc:  # OSError: a path the user named cannot be read or written
         print(f"supcon-scale: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        from supcon_scale.files import disk_full
+
+        full = disk_full(exc)  # a full disk inside a library's writer (torch.save, safetensors): one line, exit 1
+        if full is None:
+            raise
+        print(f"supcon-scale: error: not written: {full.strerror} ({type(exc).__name__})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
+from supcon_scale.yamlload import Loader
+
 # The ImageNet channel statistics (RGB, 0..1 scale) every training and evaluation view is normalised with.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -33,7 +35,6 @@ CPU_BF16_MIN_IMAGE_SIZE = 17
 
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
 MAX_BASE_DEPTH = 32  # files in one `base:` chain
-MAX_YAML_NODES = 10_000  # nodes of one YAML document after expanding its aliases (recipes have about 60)
 INT64_MAX = 2**63 - 1
 
 
@@ -190,10 +191,19 @@ class DataConfig:
         "torchvision", "input pipeline: torchvision (Pillow), dali (on the GPU when there is one), dali-cpu, ..."
     )
     global_batch_size: int = key(256, "images per optimizer step over all ranks (each gives `views` views)", ge=1)
-    views: int = key(2, "augmented views of each image", ge=1)
-    image_size: int = key(224, "side of the square training crop, in pixels", ge=8)
+    views: int = key(
+        2,
+        "augmented views of each image (at most 64: each view is another forward pass; the paper uses 2)",
+        ge=1,
+        le=64,
+    )
+    image_size: int = key(
+        224, "side of the square training crop, in pixels (at most 4096: one fp32 view is then 192 MiB)", ge=8, le=4096
+    )
     num_classes: int | None = key(None, "number of classes; read from the folder when null", ge=1)
-    workers: int = key(4, "torchvision DataLoader workers per rank (0: load in the training process)", ge=0)
+    workers: int = key(
+        4, "torchvision DataLoader workers per rank (0: in the training process; at most 256 processes)", ge=0, le=256
+    )
     dali_threads: int = key(4, "DALI CPU threads per rank", ge=1)
     hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
     drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
@@ -213,7 +223,9 @@ class ModelConfig:
     encoder: str = key("resnet50", "timm name of the encoder (resnet50, resnet101, resnet200, ...)", nonempty=True)
     head: Literal["mlp", "linear"] = key("mlp", "projection head: mlp (one hidden layer) or linear")
     head_hidden_dim: int | None = key(None, "hidden width of the mlp head; the encoder's width when null", ge=1)
-    feat_dim: int = key(128, "dimension of the normalised embedding the loss sees", ge=1)
+    feat_dim: int = key(
+        128, "dimension of the normalised embedding the loss sees (at most 65536; the paper uses 128)", ge=1, le=65536
+    )
     sync_bn: bool = key(False, "batch-norm statistics over the global batch (every rank)")
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
@@ -592,46 +604,10 @@ class _Override:
         return repr(self.text)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses documents whose aliases expand beyond MAX_YAML_NODES nodes (or into themselves)."""
-
-    def compose_document(self) -> Any:
-        node = super().compose_document()
-        _expanded_size(node, {}, set())
-        return node
-
-
-class _YAMLTooLarge(yaml.YAMLError):
-    pass
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
-    """Nodes under `node` with every alias expanded; shared nodes are sized once but counted each time used."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise _YAMLTooLarge("an alias refers to a node that contains it")
-    open_.add(id(node))
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = []
-    for child in children:
-        size += _expanded_size(child, sizes, open_)
-        if size > MAX_YAML_NODES:
-            raise _YAMLTooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
-    open_.discard(id(node))
-    sizes[id(node)] = size
-    return size
-
-
 def _parse_yaml(text: str, where: str) -> Any:
     """YAML -> plain values, or a one-line ConfigError naming `where` (a file or an override key)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
         raise ConfigError(f"{where}: invalid YAML ({exc.problem or exc.context}{mark})") from None
@@ -704,6 +680,13 @@ def _set_dotted(raw: dict[str, Any], name: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {_name(name)}: {_name(part)} is not a section")
         node = child
+    old = node.get(parts[-1])
+    if isinstance(value, _Override) and isinstance(old, dict):
+        # `loss={variant: in}` over a recipe's loss section: merged into it, the section's other keys kept
+        parsed = _parse_yaml(value.text, f"override {_name(name)}")
+        if isinstance(parsed, dict):
+            _deep_merge(old, parsed)
+            return
     node[parts[-1]] = value
 
 

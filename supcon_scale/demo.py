@@ -18,6 +18,7 @@ from pathlib import Path
 from supcon_scale import config
 from supcon_scale.console import console, table
 from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, mcnemar
+from supcon_scale.files import write_text
 
 
 def _torchrun(cfg_path: Path, nproc: int, overrides: list[str]) -> None:
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         console.print(f"mCE baseline: {robustness['baseline']} ({robustness['baseline_why']})")
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     console.print(f"pictures: {', '.join(summary['pictures'])}", soft_wrap=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {out / 'summary.json'}")
     return summary
 

@@ -31,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from supcon_scale.checkpoint import first_nonfinite, load_matching, load_tensors, read_meta
-from supcon_scale.console import warn, write_replacing
+from supcon_scale.console import warn
+from supcon_scale.files import write_replacing
 from supcon_scale.models import create_encoder, fixed_size_kwargs
 from supcon_scale.resilience import NonFiniteError
 

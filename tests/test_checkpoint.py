@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from supcon_scale import checkpoint, config, export, models
+from supcon_scale import checkpoint, config, export, files, models
 
 
 def _state(seed: int = 0):
@@ -140,7 +140,7 @@ def test_trained_checkpoint_exports_its_stem(tmp_path: Path, cifar_stem: bool):
 # One writer per out_dir (issue 15): lock.json
 
 
-def _holder(lock: checkpoint.OutDirLock, **fields) -> None:
+def _holder(lock: files.OutDirLock, **fields) -> None:
     record = {"host": "other-host", "pid": 1, "started": time.time() - 5, "heartbeat": time.time(), "job": {}}
     lock.path.parent.mkdir(parents=True, exist_ok=True)
     lock.path.write_text(json.dumps({**record, **fields}))
@@ -149,8 +149,8 @@ def _holder(lock: checkpoint.OutDirLock, **fields) -> None:
 def test_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path: Path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        lock = checkpoint.OutDirLock(tmp_path)
-        _holder(lock, host=socket.gethostname(), pid=sleeper.pid, pid_start=checkpoint._pid_start(sleeper.pid))
+        lock = files.OutDirLock(tmp_path)
+        _holder(lock, host=socket.gethostname(), pid=sleeper.pid, pid_start=files._pid_start(sleeper.pid))
         refusal = lock.acquire()
         assert refusal is not None and "\n" not in refusal
         assert f"in use by another trainer (host {socket.gethostname()}, pid {sleeper.pid}," in refusal
@@ -166,14 +166,14 @@ def test_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path: Path):
 
 
 def test_lock_on_another_host_is_taken_over_only_once_its_heartbeat_is_stale(tmp_path: Path):
-    lock = checkpoint.OutDirLock(tmp_path)
+    lock = files.OutDirLock(tmp_path)
     _holder(lock, heartbeat=time.time() - 10)
     assert "host other-host, pid 1," in lock.acquire()
-    _holder(lock, heartbeat=time.time() - checkpoint.STALE_S - 1)
+    _holder(lock, heartbeat=time.time() - files.STALE_S - 1)
     assert lock.acquire() is None
     lock.release()
     lock.path.write_text("{trunc")  # a writer killed mid-write, long ago: dated by the file's mtime
-    os.utime(lock.path, (time.time() - checkpoint.STALE_S - 1,) * 2)
+    os.utime(lock.path, (time.time() - files.STALE_S - 1,) * 2)
     assert lock.acquire() is None
     lock.release()
 
@@ -182,7 +182,7 @@ def test_lock_of_an_earlier_torchrun_attempt_is_taken_over(tmp_path: Path, monke
     job = {"TORCHELASTIC_RUN_ID": "job-42", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     for name, value in {**job, "TORCHELASTIC_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(name, value)
-    lock = checkpoint.OutDirLock(tmp_path)
+    lock = files.OutDirLock(tmp_path)
     earlier = {"run_id": "job-42", "store": "10.0.0.1:29500", "restart": 0}
     # rank 0 of attempt 0 ran on another host, whose heartbeat is still fresh: attempt 1 is the same job
     _holder(lock, job=earlier)

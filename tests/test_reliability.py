@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supcon_scale import checkpoint, config, distributed, trainer
+from supcon_scale import checkpoint, config, distributed, files, trainer
 from supcon_scale.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -356,9 +356,9 @@ def test_second_trainer_on_a_live_out_dir_refuses_then_takes_over_once_it_died(d
         first.kill()
         _finish(first)
     # Killed: its lock stays behind, naming a dead process, and the next trainer takes it over and resumes.
-    assert json.loads((tmp_path / checkpoint.LOCK).read_text())["pid"] == first.pid
+    assert json.loads((tmp_path / files.LOCK).read_text())["pid"] == first.pid
     result = trainer.fit(_cfg(digits, tmp_path, "train.resume=auto"), distributed.init(seed=0))
-    assert result.step == 6 and not (tmp_path / checkpoint.LOCK).exists()  # released at the end
+    assert result.step == 6 and not (tmp_path / files.LOCK).exists()  # released at the end
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import yaml
 
 from supcon_scale import config as base
 from supcon_scale.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ConfigError, EngineConfig, key
-from supcon_scale.console import write_text
+from supcon_scale.files import write_text
 
 METHODS = ("scr", "er")
 

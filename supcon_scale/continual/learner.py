@@ -22,7 +22,7 @@ import torch
 
 from supcon_scale import checkpoint, engines
 from supcon_scale.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from supcon_scale.console import MetricsLog, TrainProgress, console, write_text
+from supcon_scale.console import MetricsLog, TrainProgress, console
 from supcon_scale.continual import config, metrics, models
 from supcon_scale.continual.config import ContinualConfig
 from supcon_scale.continual.er import ER
@@ -34,6 +34,7 @@ from supcon_scale.continual.stream import ClassIncrementalStream, ImageSource, b
 from supcon_scale.continual.views import INCOMING, MEMORY, plain_transform, sample_seed
 from supcon_scale.distributed import Context, all_reduce_mean, all_reduce_sum
 from supcon_scale.engines import Engine
+from supcon_scale.files import write_text
 from supcon_scale.resilience import Preempted, PreemptionHandler
 
 RESULT = "result.json"

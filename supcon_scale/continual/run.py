@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from supcon_scale import distributed
-from supcon_scale.console import console, table, write_text
+from supcon_scale.console import console, table
 from supcon_scale.continual import config, metrics
 from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
 from supcon_scale.continual.stream import load_sources
+from supcon_scale.files import check_target, write_text
 from supcon_scale.resilience import EXIT_PREEMPTED, Preempted
 
 
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. memory.size=500 seeds=[0,1,2]")
     args = p.parse_args(argv)
     cfg = config.load(args.config, args.overrides)
+    if args.json is not None:
+        check_target(args.json)  # a device or directory there: refused before hours of training, not after
     ctx = distributed.init(cfg.engine.backend, cfg.seeds[0])
     try:
         config.check(cfg, ctx.world_size)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import config, distributed
-from supcon_scale.console import write_text
+from supcon_scale.files import write_text
 
 
 class Finetuned(nn.Module):

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import distributed
-from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import default_device, extract_features
+from supcon_scale.files import write_text
 from supcon_scale.hooks import Hook, StepInfo
 
 Source = str | Path | torch.utils.data.Dataset | tuple[torch.Tensor, torch.Tensor]

@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import config, distributed
-from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import (
     cache_key,
     default_device,
@@ -43,6 +42,7 @@ from supcon_scale.evaluation.features import (
     load_features,
     save_features,
 )
+from supcon_scale.files import write_replacing, write_text
 
 PresetName = Literal["official", "official_imagenet", "official_cifar", "hobbitlong", "fast", "paper", "sgd"]
 
@@ -171,8 +171,9 @@ def save_probe(probe: LinearProbe, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"weight": probe.fc.weight, "bias": probe.fc.bias, "mean": probe.mean, "std": probe.std}
     meta = {"classes": json.dumps(probe.classes), "normalize": str(int(probe.normalize))}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-    return path
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # through the one writer: `--save-probe DIR` (a directory) is one line naming it, a planted link is replaced
+    return write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def load_probe(encoder: nn.Module, path: str | Path) -> LinearProbe:

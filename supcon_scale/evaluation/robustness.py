@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import distributed
-from supcon_scale.console import write_text
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.evaluation.corruptions import (
     ALL_CORRUPTIONS,
@@ -41,6 +40,7 @@ from supcon_scale.evaluation.mce import (
     defined_corruptions,
 )
 from supcon_scale.evaluation.splits import check_same_classes, check_splits, class_difference
+from supcon_scale.files import write_replacing, write_text
 
 # Relative CE divides each model's (corrupted - clean) error gap by the baseline's. Below this clean error the
 # baseline's clean error is measured from a handful of mistakes (or none) on a small split, so its gap is noise-
@@ -100,9 +100,8 @@ def _generate_one(
             out = out.resize(size, Image.BOX)
         dst = Path(out_dir) / c / str(s) / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-        out.save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, dst)  # complete or absent: an interrupted run resumes where it stopped
+        # complete or absent (an interrupted run resumes where it stopped); a planted link replaced, a device refused
+        write_replacing(dst, lambda tmp, out=out: out.save(tmp, format="JPEG", quality=quality))
     return len(todo), len(corruptions) * len(severities) - len(todo), None
 
 
