@@ -15,9 +15,9 @@ import torch
 from cli_rows import one_line_error, run_cli
 from scipy.stats import binomtest
 
-from supcon_scale.checkpoint import export_encoder
 from supcon_scale.console import MetricsLog
 from supcon_scale.evaluation.knn import KnnMonitor, cap_k, knn_eval
+from supcon_scale.export import encoder_metadata, export_encoder
 from supcon_scale.models import create_encoder
 
 
@@ -75,7 +75,7 @@ def tiny(digits, tmp_path_factory) -> dict[str, Path]:
             for f in sorted((digits / split / c).iterdir())[:keep]:
                 shutil.copy(f, root / split / c / f.name)
     torch.manual_seed(0)
-    enc = export_encoder(create_encoder("resnet18"), root.parent / "enc.safetensors", "resnet18", cifar_stem=False)
+    enc = export_encoder(create_encoder("resnet18"), root.parent / "enc.safetensors", encoder_metadata("resnet18"))
     return {"data": root, "enc": enc}
 
 
