@@ -661,7 +661,7 @@ class Checkpointer:
         """The cadence: a preemption save (then `Preempted`), the periodic save, and the epoch-end / final save."""
         if self.preemption.requested(self.ctx.device):
             self.save(info.step, info.epoch)
-            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}")
+            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}", info.step, str(self.newest))
         every = self.cfg.train.checkpoint_every_steps
         if (every and info.step % every == 0) or info.epoch_end or info.last:
             self.save(info.step, info.epoch)

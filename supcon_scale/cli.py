@@ -73,7 +73,7 @@ def _fit(cfg: RunConfig, hooks: Sequence[Hook]) -> int:
             trainer.fit(cfg, ctx, hooks=hooks)
     except Preempted as exc:
         print(f"supcon-scale: [rank {ctx.rank}] {exc}", file=sys.stderr)
-        notify_agent()
+        notify_agent(exc)
         return EXIT_PREEMPTED
     except NonFiniteError as exc:
         print(f"supcon-scale: [rank {ctx.rank}] error: {exc}", file=sys.stderr)

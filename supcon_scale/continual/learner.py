@@ -190,7 +190,11 @@ def fit(
                 if preemption.requested(ctx.device):
                     if saved != step:
                         save(step, task)
-                    raise Preempted(f"preempted at step {step} of {method} seed {seed}; checkpoint in {out_dir}")
+                    raise Preempted(
+                        f"preempted at step {step} of {method} seed {seed}; checkpoint in {out_dir}",
+                        step,
+                        str(checkpoint.latest(out_dir)),
+                    )
                 info = ContinualStep(step, task, epoch, loss, task_end, last)
                 for hook in hooks:
                     hook.on_step(info)

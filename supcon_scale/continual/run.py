@@ -21,7 +21,7 @@ from supcon_scale.console import console, table, write_text
 from supcon_scale.continual import config, metrics
 from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
 from supcon_scale.continual.stream import load_sources
-from supcon_scale.resilience import EXIT_PREEMPTED, Preempted
+from supcon_scale.resilience import EXIT_PREEMPTED, Preempted, notify_agent
 
 
 def aggregate(results: list[RunResult]) -> dict[str, Any]:
@@ -144,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(args.config, args.overrides)
     ctx = distributed.init(cfg.engine.backend, cfg.seeds[0])
     try:
+        distributed.agree_on_config(cfg.to_dict())  # before any collective a divergent config could deadlock
         config.check(cfg, ctx.world_size)
         run(cfg, ctx, args.json)
     except Preempted as exc:
         print(f"supcon-scale: {exc}", file=sys.stderr)
+        notify_agent(exc)  # the checkpoint is complete: this node's torchrun agent may say so, and not restart
         return EXIT_PREEMPTED
     finally:
         distributed.teardown()
