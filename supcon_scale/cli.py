@@ -55,8 +55,12 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
     check_out_dir(cfg.out_dir)
     if cfg.train.resume is None:
         checkpoint.check_fresh_start(cfg.out_dir, None)  # a refused run writes nothing, not even the data scan
-    elif cfg.train.resume != "auto" and checkpoint.is_complete(Path(cfg.train.resume)):
-        checkpoint.read_meta(cfg.train.resume)  # a malformed meta.json, before the data scan and the model
+    else:  # a malformed meta.json or a refused config change, before the data scan and the model
+        from supcon_scale import resume
+
+        path = resume.resolve(cfg.out_dir, cfg.train.resume, quiet=True)
+        if path is not None and checkpoint.is_complete(path):
+            resume.check_changes(checkpoint.read_meta(path), cfg, path)
 
     return distributed.record(_fit)(cfg, hooks)
 

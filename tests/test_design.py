@@ -22,6 +22,7 @@ LAYERS = {
     "data": 2,
     "models": 2,
     "checkpoint": 2,
+    "resume": 2,
     "console": 2,
     "sinks": 2,
     "profiling": 2,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from multiproc import run_ranks
-from test_hostile import REPO, TIMEOUT, _env, data16, one_line_error, train_args  # noqa: F401 (data16: a fixture)
+from test_hostile import REPO, TIMEOUT, _env, data16, one_line_error, run_cli, snapshot, train_args  # noqa: F401
+
+from supcon_scale import checkpoint, distributed, resume
+from supcon_scale.cli import main
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ranks with different configs; preemption claims only what was written; the SLURM script requeues only on 3
@@ -117,3 +123,227 @@ def test_slurm_script_requeues_only_a_confirmed_preemption(status, requeued, tmp
                           text=True, cwd=REPO, env=env, timeout=60)  # fmt: skip
     assert proc.returncode == status, proc.stderr
     assert ("scontrol requeue 42" in calls.read_text()) == requeued
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: the config compared with the checkpoint's, train.allow_changes, the history; lineage; damaged files
+
+
+@pytest.fixture(scope="module")
+def run3(data16: Path, tmp_path_factory) -> Path:  # noqa: F811
+    """Steps 1-3 of the 16 px digits, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("run3") / "run"
+    assert (
+        main(train_args(data16, out, "train.max_steps=3", "train.checkpoint_every_steps=1", "train.keep_last=5")) == 0
+    )
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def _resume(capsys, data: Path, out: Path, *extra: str) -> tuple[int, str]:
+    base = ("train.max_steps=3", "train.checkpoint_every_steps=1", "train.keep_last=5")
+    return run_cli(capsys, train_args(data, out, *base, *extra))
+
+
+REFUSED = [
+    (["loss.temperature=0.2"], ["loss.temperature 0.5 -> 0.2"]),
+    (["optim.name=adamw"], ['optim.name "lars" -> "adamw"']),  # was a KeyError traceback
+    (["train.epochs=4"], ["train.epochs 15 -> 4"]),  # the cosine schedule would be recomputed
+    (["data.image_size=32", "precision=bf16", "seed=1"], ["data.image_size", "precision", "seed"]),
+    (["loss.temperature=0.2", "train.allow_changes=loss.variant"], ["loss.temperature"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "named"), REFUSED, ids=[" ".join(e) for e, _ in REFUSED])
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(extra, named, run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    before = snapshot(out)
+    rc, err = _resume(capsys, data16, out, "train.resume=auto", *extra)
+    assert rc == 2
+    line = one_line_error(err, "train.resume", "train.allow_changes=", *named)
+    assert "train.log_every" not in line
+    assert snapshot(out) == before  # config.yaml and everything else untouched: refused before any write
+
+
+def test_allow_changes_naming_an_unknown_key_is_refused(run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    before = snapshot(out)
+    rc, err = _resume(capsys, data16, out, "train.resume=auto", "train.allow_changes=optim.nme")
+    assert rc == 2
+    one_line_error(err, "train.allow_changes", "optim.nme", "did you mean optim.name")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "printed"),
+    [
+        (["loss.temperature=0.2", "train.allow_changes=loss,train.max_steps"], "loss.temperature: 0.5 -> 0.2"),
+        (["optim.name=adamw", "train.allow_changes=optim.name,train.max_steps"], 'optim.name: "lars" -> "adamw"'),
+    ],
+)
+def test_accepted_changes_are_printed_and_kept_in_the_history(extra, printed, run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    old_config = (out / "config.yaml").read_text()
+    rc, err = _resume(capsys, data16, out, "train.resume=auto", "train.max_steps=4", "train.log_every=2", *extra)
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "config change from step 4:" in line]
+    assert any(printed in line for line in lines) and any("train.max_steps: 3 -> 4" in line for line in lines)
+    assert any("train.log_every: 1 -> 2" in line for line in lines)  # a free key passes, and is said too
+    kept = (out / "config_history" / "until_step_00000003.yaml").read_text()
+    assert yaml.safe_load(kept) == yaml.safe_load(old_config)  # the replaced config, whole
+    assert f"# from step 4 on: {printed}" in kept
+    current = yaml.safe_load((out / "config.yaml").read_text())
+    key, value = extra[0].split("=")
+    assert str(current[key.split(".")[0]][key.split(".")[1]]) == value
+    assert checkpoint.latest(out).name == "step_00000004"
+
+
+def test_a_later_auto_resume_follows_the_lineage_that_went_on(run3, data16, tmp_path, capsys):  # noqa: F811
+    """Roll back to step 1 and stop at step 2; `auto` then continues from that step 2, not the abandoned step 3."""
+    out = _copy(run3, tmp_path)
+    root = checkpoint.checkpoint_root(out)
+    abandoned = {name: snapshot(root / name) for name in ("step_00000002", "step_00000003")}
+    allow = "train.allow_changes=train.max_steps"
+    rc, err = _resume(capsys, data16, out, f"train.resume={root / 'step_00000001'}", "train.max_steps=2", allow)
+    assert rc == 0, err[-3000:]
+    (aside,) = (root / "abandoned").iterdir()
+    assert aside.name.startswith("after_step_00000001_") and "abandoned lineage" in err
+    assert {name: snapshot(aside / name) for name in abandoned} == abandoned  # kept whole, out of auto's way
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002"]
+    rc, err = _resume(capsys, data16, out, "train.resume=auto", allow)
+    assert rc == 0, err[-3000:]
+    assert f"resumed from {root / 'step_00000002'} at step 2" in err
+    assert checkpoint.latest(out).name == "step_00000003"
+
+
+def _foreign_rank_file(ckpt: Path) -> str:
+    shutil.copyfile(ckpt.parent / "step_00000001" / "rank_0.pt", ckpt / "rank_0.pt")
+    return "rank_0.pt"
+
+
+def _garbage_train_state(ckpt: Path) -> str:
+    (ckpt / "train_state.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    return "train_state.pt"
+
+
+def _list_as_rank_file(ckpt: Path) -> str:
+    torch.save([1, 2, 3], ckpt / "rank_0.pt")
+    return "rank_0.pt"
+
+
+def _foreign_weights(ckpt: Path) -> str:
+    shutil.copyfile(ckpt.parent / "step_00000002" / "model.safetensors", ckpt / "model.safetensors")
+    return "model.safetensors"
+
+
+@pytest.mark.parametrize("damage", [_foreign_rank_file, _garbage_train_state, _list_as_rank_file, _foreign_weights])
+def test_checkpoint_files_from_elsewhere_or_malformed_are_one_line(damage, run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    ckpt = checkpoint.checkpoint_root(out) / "step_00000003"
+    named = damage(ckpt)
+    config_before = (out / "config.yaml").read_bytes()
+    rc, err = _resume(capsys, data16, out, f"train.resume={ckpt}")
+    assert rc == 2
+    one_line_error(err, str(ckpt / named))
+    assert (out / "config.yaml").read_bytes() == config_before
+    assert checkpoint.latest(out) == ckpt  # nothing saved over it
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "foreign_rank_file", "missing_train_state"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    ckpt = checkpoint.checkpoint_root(out) / "step_00000003"
+    if damage == "truncated_weights":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "foreign_rank_file":
+        _foreign_weights(ckpt)
+    else:
+        (ckpt / "train_state.pt").unlink()
+    rc, err = _resume(capsys, data16, out, "train.resume=auto")
+    assert rc == 0, err[-3000:]
+    warned = [line for line in err.splitlines() if "warning" in line and str(ckpt) in line and "damaged" in line]
+    assert warned, err[-3000:]
+    assert f"resumed from {ckpt.parent / 'step_00000002'} at step 2" in err
+    assert (ckpt.parent / "abandoned").is_dir()  # the damaged one moved aside, the lineage redid step 3
+    assert checkpoint.latest(out).name == "step_00000003" and resume.damage(checkpoint.latest(out)) is None
+
+
+def test_every_checkpoint_damaged_is_one_line(run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    for ckpt in checkpoint.checkpoint_root(out).glob("step_*"):
+        (ckpt / "train_state.pt").unlink()
+    rc, err = _resume(capsys, data16, out, "train.resume=auto")
+    assert rc == 2
+    one_line_error(err, "train.resume=auto", "every checkpoint", "damaged")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One copy of the encoder per checkpoint (issue 26)
+
+
+def test_a_checkpoint_keeps_the_encoder_once_and_still_loads_and_inspects(run3, capsys):
+    ckpt = checkpoint.latest(run3)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors", "rank_0.pt", "train_state.pt"]
+    encoder, meta = checkpoint.load_encoder(ckpt)
+    exported, _ = checkpoint.load_encoder(run3 / "encoder.safetensors")  # the run's export, made from the weights
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(encoder(x), exported(x), rtol=0, atol=0)
+    assert meta["encoder"] == "resnet18"
+    rc, out = run_cli(capsys, ["inspect", ckpt])
+    assert rc == 0 and "model.safetensors" in out and "encoder.safetensors" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continual: a resume under a changed stream is refused at start, by name, before any run trains
+
+
+def _continual_args(out: Path, data: Path, *extra: str) -> list[str]:
+    """4 digits in 2 tasks, 4 incoming + 8 memory samples a step (12 steps a task), as tests/test_continual_run.py."""
+    return [f"out_dir={out}", f"data.root={data}", "data.image_size=16", "stream.tasks=2",
+            "stream.class_order=[0, 1, 2, 3]", "stream.batch_size=4", "memory.size=12", "memory.batch_size=8",
+            "model.width=4", "model.feat_dim=16", "train.progress=false", "seeds=[0]", "methods=[er]",
+            "train.resume=auto", *extra]  # fmt: skip
+
+
+class _StopAfter:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info) -> None:
+        if info.step == self.step:
+            raise RuntimeError(f"stopped after step {info.step}")
+
+
+@pytest.mark.parametrize(
+    ("stage", "change", "named"),
+    [
+        ("finished", "stream.tasks=4", "stream.tasks 2 -> 4"),  # kept a 2-task result under a 4-task config
+        ("mid_run", "stream.class_order=[1, 0, 2, 3]", "stream.class_order"),  # trained to the end, then lost
+    ],
+)
+def test_continual_resume_under_a_changed_stream_is_refused_at_start(stage, change, named, small_digits, tmp_path):
+    from supcon_scale.continual import config as ccfg
+    from supcon_scale.continual.learner import fit, run_dir
+
+    out = tmp_path / "cont"
+    args = _continual_args(out, small_digits, "train.checkpoint_every_steps=6")
+    cfg = ccfg.load(None, args)
+    if stage == "finished":
+        fit(cfg, "er", 0, distributed.Context())
+    else:
+        with pytest.raises(RuntimeError, match="stopped after step 7"):
+            fit(cfg, "er", 0, distributed.Context(), hooks=[_StopAfter(7)])
+    before = snapshot(out)
+    proc = subprocess.run([sys.executable, "-m", "supcon_scale.cli", "continual", *args, change], capture_output=True,
+                          text=True, cwd=REPO, env=_env(), timeout=TIMEOUT)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_line_error(proc.stderr, "train.resume", named)
+    assert str(run_dir(cfg, "er", 0)) in line
+    assert snapshot(out) == before  # nothing trained, nothing written

@@ -19,7 +19,7 @@ import numpy as np
 from supcon_scale import distributed
 from supcon_scale.console import console, table, write_text
 from supcon_scale.continual import config, metrics
-from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
+from supcon_scale.continual.learner import RunResult, check_resumable, fit, load_result, plain_json
 from supcon_scale.continual.stream import load_sources
 from supcon_scale.resilience import EXIT_PREEMPTED, Preempted, notify_agent
 
@@ -57,6 +57,9 @@ def paired_difference(results: list[RunResult]) -> dict[str, Any] | None:
 
 def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path | None = None) -> dict[str, Any]:
     start = time.time()
+    for method in cfg.methods:  # every run's result or checkpoint against this config, before any run trains
+        for seed in cfg.seeds:
+            check_resumable(cfg, method, seed)
     sources = load_sources(cfg, ctx)
     results = []
     for method in cfg.methods:
