@@ -691,6 +691,8 @@ class Checkpointer:
             self.loader.set_epoch(0)
             return 0, 0
         # Every refusal comes before anything is written: the config, the files, the shapes, the states.
+        if not is_complete(Path(path)):
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
         accepted = resume.check_changes(read_meta(path), self.cfg, path)
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
@@ -700,7 +702,7 @@ class Checkpointer:
             resume.fresh_optimizer(engine_state, self.engine.state_dict())
         # The data position is global (samples consumed of the epoch's order), the same in every rank's file: a
         # rank the saving job did not have reads rank 0's, and the loader re-shards the rest of the epoch.
-        data_state = (rank_state or _load_torch(Path(path) / "rank_0.pt"))["data"]
+        data_state = (rank_state or _load_part(Path(path) / "rank_0.pt", ("rng", "data"), meta))["data"]
         try:
             self.loader.load_state_dict(data_state)
         except ValueError as exc:
@@ -722,8 +724,10 @@ class Checkpointer:
         self.saved_step = step
         self.run_id = str(meta.get("run_id") or distributed.broadcast_object(uuid.uuid4().hex))
         if self.ctx.is_main:  # accepted: now the writes (the abandoned lineage aside, the config and its history)
+            resume.check_folders(self.out_dir)
             resume.set_aside(self.out_dir, Path(path), step)
             resume.record(self.out_dir, self.cfg, meta, accepted)
+        distributed.barrier()
         self.newest = latest(self.out_dir)
         world = self.ctx.world_size
         moved = "" if saved_world == world else f" (saved by {saved_world} ranks, now {world})"

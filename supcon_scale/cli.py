@@ -59,8 +59,11 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
         from supcon_scale import resume
 
         path = resume.resolve(cfg.out_dir, cfg.train.resume, quiet=True)
-        if path is not None and checkpoint.is_complete(path):
+        if path is not None and not checkpoint.is_complete(path):
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no meta.json)")
+        if path is not None:
             resume.check_changes(checkpoint.read_meta(path), cfg, path)
+            resume.check_folders(Path(cfg.out_dir))
 
     return distributed.record(_fit)(cfg, hooks)
 

@@ -93,6 +93,13 @@ def fresh_optimizer(saved: dict[str, Any], fresh: dict[str, Any]) -> None:
     saved["optimizer"], saved["scheduler"] = new_opt, sched
 
 
+def check_folders(out_dir: Path) -> None:
+    """Refuse a link (or a file) planted where a resume writes a folder: it would be followed."""
+    for folder in (out_dir / HISTORY, checkpoint.checkpoint_root(out_dir) / ABANDONED):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise ValueError(f"out_dir: {folder} is a link or a file, not a folder; refusing to write through it")
+
+
 def record(out_dir: Path, cfg: config.RunConfig, meta: Mapping[str, Any], found: Mapping[str, tuple]) -> None:
     """Main rank, once the resume is accepted: print each change, keep the replaced config in config_history/,
     then write the current config.yaml."""

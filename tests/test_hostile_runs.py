@@ -347,3 +347,16 @@ def test_continual_resume_under_a_changed_stream_is_refused_at_start(stage, chan
     line = one_line_error(proc.stderr, "train.resume", named)
     assert str(run_dir(cfg, "er", 0)) in line
     assert snapshot(out) == before  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("where", ["config_history", "checkpoints/abandoned"])
+def test_a_link_planted_where_a_resume_writes_a_folder_is_refused(where, run3, data16, tmp_path, capsys):  # noqa: F811
+    out = _copy(run3, tmp_path)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (out / where).symlink_to(victim, target_is_directory=True)
+    before = snapshot(out)
+    rc, err = _resume(capsys, data16, out, "train.resume=auto", "train.log_every=2")
+    assert rc == 2
+    one_line_error(err, str(out / where), "refusing to write through it")
+    assert snapshot(out) == before and list(victim.iterdir()) == []
