@@ -5,11 +5,14 @@ is written into `.tmp-step_XXXXXXXX/`, fsynced, and the directory renamed; `meta
 directory without it is never picked (the rule of PyTorch's distributed checkpoint and torchtitan). Loading never
 unpickles arbitrary objects: tensors live in safetensors or `torch.load(weights_only=True)` files, the rest is JSON.
 
-    model.safetensors     full model state (encoder + head)
-    encoder.safetensors   the encoder alone, a timm state dict with its construction arguments (export.py)
+    model.safetensors     full model state (encoder + head); the encoder is stored once, here (its metadata names
+                          it; `export.encoder_from_export` reads it; older checkpoints' encoder.safetensors too)
     train_state.pt        optimizer, scheduler, scaler
     rank_<r>.pt           that rank's RNG states and data position
-    meta.json             step, epoch, resolved config, loss convention, world size, engine
+    meta.json             step, epoch, run id, resolved config, loss convention, world size, engine
+
+Every file carries the run id and step of meta.json (the weights in their safetensors metadata, the others in a
+"checkpoint" entry): a file copied in from another step or run is refused, naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import random
 import re
 import shutil
 import time
+import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from supcon_scale import distributed
 from supcon_scale.config import save as write_config
 from supcon_scale.console import console
-from supcon_scale.files import OutDirLock, copy_atomic, new_file, write_replacing
+from supcon_scale.files import OutDirLock, new_file, write_replacing
 from supcon_scale.files import fsync as _fsync
 from supcon_scale.files import fsync as _fsync_dir
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
@@ -180,10 +186,13 @@ def save(
     *,
     rank_extra: dict[str, Any] | None = None,
     before_commit: Callable[[Path], None] | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Collective: every rank calls it. Rank 0 writes the shared files, each rank its own RNG and data position
-    (plus `rank_extra`); `before_commit(tmp_dir)` runs on every rank once all files but `meta.json` are written."""
+    (plus `rank_extra`); `before_commit(tmp_dir)` runs on every rank once all files but `meta.json` are written.
+    Every file is tagged with `run_id` (a new one when None) and `step`."""
     rank, world = distributed.world()
+    tag = {"run_id": str(distributed.broadcast_object(run_id or uuid.uuid4().hex)), "step": step}
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -199,21 +208,22 @@ def save(
         _remove(tmp)  # a stale attempt, or a planted link (the link goes, its target stays)
         tmp.mkdir()  # a directory this run created: nothing inside it can be a planted link
     distributed.barrier()
-    _save_torch({"rng": rng_state(), "data": data_state, **(rank_extra or {})}, tmp / f"rank_{rank}.pt")
+    _save_torch(
+        {"rng": rng_state(), "data": data_state, **(rank_extra or {}), "checkpoint": tag}, tmp / f"rank_{rank}.pt"
+    )
     distributed.barrier()
     if rank == 0:
+        model_cfg = config["model"]
+        # The encoder's name in the weights' metadata: export.encoder_from_export reads it (stored once).
+        names = {"encoder": str(model_cfg["encoder"]), "cifar_stem": str(int(model_cfg.get("cifar_stem", False)))}
         save_file(
             {k: v.detach().cpu().contiguous().clone() for k, v in engine_state["model"].items()},
             str(tmp / "model.safetensors"),
+            metadata={**names, "run_id": tag["run_id"], "step": str(step)},
         )
         _fsync(tmp / "model.safetensors")
         train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
-        _save_torch(train_state, tmp / "train_state.pt")
-        from supcon_scale import export  # export.py builds on this module's tensor helpers
-
-        export.export_encoder(
-            encoder_state(engine_state["model"]), tmp / "encoder.safetensors", export.metadata_from_config(config)
-        )
+        _save_torch({**train_state, "checkpoint": tag}, tmp / "train_state.pt")
     if before_commit is not None:
         before_commit(tmp)
     distributed.barrier()
@@ -222,6 +232,7 @@ def save(
             "step": step,
             "epoch": epoch,
             "world_size": world,
+            "run_id": tag["run_id"],
             "engine": config["engine"]["name"],
             "loss": config["loss"],
             "config": config,
@@ -243,15 +254,58 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
     if not is_complete(path):
         raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
     meta = read_meta(path)
-    engine_state = {"model": load_tensors(path / "model.safetensors")}
+    weights = path / "model.safetensors"
+    engine_state = {"model": load_tensors(weights)}
     bad = first_nonfinite(engine_state["model"])
     if bad is not None:
         raise ValueError(f"train.resume: {path / 'model.safetensors'}: tensor {bad} holds NaN or inf")
-    engine_state.update(_load_torch(path / "train_state.pt"))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            check_identity(weights, f.metadata() or {}, meta)
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError
+        raise ValueError(
+            f"checkpoint {weights}: not a readable safetensors file ({str(exc).splitlines()[0]})"
+        ) from None
+    engine_state.update(_load_part(path / "train_state.pt", ("optimizer", "scheduler"), meta))
     rank, _ = distributed.world()
     rank_file = path / f"rank_{rank}.pt"
-    rank_state = _load_torch(rank_file) if rank_file.is_file() else None
+    rank_state = _load_part(rank_file, ("rng", "data"), meta) if rank_file.is_file() else None
     return meta, engine_state, rank_state
+
+
+def check_identity(path: Path, tag: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A one-line ValueError when the file `path`, tagged `tag`, belongs to another checkpoint than `meta`
+    (another step or run); files of checkpoints written before the tags pass."""
+    if "run_id" not in meta:
+        return
+    if "run_id" not in tag:
+        raise ValueError(f"checkpoint {path}: carries no run id and step; a file copied in from an older checkpoint?")
+    got = (str(tag.get("run_id")), str(tag.get("step")))
+    if got != (str(meta["run_id"]), str(meta["step"])):
+        raise ValueError(
+            f"checkpoint {path}: belongs to step {got[1]} of run {got[0]}, but its meta.json to step {meta['step']} "
+            f"of run {meta['run_id']}; a file copied in from another checkpoint?"
+        )
+
+
+def check_zip(path: Path) -> None:
+    """A cheap check of a `torch.save` file: its zip directory is readable (a truncated file's is not)."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path.name} is not a readable torch.save file ({exc})") from None
+
+
+def _load_part(path: Path, needed: tuple[str, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `.pt` file: a mapping holding `needed`, of this checkpoint (one-line errors otherwise)."""
+    state = _load_torch(path)
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise ValueError(f"checkpoint {path}: not a mapping with {', '.join(needed)}; not a supcon_scale file?")
+    check_identity(path, state.pop("checkpoint", None) or {}, meta)
+    return state
 
 
 def _count(meta: dict[str, Any], name: str, lo: int, hi: int, source: Path) -> int:
@@ -348,6 +402,7 @@ class Checkpointer:
         self.hooks = hooks
         self.out_dir = Path(cfg.out_dir)
         self.newest = latest(self.out_dir)
+        self.run_id: str | None = None  # the run's id, tagged on every checkpoint file (kept across resumes)
         self.saved_step = -1
         self.preemption = PreemptionHandler(cfg.train.preempt_signal)
         self.lock = OutDirLock(self.out_dir) if ctx.is_main else None
@@ -384,33 +439,43 @@ class Checkpointer:
             raise
 
     def _resume(self) -> tuple[int, int]:
-        path = self.cfg.train.resume
-        if path == "auto":
-            path = str(self.newest) if self.newest is not None else None
-        check_fresh_start(self.out_dir, path, self.newest)
-        if self.ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_replacing(self.out_dir / "config.yaml", lambda tmp: write_config(self.cfg, tmp))
+        from supcon_scale import resume  # beside this module: which checkpoint, and what a resume may change
+
+        # The main rank picks (a damaged newest is skipped with a warning) and every rank resumes from its pick.
+        path = resume.resolve(self.out_dir, self.cfg.train.resume) if self.ctx.is_main else None
+        path = distributed.broadcast_object(path)
+        check_fresh_start(self.out_dir, None if path is None else str(path), self.newest)
         if path is None:
+            if self.ctx.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                write_replacing(self.out_dir / "config.yaml", lambda tmp: write_config(self.cfg, tmp))
+            self.run_id = str(distributed.broadcast_object(uuid.uuid4().hex))
             self.loader.set_epoch(0)
             return 0, 0
+        # Every refusal comes before anything is written: the config, the files, the shapes, the states.
+        if not is_complete(Path(path)):
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
+        accepted = resume.check_changes(read_meta(path), self.cfg, path)
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
-        if meta["config"]["model"]["encoder"] != self.cfg.model.encoder:
-            raise ValueError(
-                f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
-                f"this run has model.encoder={self.cfg.model.encoder}"
-            )
         check_matching(self.engine.unwrapped().state_dict(), engine_state["model"], str(path))
         step, epoch = int(meta["step"]), int(meta["epoch"])
+        if any(k.startswith("optim.") for k in accepted):
+            resume.fresh_optimizer(engine_state, self.engine.state_dict())
         # The data position is global (samples consumed of the epoch's order), the same in every rank's file: a
         # rank the saving job did not have reads rank 0's, and the loader re-shards the rest of the epoch.
-        data_state = (rank_state or _load_torch(Path(path) / "rank_0.pt"))["data"]
+        data_state = (rank_state or _load_part(Path(path) / "rank_0.pt", ("rng", "data"), meta))["data"]
         try:
             self.loader.load_state_dict(data_state)
         except ValueError as exc:
             raise ValueError(f"train.resume: {path}: {exc}") from None
-        self.engine.load_state_dict(engine_state)  # optimizer state re-partitioned by the engine on another world
+        try:
+            self.engine.load_state_dict(engine_state)  # optimizer state re-partitioned by the engine on another world
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"train.resume: {path}: its optimizer state does not fit this run's optim.name={self.cfg.optim.name} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
             self.objective.load_rank_state(rank_state.get("objective", {}))
@@ -419,6 +484,13 @@ class Checkpointer:
             # differ from each other and from a run started afresh. The objective's streams start from its seed.
             distributed.seed_everything(distributed.rank_seed(self.cfg.seed, self.ctx.rank, step))
         self.saved_step = step
+        self.run_id = str(meta.get("run_id") or distributed.broadcast_object(uuid.uuid4().hex))
+        if self.ctx.is_main:  # accepted: now the writes (the abandoned lineage aside, the config and its history)
+            resume.check_folders(self.out_dir)
+            resume.set_aside(self.out_dir, Path(path), step)
+            resume.record(self.out_dir, self.cfg, meta, accepted)
+        distributed.barrier()
+        self.newest = latest(self.out_dir)
         world = self.ctx.world_size
         moved = "" if saved_world == world else f" (saved by {saved_world} ranks, now {world})"
         console.print(f"resumed from {path} at step {step}, epoch {epoch}{moved}")
@@ -428,7 +500,7 @@ class Checkpointer:
         """The cadence: a preemption save (then `Preempted`), the periodic save, and the epoch-end / final save."""
         if self.preemption.requested(self.ctx.device):
             self.save(info.step, info.epoch)
-            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}")
+            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}", info.step, str(self.newest))
         every = self.cfg.train.checkpoint_every_steps
         if (every and info.step % every == 0) or info.epoch_end or info.last:
             self.save(info.step, info.epoch)
@@ -461,18 +533,20 @@ class Checkpointer:
             extra_meta={"loss_convention": self.objective.convention()},
             rank_extra={"objective": self.objective.rank_state()},
             before_commit=before_commit,
+            run_id=self.run_id,
         )
         self.saved_step = step
 
     def export(self) -> Path | None:
-        """Copy the newest checkpoint's encoder to `out_dir/encoder.safetensors` and write `out_dir/encoder_timm/`
-        (timm's `local-dir:` layout, export.py) on the main rank; the encoder's path, or None."""
+        """Write the newest checkpoint's encoder to `out_dir/encoder.safetensors` with its construction arguments,
+        and `out_dir/encoder_timm/` (timm's `local-dir:` layout, export.py), on the main rank; its path, or None."""
         if self.newest is None:
             return None
         path = self.out_dir / "encoder.safetensors"
         if self.ctx.is_main:
-            from supcon_scale.export import TIMM_FOLDER, write_timm_folder  # export.py imports this module
+            from supcon_scale import export  # export.py builds on this module's tensor helpers
 
-            copy_atomic(self.newest / "encoder.safetensors", path)
-            write_timm_folder(path, self.out_dir / TIMM_FOLDER)
+            weights = load_tensors(self.newest / "model.safetensors")
+            export.export_encoder(encoder_state(weights), path, export.metadata_from_config(self.cfg.to_dict()))
+            export.write_timm_folder(path, self.out_dir / export.TIMM_FOLDER)
         return path

@@ -341,8 +341,12 @@ class TrainConfig:
     profile_steps: str | None = key(
         None, "torch.profiler trace of steps A-B (e.g. 20-25) into out_dir/profile; null: no trace", nonempty=True
     )
+    allow_changes: str | None = key(
+        None, "on resume, keys (or sections) that may differ from the checkpoint's config: KEY,KEY,...", nonempty=True
+    )
 
     def _check(self, path: str) -> None:
+        allowed_changes(self.allow_changes, f"{path}.allow_changes")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(
                 f"{path}.warmup_epochs must be in [0, epochs={self.epochs}], got {_num(self.warmup_epochs)}: "
@@ -380,6 +384,21 @@ class KDConfig:
     checkpoint: str | None = key(None, "weights file (state dict) of a timm teacher", nonempty=True)
     temperature: float = key(1.0, "softmax temperature of the teacher's predictions", gt=0)
     alpha: float = key(1.0, "weight of the teacher's label vectors; inf: the teacher's labels only", ge=0, inf=True)
+
+
+def allowed_changes(text: str | None, path: str = "train.allow_changes") -> list[str]:
+    """The dotted keys and sections of a `train.allow_changes` list; an unknown one is a ConfigError naming it."""
+    if text is None:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {k.key for k in schema()}
+    known |= {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{path}: unknown config key {_short(name)}{hint}")
+    return names
 
 
 def profile_range(text: str, path: str = "train.profile_steps") -> tuple[int, int]:

@@ -51,14 +51,24 @@ def test_exported_encoder_is_a_plain_timm_state_dict(tmp_path: Path):
     path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
     from safetensors.torch import load_file
 
+    # The checkpoint keeps the encoder once (issue 26): model.safetensors only; encoder_from_export reads it there.
+    assert sorted(p.name for p in path.glob("*.safetensors")) == ["model.safetensors"]
+    exported = export.export_encoder(
+        checkpoint.encoder_state(load_file(str(path / "model.safetensors"))),
+        tmp_path / "e.safetensors",
+        export.encoder_metadata("resnet18"),
+    )
     plain = timm.create_model("resnet18", num_classes=0)
-    plain.load_state_dict(load_file(str(path / "encoder.safetensors")))  # strict: every key and shape matches
-    encoder, meta = export.encoder_from_export(path)
-    assert meta["encoder"] == "resnet18" and not encoder.training
+    plain.load_state_dict(load_file(str(exported)))  # strict: every key and shape matches
     x = torch.randn(2, 3, 32, 32)
     model.eval()
-    torch.testing.assert_close(encoder(x), model.encoder(x))
     torch.testing.assert_close(plain.eval()(x), model.encoder(x))
+    encoder, meta = export.encoder_from_export(path)
+    assert meta["encoder"] == "resnet18" and not encoder.training
+    torch.testing.assert_close(encoder(x), model.encoder(x))
+    # A checkpoint of an older version, with its own encoder.safetensors, still loads (from that file).
+    (path / "encoder.safetensors").write_bytes(exported.read_bytes())
+    torch.testing.assert_close(export.encoder_from_export(path)[0](x), model.encoder(x))
 
 
 def test_incomplete_checkpoint_is_invisible_and_purge_keeps_newest(tmp_path: Path):

@@ -47,7 +47,7 @@ def runs(small_digits: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("watch") / "run"
     first = _train(out, small_digits, "train.max_steps=4", "train.profile_steps=2-3")
     wandb_dirs = sorted((out / "wandb").glob("offline-run-*"))
-    second = _train(out, small_digits, "train.resume=auto")
+    second = _train(out, small_digits, "train.resume=auto", "train.allow_changes=train.max_steps")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"out": out, "first": first, "second": second, "rows": rows, "first_wandb": wandb_dirs}
 

@@ -26,6 +26,7 @@ LAYERS = {
     "models": 2,
     "checkpoint": 2,
     "export": 2,
+    "resume": 2,
     "console": 2,
     "sinks": 2,
     "profiling": 2,

@@ -51,7 +51,8 @@ def _overrides(root: Path, out: Path, engine: str, *extra: str) -> list[str]:
         f"data.root={root}", f"out_dir={out}", f"engine.name={engine}", "model.encoder=resnet18", "model.feat_dim=16",
         "model.head=linear", f"data.global_batch_size={GLOBAL_B}", "data.image_size=16", "data.workers=0",
         "data.augment.preset=none", "data.augment.crop_scale=[1.0,1.0]", f"train.epochs={EPOCHS}",
-        "train.warmup_epochs=0", "train.log_every=1", "train.progress=false", "train.resume=auto", *extra,
+        "train.warmup_epochs=0", "train.log_every=1", "train.progress=false", "train.resume=auto",
+        "train.allow_changes=train.max_steps", *extra,
     ]  # fmt: skip
 
 
