@@ -21,8 +21,8 @@ from safetensors import safe_open
 
 from supcon_scale import checkpoint, config
 from supcon_scale.console import console
-from supcon_scale.files import write_replacing, write_text
 from supcon_scale.distributed import flatten
+from supcon_scale.files import write_replacing, write_text
 
 # Keys that cannot change what is trained: where and how the run reports, saves and feeds itself.
 FREE = (
