@@ -11,11 +11,12 @@ originals). `supcon-scale torchrun` has none: its options are torch's own parser
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-DATASET_MANIFEST = ".supcon_scale_manifest.tsv"  # data/manifest.py's name, shown in check-data's help
 PROTOCOL_NAMES = ["fast", "hobbitlong", "official", "official_cifar", "official_imagenet", "paper", "sgd"]  # linear.py
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -32,6 +33,17 @@ def default_workers(ranks_per_node: int = 1) -> int:
     return max(1, min(32, len(os.sched_getaffinity(0)) // max(1, ranks_per_node)))
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """`bench-train --model-kwargs`: a JSON object, or argparse's one-line usage error (exit 2)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text[:80]!r}")
+    return value
+
+
 def check_data() -> argparse.ArgumentParser:
     """`supcon-scale check-data` (data/badfiles.py)."""
     p = argparse.ArgumentParser(
@@ -46,9 +58,16 @@ def check_data() -> argparse.ArgumentParser:
         "--manifest",
         type=Path,
         default=None,
-        help=f"manifest to read and write (default DIR/{DATASET_MANIFEST}; training runs over DIR read it)",
+        help="manifest to read and write (default: one in the user's cache, named for DIR, which training runs over "
+        "DIR read; a run reads another one given as data.manifest)",
     )
     p.add_argument("--no-manifest", action="store_true", help="decode every file and write no manifest")
+    p.add_argument(
+        "--backend",
+        choices=["dali", "torchvision"],
+        default="dali",
+        help="the loader the runs use: dali (default, the stricter) refuses formats its decoder lacks (GIF, TGA, ...)",
+    )
     return p
 
 
@@ -260,13 +279,19 @@ def bench_train() -> argparse.ArgumentParser:
     """`supcon-scale bench-train` and tools/bench_train.py (bench/train.py)."""
     p = argparse.ArgumentParser(prog="bench_train", description=BENCH_TRAIN_DOC)
     p.add_argument("--model", default="resnet50", help="timm encoder name")
+    p.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        default=None,
+        help='JSON object of timm.create_model arguments (model.kwargs), e.g. \'{"patch_size": 4, "depth": 2}\'',
+    )
     p.add_argument("--batch-per-gpu", type=int, default=64, help="images per step (SupCon trains V views of each)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each ResNet stage in backward")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="one process of this engine")
     p.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage with --engine deepspeed")
     p.add_argument("--data", type=Path, help="an image folder: also time the SupCon step fed by --backend's loader")

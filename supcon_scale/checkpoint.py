@@ -5,11 +5,14 @@ is written into `.tmp-step_XXXXXXXX/`, fsynced, and the directory renamed; `meta
 directory without it is never picked (the rule of PyTorch's distributed checkpoint and torchtitan). Loading never
 unpickles arbitrary objects: tensors live in safetensors or `torch.load(weights_only=True)` files, the rest is JSON.
 
-    model.safetensors     full model state (encoder + head)
-    encoder.safetensors   the encoder alone, a plain timm state dict (see `export_encoder`)
+    model.safetensors     full model state (encoder + head); the encoder is stored once, here (its metadata names
+                          it; `export.encoder_from_export` reads it; older checkpoints' encoder.safetensors too)
     train_state.pt        optimizer, scheduler, scaler
     rank_<r>.pt           that rank's RNG states and data position
-    meta.json             step, epoch, resolved config, loss convention, world size, engine
+    meta.json             step, epoch, run id, resolved config, loss convention, world size, engine
+
+Every file carries the run id and step of meta.json (the weights in their safetensors metadata, the others in a
+"checkpoint" entry): a file copied in from another step or run is refused, naming it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import os
 import random
 import re
 import shutil
-import socket
-import threading
 import time
+import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,10 @@ from safetensors.torch import load_file, save_file
 
 from supcon_scale import distributed
 from supcon_scale.config import save as write_config
-from supcon_scale.console import console, write_replacing
-from supcon_scale.models import create_encoder
+from supcon_scale.console import console
+from supcon_scale.files import OutDirLock, new_file, write_replacing
+from supcon_scale.files import fsync as _fsync
+from supcon_scale.files import fsync as _fsync_dir
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -52,22 +57,6 @@ MAX_WORLD = 2**20
 def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's entries of a full SupConModel state dict, with the `encoder.` prefix removed."""
     return {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
-
-
-def export_encoder(
-    encoder: nn.Module | dict[str, torch.Tensor], path: str | Path, encoder_name: str, cifar_stem: bool = False
-) -> Path:
-    """Write the encoder (a module or its state dict) as a timm state dict: `timm.create_model(name,
-    num_classes=0).load_state_dict(...)` accepts it."""
-    path = Path(path)
-    if isinstance(encoder, nn.Module):
-        encoder = encoder.state_dict()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.items()}
-    bad = first_nonfinite(state)
-    if bad is not None:
-        raise NonFiniteError(f"refusing to export {path}: the encoder's {bad} holds NaN or inf")
-    metadata = {"encoder": encoder_name, "cifar_stem": str(int(cifar_stem))}
-    return write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
@@ -95,29 +84,6 @@ def load_weights(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{key}: {path} does not hold a state dict of tensors")
     return state
-
-
-def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
-    """Load an exported encoder (a `.safetensors` file or a checkpoint directory holding one) in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "encoder.safetensors"
-    if not path.is_file():
-        raise ValueError(f"checkpoint: no encoder at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors' SafetensorError: a corrupt, truncated or huge header
-        raise ValueError(f"checkpoint {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    if "encoder" not in meta:
-        raise ValueError(f"checkpoint {path}: no 'encoder' name in its metadata; was it written by supcon_scale?")
-    encoder = create_encoder(meta["encoder"], cifar_stem=meta.get("cifar_stem") == "1", key=f"checkpoint {path}")
-    state = load_tensors(path)
-    bad = first_nonfinite(state)
-    if bad is not None:
-        raise ValueError(f"checkpoint {path}: tensor {bad} holds NaN or inf (a diverged run?)")
-    load_matching(encoder, state, str(path))
-    return encoder.eval(), meta
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -220,10 +186,13 @@ def save(
     *,
     rank_extra: dict[str, Any] | None = None,
     before_commit: Callable[[Path], None] | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Collective: every rank calls it. Rank 0 writes the shared files, each rank its own RNG and data position
-    (plus `rank_extra`); `before_commit(tmp_dir)` runs on every rank once all files but `meta.json` are written."""
+    (plus `rank_extra`); `before_commit(tmp_dir)` runs on every rank once all files but `meta.json` are written.
+    Every file is tagged with `run_id` (a new one when None) and `step`."""
     rank, world = distributed.world()
+    tag = {"run_id": str(distributed.broadcast_object(run_id or uuid.uuid4().hex)), "step": step}
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -239,23 +208,22 @@ def save(
         _remove(tmp)  # a stale attempt, or a planted link (the link goes, its target stays)
         tmp.mkdir()  # a directory this run created: nothing inside it can be a planted link
     distributed.barrier()
-    _save_torch({"rng": rng_state(), "data": data_state, **(rank_extra or {})}, tmp / f"rank_{rank}.pt")
+    _save_torch(
+        {"rng": rng_state(), "data": data_state, **(rank_extra or {}), "checkpoint": tag}, tmp / f"rank_{rank}.pt"
+    )
     distributed.barrier()
     if rank == 0:
+        model_cfg = config["model"]
+        # The encoder's name in the weights' metadata: export.encoder_from_export reads it (stored once).
+        names = {"encoder": str(model_cfg["encoder"]), "cifar_stem": str(int(model_cfg.get("cifar_stem", False)))}
         save_file(
             {k: v.detach().cpu().contiguous().clone() for k, v in engine_state["model"].items()},
             str(tmp / "model.safetensors"),
+            metadata={**names, "run_id": tag["run_id"], "step": str(step)},
         )
         _fsync(tmp / "model.safetensors")
         train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
-        _save_torch(train_state, tmp / "train_state.pt")
-        model_cfg = config["model"]
-        export_encoder(
-            encoder_state(engine_state["model"]),
-            tmp / "encoder.safetensors",
-            model_cfg["encoder"],
-            model_cfg.get("cifar_stem", False),
-        )
+        _save_torch({**train_state, "checkpoint": tag}, tmp / "train_state.pt")
     if before_commit is not None:
         before_commit(tmp)
     distributed.barrier()
@@ -264,6 +232,7 @@ def save(
             "step": step,
             "epoch": epoch,
             "world_size": world,
+            "run_id": tag["run_id"],
             "engine": config["engine"]["name"],
             "loss": config["loss"],
             "config": config,
@@ -285,15 +254,58 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
     if not is_complete(path):
         raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
     meta = read_meta(path)
-    engine_state = {"model": load_tensors(path / "model.safetensors")}
+    weights = path / "model.safetensors"
+    engine_state = {"model": load_tensors(weights)}
     bad = first_nonfinite(engine_state["model"])
     if bad is not None:
         raise ValueError(f"train.resume: {path / 'model.safetensors'}: tensor {bad} holds NaN or inf")
-    engine_state.update(_load_torch(path / "train_state.pt"))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            check_identity(weights, f.metadata() or {}, meta)
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError
+        raise ValueError(
+            f"checkpoint {weights}: not a readable safetensors file ({str(exc).splitlines()[0]})"
+        ) from None
+    engine_state.update(_load_part(path / "train_state.pt", ("optimizer", "scheduler"), meta))
     rank, _ = distributed.world()
     rank_file = path / f"rank_{rank}.pt"
-    rank_state = _load_torch(rank_file) if rank_file.is_file() else None
+    rank_state = _load_part(rank_file, ("rng", "data"), meta) if rank_file.is_file() else None
     return meta, engine_state, rank_state
+
+
+def check_identity(path: Path, tag: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A one-line ValueError when the file `path`, tagged `tag`, belongs to another checkpoint than `meta`
+    (another step or run); files of checkpoints written before the tags pass."""
+    if "run_id" not in meta:
+        return
+    if "run_id" not in tag:
+        raise ValueError(f"checkpoint {path}: carries no run id and step; a file copied in from an older checkpoint?")
+    got = (str(tag.get("run_id")), str(tag.get("step")))
+    if got != (str(meta["run_id"]), str(meta["step"])):
+        raise ValueError(
+            f"checkpoint {path}: belongs to step {got[1]} of run {got[0]}, but its meta.json to step {meta['step']} "
+            f"of run {meta['run_id']}; a file copied in from another checkpoint?"
+        )
+
+
+def check_zip(path: Path) -> None:
+    """A cheap check of a `torch.save` file: its zip directory is readable (a truncated file's is not)."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path.name} is not a readable torch.save file ({exc})") from None
+
+
+def _load_part(path: Path, needed: tuple[str, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `.pt` file: a mapping holding `needed`, of this checkpoint (one-line errors otherwise)."""
+    state = _load_torch(path)
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise ValueError(f"checkpoint {path}: not a mapping with {', '.join(needed)}; not a supcon_scale file?")
+    check_identity(path, state.pop("checkpoint", None) or {}, meta)
+    return state
 
 
 def _count(meta: dict[str, Any], name: str, lo: int, hi: int, source: Path) -> int:
@@ -340,15 +352,12 @@ def _purge(root: Path, keep_last: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def copy_atomic(src: Path, dst: Path) -> Path:
-    """Copy a file so that `dst` is either the old file or the complete new one, never a partial copy (nor a write
-    through a link planted at `dst` or its temporary)."""
-    return write_replacing(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
 def _save_torch(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-    _fsync(path)
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: a full disk surfaces as the OSError behind torch's RuntimeError
+            torch.save(obj, f)
+
+    new_file(path, write)
 
 
 def _load_torch(path: Path, what: str = "checkpoint") -> Any:
@@ -359,195 +368,7 @@ def _load_torch(path: Path, what: str = "checkpoint") -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One writer per out_dir
-
-LOCK = "lock.json"
-HEARTBEAT_S = 30.0  # how often the holder refreshes its heartbeat (a thread: long saves and evaluations included)
-STALE_S = 300.0  # a lock whose heartbeat is older than this is taken over (its holder is dead or frozen)
-NO_RUN_ID = ("", "none")  # torchrun's default --rdzv-id: it does not identify a job
-
-
-def _pid_start(pid: int) -> str | None:
-    """The process's start time (Linux /proc, in clock ticks since boot), so a reused pid is not taken as alive."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        pass
-    now = _pid_start(pid)
-    return start is None or now is None or now == start
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or {} when it is missing, partial or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _job() -> dict[str, Any]:
-    """This torchrun job and attempt: run id, rendezvous store address and restart count."""
-    launch = distributed.launch_env()
-    return {"run_id": launch.run_id, "store": launch.store, "restart": launch.restart_count}
-
-
-class OutDirLock:
-    """`out_dir/lock.json` naming the one process that writes the run (host, pid, start time, heartbeat).
-
-    Taken with O_EXCL by the main rank before anything is written. An existing lock is taken over only when its
-    holder is this process, an earlier attempt of the same torchrun job (same run id and store, lower restart
-    count: torchrun stops every worker before it restarts them, wherever rank 0 lands), a dead process on this
-    host, or silent for `STALE_S` seconds; otherwise the second trainer refuses with a message naming the holder.
-    """
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / LOCK
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid())}
-        self.started = time.time()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost: dict[str, Any] | None = None
-
-    def record(self) -> dict[str, Any]:
-        return {**self.me, "started": self.started, "heartbeat": time.time(), "job": _job()}
-
-    def read(self) -> dict[str, Any]:
-        """The lock's content; an unreadable one (a writer killed mid-write) is dated by the file's mtime."""
-        holder = _read_json(self.path)
-        if holder:
-            return holder
-        try:
-            mtime = self.path.stat().st_mtime
-        except OSError:
-            mtime = 0.0
-        return {"host": "?", "pid": -1, "started": mtime, "heartbeat": mtime, "job": {}}
-
-    def takeover_reason(self, holder: dict[str, Any]) -> str | None:
-        """Why `holder`'s lock may be taken over, or None when it belongs to a live writer."""
-        same_host = holder.get("host") == self.me["host"]
-        if same_host and holder.get("pid") == self.me["pid"]:
-            return "held by this process"
-        theirs, mine = holder.get("job") or {}, _job()
-        if (
-            mine["run_id"] not in NO_RUN_ID
-            and theirs.get("run_id") == mine["run_id"]
-            and theirs.get("store") == mine["store"]
-            and int(theirs.get("restart", 0)) < mine["restart"]
-        ):
-            return f"held by attempt {theirs.get('restart', 0)} of this torchrun job"
-        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"], holder.get("pid_start")):
-            return f"its holder (pid {holder['pid']}) is no longer alive"
-        age = time.time() - float(holder.get("heartbeat", 0.0))
-        if age > STALE_S:
-            return f"no heartbeat for {age:.0f} s"
-        return None
-
-    def refusal(self, holder: dict[str, Any]) -> str:
-        age = time.time() - float(holder.get("heartbeat", 0.0))
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0.0))))
-        return (
-            f"out_dir: {self.path.parent} is in use by another trainer (host {holder.get('host')}, pid "
-            f"{holder.get('pid')}, started {started}, heartbeat {age:.0f} s ago); wait for it, choose another "
-            f"out_dir, or delete {self.path} if that job is dead"
-        )
-
-    def acquire(self) -> str | None:
-        """Take the lock and start the heartbeat; None when taken, else the one-line refusal."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.read()
-                reason = self.takeover_reason(holder)
-                if reason is None:
-                    return self.refusal(holder)
-                # Move the old lock aside: of two processes taking over at once, one rename wins; the other
-                # finds no file (or the winner's fresh lock) and goes round again.
-                aside = self.path.with_name(f".{LOCK}.stale-{self.me['pid']}")
-                try:
-                    os.rename(self.path, aside)
-                except FileNotFoundError:
-                    continue
-                moved = _read_json(aside)
-                if moved and (moved.get("pid"), moved.get("started")) != (holder.get("pid"), holder.get("started")):
-                    # Another trainer took it over between our read and our rename: give its lock back.
-                    try:
-                        os.link(aside, self.path)
-                    except FileExistsError:
-                        pass
-                    aside.unlink(missing_ok=True)
-                    return self.refusal(moved)
-                aside.unlink(missing_ok=True)
-                console.print(f"out_dir lock {self.path} taken over: {reason}")
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.record()))
-                f.flush()
-                os.fsync(f.fileno())
-            self._thread = threading.Thread(target=self._beat, name="supcon-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return None
-        return self.refusal(self.read())
-
-    def owned(self) -> bool:
-        """Whether the lock still names this process (False once another trainer took it over)."""
-        holder = self.read()
-        mine = (self.me["host"], self.me["pid"], self.started)
-        if (holder.get("host"), holder.get("pid"), holder.get("started")) == mine:
-            return True
-        self.lost = holder
-        return False
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            if not self.owned():
-                return
-            tmp = self.path.with_name(f".{LOCK}.tmp-{self.me['pid']}")
-            try:
-                tmp.unlink(missing_ok=True)  # never write through a link planted at the temporary's name
-                tmp.write_text(json.dumps(self.record()))
-                os.replace(tmp, self.path)
-            except OSError:  # a full or vanished disk: the next save reports it
-                pass
-
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-            if self.owned():
-                self.path.unlink(missing_ok=True)
+    new_file(path, lambda p: p.write_text(text))
 
 
 def check_fresh_start(out_dir: str | Path, resume: str | None, newest: Path | None = None) -> None:
@@ -581,6 +402,7 @@ class Checkpointer:
         self.hooks = hooks
         self.out_dir = Path(cfg.out_dir)
         self.newest = latest(self.out_dir)
+        self.run_id: str | None = None  # the run's id, tagged on every checkpoint file (kept across resumes)
         self.saved_step = -1
         self.preemption = PreemptionHandler(cfg.train.preempt_signal)
         self.lock = OutDirLock(self.out_dir) if ctx.is_main else None
@@ -617,33 +439,43 @@ class Checkpointer:
             raise
 
     def _resume(self) -> tuple[int, int]:
-        path = self.cfg.train.resume
-        if path == "auto":
-            path = str(self.newest) if self.newest is not None else None
-        check_fresh_start(self.out_dir, path, self.newest)
-        if self.ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_replacing(self.out_dir / "config.yaml", lambda tmp: write_config(self.cfg, tmp))
+        from supcon_scale import resume  # beside this module: which checkpoint, and what a resume may change
+
+        # The main rank picks (a damaged newest is skipped with a warning) and every rank resumes from its pick.
+        path = resume.resolve(self.out_dir, self.cfg.train.resume) if self.ctx.is_main else None
+        path = distributed.broadcast_object(path)
+        check_fresh_start(self.out_dir, None if path is None else str(path), self.newest)
         if path is None:
+            if self.ctx.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                write_replacing(self.out_dir / "config.yaml", lambda tmp: write_config(self.cfg, tmp))
+            self.run_id = str(distributed.broadcast_object(uuid.uuid4().hex))
             self.loader.set_epoch(0)
             return 0, 0
+        # Every refusal comes before anything is written: the config, the files, the shapes, the states.
+        if not is_complete(Path(path)):
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
+        accepted = resume.check_changes(read_meta(path), self.cfg, path)
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
-        if meta["config"]["model"]["encoder"] != self.cfg.model.encoder:
-            raise ValueError(
-                f"train.resume: {path} holds model.encoder={meta['config']['model']['encoder']}, "
-                f"this run has model.encoder={self.cfg.model.encoder}"
-            )
         check_matching(self.engine.unwrapped().state_dict(), engine_state["model"], str(path))
         step, epoch = int(meta["step"]), int(meta["epoch"])
+        if any(k.startswith("optim.") for k in accepted):
+            resume.fresh_optimizer(engine_state, self.engine.state_dict())
         # The data position is global (samples consumed of the epoch's order), the same in every rank's file: a
         # rank the saving job did not have reads rank 0's, and the loader re-shards the rest of the epoch.
-        data_state = (rank_state or _load_torch(Path(path) / "rank_0.pt"))["data"]
+        data_state = (rank_state or _load_part(Path(path) / "rank_0.pt", ("rng", "data"), meta))["data"]
         try:
             self.loader.load_state_dict(data_state)
         except ValueError as exc:
             raise ValueError(f"train.resume: {path}: {exc}") from None
-        self.engine.load_state_dict(engine_state)  # optimizer state re-partitioned by the engine on another world
+        try:
+            self.engine.load_state_dict(engine_state)  # optimizer state re-partitioned by the engine on another world
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"train.resume: {path}: its optimizer state does not fit this run's optim.name={self.cfg.optim.name} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
             self.objective.load_rank_state(rank_state.get("objective", {}))
@@ -652,6 +484,13 @@ class Checkpointer:
             # differ from each other and from a run started afresh. The objective's streams start from its seed.
             distributed.seed_everything(distributed.rank_seed(self.cfg.seed, self.ctx.rank, step))
         self.saved_step = step
+        self.run_id = str(meta.get("run_id") or distributed.broadcast_object(uuid.uuid4().hex))
+        if self.ctx.is_main:  # accepted: now the writes (the abandoned lineage aside, the config and its history)
+            resume.check_folders(self.out_dir)
+            resume.set_aside(self.out_dir, Path(path), step)
+            resume.record(self.out_dir, self.cfg, meta, accepted)
+        distributed.barrier()
+        self.newest = latest(self.out_dir)
         world = self.ctx.world_size
         moved = "" if saved_world == world else f" (saved by {saved_world} ranks, now {world})"
         console.print(f"resumed from {path} at step {step}, epoch {epoch}{moved}")
@@ -661,7 +500,7 @@ class Checkpointer:
         """The cadence: a preemption save (then `Preempted`), the periodic save, and the epoch-end / final save."""
         if self.preemption.requested(self.ctx.device):
             self.save(info.step, info.epoch)
-            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}")
+            raise Preempted(f"preempted at step {info.step}; checkpoint {self.newest}", info.step, str(self.newest))
         every = self.cfg.train.checkpoint_every_steps
         if (every and info.step % every == 0) or info.epoch_end or info.last:
             self.save(info.step, info.epoch)
@@ -694,14 +533,20 @@ class Checkpointer:
             extra_meta={"loss_convention": self.objective.convention()},
             rank_extra={"objective": self.objective.rank_state()},
             before_commit=before_commit,
+            run_id=self.run_id,
         )
         self.saved_step = step
 
     def export(self) -> Path | None:
-        """Copy the newest checkpoint's encoder to `out_dir/encoder.safetensors` (main rank); its path, or None."""
+        """Write the newest checkpoint's encoder to `out_dir/encoder.safetensors` with its construction arguments,
+        and `out_dir/encoder_timm/` (timm's `local-dir:` layout, export.py), on the main rank; its path, or None."""
         if self.newest is None:
             return None
         path = self.out_dir / "encoder.safetensors"
         if self.ctx.is_main:
-            copy_atomic(self.newest / "encoder.safetensors", path)
+            from supcon_scale import export  # export.py builds on this module's tensor helpers
+
+            weights = load_tensors(self.newest / "model.safetensors")
+            export.export_encoder(encoder_state(weights), path, export.metadata_from_config(self.cfg.to_dict()))
+            export.write_timm_folder(path, self.out_dir / export.TIMM_FOLDER)
         return path

@@ -58,8 +58,15 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
     check_out_dir(cfg.out_dir)
     if cfg.train.resume is None:
         checkpoint.check_fresh_start(cfg.out_dir, None)  # a refused run writes nothing, not even the data scan
-    elif cfg.train.resume != "auto" and checkpoint.is_complete(Path(cfg.train.resume)):
-        checkpoint.read_meta(cfg.train.resume)  # a malformed meta.json, before the data scan and the model
+    else:  # a malformed meta.json or a refused config change, before the data scan and the model
+        from supcon_scale import resume
+
+        path = resume.resolve(cfg.out_dir, cfg.train.resume, quiet=True)
+        if path is not None and not checkpoint.is_complete(path):
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no meta.json)")
+        if path is not None:
+            resume.check_changes(checkpoint.read_meta(path), cfg, path)
+            resume.check_folders(Path(cfg.out_dir))
 
     return distributed.record(_fit)(cfg, hooks)
 
@@ -76,10 +83,19 @@ def _fit(cfg: RunConfig, hooks: Sequence[Hook]) -> int:
             trainer.fit(cfg, ctx, hooks=hooks)
     except Preempted as exc:
         print(f"supcon-scale: [rank {ctx.rank}] {exc}", file=sys.stderr)
-        notify_agent()
+        notify_agent(exc)
         return EXIT_PREEMPTED
     except NonFiniteError as exc:
         print(f"supcon-scale: [rank {ctx.rank}] error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from supcon_scale.files import disk_full
+
+        full = disk_full(exc)  # a full disk (or quota) inside torch.save or safetensors: one line, exit 1
+        if full is None:
+            raise
+        print(f"supcon-scale: [rank {ctx.rank}] error: {cfg.out_dir}: not written: {full.strerror} "
+              f"({type(exc).__name__}); the checkpoints already there are intact", file=sys.stderr)  # fmt: skip
         return 1
     finally:
         distributed.teardown()
@@ -280,6 +296,14 @@ def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
     except (ValueError, OSError, ImportError) as exc:  # OSError: a path the user named cannot be read or written
         print(f"supcon-scale: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        from supcon_scale.files import disk_full
+
+        full = disk_full(exc)  # a full disk inside a library's writer (torch.save, safetensors): one line, exit 1
+        if full is None:
+            raise
+        print(f"supcon-scale: error: not written: {full.strerror} ({type(exc).__name__})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

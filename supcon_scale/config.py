@@ -23,6 +23,8 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
+from supcon_scale.yamlload import Loader
+
 # The ImageNet channel statistics (RGB, 0..1 scale) every training and evaluation view is normalised with.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -33,7 +35,6 @@ CPU_BF16_MIN_IMAGE_SIZE = 17
 
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
 MAX_BASE_DEPTH = 32  # files in one `base:` chain
-MAX_YAML_NODES = 10_000  # nodes of one YAML document after expanding its aliases (recipes have about 60)
 INT64_MAX = 2**63 - 1
 
 
@@ -132,7 +133,10 @@ def key(
     bounds: Range | tuple[Range, ...] | None = items
     if bounds is None and any(b is not None for b in (ge, gt, le, lt)):
         bounds = Range(ge=ge, gt=gt, le=le, lt=lt, inf=inf)
-    return field(default=default, metadata={"help": help, "range": bounds, "nonempty": nonempty})
+    metadata = {"help": help, "range": bounds, "nonempty": nonempty}
+    if isinstance(default, dict):  # a mapping key: each config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,10 +191,19 @@ class DataConfig:
         "torchvision", "input pipeline: torchvision (Pillow), dali (on the GPU when there is one), dali-cpu, ..."
     )
     global_batch_size: int = key(256, "images per optimizer step over all ranks (each gives `views` views)", ge=1)
-    views: int = key(2, "augmented views of each image", ge=1)
-    image_size: int = key(224, "side of the square training crop, in pixels", ge=8)
+    views: int = key(
+        2,
+        "augmented views of each image (at most 64: each view is another forward pass; the paper uses 2)",
+        ge=1,
+        le=64,
+    )
+    image_size: int = key(
+        224, "side of the square training crop, in pixels (at most 4096: one fp32 view is then 192 MiB)", ge=8, le=4096
+    )
     num_classes: int | None = key(None, "number of classes; read from the folder when null", ge=1)
-    workers: int = key(4, "torchvision DataLoader workers per rank (0: load in the training process)", ge=0)
+    workers: int = key(
+        4, "torchvision DataLoader workers per rank (0: in the training process; at most 256 processes)", ge=0, le=256
+    )
     dali_threads: int = key(4, "DALI CPU threads per rank", ge=1)
     hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
     drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
@@ -210,11 +223,18 @@ class ModelConfig:
     encoder: str = key("resnet50", "timm name of the encoder (resnet50, resnet101, resnet200, ...)", nonempty=True)
     head: Literal["mlp", "linear"] = key("mlp", "projection head: mlp (one hidden layer) or linear")
     head_hidden_dim: int | None = key(None, "hidden width of the mlp head; the encoder's width when null", ge=1)
-    feat_dim: int = key(128, "dimension of the normalised embedding the loss sees", ge=1)
+    feat_dim: int = key(
+        128, "dimension of the normalised embedding the loss sees (at most 65536; the paper uses 128)", ge=1, le=65536
+    )
     sync_bn: bool = key(False, "batch-norm statistics over the global batch (every rank)")
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
-    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images")
+    cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images (ResNets only)")
+    kwargs: dict[str, Any] = key(
+        {},
+        "arguments to timm.create_model (img_size, patch_size, depth, drop_path_rate, ...); data.image_size "
+        "is the img_size of a fixed-size family (ViT, Swin) unless given here",
+    )
     head_hidden_layers: int = key(1, "hidden layers of the mlp head (SimCLR's 2048-2048-128 head has 2)", ge=1)
     head_batch_norm: bool = key(False, "batch norm after each hidden mlp layer, which then has no bias (SimCLR)")
     head_bias: bool = key(True, "bias in the head's last layer (the official projection head has none)")
@@ -224,6 +244,22 @@ class ModelConfig:
     init_from: str | None = key(
         None, "local timm checkpoint or .safetensors file the encoder starts from (no hub download)", nonempty=True
     )
+
+    def _check(self, path: str) -> None:
+        for name, why in RESERVED_MODEL_KWARGS.items():
+            if name in self.kwargs:
+                raise ConfigError(f"{path}.kwargs.{name} cannot be set: {why}")
+
+
+# timm.create_model arguments the toolkit sets itself (models.create_encoder), with the reason.
+RESERVED_MODEL_KWARGS = {
+    "num_classes": "the encoder is built without a classifier (num_classes=0); the head is model.head",
+    "pretrained": "nothing is downloaded; start from a local file with model.init_from",
+    "pretrained_cfg": "nothing is downloaded; start from a local file with model.init_from",
+    "pretrained_cfg_overlay": "nothing is downloaded; start from a local file with model.init_from",
+    "checkpoint_path": "start from a local file with model.init_from",
+    "features_only": "the encoder returns pooled features",
+}
 
 
 @dataclass(kw_only=True)
@@ -258,13 +294,26 @@ class LossConfig:
 class OptimConfig:
     """The optimizer and learning-rate schedule."""
 
-    name: Literal["lars", "sgd", "adamw"] = key("lars", "lars (the paper), sgd with momentum, or adamw")
+    name: Literal["lars", "sgd", "adamw", "lamb"] = key(
+        "lars", "lars (the paper), sgd with momentum, adamw or lamb (timm's; the ViT recipes)"
+    )
     base_lr: float = key(0.4, "learning rate per 256 images: lr = base_lr * global_batch_size / 256", gt=0)
     weight_decay: float = key(1e-4, "L2 weight decay", ge=0)
-    momentum: float = key(0.9, "momentum of lars and sgd (adamw ignores it)", ge=0, lt=1)
+    momentum: float = key(0.9, "momentum of lars and sgd (adamw and lamb use betas)", ge=0, lt=1)
+    betas: tuple[float, float] = key(
+        (0.9, 0.999), "adamw and lamb moment coefficients (DeiT: 0.9, 0.999; MoCo v3 ViT: 0.9, 0.95)", ge=0, lt=1
+    )
+    eps: float | None = key(None, "adamw and lamb epsilon; null: the optimizer's default (1e-8, lamb 1e-6)", gt=0)
+    layer_decay: float | None = key(
+        None, "layer-wise LR decay: block i of n gets lr x layer_decay ** (n - i) (BEiT); null: none", gt=0, le=1
+    )
     nesterov: bool = key(False, "Nesterov momentum for name=sgd (the official cross-entropy recipes)")
     trust_coeff: float = key(0.001, "LARS trust coefficient eta", gt=0)
-    exclude_bn_bias: bool = key(True, "batch-norm and bias tensors get neither weight decay nor LARS adaptation")
+    exclude_bn_bias: bool = key(
+        True,
+        "1-D tensors (norms, biases) and timm's no_weight_decay() names (pos_embed, cls_token) get neither "
+        "weight decay nor LARS adaptation",
+    )
     schedule: Literal["cosine", "constant"] = key("cosine", "after the warm-up: cosine decay or constant")
     final_lr_fraction: float = key(0.0, "learning rate at the end of the cosine, as a fraction of the peak", ge=0, le=1)
 
@@ -292,8 +341,12 @@ class TrainConfig:
     profile_steps: str | None = key(
         None, "torch.profiler trace of steps A-B (e.g. 20-25) into out_dir/profile; null: no trace", nonempty=True
     )
+    allow_changes: str | None = key(
+        None, "on resume, keys (or sections) that may differ from the checkpoint's config: KEY,KEY,...", nonempty=True
+    )
 
     def _check(self, path: str) -> None:
+        allowed_changes(self.allow_changes, f"{path}.allow_changes")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(
                 f"{path}.warmup_epochs must be in [0, epochs={self.epochs}], got {_num(self.warmup_epochs)}: "
@@ -331,6 +384,21 @@ class KDConfig:
     checkpoint: str | None = key(None, "weights file (state dict) of a timm teacher", nonempty=True)
     temperature: float = key(1.0, "softmax temperature of the teacher's predictions", gt=0)
     alpha: float = key(1.0, "weight of the teacher's label vectors; inf: the teacher's labels only", ge=0, inf=True)
+
+
+def allowed_changes(text: str | None, path: str = "train.allow_changes") -> list[str]:
+    """The dotted keys and sections of a `train.allow_changes` list; an unknown one is a ConfigError naming it."""
+    if text is None:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {k.key for k in schema()}
+    known |= {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{path}: unknown config key {_short(name)}{hint}")
+    return names
 
 
 def profile_range(text: str, path: str = "train.profile_steps") -> tuple[int, int]:
@@ -431,7 +499,8 @@ def schema(cls: type = RunConfig, prefix: str = "") -> list[Key]:
         if dataclasses.is_dataclass(tp):
             out += schema(tp, dotted + ".")
         else:
-            out.append(Key(dotted, tp, f.default, f.metadata["help"], f.metadata["range"]))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(Key(dotted, tp, default, f.metadata["help"], f.metadata["range"]))
     return out
 
 
@@ -476,6 +545,12 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
                 "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for "
                 "ResNets (ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, "
                 "or fsdp"
+            )
+        if cfg.optim.name == "lamb" and cfg.engine.zero_stage >= 1:
+            # LAMB's trust ratio is per tensor; ZeRO hands the optimizer flat partitions (DeepSpeed #490).
+            raise ConfigError(
+                f"optim.name=lamb with engine.zero_stage={cfg.engine.zero_stage}: ZeRO steps flat partitions of many "
+                "tensors, so LAMB's per-tensor trust ratios would be wrong; use engine.zero_stage=0, fsdp or ddp"
             )
         if cfg.precision == "fp16":
             # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in
@@ -548,46 +623,10 @@ class _Override:
         return repr(self.text)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses documents whose aliases expand beyond MAX_YAML_NODES nodes (or into themselves)."""
-
-    def compose_document(self) -> Any:
-        node = super().compose_document()
-        _expanded_size(node, {}, set())
-        return node
-
-
-class _YAMLTooLarge(yaml.YAMLError):
-    pass
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
-    """Nodes under `node` with every alias expanded; shared nodes are sized once but counted each time used."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise _YAMLTooLarge("an alias refers to a node that contains it")
-    open_.add(id(node))
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = []
-    for child in children:
-        size += _expanded_size(child, sizes, open_)
-        if size > MAX_YAML_NODES:
-            raise _YAMLTooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
-    open_.discard(id(node))
-    sizes[id(node)] = size
-    return size
-
-
 def _parse_yaml(text: str, where: str) -> Any:
     """YAML -> plain values, or a one-line ConfigError naming `where` (a file or an override key)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
         raise ConfigError(f"{where}: invalid YAML ({exc.problem or exc.context}{mark})") from None
@@ -660,6 +699,13 @@ def _set_dotted(raw: dict[str, Any], name: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {_name(name)}: {_name(part)} is not a section")
         node = child
+    old = node.get(parts[-1])
+    if isinstance(value, _Override) and isinstance(old, dict):
+        # `loss={variant: in}` over a recipe's loss section: merged into it, the section's other keys kept
+        parsed = _parse_yaml(value.text, f"override {_name(name)}")
+        if isinstance(parsed, dict):
+            _deep_merge(old, parsed)
+            return
     node[parts[-1]] = value
 
 
@@ -733,6 +779,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str) or value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {_short(value)}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__} {_short(value)}")
+        return {_mapping_key(k, path): _plain_value(v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {type(value).__name__} {_short(value)}")
@@ -765,6 +815,29 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     else:  # pragma: no cover - a schema annotation this loader does not know
         raise AssertionError(f"unsupported annotation {tp} at {path}")
     raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {_short(value)}")
+
+
+def _mapping_key(name: Any, path: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"{path}: key {_short(name)} must be a Python identifier (a keyword argument name)")
+    return name
+
+
+def _plain_value(value: Any, path: str) -> Any:
+    """A value of a mapping key (model.kwargs): YAML scalars, lists and mappings of them; an override is YAML."""
+    if isinstance(value, _Override):
+        value = _parse_yaml(value.text, f"override {path}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} must be finite, got {value}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{path} must not contain a NUL character")
+    if isinstance(value, Mapping):
+        return {_mapping_key(k, path): _plain_value(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"{path} must be a number, string, boolean, null, list or mapping; got {_short(value)}")
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -37,6 +37,7 @@ from rich.table import Table
 
 from supcon_scale import sinks
 from supcon_scale.distributed import all_reduce_mean, world
+from supcon_scale.files import WriteError, check_target, open_append
 from supcon_scale.hooks import Hook, StepInfo
 
 # soft_wrap: a line in a job's log file stays one line (rich would wrap it at 80 columns off a terminal)
@@ -47,54 +48,6 @@ def warn(message: str) -> None:
     """A one-line warning on this rank's stderr, prefixed with the rank (a job log interleaves the ranks' lines)."""
     lines = str(message).strip().splitlines()
     print(f"[rank {world()[0]}] warning: {lines[0] if lines else ''}", file=sys.stderr, flush=True)
-
-
-# Writes into a run directory never follow a link planted there (it could point at any file the user can write).
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _refuse_link(path: Path, exc: OSError) -> ValueError:
-    what = "a symbolic link" if os.path.islink(path) else f"not writable ({exc.strerror})"
-    return ValueError(f"{path}: {what}; refusing to write through it (remove it or choose another out_dir)")
-
-
-def open_append(path: str | Path) -> IO[str]:
-    """`path` opened for appending text, created if missing; a symbolic link there is refused, never followed."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as exc:
-        raise _refuse_link(path, exc) from None
-    return os.fdopen(fd, "a", encoding="utf-8")
-
-
-def write_replacing(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Write `path` as `write(tmp)` into a fresh `.tmp-<name>` beside it, fsync, then rename it over `path`.
-
-    Readers see the old file or the complete new one; a link planted at either name is replaced (the rename and
-    the unlink act on the link itself), so its target is never written.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # a stale temporary or a planted link: the link goes, its target stays as it was
-        os.close(os.open(tmp, _NEW_FILE, 0o644))
-    except OSError as exc:
-        raise _refuse_link(tmp, exc) from None
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """`write_replacing` for a text file (config.yaml, bad_files.txt, a JSON report)."""
-    return write_replacing(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 METRICS = "metrics.jsonl"
@@ -109,6 +62,10 @@ def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
     for name in APPENDED:
         if (path / name).is_symlink():
             raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
+        try:
+            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
+        except WriteError as exc:
+            raise ValueError(f"{key}: {exc}") from None
     probe = path
     while not probe.exists() and probe != probe.parent:
         if probe.is_symlink():  # a dangling link
@@ -172,7 +129,7 @@ class MetricsLog:
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # both stamps name the same millisecond
         stamp = {"time": now.timestamp(), "time_iso": now.isoformat(timespec="milliseconds")}
         with open_append(self.path) as f:

@@ -18,6 +18,7 @@ from pathlib import Path
 from supcon_scale import arguments, config
 from supcon_scale.console import console, table
 from supcon_scale.evaluation.stats import accuracy_interval, format_accuracy, mcnemar
+from supcon_scale.files import write_text
 
 
 def _torchrun(cfg_path: Path, nproc: int, overrides: list[str]) -> None:
@@ -42,10 +43,10 @@ def _torchrun(cfg_path: Path, nproc: int, overrides: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.data.folder import make_demo_data
     from supcon_scale.evaluation.linear import linear_eval
     from supcon_scale.evaluation.robustness import generate_c, robustness_report
+    from supcon_scale.export import encoder_from_export
 
     start = time.time()
     out = Path(args.out)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     few_root = few_labels(data_root, out / "data-few", args.labels_per_class, cfg.seed)
     results, few = {}, {}
     for name, (_, run_dir, _) in runs.items():
-        encoder, _ = load_encoder(run_dir / "encoder.safetensors")
+        encoder, _ = encoder_from_export(run_dir / "encoder.safetensors")
         results[name] = linear_eval(encoder, data_root, image_size=cfg.data.image_size, preset="fast",
                                     keep_predictions=True)  # fmt: skip
         few[name] = linear_eval(encoder, few_root, image_size=cfg.data.image_size, preset="fast", keep_predictions=True)
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         console.print(f"mCE baseline: {robustness['baseline']} ({robustness['baseline_why']})")
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     console.print(f"pictures: {', '.join(summary['pictures'])}", soft_wrap=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {out / 'summary.json'}")
     return summary
 

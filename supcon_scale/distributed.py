@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import os
 import random
 import re
@@ -16,6 +18,7 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +51,11 @@ AGENT_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC
 MAX_WORLD = 2**20
 # How long the ranks wait for each other at start-up (torchrun's own rendezvous join timeout is 600 s).
 RENDEZVOUS_TIMEOUT_S = 600.0
+# The private folder `supcon-scale torchrun` gives its workers for their "checkpoint written" record
+# (resilience.confirm_preemption); set by the agent itself, never by a launcher.
+AGENT_DIR_VAR = "SUPCON_SCALE_AGENT_DIR"
+# Config keys that only rank 0 acts on (its console): they may differ between ranks without changing any result.
+PER_RANK_KEYS = ("train.progress", "log.plain")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Launch:
     under_agent: bool = False  # every torchrun agent variable is set (not a stray TORCHELASTIC_RUN_ID)
     store: str = ":"  # MASTER_ADDR:MASTER_PORT as given (the lock's job identity; empty parts when unset)
     local_world_size: int = 1  # LOCAL_WORLD_SIZE: processes on this node (they share its CPUs)
+    agent_dir: str = ""  # AGENT_DIR_VAR: set by `supcon-scale torchrun` for its workers
 
 
 def _int_var(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
@@ -92,6 +101,7 @@ def launch_env(env: Mapping[str, str] | None = None) -> Launch:
         under_agent=set(AGENT_VARS) <= has,
         store=f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}",
         local_world_size=_int_var(env, "LOCAL_WORLD_SIZE", 1, MAX_WORLD) if env.get("LOCAL_WORLD_SIZE") else 1,
+        agent_dir=env.get(AGENT_DIR_VAR, ""),
     )
     if has & {"RANK", "WORLD_SIZE"}:
         source, names = "WORLD_SIZE", ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -387,6 +397,50 @@ def all_gather_object(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def agree_on_config(config: Mapping[str, Any], skip: tuple[str, ...] = PER_RANK_KEYS) -> None:
+    """Collective, before any other of the run: every rank must have resolved the same config (keys in `skip`
+    aside). A rank with another temperature or seed would train silently on other settings, and one with another
+    loss name or batch would deadlock the first gather; a mismatch is a one-line ValueError on every rank naming
+    the keys and the ranks. One all-gather of a digest; the configs themselves only when the digests differ."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = {k: v for k, v in flatten(config).items() if k not in skip}
+    text = json.dumps(flat, sort_keys=True, default=str)
+    digests = all_gather_object(hashlib.sha256(text.encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    flats = all_gather_object(flat)
+    keys = sorted({k for f in flats for k in f if len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
+    parts = []
+    for k in keys[:5]:
+        by_value: dict[str, list[int]] = {}
+        for rank, f in enumerate(flats):
+            by_value.setdefault(json.dumps(f.get(k), default=str), []).append(rank)
+        parts.append(
+            f"{k}: " + ", ".join(f"{v} on rank{'s' if len(r) > 1 else ''} {_ranks(r)}" for v, r in by_value.items())
+        )
+    more = f" (and {len(keys) - 5} more keys)" if len(keys) > 5 else ""
+    raise ValueError(
+        f"the ranks resolved different configs: {'; '.join(parts)}{more}; start every rank with the same config "
+        "and overrides"
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ",".join(map(str, ranks[:8])) + (",..." if len(ranks) > 8 else "")
 
 
 def local_sizes(n: int, device: torch.device) -> list[int]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
@@ -12,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from supcon_scale import distributed
-from supcon_scale.config import ModelConfig
+from supcon_scale.config import ModelConfig, RunConfig
 
 
 class SupConModel(nn.Module):
@@ -47,24 +51,164 @@ def check_local_name(name: object, key: str = "model.encoder") -> str:
     return name
 
 
-def create_encoder(name: str, cifar_stem: bool = False, key: str = "model.encoder") -> nn.Module:
-    """A timm model without classifier (`num_classes=0`): its output is the pooled feature vector; never downloads
-    (pretrained weights come from a local file, `model.init_from`)."""
+def create_encoder(
+    name: str, cifar_stem: bool = False, key: str = "model.encoder", kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """A timm model without classifier (`num_classes=0`), built with `kwargs` (`model.kwargs`): its output is the
+    pooled feature vector; never downloads (pretrained weights come from a local file, `model.init_from`)."""
     check_local_name(name, key)
     try:
-        encoder = timm.create_model(name, num_classes=0, pretrained=False)
-    except RuntimeError as exc:  # timm's "Unknown model"
-        raise ValueError(f"{key}: {exc}") from None
+        encoder = timm.create_model(name, num_classes=0, pretrained=False, **(kwargs or {}))
+    except Exception as exc:  # timm's and the family constructor's errors differ (Type-, Assertion-, RuntimeError)
+        raise ValueError(f"{key}: timm cannot build {name}{_with(kwargs)}: {_reason(exc)}") from None
     if cifar_stem:
         _to_cifar_stem(encoder)
     return encoder
+
+
+def encoder_kwargs(cfg: ModelConfig, image_size: int | None = None) -> dict[str, Any]:
+    """The arguments `cfg`'s encoder is built with (`fixed_size_kwargs` of `model.encoder` and `model.kwargs`)."""
+    return fixed_size_kwargs(cfg.encoder, cfg.kwargs, image_size)
+
+
+def fixed_size_kwargs(name: str, kwargs: Mapping[str, Any], image_size: int | None) -> dict[str, Any]:
+    """`kwargs`, plus `img_size=image_size` for a family whose input size is fixed when it is built (timm's
+    `fixed_input_size`: ViT, DeiT, Swin, ...) unless `kwargs` sets it; other families take any size."""
+    kwargs = dict(kwargs)
+    pretrained_cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if image_size is not None and "img_size" not in kwargs and getattr(pretrained_cfg, "fixed_input_size", False):
+        kwargs["img_size"] = image_size
+    return kwargs
+
+
+def _with(kwargs: dict[str, Any] | None) -> str:
+    return f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _meta_problem(cfg: ModelConfig, image_size: int) -> str | None:
+    """Why timm cannot build `cfg`'s encoder or run it on `image_size` px images; None when it can. On the meta
+    device: no memory is allocated and nothing is computed, so this takes a fraction of a second for any size."""
+    kwargs = encoder_kwargs(cfg, image_size)
+    with torch.device("meta"):
+        try:
+            encoder = timm.create_model(cfg.encoder, num_classes=0, pretrained=False, **kwargs)
+        except Exception as exc:  # as in create_encoder
+            return _reason(exc)
+        if cfg.cifar_stem:
+            _to_cifar_stem(encoder)  # a family without the ResNet stem: ValueError naming model.cifar_stem
+        try:
+            encoder(torch.empty(2, 3, image_size, image_size))
+        except Exception as exc:  # a size the family refuses (ViT: "Input height (32) doesn't match model (224)")
+            return f"{_reason(exc)} (at data.image_size={image_size})"
+    return None
+
+
+def check(cfg: RunConfig) -> None:
+    """The model section against timm, before anything is written (the trainer calls it beside `config.check_run`).
+
+    A model timm cannot build or run at `data.image_size` names the `model.kwargs.KEY` without which it builds, else
+    `model.encoder`; `model.cifar_stem` on another family, and a family whose blocks cannot be found where
+    activation checkpointing or FSDP2 needs them, name their key.
+    """
+    model = cfg.model
+    check_local_name(model.encoder)
+    problem = _meta_problem(model, cfg.data.image_size)
+    if problem is not None:
+        named = [k for k in model.kwargs if f"'{k}'" in problem]  # TypeError: unexpected keyword argument 'k'
+        culprit = next(
+            (
+                k
+                for k in named or model.kwargs
+                if _meta_problem(
+                    dataclasses.replace(model, kwargs={n: v for n, v in model.kwargs.items() if n != k}),
+                    cfg.data.image_size,
+                )
+                is None
+            ),
+            None,
+        )
+        where = f"model.kwargs.{culprit}={model.kwargs[culprit]!r}" if culprit else f"model.encoder={model.encoder}"
+        raise ValueError(f"{where}: timm cannot build {model.encoder}{_with(model.kwargs)}: {problem}")
+    needs = [k for k, on in BLOCK_USERS.items() if on(cfg)]
+    if needs:
+        with torch.device("meta"):
+            encoder = timm.create_model(
+                model.encoder, num_classes=0, pretrained=False, **encoder_kwargs(model, cfg.data.image_size)
+            )
+        if not blocks(encoder):
+            raise ValueError(
+                f"{needs[0]}: cannot find the blocks of {model.encoder} (its timm group_matcher names none)"
+            )
+
+
+# The settings that need an encoder's blocks (`blocks`), by the key that names them in an error.
+BLOCK_USERS = {
+    "model.activation_checkpointing": lambda cfg: cfg.model.activation_checkpointing,
+    "engine.name=fsdp": lambda cfg: cfg.engine.name == "fsdp",
+    "optim.layer_decay": lambda cfg: cfg.optim.layer_decay is not None,
+}
+
+
+def blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's blocks in forward order, from timm's own map of the model: the outermost modules its
+    `group_matcher(coarse=True)` "blocks" rules match (ResNet `layer1..4`, ViT `blocks.N`, ConvNeXt `stages.N`,
+    Swin `layers.N`, EfficientNet `blocks.N`). The units of FSDP2, activation checkpointing and layer-wise LR decay.
+
+    Rules with a fixed ordinal (ViT's `^norm`, EfficientNet's `conv_head`) place a module after the blocks for
+    timm's layer decay; they are not blocks. A model without a `group_matcher` has none.
+    """
+    try:
+        groups = encoder.group_matcher(coarse=True)
+    except (AttributeError, AssertionError, NotImplementedError):  # no matcher, or no coarse grouping (RDNet)
+        return []
+    spec = groups.get("blocks", []) if isinstance(groups, dict) else []  # CaiT's is a function of names
+    rules = [spec] if isinstance(spec, str) else [rule for rule, ordinal in spec if ordinal is None]
+    patterns = [re.compile(rule) for rule in rules]
+
+    def matched(name: str) -> bool:
+        return any(p.match(name) for p in patterns)
+
+    found = []
+    for name, module in encoder.named_modules():
+        parts = name.split(".")
+        if name and matched(name) and not any(matched(".".join(parts[:i])) for i in range(1, len(parts))):
+            found.append(module)
+    return found
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's layer for layer-wise LR decay (BEiT, Bao et al. 2022, sec. 2.4; timm's
+    `param_groups_layer_decay`), and the number of blocks n: 0 for what comes before the first block (patch
+    embedding, position embedding, class token, a ResNet's stem), i + 1 in block i, n + 1 after (final norm, head).
+    `model` is a SupConModel (its encoder's blocks) or a bare encoder; the names are `model.named_parameters()`'s."""
+    encoder = getattr(model, "encoder", model)
+    found = blocks(encoder)
+    owner = {id(p): i + 1 for i, block in enumerate(found) for p in block.parameters()}
+    in_encoder = {id(p) for p in encoder.parameters()}
+    ids, seen_block = {}, False
+    for name, p in model.named_parameters():
+        layer = owner.get(id(p))
+        if layer is not None:
+            seen_block = True
+        elif not seen_block and id(p) in in_encoder:
+            layer = 0
+        ids[name] = len(found) + 1 if layer is None else layer
+    return ids, len(found)
 
 
 def _to_cifar_stem(encoder: nn.Module) -> None:
     """3x3 stride-1 first conv without max-pool, the usual ResNet variant for 32 px images."""
     conv = getattr(encoder, "conv1", None)
     if not isinstance(conv, nn.Conv2d):
-        raise ValueError("model.cifar_stem: only ResNet-style encoders with a single conv1 stem support it")
+        raise ValueError(
+            f"model.cifar_stem: {type(encoder).__name__} has no single conv1 stem to replace; it is for ResNet-style "
+            "encoders only (set it false)"
+        )
     encoder.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
     encoder.maxpool = nn.Identity()
 
@@ -148,24 +292,20 @@ def _checkpointed_forward(stage: nn.Module, forward, x: torch.Tensor) -> torch.T
     return checkpoint(forward, x, use_reentrant=False, context_fn=contexts)
 
 
-def stages(encoder: nn.Module) -> list[nn.Module]:
-    """The residual stages of a ResNet-style encoder (`layer1..4` in timm's ResNet, `stages` elsewhere)."""
-    found = [getattr(encoder, f"layer{i}") for i in range(1, 5) if hasattr(encoder, f"layer{i}")]
-    if not found and isinstance(getattr(encoder, "stages", None), nn.Sequential):
-        found = list(encoder.stages)
-    return found
-
-
 def enable_activation_checkpointing(encoder: nn.Module) -> int:
-    """Recompute each stage's activations in backward instead of storing them; returns the number of stages.
+    """Recompute each block's activations (`blocks`) in backward instead of storing them; returns the block count.
 
-    The stage's `forward` is replaced on the instance, so parameter names (and exported state dicts) do not change.
+    The block's `forward` is replaced on the instance, so parameter names (and exported state dicts) do not change.
+    Not timm's `set_grad_checkpointing`: its recomputation folds batch statistics into the running averages twice.
     """
-    found = stages(encoder)
+    found = blocks(encoder)
     if not found:
-        raise ValueError("model.activation_checkpointing: the encoder has no layer1..4 or stages to checkpoint")
-    for stage in found:
-        stage.forward = functools.partial(_checkpointed_forward, stage, stage.forward)
+        raise ValueError(
+            f"model.activation_checkpointing: cannot find the blocks of {type(encoder).__name__} "
+            "(its timm group_matcher names none)"
+        )
+    for block in found:
+        block.forward = functools.partial(_checkpointed_forward, block, block.forward)
     return len(found)
 
 
@@ -233,9 +373,11 @@ def load_init(encoder: nn.Module, path: str) -> None:
     encoder.load_state_dict(state)
 
 
-def build(cfg: ModelConfig, num_classes: int | None = None) -> SupConModel:
-    """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline)."""
-    encoder = create_encoder(cfg.encoder, cfg.cifar_stem)
+def build(cfg: ModelConfig, num_classes: int | None = None, image_size: int | None = None) -> SupConModel:
+    """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline).
+
+    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`)."""
+    encoder = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, image_size))
     if cfg.init_from is not None:
         load_init(encoder, cfg.init_from)
     if num_classes is None:

@@ -1,13 +1,15 @@
-"""Optimizer (timm's foreach LARS, SGD or AdamW) with parameter groups, and the warm-up + cosine schedule."""
+"""Optimizer (timm's foreach LARS or LAMB, torch's SGD or AdamW) with parameter groups, and the warm-up + cosine
+schedule."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
-from timm.optim import Lars
+from timm.optim import Lamb, Lars
 
 from supcon_scale.config import OptimConfig
 
@@ -17,36 +19,80 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     return cfg.base_lr * global_batch_size / 256
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list[dict]:
-    """Two groups: weights (decay + LARS adaptation) and every 1-D tensor (batch-norm affine and biases) without.
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """timm's `no_weight_decay()` of every submodule that has one (a ViT: pos_embed, cls_token, ...), as patterns
+    over `model.named_parameters()` names (timm matches them with fnmatch)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    return names
 
-    Exclusion is by tensor rank, not by name, so it survives DDP/FSDP/DeepSpeed wrapping, which prefixes the names.
-    timm's Lars adapts only groups with weight_decay != 0, so the second group gets plain momentum SGD.
+
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    cfg: OptimConfig,
+    no_decay_names: Iterable[str] = (),
+    layers: tuple[Mapping[str, int], int] | None = None,
+) -> list[dict]:
+    """Weights (decay + LARS adaptation) and, apart, every 1-D tensor (norm affines, biases) and every name in
+    `no_decay_names` (timm's `no_weight_decay()`) without: timm's `param_groups_weight_decay` rule. timm's Lars
+    adapts only groups with weight_decay != 0, so those get plain momentum SGD.
+
+    With `layers` (`models.layer_ids`: each name's layer l and the block count n) and `cfg.layer_decay` d, the groups
+    are split by layer and each carries `lr_scale` = d ** (n + 1 - l) (BEiT, Bao et al. 2022, sec. 2.4; MAE's
+    util/lr_decay.py): the head 1, the last block d, the embeddings d ** (n + 1).
     """
-    decay, no_decay = [], []
-    for _, p in named_params:
+    patterns = tuple(no_decay_names)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named_params:
         if not p.requires_grad:
             continue
-        (no_decay if cfg.exclude_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        exempt = p.ndim <= 1 or any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        decay = not (cfg.exclude_bn_bias and exempt)
+        layer, scale = 0, 1.0
+        if layers is not None and cfg.layer_decay is not None:
+            ids, n = layers
+            layer = ids[name]
+            scale = cfg.layer_decay ** (n + 1 - layer)
+        group = groups.setdefault(
+            (layer, not decay), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+        )
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]  # by layer; in a layer, the decayed group first
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, global_batch_size: int, lars_class: type[Lars] = Lars
+    model: nn.Module,
+    cfg: OptimConfig,
+    global_batch_size: int,
+    lars_class: type[Lars] = Lars,
+    layers: tuple[Mapping[str, int], int] | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer over `param_groups`; an engine whose optimizer sees sharded tensors passes its own `lars_class`."""
+    """The optimizer over `param_groups`, each group at the scaled LR times its `lr_scale` (the schedule multiplies
+    each group's initial LR); an engine whose optimizer sees sharded tensors passes its own `lars_class`."""
     lr = scaled_lr(cfg, global_batch_size)
-    groups = param_groups(model.named_parameters(), cfg)
+    groups = param_groups(model.named_parameters(), cfg, no_weight_decay_names(model), layers)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     if cfg.name == "lars":
         # timm's trust ratio is the apex/solo-learn form eta*|w| / (|g| + wd*|w| + eps), not the TF form
         # eta*|w| / |g + wd*w| (SimCLR/SupCon TF, MoCo v3); both are 1.0 where a norm is zero.
         return lars_class(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff, foreach=True)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
-    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    eps = {} if cfg.eps is None else {"eps": cfg.eps}
+    if cfg.name == "lamb":
+        # No global gradient clipping: LAMB (You et al. 2020, Algorithm 2) has none; timm's default max_grad_norm=1.0
+        # is NVIDIA's addition. Weight decay as in the paper (added to the Adam update before the trust ratio).
+        return Lamb(groups, lr=lr, betas=cfg.betas, max_grad_norm=None, foreach=True, **eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, foreach=True, **eps)
+
+
+def peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's current LR: that of the groups at `lr_scale` 1 (layer-wise decay lowers the others)."""
+    return max(g["lr"] for g in optimizer.param_groups)
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, final_fraction: float, schedule: str) -> float:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,10 +22,16 @@ EXIT_PREEMPTED = 3
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 # Seconds `supcon-scale torchrun` waits for the workers' preemption save before killing them (torchrun's is 30).
 SHUTDOWN_TIMEOUT_S = 300
+# What a node's local rank 0 writes into the agent's private folder once a preemption checkpoint is complete.
+PREEMPT_RECORD = "preempted.json"
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint that a preemption signal asked for has been written."""
+    """Raised after the checkpoint that a preemption signal asked for has been written (`step`, `checkpoint`)."""
+
+    def __init__(self, message: str, step: int | None = None, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
@@ -96,17 +106,43 @@ class NonFiniteGuard:
             )
 
 
-def notify_agent() -> None:
+def notify_agent(done: Preempted | None = None) -> None:
     """After a preemption checkpoint, tell this node's torchrun agent to stop instead of restarting the workers.
 
     A worker exiting with EXIT_PREEMPTED looks like a crash to torchrun, which restarts it when
     `--max-restarts` > 0 (and never returns 3 itself). SIGTERM is in the agent's default signals to handle: it
     shuts the workers down and raises SignalException, which `torchrun_main` turns into EXIT_PREEMPTED. Only the
-    node's local rank 0 does it, and only once the checkpoint is complete on every rank.
+    node's local rank 0 does it, and only once the checkpoint is complete on every rank; it first records `done`
+    (the checkpoint written) for `supcon-scale torchrun`, which claims a checkpoint only when it finds that record.
     """
     launch = distributed.launch_env()
     if launch.under_agent and launch.local_rank == 0 and parent_is_torchrun():
+        if done is not None and launch.agent_dir:
+            record_preemption(Path(launch.agent_dir), {"step": done.step, "checkpoint": done.checkpoint})
         os.kill(os.getppid(), signal.SIGTERM)
+
+
+def record_preemption(folder: Path, record: dict[str, Any]) -> None:
+    """Write `record` as PREEMPT_RECORD into the agent's private folder: only a real directory of this user (the
+    agent made it with mkdtemp), never through a link; any failure leaves no record, so the agent claims nothing."""
+    try:
+        st = os.lstat(folder)
+        if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid():
+            return
+        fd = os.open(folder / PREEMPT_RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+    except OSError:
+        return
+
+
+def read_preemption(folder: Path) -> dict[str, Any] | None:
+    """The record a worker left in the agent's folder, or None."""
+    try:
+        record = json.loads((folder / PREEMPT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def parent_is_torchrun(pid: int | None = None) -> bool:
@@ -164,20 +200,39 @@ def torchrun_main(argv: list[str]) -> int:
         # torchrun SIGKILLs its workers 30 s after forwarding a signal: too short for a preemption checkpoint of a
         # large model on a network file system.
         argv = ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), *argv]
+    # The workers' "checkpoint written" record comes back through a private folder of this agent: a worker stuck
+    # in a collective swallows the signal and is killed after the shutdown timeout, having written nothing.
+    folder = Path(tempfile.mkdtemp(prefix="supcon-torchrun-"))
+    os.environ[distributed.AGENT_DIR_VAR] = str(folder)
     try:
         run.main(argv)
     except SignalException as exc:
         if exc.sigval.name in PREEMPT_SIGNALS:
-            print(
-                f"supcon-scale torchrun: {exc.sigval.name} forwarded; the workers checkpoint at their next step "
-                f"boundary (their log says 'preempted at step N'); exit {EXIT_PREEMPTED} (requeue)",
-                file=sys.stderr,
-            )
-            return EXIT_PREEMPTED
+            return _preempted_status(exc.sigval.name, read_preemption(folder))
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
-        if EXIT_PREEMPTED in codes:
+        if EXIT_PREEMPTED in codes:  # a worker exits 3 only once its preemption checkpoint is complete
             return EXIT_PREEMPTED
         return 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _preempted_status(signal_name: str, record: dict[str, Any] | None) -> int:
+    """The agent's exit status and line after forwarding a preemption signal: 3 only for a confirmed checkpoint."""
+    if record is None:
+        print(
+            f"supcon-scale torchrun: {signal_name} forwarded, but no worker confirmed a checkpoint (stopped before "
+            "the first step, or killed after --shutdown-timeout: stuck in a collective?); exit 1, not requeued: "
+            "see the workers' log",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"supcon-scale torchrun: {signal_name} forwarded; the workers wrote checkpoint {record.get('checkpoint')} "
+        f"(preempted at step {record.get('step')}); exit {EXIT_PREEMPTED} (requeue)",
+        file=sys.stderr,
+    )
+    return EXIT_PREEMPTED

@@ -67,7 +67,7 @@ class WandbSink:
         id_file = out / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else new_run_id()
         out.mkdir(parents=True, exist_ok=True)
-        from supcon_scale.console import write_text  # a link planted at the id file is replaced, never followed
+        from supcon_scale.files import write_text  # a link planted at the id file is replaced, never followed
 
         write_text(id_file, run_id + "\n")
         self.run = wandb.init(

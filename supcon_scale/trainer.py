@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from supcon_scale import config, data, engines, models, objectives
+from supcon_scale import config, data, distributed, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
 from supcon_scale.console import MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
@@ -81,12 +81,14 @@ def _float_buffers(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[tor
 def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitResult:
     """Train `cfg` on this process's share of the job and export the encoder; returns where it stopped."""
     start = time.time()
+    distributed.agree_on_config(cfg.to_dict())  # before any collective a divergent config could deadlock
     config.check_run(cfg, ctx.world_size, ctx.device.type)
+    models.check(cfg)  # model.encoder and model.kwargs against timm, on the meta device
     check_monitors(cfg)  # a monitor's inputs, before the data scan writes anything and before the first step
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
     objective = objectives.build(cfg, loader.num_classes, ctx, getattr(loader, "classes_present", None))
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
-    model = models.build(cfg.model, objective.classifier_classes)
+    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares

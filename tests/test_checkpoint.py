@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from supcon_scale import checkpoint, config, models
+from supcon_scale import checkpoint, config, export, files, models
 
 
 def _state(seed: int = 0):
@@ -51,14 +51,24 @@ def test_exported_encoder_is_a_plain_timm_state_dict(tmp_path: Path):
     path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
     from safetensors.torch import load_file
 
+    # The checkpoint keeps the encoder once (issue 26): model.safetensors only; encoder_from_export reads it there.
+    assert sorted(p.name for p in path.glob("*.safetensors")) == ["model.safetensors"]
+    exported = export.export_encoder(
+        checkpoint.encoder_state(load_file(str(path / "model.safetensors"))),
+        tmp_path / "e.safetensors",
+        export.encoder_metadata("resnet18"),
+    )
     plain = timm.create_model("resnet18", num_classes=0)
-    plain.load_state_dict(load_file(str(path / "encoder.safetensors")))  # strict: every key and shape matches
-    encoder, meta = checkpoint.load_encoder(path)
-    assert meta["encoder"] == "resnet18" and not encoder.training
+    plain.load_state_dict(load_file(str(exported)))  # strict: every key and shape matches
     x = torch.randn(2, 3, 32, 32)
     model.eval()
-    torch.testing.assert_close(encoder(x), model.encoder(x))
     torch.testing.assert_close(plain.eval()(x), model.encoder(x))
+    encoder, meta = export.encoder_from_export(path)
+    assert meta["encoder"] == "resnet18" and not encoder.training
+    torch.testing.assert_close(encoder(x), model.encoder(x))
+    # A checkpoint of an older version, with its own encoder.safetensors, still loads (from that file).
+    (path / "encoder.safetensors").write_bytes(exported.read_bytes())
+    torch.testing.assert_close(export.encoder_from_export(path)[0](x), model.encoder(x))
 
 
 def test_incomplete_checkpoint_is_invisible_and_purge_keeps_newest(tmp_path: Path):
@@ -91,7 +101,7 @@ def test_refuses_arbitrary_pickles(tmp_path: Path):
 
 def test_mismatched_model_names_keys_and_shapes(tmp_path: Path):
     enc = models.create_encoder("resnet18")
-    path = checkpoint.export_encoder(enc, tmp_path / "encoder.safetensors", "resnet18")
+    path = export.export_encoder(enc, tmp_path / "encoder.safetensors", export.encoder_metadata("resnet18"))
     target = models.create_encoder("resnet34")
     from safetensors.torch import load_file
 
@@ -122,13 +132,13 @@ def test_meta_is_plain_json(tmp_path: Path):
 
 @pytest.mark.parametrize("cifar_stem", [True, False])
 def test_trained_checkpoint_exports_its_stem(tmp_path: Path, cifar_stem: bool):
-    """checkpoint.save exports the encoder with the run's `model.cifar_stem`, and load_encoder rebuilds that stem."""
+    """checkpoint.save exports the encoder with the run's `model.cifar_stem`; encoder_from_export rebuilds it."""
     cfg = config.load(None, ["model.encoder=resnet18", f"model.cifar_stem={str(cifar_stem).lower()}"])
     torch.manual_seed(0)
     model = models.build(cfg.model)
     state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}}
     path = checkpoint.save(tmp_path, 1, 0, state, cfg.to_dict(), {})
-    encoder, meta = checkpoint.load_encoder(path)
+    encoder, meta = export.encoder_from_export(path)
     assert meta["cifar_stem"] == str(int(cifar_stem))
     conv1 = encoder.conv1
     assert (conv1.kernel_size, conv1.stride) == (((3, 3), (1, 1)) if cifar_stem else ((7, 7), (2, 2)))
@@ -140,7 +150,7 @@ def test_trained_checkpoint_exports_its_stem(tmp_path: Path, cifar_stem: bool):
 # One writer per out_dir (issue 15): lock.json
 
 
-def _holder(lock: checkpoint.OutDirLock, **fields) -> None:
+def _holder(lock: files.OutDirLock, **fields) -> None:
     record = {"host": "other-host", "pid": 1, "started": time.time() - 5, "heartbeat": time.time(), "job": {}}
     lock.path.parent.mkdir(parents=True, exist_ok=True)
     lock.path.write_text(json.dumps({**record, **fields}))
@@ -149,8 +159,8 @@ def _holder(lock: checkpoint.OutDirLock, **fields) -> None:
 def test_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path: Path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        lock = checkpoint.OutDirLock(tmp_path)
-        _holder(lock, host=socket.gethostname(), pid=sleeper.pid, pid_start=checkpoint._pid_start(sleeper.pid))
+        lock = files.OutDirLock(tmp_path)
+        _holder(lock, host=socket.gethostname(), pid=sleeper.pid, pid_start=files._pid_start(sleeper.pid))
         refusal = lock.acquire()
         assert refusal is not None and "\n" not in refusal
         assert f"in use by another trainer (host {socket.gethostname()}, pid {sleeper.pid}," in refusal
@@ -166,14 +176,14 @@ def test_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path: Path):
 
 
 def test_lock_on_another_host_is_taken_over_only_once_its_heartbeat_is_stale(tmp_path: Path):
-    lock = checkpoint.OutDirLock(tmp_path)
+    lock = files.OutDirLock(tmp_path)
     _holder(lock, heartbeat=time.time() - 10)
     assert "host other-host, pid 1," in lock.acquire()
-    _holder(lock, heartbeat=time.time() - checkpoint.STALE_S - 1)
+    _holder(lock, heartbeat=time.time() - files.STALE_S - 1)
     assert lock.acquire() is None
     lock.release()
     lock.path.write_text("{trunc")  # a writer killed mid-write, long ago: dated by the file's mtime
-    os.utime(lock.path, (time.time() - checkpoint.STALE_S - 1,) * 2)
+    os.utime(lock.path, (time.time() - files.STALE_S - 1,) * 2)
     assert lock.acquire() is None
     lock.release()
 
@@ -182,7 +192,7 @@ def test_lock_of_an_earlier_torchrun_attempt_is_taken_over(tmp_path: Path, monke
     job = {"TORCHELASTIC_RUN_ID": "job-42", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     for name, value in {**job, "TORCHELASTIC_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(name, value)
-    lock = checkpoint.OutDirLock(tmp_path)
+    lock = files.OutDirLock(tmp_path)
     earlier = {"run_id": "job-42", "store": "10.0.0.1:29500", "restart": 0}
     # rank 0 of attempt 0 ran on another host, whose heartbeat is still fresh: attempt 1 is the same job
     _holder(lock, job=earlier)

@@ -47,7 +47,7 @@ def runs(small_digits: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("watch") / "run"
     first = _train(out, small_digits, "train.max_steps=4", "train.profile_steps=2-3")
     wandb_dirs = sorted((out / "wandb").glob("offline-run-*"))
-    second = _train(out, small_digits, "train.resume=auto")
+    second = _train(out, small_digits, "train.resume=auto", "train.allow_changes=train.max_steps")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"out": out, "first": first, "second": second, "rows": rows, "first_wandb": wandb_dirs}
 
@@ -279,7 +279,7 @@ def test_the_knn_monitor_result_is_on_the_console_line(small_digits: Path, tmp_p
     overrides = [f"data.root={data}", f"out_dir={tmp_path / 'run'}", "data.global_batch_size=64", "data.image_size=16",
                  "data.backend=torchvision", "data.workers=0", "train.epochs=1", "train.warmup_epochs=0",
                  "train.log_every=2", "train.knn_every_epochs=1", "train.progress=true"]  # fmt: skip
-    cfg = config.load(REPO / "configs/demo/digits.yaml", overrides)
+    cfg = config.load(REPO / "supcon_scale/recipes/demo/digits.yaml", overrides)
     capsys.readouterr()
     trainer.fit(cfg, distributed.init(seed=0))
     text = capsys.readouterr().err

@@ -71,7 +71,8 @@ def test_fail_names_the_first_bad_file_before_training(messy, backend, tmp_path)
     assert not (tmp_path / "bad_files.txt").exists()
 
 
-def test_check_data_cli(messy, tmp_path, capsys):
+def test_check_data_cli(messy, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root, bad, _ = messy
     out = tmp_path / "report.json"
     assert main([str(root), "--workers", "2", "--json", str(out)]) == 1
@@ -134,27 +135,33 @@ def test_warm_start_decodes_nothing_and_rescans_only_what_changed(tmp_path):
     cold = build_train_loader(cfg, Context(), seed=0, out_dir=out)
     n = cold.index.scan.samples
     assert cold.index.scan.decoded == n and cold.bad_files == 3
-    # Overwrite a good file with garbage of the same size and keep its mtime: a warm start that decoded anything
-    # would find it; trusting the manifest, it does not.
+    warm = build_train_loader(cfg, Context(), seed=0, out_dir=out)
+    assert (warm.index.scan.decoded, warm.index.scan.reused, warm.bad_files) == (0, n, 3)
+    assert len(warm.index) == len(cold.index)
+    # Overwrite a good file with garbage of the same size and keep its mtime: the manifest is keyed on content, so
+    # the warm start decodes it again and finds it; a new file is decoded too, nothing else.
     victim = root / "train" / "c1" / "004.png"
     st = victim.stat()
     victim.write_bytes(b"x" * st.st_size)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    warm = build_train_loader(cfg, Context(), seed=0, out_dir=out)
-    assert (warm.index.scan.decoded, warm.index.scan.reused, warm.bad_files) == (0, n, 3)
-    assert len(warm.index) == len(cold.index)
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # now it has changed: rescanned, found
     (root / "train" / "c2" / "new.png").write_bytes((root / "train" / "c2" / "000.png").read_bytes())
     again = build_train_loader(cfg, Context(), seed=0, out_dir=out)
     assert (again.index.scan.decoded, again.index.scan.samples, again.bad_files) == (2, n + 1, 4)
     assert str(victim) in (out / "bad_files.txt").read_text()
+    os.utime(victim)  # touched, same bytes: vouched for by its digest, not decoded again
+    assert build_train_loader(cfg, Context(), seed=0, out_dir=out).index.scan.decoded == 0
 
 
-def test_check_data_manifest_serves_a_first_run(tmp_path):
+def test_check_data_manifest_serves_a_first_run(tmp_path, monkeypatch):
+    from supcon_scale.data.manifest import cache_manifest
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root, bad = _messy_copy(tmp_path)
+    before = sorted(root.rglob("*"))
     assert main([str(root), "--workers", "1"]) == 1
-    assert (root / ".supcon_scale_manifest.tsv").is_file()
-    assert scan(root, workers=1, manifest=root / ".supcon_scale_manifest.tsv").decoded == 0
+    assert sorted(root.rglob("*")) == before  # nothing written into the dataset folder
+    assert cache_manifest(root).is_file() and cache_manifest(root).is_relative_to(tmp_path / "cache")
+    assert scan(root, workers=1, manifest=cache_manifest(root)).decoded == 0
     loader = build_train_loader(_cfg(root, "torchvision", "skip"), Context(), seed=0, out_dir=tmp_path / "run")
     assert loader.index.scan.decoded == 0 and loader.bad_files == 3  # the run is over root/train, under root
 
@@ -173,10 +180,10 @@ def _manifest_error(tmp_path: Path, edit) -> str:
 
 
 def test_a_manifest_from_another_dataset_or_version_is_refused(tmp_path):
-    other = json.dumps({"version": 1, "root": "/elsewhere/imagenet", "kind": "folder"})
+    other = json.dumps({"version": 2, "root": "/elsewhere/imagenet", "kind": "folder"})
     msg = _manifest_error(tmp_path / "a", lambda lines: [f"#supcon_scale data manifest\t{other}\n", *lines[1:]])
     assert "covers /elsewhere/imagenet" in msg and "another dataset" in msg
-    msg = _manifest_error(tmp_path / "b", lambda lines: [lines[0].replace('"version": 1', '"version": 0'), *lines[1:]])
+    msg = _manifest_error(tmp_path / "b", lambda lines: [lines[0].replace('"version": 2', '"version": 0'), *lines[1:]])
     assert "version 0" in msg
     msg = _manifest_error(tmp_path / "c", lambda lines: [lines[0], "c0/000.png\tnot-a-size\n", *lines[2:]])
     assert "line 2 is not a manifest row" in msg

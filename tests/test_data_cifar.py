@@ -87,7 +87,7 @@ def _break(root: Path, how: str) -> Path:
     [
         ("missing", r"incomplete cifar10 archive: .*data_batch_3 is missing"),
         ("truncated", r"data_batch_2 is not a CIFAR python archive"),
-        ("label", r"labels outside 0..9"),
+        ("label", r"data_batch_4: .labels. holds labels outside 0..9"),
         ("code", r"data_batch_1 is not a CIFAR python archive .*os.system is not allowed"),
     ],
 )

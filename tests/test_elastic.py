@@ -19,7 +19,7 @@ import torch
 from data_images import identities, write_coded
 from multiproc import run_ranks
 
-from supcon_scale import checkpoint, config, distributed, engines, models, trainer
+from supcon_scale import checkpoint, config, distributed, engines, export, models, trainer
 from supcon_scale.evaluation.knn import knn_eval
 from supcon_scale.hooks import Hook
 
@@ -51,7 +51,8 @@ def _overrides(root: Path, out: Path, engine: str, *extra: str) -> list[str]:
         f"data.root={root}", f"out_dir={out}", f"engine.name={engine}", "model.encoder=resnet18", "model.feat_dim=16",
         "model.head=linear", f"data.global_batch_size={GLOBAL_B}", "data.image_size=16", "data.workers=0",
         "data.augment.preset=none", "data.augment.crop_scale=[1.0,1.0]", f"train.epochs={EPOCHS}",
-        "train.warmup_epochs=0", "train.log_every=1", "train.progress=false", "train.resume=auto", *extra,
+        "train.warmup_epochs=0", "train.log_every=1", "train.progress=false", "train.resume=auto",
+        "train.allow_changes=train.max_steps", *extra,
     ]  # fmt: skip
 
 
@@ -218,7 +219,7 @@ def test_knn_monitor_on_two_ranks_matches_one_process(coded_run_data: Path, tmp_
     knn = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in knn] == [STEPS_PER_EPOCH]
     # The monitor saw the weights of the last step, which the exported encoder holds: one process must agree.
-    encoder, _ = checkpoint.load_encoder(tmp_path / "encoder.safetensors")
+    encoder, _ = export.encoder_from_export(tmp_path / "encoder.safetensors")
     want = knn_eval(encoder, coded_run_data / "train", coded_run_data / "val", image_size=16)
     assert knn[0]["knn_top1"] == pytest.approx(want["top1"], abs=1.5 / want["num_val"])
     assert knn[0]["knn_top5"] == pytest.approx(want["top5"], abs=1.5 / want["num_val"])

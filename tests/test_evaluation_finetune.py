@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from supcon_scale.checkpoint import export_encoder, load_encoder
+from supcon_scale.export import encoder_from_export, encoder_metadata, export_encoder
 from supcon_scale.models import create_encoder
 
 
@@ -30,7 +30,9 @@ def test_finetune_trains_every_encoder_weight_and_reports_the_final_epoch(small,
 
     torch.manual_seed(0)
     encoder = create_encoder("resnet18", cifar_stem=cifar_stem)
-    path = export_encoder(encoder, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=cifar_stem)
+    path = export_encoder(
+        encoder, tmp_path / "encoder.safetensors", encoder_metadata("resnet18", cifar_stem=cifar_stem)
+    )
     out, saved = tmp_path / "r.json", tmp_path / "tuned.safetensors"
     argv = ["finetune", "--checkpoint", str(path), "--data", str(small), "--epochs", "2", "--batch-size", "12",
             "--lr", "0.05", "--image-size", "32", "--json", str(out), "--save", str(saved)]  # fmt: skip
@@ -39,7 +41,7 @@ def test_finetune_trains_every_encoder_weight_and_reports_the_final_epoch(small,
     assert r["protocol"] == "finetune" and r["epochs"] == 2 and r["num_val"] == 18 and 0 <= r["top1"] <= 1
     lo, hi = r["interval_95"]
     assert lo <= r["top1"] <= hi
-    tuned, meta = load_encoder(saved)
+    tuned, meta = encoder_from_export(saved)
     assert meta["cifar_stem"] == str(int(cifar_stem))
     before, after = encoder.state_dict(), tuned.state_dict()
     weights = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
@@ -52,6 +54,6 @@ def test_finetune_trains_every_encoder_weight_and_reports_the_final_epoch(small,
 def test_finetune_bad_input_is_exit_2(small, tmp_path, capsys):
     from supcon_scale.cli import main
 
-    path = export_encoder(create_encoder("resnet18"), tmp_path / "e.safetensors", "resnet18")
+    path = export_encoder(create_encoder("resnet18"), tmp_path / "e.safetensors", encoder_metadata("resnet18"))
     assert main(["finetune", "--checkpoint", str(path), "--data", str(small), "--epochs", "0"]) == 2
     assert "finetune: error" in capsys.readouterr().err

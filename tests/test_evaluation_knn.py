@@ -15,9 +15,9 @@ import torch
 from cli_rows import one_line_error, run_cli
 from scipy.stats import binomtest
 
-from supcon_scale.checkpoint import export_encoder
 from supcon_scale.console import MetricsLog
 from supcon_scale.evaluation.knn import KnnMonitor, cap_k, knn_eval
+from supcon_scale.export import encoder_metadata, export_encoder
 from supcon_scale.models import create_encoder
 
 
@@ -75,7 +75,7 @@ def tiny(digits, tmp_path_factory) -> dict[str, Path]:
             for f in sorted((digits / split / c).iterdir())[:keep]:
                 shutil.copy(f, root / split / c / f.name)
     torch.manual_seed(0)
-    enc = export_encoder(create_encoder("resnet18"), root.parent / "enc.safetensors", "resnet18", cifar_stem=False)
+    enc = export_encoder(create_encoder("resnet18"), root.parent / "enc.safetensors", encoder_metadata("resnet18"))
     return {"data": root, "enc": enc}
 
 
@@ -135,7 +135,7 @@ def test_the_monitor_checks_its_splits_when_built(tiny, tmp_path):
 def test_train_with_the_monitor_and_no_val_split_stops_before_training(tiny, tmp_path, capsys):
     data, out = _copy(tiny, tmp_path), tmp_path / "run"
     shutil.rmtree(data / "val")
-    args = ["train", "--config", "configs/demo/digits.yaml", f"data.root={data}", f"out_dir={out}",
+    args = ["train", "--config", "demo/digits", f"data.root={data}", f"out_dir={out}",
             "data.backend=torchvision", "data.image_size=16", "data.global_batch_size=16", "data.workers=0",
             "train.epochs=1", "train.warmup_epochs=0", "train.progress=false", "train.knn_every_epochs=1"]  # fmt: skip
     rc, err = run_cli(capsys, args)

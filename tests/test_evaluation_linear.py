@@ -11,8 +11,8 @@ import pytest
 import torch
 from multiproc import run_ranks
 
-from supcon_scale.checkpoint import export_encoder, load_encoder
 from supcon_scale.data.eval import EvalDataset
+from supcon_scale.export import encoder_from_export, encoder_metadata, export_encoder
 from supcon_scale.models import create_encoder
 
 
@@ -42,7 +42,7 @@ def digits4(digits, tmp_path_factory) -> Path:
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "encoder.safetensors"
-    return export_encoder(create_encoder("resnet18"), path, "resnet18", cifar_stem=False)
+    return export_encoder(create_encoder("resnet18"), path, encoder_metadata("resnet18"))
 
 
 def _plain_features(encoder, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,7 @@ def test_fast_preset_matches_sklearn_on_the_digits(digits4, checkpoint, tmp_path
         == 0
     )
     result = json.loads(out.read_text())
-    encoder, _ = load_encoder(checkpoint)
+    encoder, _ = encoder_from_export(checkpoint)
     tx, ty = _plain_features(encoder, digits, "train")
     vx, vy = _plain_features(encoder, digits, "val")
     scaler = StandardScaler().fit(tx)
@@ -98,7 +98,7 @@ def test_fast_preset_matches_sklearn_on_the_digits(digits4, checkpoint, tmp_path
 def test_encoder_stays_frozen_and_bad_input_is_exit_2(digits, checkpoint, capsys):
     from supcon_scale.evaluation.linear import linear_eval, main
 
-    encoder, _ = load_encoder(checkpoint)
+    encoder, _ = encoder_from_export(checkpoint)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     encoder.train()
     r = linear_eval(encoder, digits, image_size=32, preset="paper", epochs=1)
@@ -116,7 +116,7 @@ def _ranks_linear(rank, world, checkpoint, root):
     from supcon_scale.evaluation.knn import knn_eval
     from supcon_scale.evaluation.linear import fit_linear_probe
 
-    encoder, _ = load_encoder(checkpoint)
+    encoder, _ = encoder_from_export(checkpoint)
     probe, r = fit_linear_probe(encoder, root, image_size=32, preset="sgd", epochs=3, batch_size=8, lr=0.05)
     k = knn_eval(encoder, Path(root) / "train", Path(root) / "val", image_size=32, k=5)
     return r["top1"], probe.fc.weight.detach().clone(), k["top1"]
@@ -134,7 +134,7 @@ def test_robustness_report_two_checkpoints(small, checkpoint, tmp_path):
     from supcon_scale.evaluation.robustness import generate_c, robustness_report
 
     torch.manual_seed(1)
-    other = export_encoder(create_encoder("resnet18"), tmp_path / "b.safetensors", "resnet18", cifar_stem=False)
+    other = export_encoder(create_encoder("resnet18"), tmp_path / "b.safetensors", encoder_metadata("resnet18"))
     c_root = tmp_path / "small-c"
     gen = generate_c(
         small / "val", c_root, corruptions=["gaussian_noise", "fog"], severities=[1, 3], image_size=32, workers=1
@@ -304,7 +304,11 @@ def test_linear_eval_cli_official_on_exported_encoders(small, tmp_path):
         run.mkdir()
         _stage1(run, 32, cifar)
         torch.manual_seed(0)
-        export_encoder(create_encoder("resnet18", cifar_stem=cifar), run / "encoder.safetensors", "resnet18", cifar)
+        export_encoder(
+            create_encoder("resnet18", cifar_stem=cifar),
+            run / "encoder.safetensors",
+            encoder_metadata("resnet18", cifar_stem=cifar),
+        )
         out = run / "r.json"
         argv = ["linear-eval", "--checkpoint", str(run / "encoder.safetensors"), "--data", str(small), "--protocol",
                 "official", "--epochs", "2", "--json", str(out)]  # fmt: skip
@@ -318,7 +322,7 @@ def test_linear_eval_cli_official_on_exported_encoders(small, tmp_path):
 def test_hobbitlong_protocol_runs_with_eval_mode_batch_norm(small, checkpoint):
     from supcon_scale.evaluation.linear import linear_eval
 
-    encoder, _ = load_encoder(checkpoint)
+    encoder, _ = encoder_from_export(checkpoint)
     r = linear_eval(encoder, small, image_size=32, preset="hobbitlong", epochs=1)
     assert r["protocol"] == "hobbitlong" and r["lr"] == 0.1 and r["batch_size"] == 256 and r["batch_norm"] == "eval"
     assert r["stream"] == "crop_flip" and 0 <= r["top1"] <= 1
@@ -380,7 +384,7 @@ def test_cache_dir_reuses_features_for_the_same_encoder_only(small, checkpoint, 
     assert second["top1"] == first["top1"] and second["top5"] == first["top5"]
     # another encoder over the same cache directory: its key differs, so the stale features are not reused
     torch.manual_seed(5)
-    other = export_encoder(create_encoder("resnet18"), tmp_path / "o.safetensors", "resnet18", cifar_stem=False)
+    other = export_encoder(create_encoder("resnet18"), tmp_path / "o.safetensors", encoder_metadata("resnet18"))
     third = _cli(other, small, tmp_path / "c.json", "--cache-dir", str(cache))
     assert "extract_train_s" in third and "extract_val_s" in third
 
@@ -396,7 +400,7 @@ def test_saved_probe_scores_the_final_epoch_and_feeds_imagenet_c(small, checkpoi
     r = _cli(checkpoint, small, tmp_path / "r.json", "--save-probe", str(head), epochs=10, lr=2.0)
     assert r["top1"] > 0.4  # above chance (1/3), so a head from another epoch would score otherwise
     t = {k: v.double() for k, v in load_file(str(head)).items()}
-    encoder, _ = load_encoder(checkpoint)
+    encoder, _ = encoder_from_export(checkpoint)
     vx, vy = _plain_features(encoder, small, "val")
     logits = ((torch.from_numpy(vx) - t["mean"]) / t["std"]) @ t["weight"].T + t["bias"]
     assert r["epochs"] == 10 and (logits.argmax(1).numpy() == vy).mean() == pytest.approx(r["top1"], abs=1e-6)
@@ -431,7 +435,7 @@ def test_keep_predictions_gives_each_val_image_right_or_wrong_in_folder_order(sm
     """The per-image correctness the demo's McNemar test pairs, recomputed by a plain loop from the trained head."""
     from supcon_scale.evaluation.linear import fit_linear_probe
 
-    encoder, _ = load_encoder(checkpoint)
+    encoder, _ = encoder_from_export(checkpoint)
     probe, r = fit_linear_probe(encoder, small, image_size=32, preset="fast", keep_predictions=True)
     vx, vy = _plain_features(encoder, small, "val")
     with torch.no_grad():

@@ -11,10 +11,10 @@ import pytest
 import torch
 from cli_rows import one_line_error, run_cli
 
-from supcon_scale.checkpoint import export_encoder
 from supcon_scale.evaluation.mce import choose_baseline, corruption_errors_to_mce
 from supcon_scale.evaluation.plots import accuracy_vs_severity_figure
 from supcon_scale.evaluation.robustness import normalise
+from supcon_scale.export import encoder_metadata, export_encoder
 from supcon_scale.models import create_encoder
 
 ALEXNET_FOG = 0.819324  # Hendrycks & Dietterich 2019, typed in again
@@ -112,7 +112,7 @@ def tiny(digits, tmp_path_factory) -> dict[str, Path]:
             for f in sorted((digits / split / c).iterdir())[:n]:
                 shutil.copy(f, root / split / c / f.name)
     torch.manual_seed(0)
-    enc = export_encoder(create_encoder("resnet18"), root.parent / "enc.safetensors", "resnet18", cifar_stem=False)
+    enc = export_encoder(create_encoder("resnet18"), root.parent / "enc.safetensors", encoder_metadata("resnet18"))
     c_root = root.parent / "tiny-c"
     generate_c(root / "val", c_root, corruptions=["fog"], severities=[1, 3], image_size=32, workers=1)
     return {"data": root, "enc": enc, "c": c_root}

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from supcon_scale import checkpoint, distributed, resilience
+from supcon_scale import checkpoint, distributed, export, resilience
 from supcon_scale.cli import main
 from supcon_scale.console import MetricsLog
 
@@ -287,7 +287,7 @@ def test_metrics_log_and_replacing_writes_never_follow_links(tmp_path):
         MetricsLog(tmp_path / "metrics.jsonl").write({"step": 1})
     (tmp_path / "enc.safetensors").symlink_to(victim)
     (tmp_path / ".tmp-enc.safetensors").symlink_to(victim)
-    checkpoint.export_encoder({"w": torch.ones(2)}, tmp_path / "enc.safetensors", "resnet18")
+    export.export_encoder({"w": torch.ones(2)}, tmp_path / "enc.safetensors", export.encoder_metadata("resnet18"))
     assert victim.read_text() == "precious\n"
     assert not (tmp_path / "enc.safetensors").is_symlink()
     assert load_file(str(tmp_path / "enc.safetensors"))["w"].tolist() == [1.0, 1.0]
@@ -479,7 +479,9 @@ def test_nan_weights_are_never_saved_or_exported(tmp_path):
         checkpoint.save(tmp_path, 3, 0, {"model": state}, cfg, {})
     assert not (tmp_path / "checkpoints").exists()
     with pytest.raises(resilience.NonFiniteError, match="encoder's w holds NaN or inf"):
-        checkpoint.export_encoder(checkpoint.encoder_state(state), tmp_path / "e.safetensors", "resnet18")
+        export.export_encoder(
+            checkpoint.encoder_state(state), tmp_path / "e.safetensors", export.encoder_metadata("resnet18")
+        )
     assert list(tmp_path.iterdir()) == []
 
 

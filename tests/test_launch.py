@@ -144,7 +144,16 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
     assert engine.step() and torch.isfinite(loss)
 
 
-def test_bench_train_smoke(tmp_path):
+# ResNet-18, and the tiny ViT of the gpu-check smoke (ViT-Ti/16 at 32 px, 4 px patches, 2 blocks; no channels-last)
+BENCH_MODELS = {
+    "resnet18": ["--model", "resnet18"],
+    "vit": ["--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 4, "depth": 2}',
+            "--no-channels-last"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", list(BENCH_MODELS))
+def test_bench_train_smoke(tmp_path, model):
     import json
 
     from supcon_scale.bench.train import main
@@ -153,8 +162,7 @@ def test_bench_train_smoke(tmp_path):
     assert (
         main(
             [
-                "--model",
-                "resnet18",
+                *BENCH_MODELS[model],
                 "--batch-per-gpu",
                 "2",
                 "--image-size",
@@ -182,6 +190,9 @@ def test_bench_train_smoke(tmp_path):
     assert supcon["views_per_s"] == pytest.approx(2 * supcon["images_per_s"])
     assert main(["--batch-per-gpu", "1"]) == 2
     assert main(["--data", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit) as bad:  # argparse's one-line usage error
+        main(["--model-kwargs", "[4]"])
+    assert bad.value.code == 2
 
 
 def test_bench_train_with_the_dali_loader(demo_data, tmp_path):

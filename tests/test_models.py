@@ -1,10 +1,16 @@
 """Models: every encoder the recipes name builds; activation checkpointing changes memory, not numbers."""
 
+import functools
+import re
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
 from supcon_scale import config, models
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet101", "resnet200"])
@@ -151,14 +157,14 @@ def test_init_from_local_timm_and_safetensors_files(tmp_path):
 
 
 def test_init_from_refuses_a_standard_stem_for_a_cifar_stem_and_takes_its_own(tmp_path):
-    from supcon_scale.checkpoint import export_encoder
+    from supcon_scale.export import encoder_metadata, export_encoder
 
     standard = _timm_file(tmp_path, "std.safetensors", models.create_encoder("resnet18").state_dict())
     with pytest.raises(ValueError, match=r"does not fit model.encoder: shape mismatch conv1.weight \(64, 3, 7, 7\)"):
         models.build(config.ModelConfig(encoder="resnet18", cifar_stem=True, init_from=standard))
     torch.manual_seed(2)
     cifar = models.create_encoder("resnet18", cifar_stem=True)
-    path = export_encoder(cifar, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=True)
+    path = export_encoder(cifar, tmp_path / "encoder.safetensors", encoder_metadata("resnet18", cifar_stem=True))
     model = models.build(config.ModelConfig(encoder="resnet18", cifar_stem=True, init_from=str(path)))
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in cifar.state_dict().items())
 
@@ -170,11 +176,11 @@ def test_exported_encoder_loads_into_plain_timm(tmp_path, cifar_stem):
     import timm
     from safetensors.torch import load_file
 
-    from supcon_scale.checkpoint import export_encoder
+    from supcon_scale.export import encoder_metadata, export_encoder
 
     torch.manual_seed(3)
     ours = models.create_encoder("resnet18", cifar_stem=cifar_stem).eval()
-    path = export_encoder(ours, tmp_path / "encoder.safetensors", "resnet18", cifar_stem=cifar_stem)
+    path = export_encoder(ours, tmp_path / "encoder.safetensors", encoder_metadata("resnet18", cifar_stem=cifar_stem))
     plain = timm.create_model("resnet18", num_classes=0)
     if cifar_stem:
         plain.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -193,3 +199,158 @@ def test_head_hidden_dim_sets_the_mlp_width():
     )
     linears = [m for m in models.build(cfg.model).head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 32), (32, 8)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any timm family: model.kwargs, the image size, the blocks (issue 24)
+
+TINY_VIT = ("model.encoder=vit_tiny_patch16_224", "model.kwargs.patch_size=4", "model.kwargs.depth=2")
+
+
+def test_model_kwargs_and_the_image_size_reach_timm():
+    """The tiny ViT of the engine tests is timm's own model built with the same arguments (img_size from data)."""
+    cfg = config.load(None, [*TINY_VIT, "data.image_size=32", "model.feat_dim=8"])
+    assert cfg.model.kwargs == {"patch_size": 4, "depth": 2}  # YAML-typed from the override text
+    assert models.encoder_kwargs(cfg.model, 32) == {"patch_size": 4, "depth": 2, "img_size": 32}
+    model = models.build(cfg.model, image_size=32)
+    ref = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=2)
+    assert {k: v.shape for k, v in model.encoder.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+    # a family whose input size is not fixed when built (ConvNeXt) gets no img_size
+    assert models.encoder_kwargs(config.ModelConfig(encoder="convnext_atto"), 32) == {}
+    # given in model.kwargs, it wins over data.image_size
+    assert (
+        models.encoder_kwargs(config.ModelConfig(encoder="vit_tiny_patch16_224", kwargs={"img_size": 48}), 32)[
+            "img_size"
+        ]
+        == 48
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("model.kwargs=3",), "model.kwargs must be a mapping"),
+        (("model.kwargs={1: 2}",), "model.kwargs: key 1 must be a Python identifier"),
+        (("model.kwargs.drop_rate=.nan",), "model.kwargs.drop_rate must be finite"),
+        (("model.kwargs.num_classes=10",), "model.kwargs.num_classes cannot be set"),
+        (("model.kwargs.pretrained=true",), "model.kwargs.pretrained cannot be set"),
+    ],
+)
+def test_model_kwargs_bad_config_names_the_key(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ((*TINY_VIT, "model.kwargs.bogus=1"), "model.kwargs.bogus=1: timm cannot build"),  # an unknown argument
+        ((*TINY_VIT, "model.kwargs.img_size=64"), "model.kwargs.img_size=64: timm cannot build"),  # a bad value
+        (("model.encoder=vit_nope_patch16",), "model.encoder: Unknown model"),
+        ((*TINY_VIT, "model.cifar_stem=true"), "model.cifar_stem: VisionTransformer has no single conv1"),
+        (("model.encoder=caformer_s18", "model.activation_checkpointing=true"), "model.activation_checkpointing:"),
+        (("model.encoder=caformer_s18", "engine.name=fsdp"), "engine.name=fsdp: cannot find the blocks"),
+    ],
+)
+def test_check_names_what_timm_refuses(overrides, key):
+    """On the meta device: a model timm cannot build or run at data.image_size names the culprit key."""
+    cfg = config.load(None, ["data.image_size=32", *overrides])
+    with pytest.raises(ValueError, match=re.escape(key)):
+        models.check(cfg)
+
+
+@pytest.mark.parametrize(
+    "encoder, kwargs, count",
+    [
+        ("resnet18", {}, 4),  # layer1..4
+        ("vit_tiny_patch16_224", {"depth": 3}, 3),  # blocks.0..2
+        ("convnext_atto", {}, 4),  # stages.0..3
+        ("efficientnet_b0", {}, 7),  # blocks.0..6
+        ("caformer_s18", {}, 0),  # MetaFormer: no group_matcher
+    ],
+)
+def test_blocks_come_from_timms_group_matcher(encoder, kwargs, count):
+    """The outermost modules of timm's coarse "blocks" rules, in forward order; written out here per family."""
+    with torch.device("meta"):
+        enc = timm.create_model(encoder, num_classes=0, **kwargs)
+    named = {id(m): n for n, m in enc.named_modules()}
+    names = [named[id(b)] for b in models.blocks(enc)]
+    prefix = {"resnet18": "layer", "convnext_atto": "stages.", "caformer_s18": ""}.get(encoder, "blocks.")
+    first = 1 if encoder == "resnet18" else 0
+    assert names == [f"{prefix}{i + first}" for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    "encoder, kwargs, size",
+    [
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 2, "drop_path_rate": 0.3}, 32),
+        ("convnext_atto", {"drop_path_rate": 0.2}, 32),
+    ],
+)
+def test_activation_checkpointing_per_block_gives_the_same_float64_gradients(encoder, kwargs, size):
+    """Per-block recomputation (stochastic depth included: checkpoint restores the RNG) against a plain forward."""
+    torch.manual_seed(0)
+    cfg = config.ModelConfig(encoder=encoder, kwargs=kwargs, feat_dim=8)
+    plain = models.build(cfg).double()
+    ckpt = models.build(config.ModelConfig(encoder=encoder, kwargs=kwargs, feat_dim=8, activation_checkpointing=True))
+    ckpt.double().load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    for m in (plain, ckpt):
+        torch.manual_seed(1)  # the same drop-path draws in both
+        m.train()
+        m(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert sum(isinstance(b.forward, functools.partial) for b in models.blocks(ckpt.encoder)) == len(
+        models.blocks(plain.encoder)
+    )
+
+
+def test_layer_ids_follow_timms_layer_map_and_beits_head_layer():
+    """For a ViT, the layer of every encoder parameter is the one timm's map for `param_groups_layer_decay` gives it
+    (`group_parameters` over `group_matcher(coarse=False)`): 0 the embeddings, i + 1 block i. The final norm is the
+    exception: BEiT / MAE (util/lr_decay.py) give it the head's layer n + 1, timm the last block's."""
+    from timm.models import group_parameters
+
+    model = models.build(config.ModelConfig(encoder="vit_tiny_patch16_224", kwargs={"depth": 3}, feat_dim=8))
+    ids, n = models.layer_ids(model)
+    assert n == 3
+    timm_ids = group_parameters(model.encoder, model.encoder.group_matcher(coarse=False), reverse=True)
+    ours = {k.removeprefix("encoder."): v for k, v in ids.items() if k.startswith("encoder.")}
+    assert set(ours) == set(timm_ids)
+    assert {k: v for k, v in ours.items() if not k.startswith("norm.")} == {
+        k: v for k, v in timm_ids.items() if not k.startswith("norm.")
+    }
+    assert {ours["norm.weight"], ours["norm.bias"]} == {n + 1}
+    assert {v for k, v in ids.items() if k.startswith("head.")} == {n + 1}  # the projection head: the top layer
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        ((*TINY_VIT, "model.kwargs.bogus=1"), ("model.kwargs.bogus", "unexpected keyword")),
+        (("model.encoder=vit_tiny_patch16_224", "model.kwargs.img_size=64"), ("model.kwargs.img_size", "(32)")),
+        ((*TINY_VIT, "model.cifar_stem=true"), ("model.cifar_stem",)),
+        (("model.encoder=caformer_s18", "model.activation_checkpointing=true"), ("model.activation_checkpointing",)),
+        (("model.encoder=caformer_s18", "optim.layer_decay=0.75"), ("optim.layer_decay", "blocks")),
+        ((*TINY_VIT, "optim.layer_decay=1.5"), ("optim.layer_decay", "(0, 1]")),
+    ],
+)
+def test_train_refuses_a_model_timm_cannot_build_before_writing(small_digits, tmp_path, capsys, overrides, names):
+    """Through the CLI: exit 2, one line naming the key (and timm's reason), no traceback, nothing written."""
+    from supcon_scale.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "supcon_scale/recipes/demo/digits.yaml"), f"data.root={small_digits}"]
+    args += [f"out_dir={out}", "data.image_size=32", "data.workers=0", "train.progress=false", *overrides]
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and all(n in lines[0] for n in names), err
+    assert not out.exists()

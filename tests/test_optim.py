@@ -82,3 +82,107 @@ def test_adamw_keeps_the_exclusion_groups_and_the_scaled_lr():
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert all(g["lr"] == pytest.approx(0.004) for g in opt.param_groups)  # 0.001 x 1024 / 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transformers (issue 24): timm's no-weight-decay names, AdamW / LAMB, layer-wise LR decay
+
+
+def _tiny_vit(depth: int = 2) -> nn.Module:
+    from supcon_scale import models
+
+    cfg = config.ModelConfig(encoder="vit_tiny_patch16_224", kwargs={"patch_size": 4, "depth": depth}, feat_dim=8)
+    return models.build(cfg, image_size=16)
+
+
+@pytest.mark.parametrize("name", ["lars", "adamw", "lamb"])
+def test_pos_embed_and_cls_token_get_no_weight_decay(name: str):
+    """A ViT's position embedding and class token (3-D tensors, so the 1-D rule misses them) are in a group with
+    weight_decay 0, which timm's Lars also leaves unadapted; every other >= 2-D weight decays."""
+    model = _tiny_vit()
+    opt = optim.build_optimizer(model, config.OptimConfig(name=name, weight_decay=0.05), 256)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        exempt = p.ndim <= 1 or n in ("encoder.pos_embed", "encoder.cls_token")
+        assert decay_of[id(p)] == (0.0 if exempt else 0.05), n
+    assert model.encoder.pos_embed.ndim == 3 and model.encoder.cls_token.ndim == 3
+    plain = optim.build_optimizer(model, config.OptimConfig(name=name, weight_decay=0.05, exclude_bn_bias=False), 256)
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.05]  # the switch turns every exclusion off
+
+
+def _layer_of(name: str, depth: int) -> int:
+    """BEiT / MAE's layer ids written out for a ViT: embeddings 0, block i at i + 1, the rest (norm, head) top."""
+    if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "lars"])
+@pytest.mark.parametrize("decay", [0.65, 1.0])
+def test_layer_decay_gives_each_block_the_lr_of_the_formula(name: str, decay: float):
+    from supcon_scale import models
+
+    depth = 3
+    model = _tiny_vit(depth)
+    cfg = config.OptimConfig(name=name, base_lr=1e-3, layer_decay=decay)
+    opt = optim.build_optimizer(model, cfg, 512, layers=models.layer_ids(model))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        want = 1e-3 * 512 / 256 * decay ** (depth + 1 - _layer_of(n, depth))  # layer_decay ** (num_layers + 1 - id)
+        assert lr_of[id(p)] == pytest.approx(want, rel=1e-12), n
+    assert optim.peak_lr(opt) == pytest.approx(2e-3)  # what the engines log: the schedule's LR
+    sched = optim.build_scheduler(opt, cfg, total_steps=10, warmup_steps=2)
+    opt.step()
+    sched.step()
+    for g in opt.param_groups:  # the schedule multiplies every group's own LR
+        assert g["lr"] == pytest.approx(g["initial_lr"] * optim.lr_lambda(1, 10, 2, 0.0, "cosine"))
+
+
+def _reference_adam_update(w, g, m, v, step, lr, betas, eps, wd, lamb):
+    """Adam moments with bias correction; AdamW decays w by lr * wd first (Loshchilov & Hutter 2019, Alg. 2);
+    LAMB adds wd * w to the update and scales it by |w| / |update| (You et al. 2020, Alg. 2; 1 where a norm is 0),
+    except in the excluded groups (weight decay 0), which, as with LARS, are not adapted (timm's always_adapt=False)."""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    update = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
+    if not lamb:
+        return w * (1 - lr * wd) - lr * update, m, v
+    update = update + wd * w
+    wn, un = w.norm(), update.norm()
+    trust = wn / un if wn > 0 and un > 0 and wd != 0 else 1.0
+    return w - lr * trust * update, m, v
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_adamw_and_lamb_match_the_published_updates(name: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    cfg = config.OptimConfig(name=name, base_lr=0.01, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-6)
+    opt = optim.build_optimizer(model, cfg, 256)
+    ref = {n: (p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)) for n, p in model.named_parameters()}
+    for step in range(1, 4):
+        grads = {n: torch.randn_like(p) * 10 ** (step - 2) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, (w, m, v) in ref.items():
+            wd = 0.0 if w.ndim <= 1 else 0.05
+            ref[n] = _reference_adam_update(w, grads[n], m, v, step, 0.01, (0.9, 0.95), 1e-6, wd, name == "lamb")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), ref[n][0], rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", ".inf"])
+def test_layer_decay_outside_0_1_names_the_key(value: str):
+    with pytest.raises(config.ConfigError, match=r"optim.layer_decay must be in \(0, 1\]|optim.layer_decay must be"):
+        config.load(None, [f"optim.layer_decay={value}"])
+
+
+def test_lamb_on_zero_partitions_is_refused():
+    cfg = config.load(None, ["engine.name=deepspeed", "engine.zero_stage=1", "optim.name=lamb"])
+    with pytest.raises(config.ConfigError, match="optim.name=lamb with engine.zero_stage=1"):
+        config.check_run(cfg)
+    config.check_run(config.load(None, ["engine.name=deepspeed", "engine.zero_stage=0", "optim.name=lamb"]))

@@ -65,8 +65,8 @@ def resolve(cfg: config.RunConfig, key: str):
         value = getattr(linear.PRESETS[name], field)
     else:
         value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        for part in key.split("."):  # a mapping key (model.kwargs.drop_path_rate) by name, a config field by attribute
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supcon_scale import checkpoint, config, distributed, trainer
+from supcon_scale import checkpoint, config, distributed, files, trainer
 from supcon_scale.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,7 +323,8 @@ def test_resume_refuses_what_cannot_continue_exactly(digits: Path, reference: Pa
     shutil.copytree(_step_dir(reference, 4), ckpt)
     ctx = distributed.init(seed=0)
     # Another global batch: the saved position counts steps of 64 samples.
-    cfg = _cfg(digits, tmp_path, "train.resume=auto", "data.global_batch_size=32")
+    allow = "train.allow_changes=data.global_batch_size"  # past the config comparison, to the data position's check
+    cfg = _cfg(digits, tmp_path, "train.resume=auto", "data.global_batch_size=32", allow)
     with pytest.raises(ValueError, match=r"step_00000004: data position was saved with data.global_batch_size=64"):
         trainer.fit(cfg, ctx)
     # A position written before positions were global (no global batch in it) resumes on its own world size only.
@@ -356,9 +357,9 @@ def test_second_trainer_on_a_live_out_dir_refuses_then_takes_over_once_it_died(d
         first.kill()
         _finish(first)
     # Killed: its lock stays behind, naming a dead process, and the next trainer takes it over and resumes.
-    assert json.loads((tmp_path / checkpoint.LOCK).read_text())["pid"] == first.pid
+    assert json.loads((tmp_path / files.LOCK).read_text())["pid"] == first.pid
     result = trainer.fit(_cfg(digits, tmp_path, "train.resume=auto"), distributed.init(seed=0))
-    assert result.step == 6 and not (tmp_path / checkpoint.LOCK).exists()  # released at the end
+    assert result.step == 6 and not (tmp_path / files.LOCK).exists()  # released at the end
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +387,9 @@ def one_step(digits: Path, tmp_path_factory) -> Path:
 
 
 def test_checkpoint_of_another_model_names_keys_and_shapes(digits: Path, one_step: Path, tmp_path: Path):
-    cfg = _cfg(digits, tmp_path, f"train.resume={one_step}", "model.feat_dim=16")
+    # allowed, so that the shapes are what refuses it (without it, the config comparison names model.feat_dim)
+    extra = ("train.max_steps=1", "model.feat_dim=16", "train.allow_changes=model.feat_dim")
+    cfg = _cfg(digits, tmp_path, f"train.resume={one_step}", *extra)
     with pytest.raises(ValueError) as info:
         trainer.fit(cfg, distributed.init(seed=0))
     message = str(info.value)
@@ -405,7 +408,7 @@ def test_checkpoint_needing_arbitrary_unpickling_is_refused(digits: Path, one_st
             return (open, (str(marker), "w"))
 
     torch.save({"rng": Payload(), "data": {}}, ckpt / "rank_0.pt")
-    cfg = _cfg(digits, tmp_path, "train.resume=auto", "model.feat_dim=32")
+    cfg = _cfg(digits, tmp_path, "train.resume=auto", "model.feat_dim=32", "train.max_steps=1")
     with pytest.raises(ValueError, match=r"rank_0.pt: refused to load \(Weights only load failed"):
         trainer.fit(cfg, distributed.init(seed=0))
     assert not marker.exists()  # the pickle's code never ran

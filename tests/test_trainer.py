@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supcon_scale import checkpoint, config, distributed, models, trainer
+from supcon_scale import checkpoint, config, distributed, export, models, trainer
 from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,8 +122,14 @@ def test_metrics_config_and_encoder_written(digits: Path, tmp_path: Path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["lr"] > 0 for r in rows)
     assert config.load(tmp_path / "config.yaml").train.max_steps == 3
-    encoder, meta = checkpoint.load_encoder(tmp_path / "encoder.safetensors")
-    assert meta["encoder"] == "resnet18"
+    encoder, meta = export.encoder_from_export(tmp_path / "encoder.safetensors")
+    assert meta["encoder"] == "resnet18" and export.input_size(meta) == 16
+    import timm  # the run's timm folder loads offline into the same encoder
+
+    plain = timm.create_model(f"local-dir:{tmp_path / 'encoder_timm'}", pretrained=True, num_classes=0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain(x), encoder(x))
 
 
 def test_cross_entropy_baseline_trains(digits: Path, tmp_path: Path):
@@ -242,3 +248,41 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints(digits: Path, tmp_path: P
     ):
         trainer.fit(_cfg(digits, tmp_path, "train.max_steps=2"), ctx)
     assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()) == before  # nothing touched
+
+
+# A family this toolkit's code never names, trained from a config alone (issue 24: adding a timm family needs no
+# code edit). The YAML is what a user writes: the timm name, its constructor arguments, the optimizer.
+NEW_FAMILIES = {
+    "vit": """
+model:
+  encoder: vit_tiny_patch16_224
+  kwargs: {patch_size: 4, depth: 2, drop_path_rate: 0.1}   # img_size comes from data.image_size
+  activation_checkpointing: true
+optim: {name: adamw, base_lr: 0.001, weight_decay: 0.05, betas: [0.9, 0.95], layer_decay: 0.75}
+""",
+    "convnext": """
+model:
+  encoder: convnext_atto
+  kwargs: {drop_path_rate: 0.1}
+optim: {name: lamb, base_lr: 0.002, weight_decay: 0.05}
+""",
+}
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_a_timm_family_trains_on_the_digits_from_a_config_alone(digits: Path, tmp_path: Path, family: str):
+    from supcon_scale.cli import main
+
+    recipe = tmp_path / f"{family}.yaml"
+    recipe.write_text(f"base: {REPO / 'supcon_scale/recipes/demo/digits.yaml'}\n{NEW_FAMILIES[family]}")
+    out = tmp_path / "run"
+    args = ["train", "--config", str(recipe), f"data.root={digits}", f"out_dir={out}", "data.backend=torchvision"]
+    args += ["data.global_batch_size=16", "data.workers=0", "train.max_steps=3", "train.warmup_epochs=0"]
+    assert main([*args, "train.progress=false", "train.log_every=1", "model.sync_bn=false"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    exported = load_file(out / "encoder.safetensors")
+    cfg = config.load(recipe)
+    ref = models.create_encoder(cfg.model.encoder, kwargs=models.encoder_kwargs(cfg.model, 32)).state_dict()
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in ref.items()}

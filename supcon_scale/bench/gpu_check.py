@@ -4,9 +4,10 @@ It asserts CUDA, runs the DALI GPU loader (layout, dtype, device, memory format,
 mid-epoch), times `once` against `roi` decoding, trains every engine end to end for 6 steps with a resume at step 3
 (ddp bf16/fp16, fsdp bf16, deepspeed ZeRO-1/2, ddp compiled), checks the CUDA-only kernels (global batch norm
 against `F.batch_norm`, the gradient-carrying gather) on a one-rank NCCL group, counts the synchronisations of a
-training step (`torch.cuda.set_sync_debug_mode`), and runs `bench_train` (ResNet-50 SupCon against cross-entropy)
-and `bench_loss` (tiled, M = 65,536). A failing part is recorded and the others still run; the exit status is 1 if
-any failed. `--smoke` runs the same parts tiny on the CPU (the CUDA-only ones report "skipped"), as the tests do.
+training step (`torch.cuda.set_sync_debug_mode`), and runs `bench_train` (ResNet-50, then ViT-B/16: SupCon against
+cross-entropy, bf16) and `bench_loss` (tiled, M = 65,536). A failing part is recorded and the others still run; the
+exit status is 1 if any failed. `--smoke` runs the same parts tiny on the CPU (the CUDA-only ones report "skipped"),
+as the tests do.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def part_syncs(check: Check) -> dict[str, Any]:
     )
     ctx = distributed.Context(device=check.device)
     objective = objectives.build(cfg, 10, ctx)
-    engine = engines.build(cfg, ctx, models.build(cfg.model, objective.classifier_classes), 10, 0)
+    engine = engines.build(cfg, ctx, models.build(cfg.model, objective.classifier_classes, cfg.data.image_size), 10, 0)
     engine.train()
     views = [torch.rand(check.batch, 3, check.size, check.size, device=check.device) for _ in range(2)]
     labels = torch.randint(0, 10, (check.batch,), device=check.device)
@@ -239,30 +240,37 @@ def part_syncs(check: Check) -> dict[str, Any]:
     return {"syncs_per_step": counts, "calls": per_step[-1]}
 
 
-def part_bench_train(check: Check) -> dict[str, Any]:
+def _bench_train(check: Check, name: str, smoke: list[str], gpu: list[str]) -> dict[str, Any]:
+    """`bench_train` with `gpu`'s arguments (`smoke`'s tiny ones on the CPU); its JSON report."""
     from supcon_scale.bench import train as bench_train
 
-    path = check.out / "bench_train.json"
+    path = check.out / f"{name}.json"
     args = ["--device", check.device.type, "--json", str(path)]
     if check.smoke:
-        args += [
-            "--model",
-            "resnet18",
-            "--batch-per-gpu",
-            "4",
-            "--image-size",
-            "32",
-            "--precision",
-            "fp32",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-        ]
+        args += [*smoke, "--batch-per-gpu", "4", "--image-size", "32", "--precision", "fp32", "--steps", "1"]
+        args += ["--warmup", "0"]
     else:
-        args += ["--model", "resnet50", "--batch-per-gpu", "256", "--image-size", "224", "--precision", "bf16"]
+        args += [*gpu, "--image-size", "224", "--precision", "bf16"]
     assert bench_train.main(args) == 0
     return json.loads(path.read_text())
+
+
+def part_bench_train(check: Check) -> dict[str, Any]:
+    """ResNet-50 SupCon against cross-entropy, bf16 (the smoke: ResNet-18)."""
+    return _bench_train(
+        check, "bench_train", ["--model", "resnet18"], ["--model", "resnet50", "--batch-per-gpu", "256"]
+    )
+
+
+# A tiny ViT for the smoke: timm's ViT-Ti/16 at 32 px with 4 px patches (64 tokens) and 2 blocks.
+TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2}
+
+
+def part_bench_train_vit(check: Check) -> dict[str, Any]:
+    """ViT-B/16 SupCon against cross-entropy, bf16, 64 images (128 views) per GPU (the smoke: the tiny ViT)."""
+    vit_tiny = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_VIT_KWARGS)]
+    vit_base = ["--model", "vit_base_patch16_224", "--batch-per-gpu", "64"]
+    return _bench_train(check, "bench_train_vit", [*vit_tiny, "--no-channels-last"], [*vit_base, "--no-channels-last"])
 
 
 def part_bench_loss(check: Check) -> dict[str, Any]:
@@ -283,6 +291,7 @@ PARTS: list[tuple[str, Callable[[Check], dict[str, Any]]]] = [
     ("kernels", part_kernels),
     ("syncs_per_step", part_syncs),
     ("bench_train", part_bench_train),
+    ("bench_train_vit", part_bench_train_vit),
     ("bench_loss", part_bench_loss),
 ]
 

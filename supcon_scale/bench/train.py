@@ -75,7 +75,7 @@ def measure(
         batches, num_classes = loader_batches(loader), loader.num_classes
     objective = objectives.build(cfg, num_classes, ctx)
     torch.manual_seed(0)
-    model = models.build(cfg.model, objective.classifier_classes)
+    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
     engine = engines.build(cfg, ctx, model, total_steps=steps + warmup, warmup_steps=0)
     engine.train()
     if ctx.device.type == "cuda":
@@ -111,7 +111,7 @@ def measure(
 def lars_step_seconds(cfg: config.RunConfig, ctx: Context, steps: int) -> dict[str, float]:
     """Median optimizer-step time of timm's foreach Lars over the model's tensors, and of ZeroLars over the same
     values flattened into one ZeRO partition per group (in a 1-rank group: the all-reduce included, no peer)."""
-    model = models.build(cfg.model).to(ctx.device)
+    model = models.build(cfg.model, image_size=cfg.data.image_size).to(ctx.device)
     groups = optim.param_groups(model.named_parameters(), cfg.optim)
     kwargs = {"lr": 1.0, "momentum": cfg.optim.momentum, "trust_coeff": cfg.optim.trust_coeff, "foreach": True}
     for group in groups:
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         f"engine.name={args.engine}",
         f"engine.zero_stage={args.zero_stage}",
     ]
+    if args.model_kwargs:  # JSON is YAML: the override is the mapping itself
+        overrides.append(f"model.kwargs={json.dumps(args.model_kwargs)}")
     if args.data is not None:
         overrides += [
             f"data.root={args.data}",
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": device_name,
         "model": args.model,
+        "model_kwargs": args.model_kwargs or {},
         "precision": args.precision,
         "image_size": args.image_size,
         "engine": args.engine,

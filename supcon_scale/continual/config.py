@@ -19,7 +19,7 @@ import yaml
 
 from supcon_scale import config as base
 from supcon_scale.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ConfigError, EngineConfig, key
-from supcon_scale.console import write_text
+from supcon_scale.files import write_text
 
 METHODS = ("scr", "er")
 
@@ -94,7 +94,11 @@ class ERConfig:
 class ContinualModelConfig:
     """The encoder, SCR's projection head (ER: a linear classifier over every class)."""
 
-    encoder: str = key("reduced_resnet18", "reduced_resnet18 (the SCR paper's) or any timm name", nonempty=True)
+    encoder: str = key(
+        "reduced_resnet18",
+        "reduced_resnet18 (the SCR paper's), any timm name, or an exported encoder to start from (a path)",
+        nonempty=True,
+    )
     width: int = key(20, "reduced_resnet18 channels: width, 2x, 4x, 8x (20: the paper's 160-d features)", ge=1)
     cifar_stem: bool = key(True, "timm encoders: 3x3 stride-1 stem without max-pool (reduced_resnet18 has it)")
     head: Literal["mlp", "linear"] = key("mlp", "SCR's projection head (the authors': mlp)")

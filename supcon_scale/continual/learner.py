@@ -22,7 +22,7 @@ import torch
 
 from supcon_scale import checkpoint, engines
 from supcon_scale.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from supcon_scale.console import MetricsLog, TrainProgress, console, write_text
+from supcon_scale.console import MetricsLog, TrainProgress, console
 from supcon_scale.continual import config, metrics, models
 from supcon_scale.continual.config import ContinualConfig
 from supcon_scale.continual.er import ER
@@ -32,11 +32,16 @@ from supcon_scale.continual.ncm import NearestClassMean, class_sums
 from supcon_scale.continual.scr import SCR
 from supcon_scale.continual.stream import ClassIncrementalStream, ImageSource, build_stream, decode, load_sources
 from supcon_scale.continual.views import INCOMING, MEMORY, plain_transform, sample_seed
-from supcon_scale.distributed import Context, all_reduce_mean, all_reduce_sum
+from supcon_scale.distributed import Context, all_reduce_mean, all_reduce_sum, flatten
 from supcon_scale.engines import Engine
+from supcon_scale.files import write_text
 from supcon_scale.resilience import Preempted, PreemptionHandler
+from supcon_scale.resume import under
 
 RESULT = "result.json"
+# Keys a continual run may change when it resumes: where it writes, which runs it makes, how it saves and reports.
+# Any other change (the stream's tasks, classes, order; the memory; the model, the optimizer) cannot continue.
+FREE = ("out_dir", "methods", "seeds", "train", "engine.backend", "data.on_bad_file")
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,11 @@ def fit(
                 if preemption.requested(ctx.device):
                     if saved != step:
                         save(step, task)
-                    raise Preempted(f"preempted at step {step} of {method} seed {seed}; checkpoint in {out_dir}")
+                    raise Preempted(
+                        f"preempted at step {step} of {method} seed {seed}; checkpoint in {out_dir}",
+                        step,
+                        str(checkpoint.latest(out_dir)),
+                    )
                 info = ContinualStep(step, task, epoch, loss, task_end, last)
                 for hook in hooks:
                     hook.on_step(info)
@@ -207,9 +216,47 @@ def fit(
         engine.skipped_steps,
         [[train.classes[c] for c in t] for t in stream.tasks],
     )
-    if ctx.is_main:
-        write_text(out_dir / RESULT, json.dumps(plain_json(result.to_dict()), indent=2))
+    if ctx.is_main:  # the config beside the result: a later resume under another stream is refused by name
+        write_text(out_dir / RESULT, json.dumps(plain_json({**result.to_dict(), "config": cfg.to_dict()}), indent=2))
     return result
+
+
+def _refuse_changes(saved: dict[str, Any], cfg: ContinualConfig, source: Path) -> None:
+    """A one-line ValueError naming every key that differs from `saved` (the config `source` was run with)."""
+    old, new = flatten(saved), flatten(cfg.to_dict())
+    found = [k for k, v in new.items() if k in old and not under(k, FREE) and json.dumps(old[k]) != json.dumps(v)]
+    if found:
+        listed = ", ".join(f"{k} {json.dumps(old[k])} -> {json.dumps(new[k])}" for k in found)
+        raise ValueError(
+            f"train.resume: {source} was run with another config: {listed}; a changed stream, memory or model "
+            "cannot continue it: set these back, or choose another out_dir"
+        )
+
+
+def check_resumable(cfg: ContinualConfig, method: str, seed: int) -> None:
+    """Before any run trains: the finished result or the checkpoint this run would continue from was made under
+    this config (a 2-task result under a 5-task config, or a stream changed mid-run, is refused by name)."""
+    if cfg.train.resume is None:
+        return
+    where = run_dir(cfg, method, seed)
+    if cfg.train.resume == "auto" and (where / RESULT).is_file():
+        try:
+            done = json.loads((where / RESULT).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{where / RESULT}: not readable JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(done, dict):
+            raise ValueError(f"{where / RESULT}: not a result (a JSON object)")
+        if isinstance(done.get("config"), dict):
+            _refuse_changes(done["config"], cfg, where / RESULT)
+        elif len(done.get("matrix") or []) != cfg.stream.tasks:  # a result written before the config was kept
+            raise ValueError(
+                f"train.resume: {where / RESULT} holds {len(done.get('matrix') or [])} tasks but stream.tasks="
+                f"{cfg.stream.tasks}; choose another out_dir"
+            )
+        return
+    path = checkpoint.latest(where) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if path is not None and checkpoint.is_complete(path):
+        _refuse_changes(checkpoint.read_meta(path)["config"], cfg, path)
 
 
 def plain_json(obj: Any) -> Any:
@@ -254,6 +301,7 @@ def _resume(
     if path is None:
         return 0, []
     meta, engine_state, rank_state = checkpoint.load(path)
+    _refuse_changes(meta["config"], cfg, path)
     if int(meta["world_size"]) != ctx.world_size or rank_state is None:
         # The memory's bytes are sharded by rank: another world size would lose or duplicate samples.
         raise ValueError(

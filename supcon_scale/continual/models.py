@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale.continual.config import ContinualModelConfig
+from supcon_scale.export import encoder_from_export, names_export
 from supcon_scale.models import SupConModel, convert_global_batchnorm, create_encoder, create_head
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -62,9 +63,14 @@ class ReducedResNet18(nn.Module):
 
 
 def build(cfg: ContinualModelConfig, num_classes: int | None) -> SupConModel:
-    """SCR (`num_classes=None`): projections (the loss normalises them); ER: logits over every class."""
+    """SCR (`num_classes=None`): projections (the loss normalises them); ER: logits over every class.
+
+    `cfg.encoder` names reduced_resnet18, a timm model, or an exported encoder (a path: `encoder.safetensors` or the
+    run directory holding it), which the learner then starts from."""
     if cfg.encoder == "reduced_resnet18":
         encoder = ReducedResNet18(cfg.width)
+    elif names_export(cfg.encoder):  # an export: its architecture and weights
+        encoder = encoder_from_export(cfg.encoder)[0].train()
     else:
         encoder = create_encoder(cfg.encoder, cfg.cifar_stem)
     dim = encoder.num_features

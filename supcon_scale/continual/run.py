@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from supcon_scale import arguments, distributed
-from supcon_scale.console import console, table, write_text
+from supcon_scale.console import console, table
 from supcon_scale.continual import config, metrics
-from supcon_scale.continual.learner import RunResult, fit, load_result, plain_json
+from supcon_scale.continual.learner import RunResult, check_resumable, fit, load_result, plain_json
 from supcon_scale.continual.stream import load_sources
-from supcon_scale.resilience import EXIT_PREEMPTED, Preempted
+from supcon_scale.files import check_target, write_text
+from supcon_scale.resilience import EXIT_PREEMPTED, Preempted, notify_agent
 
 
 def aggregate(results: list[RunResult]) -> dict[str, Any]:
@@ -56,6 +57,9 @@ def paired_difference(results: list[RunResult]) -> dict[str, Any] | None:
 
 def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path | None = None) -> dict[str, Any]:
     start = time.time()
+    for method in cfg.methods:  # every run's result or checkpoint against this config, before any run trains
+        for seed in cfg.seeds:
+            check_resumable(cfg, method, seed)
     sources = load_sources(cfg, ctx)
     results = []
     for method in cfg.methods:
@@ -135,12 +139,16 @@ def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path |
 def main(argv: list[str] | None = None) -> int:
     args = arguments.continual().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
+    if args.json is not None:
+        check_target(args.json)  # a device or directory there: refused before hours of training, not after
     ctx = distributed.init(cfg.engine.backend, cfg.seeds[0])
     try:
+        distributed.agree_on_config(cfg.to_dict())  # before any collective a divergent config could deadlock
         config.check(cfg, ctx.world_size)
         run(cfg, ctx, args.json)
     except Preempted as exc:
         print(f"supcon-scale: {exc}", file=sys.stderr)
+        notify_agent(exc)  # the checkpoint is complete: this node's torchrun agent may say so, and not restart
         return EXIT_PREEMPTED
     finally:
         distributed.teardown()

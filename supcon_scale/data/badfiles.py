@@ -1,24 +1,27 @@
 """Find images that cannot be decoded before any loader sees them (a corrupt JPEG kills a DALI pipeline).
 
 DALI cannot skip a corrupt file mid-run (the pipeline dies: DALI #211, #2019, #3913), so every backend indexes
-through this scan (`data/index.py` splits it over the ranks and keeps its verdicts in a manifest):
-each file is fully decoded once (JPEGs in draft mode, which still entropy-decodes the whole stream, so truncation is
-caught) and the bad ones are either skipped and listed in `bad_files.txt` or stop the run before training.
+through this scan (`data/index.py` splits it over the ranks and keeps its verdicts in a manifest): each sample is
+read once (at most `folder.MAX_SAMPLE_BYTES`), digested, and fully decoded unless the manifest vouches for that
+digest (JPEGs in draft mode, which still entropy-decodes the whole stream, so truncation is caught). The format is
+Pillow's reading of the content, checked against what the run's backend decodes (`backend_problem`), never the
+file's name. Bad samples are either skipped and listed in `bad_files.txt` or stop the run before training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from supcon_scale import arguments
 from supcon_scale.arguments import default_workers
-from supcon_scale.data.folder import IMAGE_EXTENSIONS
-from supcon_scale.data.manifest import DATASET_MANIFEST, Manifest, load_manifest
+from supcon_scale.data.folder import IMAGE_EXTENSIONS, read_bounded, too_large
+from supcon_scale.data.manifest import Manifest, cache_manifest, known_of, load_manifest
 
 BAD_FILES_NAME = "bad_files.txt"
 
@@ -35,81 +38,132 @@ class ScanReport:
         return {"good": len(self.good), "bad": [{"path": p, "reason": r} for p, r in self.bad]}
 
 
-def _decode(source: str | io.BytesIO) -> str | None:
-    """None when `source` decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
+# Pillow's names of the formats each backend decodes (None: whatever Pillow decodes, the torchvision backend). DALI's
+# image decoder (nvImageCodec; NVIDIA DALI docs, nvidia.dali.fn.decoders.image) takes JPEG, JPEG 2000, TIFF, PNG, BMP,
+# PNM (Pillow's PPM: PBM, PGM, PPM) and WebP in its simple format (not animated); GIF, TGA, PCX or ICO bytes under a
+# .jpg name pass Pillow but stop a DALI run at the step that reaches them. MPO is Pillow's name for a JPEG with
+# extra frames (camera photos), which DALI decodes as the JPEG it starts with.
+DALI_FORMATS = frozenset({"JPEG", "MPO", "JPEG2000", "TIFF", "PNG", "BMP", "PPM", "WEBP"})
+DALI_NAMES = "JPEG, JPEG 2000, PNG, TIFF, BMP, PNM and WebP"
+
+
+def backend_problem(fmt: str, backend: str) -> str | None:
+    """Why a sample Pillow decodes as `fmt` is unusable by `backend` (data.backend), or None."""
+    if not backend.startswith("dali") or fmt in DALI_FORMATS:
+        return None
+    return f"a {fmt or 'unknown'} image: the {backend} backend decodes only {DALI_NAMES}"
+
+
+def _decode(data: bytes) -> tuple[str, str | None]:
+    """(Pillow's format name, None) when `data` decodes to an image (any mode PIL can turn into RGB), else (format
+    or '', a one-line reason). The format is read from the content, never from the file's name."""
     from PIL import Image
 
+    fmt = ""
     try:
-        with Image.open(source) as img:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            if fmt == "WEBP" and getattr(img, "is_animated", False):
+                fmt = "WEBP (animated)"  # DALI decodes WebP's simple format only
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()  # raises on truncated data (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is False by default)
             img.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file bad; the reason is reported
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"cannot decode: {reason}"
-    return None
-
-
-def check_file(path: str) -> str | None:
-    """None when `path` decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
-    if size == 0:
-        return "empty file (0 bytes)"
-    return _decode(path)
-
-
-def check_bytes(data: bytes) -> str | None:
-    """`check_file` for an encoded image held in memory (a tar shard's member)."""
-    return "empty file (0 bytes)" if not data else _decode(io.BytesIO(data))
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", reason)  # the same text on every rank
+        return fmt, f"cannot decode: {reason}"
+    return fmt, None
 
 
 # A sample to check: a file path, or (tar path, byte offset, byte count) of a shard's member.
 Ref = str | tuple[str, int, int]
+# What the manifest knew of a sample: (content digest, format, decoder's verdict ('' when it decodes)).
+Known = tuple[str, str, str]
+# A judged sample: (digest, format, verdict, whether it was judged now rather than vouched for by the manifest).
+Judged = tuple[str, str, str, bool]
 
 
-def check_ref(ref: Ref) -> str | None:
-    """`check_file` for a path, `check_bytes` for the byte range of a shard member."""
+def _read_ref(ref: Ref) -> bytes:
+    """The sample's encoded bytes, never more than MAX_SAMPLE_BYTES; ValueError with the reason otherwise."""
     if isinstance(ref, str):
-        return check_file(ref)
+        try:
+            return read_bounded(ref)
+        except OSError as exc:
+            raise ValueError(f"unreadable: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(str(exc).rpartition(": ")[2]) from None
     path, offset, size = ref
+    reason = too_large(size)
+    if reason is not None:
+        raise ValueError(reason)
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(size)
     except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
+        raise ValueError(f"unreadable: {exc.strerror or exc}") from None
     if len(data) < size:
-        return f"truncated: {len(data)} of {size} bytes in the shard"
-    return check_bytes(data)
+        raise ValueError(f"truncated: {len(data)} of {size} bytes in the shard")
+    return data
 
 
-def _check_chunk(refs: list[Ref]) -> list[str | None]:
-    return [check_ref(r) for r in refs]
+def judge(ref: Ref, known: Known | None = None) -> Judged:
+    """Read the sample once: its digest, and the manifest's verdict when the digest matches it, else a decode.
+
+    The digest is blake2b over every byte of the sample, so a file corrupted in place with its size and mtime kept
+    is decoded again (issue 25: the manifest vouched for it, DALI then crashed). Reading the bytes is the cost of
+    a warm start; hashing (about 1 GB/s a core) is far cheaper than decoding, and runs in the same processes.
+    """
+    try:
+        data = _read_ref(ref)
+    except ValueError as exc:  # unreadable or too large: no digest, so judged again next time
+        return "", "", str(exc), True
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if known is not None and known[0] == digest:
+        return digest, known[1], known[2], False
+    if not data:
+        return digest, "", "empty file (0 bytes)", True
+    fmt, reason = _decode(data)
+    return digest, fmt, reason or "", True
 
 
-def check_refs(refs: list[Ref], workers: int | None = None) -> list[str | None]:
-    """The `check_ref` verdict of every sample, in order, decoded in `workers` processes for large lists."""
+def check_ref(ref: Ref) -> str | None:
+    """None when the sample decodes to an image (any mode PIL can turn into RGB), else a one-line reason."""
+    return judge(ref)[2] or None
+
+
+def check_file(path: str) -> str | None:
+    """`check_ref` of a file."""
+    return check_ref(path)
+
+
+def _judge_chunk(items: list[tuple[Ref, Known | None]]) -> list[Judged]:
+    return [judge(ref, known) for ref, known in items]
+
+
+def judge_refs(refs: list[Ref], known: list[Known | None], workers: int | None = None) -> list[Judged]:
+    """`judge` every sample, in order, in `workers` processes for large lists."""
     workers = default_workers() if workers is None else workers
-    if workers <= 1 or len(refs) < 512:
-        return _check_chunk(refs)
-    chunk = max(64, len(refs) // (workers * 8))
-    chunks = [refs[i : i + chunk] for i in range(0, len(refs), chunk)]
+    items = list(zip(refs, known, strict=True))
+    if workers <= 1 or len(items) < 512:
+        return _judge_chunk(items)
+    chunk = max(64, len(items) // (workers * 8))
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return [r for part in pool.map(_check_chunk, chunks) for r in part]
+        return [r for part in pool.map(_judge_chunk, chunks) for r in part]
 
 
-def check_paths(paths: list[str], workers: int | None = None) -> ScanReport:
+def check_paths(paths: list[str], workers: int | None = None, backend: str = "torchvision") -> ScanReport:
     """Decode every path (in `workers` processes for large lists) and split them into good and bad."""
     report = ScanReport()
-    for path, reason in zip(paths, check_refs(list(paths), workers), strict=True):
-        if reason is None:
-            report.good.append(path)
+    for path, (_, fmt, reason, _) in zip(paths, judge_refs(list(paths), [None] * len(paths), workers), strict=True):
+        verdict = reason or backend_problem(fmt, backend)
+        if verdict:
+            report.bad.append((path, verdict))
         else:
-            report.bad.append((path, reason))
+            report.good.append(path)
+    report.decoded = len(paths)
     return report
 
 
@@ -124,33 +178,28 @@ def image_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def scan(root: Path, workers: int | None = None, manifest: Path | None = None) -> ScanReport:
-    """Check every image file under `root` (recursively); with `manifest`, decode only files it does not vouch for
-    (same size and mtime) and write it back, the same manifest a training run over `root` reads."""
+def scan(root: Path, workers: int | None = None, manifest: Path | None = None, backend: str = "dali") -> ScanReport:
+    """Check every image file under `root` (recursively) for `backend`; with `manifest`, decode only files whose
+    content it does not vouch for and write it back, the same manifest a training run over `root` reads."""
     paths = image_files(Path(root))
     if manifest is None:
-        return check_paths(paths, workers)
-    known, prefix = load_manifest(manifest, "folder", root) if manifest.is_file() else (None, "")
-    rows = known.rows if known is not None else {}
-    out = Manifest(os.path.abspath(root) if known is None else known.root, "folder")
+        return check_paths(paths, workers, backend)
+    old, prefix = load_manifest(manifest, "folder", root) if manifest.is_file() else (None, "")
+    rows = old.rows if old is not None else {}
+    out = Manifest(os.path.abspath(root) if old is None else old.root, "folder")
     base = len(str(root).rstrip(os.sep)) + 1
-    stats = [os.stat(p) for p in paths]
     keys = [prefix + p[base:] for p in paths]
-    verdicts = [
-        None if (r := rows.get(k)) is None or r[:2] != (st.st_size, st.st_mtime_ns) else r[2]
-        for k, st in zip(keys, stats, strict=True)
-    ]
-    todo = [i for i, v in enumerate(verdicts) if v is None]
-    for i, reason in zip(todo, check_refs([paths[i] for i in todo], workers), strict=True):
-        verdicts[i] = reason or ""
+    known = [known_of(rows.get(k)) for k in keys]
     report = ScanReport()
-    for path, key, st, verdict in zip(paths, keys, stats, verdicts, strict=True):
-        out.rows[key] = (st.st_size, st.st_mtime_ns, verdict or "", ())
+    for path, key, (digest, fmt, reason, decoded) in zip(paths, keys, judge_refs(paths, known, workers), strict=True):
+        st = os.stat(path)
+        out.rows[key] = (st.st_size, st.st_mtime_ns, digest, fmt, reason, ())
+        verdict = reason or backend_problem(fmt, backend)
+        report.decoded += decoded
         if verdict:
             report.bad.append((path, verdict))
         else:
             report.good.append(path)
-    report.decoded = len(todo)
     out.save(manifest)
     return report
 
@@ -163,7 +212,7 @@ def shown(path: str) -> str:
 def write_bad_list(bad: list[tuple[str, str]], out_dir: str | Path) -> Path:
     """`out_dir/bad_files.txt`: one `path<TAB>reason` per line (the run's deny-list), names in `shown` form, written
     through a fresh temporary renamed over it (a link planted there is replaced, never followed)."""
-    from supcon_scale.console import write_text
+    from supcon_scale.files import write_text
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return write_text(Path(out_dir) / BAD_FILES_NAME, "".join(f"{shown(p)}\t{shown(r)}\n" for p, r in bad))
@@ -181,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = arguments.check_data().parse_args(argv)
     console = Console()
-    manifest = None if args.no_manifest else (args.manifest or args.dir / DATASET_MANIFEST)
+    manifest = None if args.no_manifest else (args.manifest or cache_manifest(args.dir))
     try:
-        report = scan(args.dir, args.workers, manifest)
+        report = scan(args.dir, args.workers, manifest, args.backend)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
@@ -197,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(shown(os.path.relpath(p, args.dir)), shown(r))
     console.print(table)
     if args.json is not None:
-        from supcon_scale.console import write_text
+        from supcon_scale.files import write_json
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.json, json.dumps({"root": str(args.dir), **report.to_dict()}, indent=2))
+        write_json(args.json, {"root": str(args.dir), **report.to_dict()})
     return 1 if report.bad else 0

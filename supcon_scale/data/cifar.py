@@ -98,8 +98,43 @@ def archive_dir(root: str | Path, name: str) -> Path:
     )
 
 
+def _class_names(path: Path, meta: dict[str, Any], names_key: str) -> list[str]:
+    names = meta.get(names_key)
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise ValueError(f"data.root: {path}: '{names_key}' is missing or not a list of class names")
+    return [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
+
+
+def _pixels(path: Path, data: Any) -> np.ndarray:
+    """A batch's 'data' as [N, 32, 32, 3] uint8, checked, never cast: float pixels in [0, 1] would become zeros
+    and int64 values past 255 would wrap."""
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "iu":
+        kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"data.root: {path}: 'data' holds {kind}, expected uint8 pixels 0..255")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"data.root: {path}: 'data' has shape {data.shape}, expected [N, 3072]")
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise ValueError(f"data.root: {path}: 'data' ({data.dtype}) holds values outside 0..255")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes R, G, B -> HWC
+
+
+def _labels(path: Path, raw: Any, key: str, count: int, classes: int) -> np.ndarray:
+    """A batch's labels as [N] int64, checked: one integer per image, each naming a class of the meta file."""
+    labels = np.asarray(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if labels is None or (labels.size and labels.dtype.kind not in "iu"):
+        raise ValueError(f"data.root: {path}: '{key}' is not a list of integer labels")
+    if labels.ndim != 1:
+        raise ValueError(f"data.root: {path}: '{key}' has shape {labels.shape}, expected [N]")
+    if len(labels) != count:
+        raise ValueError(f"data.root: {path}: '{key}' holds {len(labels)} labels for {count} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"data.root: {path}: '{key}' holds labels outside 0..{classes - 1}")
+    return labels.astype(np.int64)
+
+
 def load_cifar(root: str | Path, name: str, split: str) -> CifarSplit:
-    """The `train` or `test` split of `cifar10` / `cifar100` (fine labels) under `root`."""
+    """The `train` or `test` split of `cifar10` / `cifar100` (fine labels) under `root`, every array checked by
+    shape, dtype and range (a one-line ValueError naming the archive file and the field)."""
     if split not in ("train", "test"):
         raise ValueError(f"CIFAR split must be train or test, got {split!r}")
     directory = archive_dir(root, name)
@@ -108,21 +143,14 @@ def load_cifar(root: str | Path, name: str, split: str) -> CifarSplit:
     for file in [*(train_files if split == "train" else test_files), meta_file]:
         if not (directory / file).is_file():
             raise ValueError(f"data.root: incomplete {name} archive: {directory / file} is missing")
+    classes = _class_names(directory / meta_file, load_pickle(directory / meta_file), names_key)
     for file in train_files if split == "train" else test_files:
         batch = load_pickle(directory / file)
         if "data" not in batch or label_key not in batch:
             raise ValueError(f"data.root: {directory / file} lacks 'data' or '{label_key}'")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"data.root: {directory / file}: 'data' has shape {data.shape}, expected [N, 3072]")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # planes R, G, B -> HWC
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    meta = load_pickle(directory / meta_file)
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
-    out = CifarSplit(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes)
-    if out.labels.min() < 0 or out.labels.max() >= len(classes):
-        raise ValueError(f"data.root: {directory}: labels outside 0..{len(classes) - 1}")
-    return out
+        images.append(_pixels(directory / file, batch["data"]))
+        labels.append(_labels(directory / file, batch[label_key], label_key, len(images[-1]), len(classes)))
+    return CifarSplit(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes)
 
 
 def detect(root: str | Path) -> str:

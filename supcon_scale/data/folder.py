@@ -11,7 +11,31 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from supcon_scale.files import write_replacing
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The largest encoded sample read (a file, or a shard's member): a 100-megapixel JPEG is about 50 MB; a larger file is
+# no training image, and reading it whole could exhaust the host's memory (issue 25: a JPEG with a 12 GB tail).
+MAX_SAMPLE_BYTES = 256 << 20
+
+
+def too_large(size: int) -> str | None:
+    """The reason a sample of `size` bytes is refused, or None."""
+    if size > MAX_SAMPLE_BYTES:
+        return f"{size:,} bytes, over the {MAX_SAMPLE_BYTES >> 20} MiB limit for one image"
+    return None
+
+
+def read_bounded(path: str) -> bytes:
+    """A sample file's bytes, refusing (ValueError naming it) one over MAX_SAMPLE_BYTES before reading it."""
+    with open(path, "rb") as f:
+        reason = too_large(os.fstat(f.fileno()).st_size)
+        if reason is not None:
+            raise ValueError(f"{path}: {reason}")
+        data = f.read(MAX_SAMPLE_BYTES + 1)
+    if len(data) > MAX_SAMPLE_BYTES:  # it grew while we read it
+        raise ValueError(f"{path}: {too_large(len(data))}")
+    return data
 
 
 @dataclass
@@ -39,8 +63,7 @@ class FolderIndex:
 
     def encoded(self, i: int) -> np.ndarray:
         """The file's bytes as uint8 (DALI's decoders take them as they are)."""
-        with open(self.paths[i], "rb") as f:
-            return np.frombuffer(f.read(), dtype=np.uint8)
+        return np.frombuffer(read_bounded(self.paths[i]), dtype=np.uint8)
 
     def image(self, i: int) -> Image.Image:
         """Any decodable file (grayscale, CMYK, palette, a PNG named .jpg) as an RGB image."""
@@ -117,5 +140,5 @@ def make_demo_data(out: str | Path, size: int = 32, val_fraction: float = 0.2, s
             folder = out / split / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
-            img.save(folder / f"{i:04d}.jpg", quality=95)
+            write_replacing(folder / f"{i:04d}.jpg", lambda tmp, img=img: img.save(tmp, format="JPEG", quality=95))
     return out

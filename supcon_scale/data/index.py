@@ -20,9 +20,25 @@ from PIL import Image
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
-from supcon_scale.data.badfiles import BAD_FILES_NAME, check_refs, default_workers, write_bad_list
+from supcon_scale.data.badfiles import (
+    BAD_FILES_NAME,
+    Judged,
+    Known,
+    backend_problem,
+    default_workers,
+    judge_refs,
+    write_bad_list,
+)
 from supcon_scale.data.folder import FolderIndex, index_folder
-from supcon_scale.data.manifest import DATASET_MANIFEST, RUN_MANIFEST, Manifest, load_manifest
+from supcon_scale.data.manifest import (
+    DATASET_MANIFEST,
+    RUN_MANIFEST,
+    Manifest,
+    Row,
+    cache_manifest,
+    known_of,
+    load_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +85,9 @@ def manifest_paths(cfg: DataConfig, out_dir: Path | None, directory: Path) -> tu
     write = Path(cfg.manifest) if cfg.manifest else (Path(out_dir) / RUN_MANIFEST if out_dir is not None else None)
     reads = [write] if write is not None else []
     for d in (Path(cfg.root), directory):
-        if d / DATASET_MANIFEST not in reads:
-            reads.append(d / DATASET_MANIFEST)
+        for path in (cache_manifest(d), d / DATASET_MANIFEST):  # check-data's, then one an older version wrote
+            if path not in reads:
+                reads.append(path)
     return write, [p for p in reads if p.is_file()]
 
 
@@ -83,79 +100,90 @@ def _read_manifest(paths: list[Path], kind: str, directory: Path) -> tuple[Manif
 
 @dataclass
 class Listing:
-    """Rank 0's view of the split, broadcast to every rank: samples, known verdicts (None: decode it), and more."""
+    """Rank 0's view of the split, broadcast to every rank: samples, what the manifest knew of each, and more."""
 
     samples: Any
-    verdicts: list[str | None]
+    fixed: list[str | None]  # a problem found while listing (a shard member without label): not decoded
+    known: list[Known | None]  # the manifest's (digest, format, verdict) of each sample, if any
     extra_bad: list[tuple[str, str]]  # problems that are not samples (a truncated shard's lost tail)
     rows: list[tuple[str, int, int, tuple[int, ...]]]  # manifest key, size, mtime, extra ints of each sample
     extra_rows: list[tuple[str, int, int, str]]  # manifest rows of extra_bad
     prefix: str
     read_from: str | None
+    changed: bool = False  # a sample or shard the manifest did not list as it is now
 
 
 def _list_folder(directory: Path, manifest: Manifest | None, prefix: str) -> Listing:
     index = index_folder(directory)
     base = len(str(directory)) + 1
-    known = manifest.rows if manifest is not None else {}
-    verdicts: list[str | None] = []
+    old = manifest.rows if manifest is not None else {}
+    known: list[Known | None] = []
     rows = []
+    changed = False
     assert index.sizes is not None and index.mtimes_ns is not None
     for path, size, mtime in zip(index.paths, index.sizes, index.mtimes_ns, strict=True):
         key = prefix + path[base:]
-        row = known.get(key)
-        verdicts.append(row[2] if row is not None and row[0] == size and row[1] == mtime else None)
+        row = old.get(key)
+        known.append(known_of(row))  # the digest decides; size and mtime only tell whether to rewrite the row
+        changed = changed or row is None or row[:2] != (size, mtime)
         rows.append((key, size, mtime, ()))
-    return Listing(index, verdicts, [], rows, [], prefix, None)
+    return Listing(index, [None] * len(rows), known, [], rows, [], prefix, None, changed)
+
+
+def _shard_members(path: str, n_classes: int, directory: Path, declared: int) -> tuple[list, list[str]]:
+    """One tar's members `(key, offset, nbytes, label, problem)` and shard-level problems, from its headers."""
+    from supcon_scale.data.shards import read_shard
+
+    table = read_shard(path, n_classes)
+    members = [(m.key, m.offset, m.nbytes, -1 if m.label is None else m.label, m.problem) for m in table.members]
+    problems = [table.problem] if table.problem else []
+    if not problems and len(members) != declared:
+        problems = [f"{directory / 'index.json'} lists {declared} samples, the tar holds {len(members)}"]
+    return members, problems
 
 
 def _list_shards(directory: Path, manifest: Manifest | None, prefix: str, num_classes: int | None) -> Listing:
-    from supcon_scale.data.shards import ShardIndex, read_index, read_shard
+    from supcon_scale.data.shards import ShardIndex, read_index
 
     classes, shards = read_index(directory)
     n_classes = max(len(classes), num_classes or 0)
-    known: dict[str, list[tuple[str, tuple]]] = {}
+    old: dict[str, list[tuple[str, Row]]] = {}
     for key, row in manifest.rows.items() if manifest is not None else ():
         shard, _, member = key.partition(".tar:")
-        known.setdefault(shard + ".tar", []).append((member, row))
+        old.setdefault(shard + ".tar", []).append((member, row))
     samples = ShardIndex([], [], classes, [], [], [])
-    verdicts: list[str | None] = []
-    rows: list[tuple[str, int, int, tuple[int, ...]]] = []
-    extra_bad: list[tuple[str, str]] = []
-    extra_rows: list[tuple[str, int, int, str]] = []
+    listing = Listing(samples, [], [], [], [], [], prefix, None)
     for path, declared in shards:
         st = os.stat(path)
         rel = prefix + os.path.relpath(path, directory)
-        old = known.get(rel, [])
-        if old and all(r[0] == st.st_size and r[1] == st.st_mtime_ns for _, r in old):
-            members = [(m, r[3][0], r[3][1], r[3][2], r[2]) for m, r in old if m]
-            problems = [r[2] for m, r in old if not m]
+        rows = old.get(rel, [])
+        known: dict[str, Known | None] = {m: known_of(r) for m, r in rows}
+        if rows and all(r[:2] == (st.st_size, st.st_mtime_ns) for _, r in rows):
+            # an unchanged tar: its member table from the manifest (no header walk); listing problems kept
+            members = [(m, *r[5][:3], None if r[2] else (r[4] or None)) for m, r in rows if m]
+            problems = [r[4] for m, r in rows if not m]
         else:
-            table = read_shard(path, n_classes)
-            members = [
-                (m.key, m.offset, m.nbytes, -1 if m.label is None else m.label, m.problem) for m in table.members
-            ]
-            problems = [table.problem] if table.problem else []
-            if not problems and len(members) != declared:
-                problems = [f"{directory / 'index.json'} lists {declared} samples, the tar holds {len(members)}"]
+            listing.changed = True
+            members, problems = _shard_members(path, n_classes, directory, declared)
         for problem in problems:
-            extra_bad.append((path, problem))
-            extra_rows.append((f"{rel}:", st.st_size, st.st_mtime_ns, problem))
-        for key, offset, nbytes, label, verdict in members:
+            listing.extra_bad.append((path, problem))
+            listing.extra_rows.append((f"{rel}:", st.st_size, st.st_mtime_ns, problem))
+        for key, offset, nbytes, label, problem in members:
             samples.paths.append(f"{path}:{key}")
             samples.labels.append(label)
             samples.files.append(path)
             samples.offsets.append(offset)
             samples.nbytes.append(nbytes)
-            verdicts.append(verdict)
-            rows.append((f"{rel}:{key}", st.st_size, st.st_mtime_ns, (offset, nbytes, label)))
-    if not samples.paths and not extra_bad:
+            listing.fixed.append(problem)
+            listing.known.append(known.get(key))
+            listing.rows.append((f"{rel}:{key}", st.st_size, st.st_mtime_ns, (offset, nbytes, label)))
+    if not samples.paths and not listing.extra_bad:
         raise ValueError(f"data.root: the shards under {directory} hold no samples")
-    return Listing(samples, verdicts, extra_bad, rows, extra_rows, prefix, None)
+    return listing
 
 
 def list_split(cfg: DataConfig, directory: Path, manifest_reads: list[Path]) -> Listing:
-    """List the split and take every verdict the manifest still vouches for (same size and mtime)."""
+    """List the split with what the manifest knew of each sample (its digest, format and verdict)."""
     manifest, prefix, path = _read_manifest(manifest_reads, cfg.format, directory)
     if cfg.format == "shards":
         listing = _list_shards(directory, manifest, prefix, cfg.num_classes)
@@ -165,22 +193,40 @@ def list_split(cfg: DataConfig, directory: Path, manifest_reads: list[Path]) -> 
     return listing
 
 
-def _save_manifest(listing: Listing, kind: str, directory: Path, path: Path) -> Path:
+def _save_manifest(listing: Listing, judged: list[Judged | None], kind: str, directory: Path, path: Path) -> Path:
     root = os.path.abspath(directory)
     if listing.prefix:  # the keys are relative to the directory of the manifest read; keep that root
         root = root[: -len(listing.prefix.rstrip("/")) - 1]
     manifest = Manifest(root, kind)
-    for (key, size, mtime, extra), verdict in zip(listing.rows, listing.verdicts, strict=True):
-        manifest.rows[key] = (size, mtime, verdict or "", extra)
+    for (key, size, mtime, extra), fixed, j in zip(listing.rows, listing.fixed, judged, strict=True):
+        digest, fmt, verdict = ("", "", fixed or "") if j is None else j[:3]
+        manifest.rows[key] = (size, mtime, digest, fmt, verdict, extra)
     for key, size, mtime, problem in listing.extra_rows:
-        manifest.rows[key] = (size, mtime, problem, (-1, 0, -1))
+        manifest.rows[key] = (size, mtime, "", "", problem, (-1, 0, -1))
     return manifest.save(path)
+
+
+def _judge_over_ranks(listing: Listing, ctx: distributed.Context, workers: int | None) -> tuple[list, int]:
+    """Every sample without a listing problem judged (`badfiles.judge`), 1/world of them on each rank and all
+    gathered: `(judged or None per sample, how many this rank decoded)`."""
+    todo = [i for i, f in enumerate(listing.fixed) if f is None]
+    mine = todo[ctx.rank :: ctx.world_size]
+    if workers is None:
+        workers = default_workers(distributed.launch_env().local_world_size)
+    part = judge_refs([listing.samples.ref(i) for i in mine], [listing.known[i] for i in mine], workers)
+    per_rank = distributed.all_gather_object(part) if ctx.distributed else [part]
+    judged: list[Judged | None] = [None] * len(listing.fixed)
+    for r, results in enumerate(per_rank):
+        for i, result in zip(todo[r :: ctx.world_size], results, strict=True):  # type: ignore[call-overload]
+            judged[i] = result
+    return judged, sum(j[3] for j in part)
 
 
 def scan_split(
     cfg: DataConfig, ctx: distributed.Context, out_dir: Path | None, workers: int | None = None
 ) -> tuple[Any, list[tuple[str, str]], ScanStats]:
-    """Every sample of the split with its verdict: `(samples, bad (name, reason), stats)`, the same on every rank."""
+    """Every sample of the split with its verdict for `data.backend`: `(samples, bad (name, reason), stats)`, the
+    same on every rank."""
     t0 = time.perf_counter()
     directory = train_dir(cfg.root)
     write, reads = manifest_paths(cfg, out_dir, directory)
@@ -197,19 +243,17 @@ def scan_split(
     if isinstance(payload, str):
         raise ValueError(payload)
     listing = payload
-    todo = [i for i, v in enumerate(listing.verdicts) if v is None]
-    mine = todo[ctx.rank :: ctx.world_size]
-    if workers is None:
-        workers = default_workers(distributed.launch_env().local_world_size)
-    reasons = check_refs([listing.samples.ref(i) for i in mine], workers)
-    per_rank = distributed.all_gather_object(reasons) if ctx.distributed else [reasons]
-    for r, part in enumerate(per_rank):
-        for i, reason in zip(todo[r :: ctx.world_size], part, strict=True):  # type: ignore[call-overload]
-            listing.verdicts[i] = reason or ""
-    bad = list(listing.extra_bad) + [(listing.samples.paths[i], v) for i, v in enumerate(listing.verdicts) if v]
-    stats = ScanStats(len(listing.verdicts), len(todo), len(mine), len(listing.verdicts) - len(todo), len(bad))
-    if ctx.is_main and write is not None and (todo or listing.read_from != str(write)):
-        stats.manifest = str(_save_manifest(listing, cfg.format, directory, write))
+    judged, decoded_here = _judge_over_ranks(listing, ctx, workers)
+    verdicts = [
+        f if j is None else j[2] or backend_problem(j[1], cfg.backend)
+        for f, j in zip(listing.fixed, judged, strict=True)
+    ]
+    bad = list(listing.extra_bad) + [(listing.samples.paths[i], v) for i, v in enumerate(verdicts) if v]
+    decoded = sum(j[3] for j in judged if j is not None)
+    n = len(verdicts)
+    stats = ScanStats(n, decoded, decoded_here, n - decoded, len(bad))
+    if ctx.is_main and write is not None and (decoded or listing.changed or listing.read_from != str(write)):
+        stats.manifest = str(_save_manifest(listing, judged, cfg.format, directory, write))
     elif write is not None and write.is_file():
         stats.manifest = str(write)
     stats.seconds = time.perf_counter() - t0

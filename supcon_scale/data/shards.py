@@ -22,15 +22,18 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import quote, unquote_to_bytes
 
 import numpy as np
 from PIL import Image
 
 from supcon_scale import arguments
-from supcon_scale.data.folder import IMAGE_EXTENSIONS, index_folder
+from supcon_scale.data.folder import IMAGE_EXTENSIONS, FolderIndex, index_folder, read_bounded
+from supcon_scale.files import write_replacing, write_text
 
 INDEX_NAME = "index.json"
 LABEL_EXT = "cls"
+MAX_LABEL_BYTES = 64  # a `.cls` member holds one integer
 _IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
 
 # Open shard descriptors of this process; pread has no file position, so forked DataLoader workers may share them.
@@ -140,12 +143,17 @@ def read_shard(path: str, num_classes: int) -> ShardTable:
                     break
                 ext = ext.lower()
                 if ext == LABEL_EXT:
+                    if m.size > MAX_LABEL_BYTES:  # never read a huge member whole
+                        member.problem = f"label member {m.name} of {m.size:,} bytes (a label is a short integer)"
+                        continue
                     text = tf.extractfile(m).read().strip()  # type: ignore[union-attr]
                     try:
                         member.label = int(text)
                     except ValueError:
                         member.problem = f"label {text[:20]!r} is not an integer"
                 elif ext in _IMAGE_EXTS:
+                    if member.offset >= 0:  # a.jpg and a.png under one key: neither is silently dropped
+                        member.problem = f"two images under the key {key} (the second is {m.name})"
                     member.offset, member.nbytes = m.offset_data, m.size
     except tarfile.TarError as exc:
         raise ValueError(f"data.root: {path}: not a readable tar shard ({exc})") from None
@@ -180,33 +188,61 @@ def read_index(directory: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, shards
 
 
+def encode_key(stem: str) -> str:
+    """A file's stem as a WebDataset key: readers end the key at the first dot of a member's name, so a dot (and
+    `%`, and any byte outside printable ASCII) is percent-encoded; `decode_key` gives the name back, byte for byte."""
+    return quote(os.fsencode(stem), safe=" !#$&'()+,;=@[]^`{}").replace(".", "%2E")
+
+
+def decode_key(key: str) -> str:
+    """The file stem `encode_key` was given (names that are not UTF-8 come back with the same bytes)."""
+    return os.fsdecode(unquote_to_bytes(key))
+
+
+def _shard_keys(index: FolderIndex) -> list[str]:
+    """Each sample's key `class/encoded stem`; two files of one class with the same stem are refused by name."""
+    keys: list[str] = []
+    first: dict[str, str] = {}
+    for path, label in zip(index.paths, index.labels, strict=True):
+        key = f"{index.classes[label]}/{encode_key(Path(path).stem)}"
+        if key in first:
+            raise ValueError(f"make-shards: {first[key]} and {path} would share the key {key}; rename one")
+        first[key] = path
+        keys.append(key)
+    return keys
+
+
+def _write_tar(tmp: Path, members: list[tuple[str, bytes]]) -> None:
+    # PAX: names longer than 100 bytes are kept whole (USTAR would refuse them)
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tf.addfile(info, io.BytesIO(data))
+
+
 def write_shards(src: str | Path, dst: str | Path, shard_size: int) -> Path:
-    """Convert the folder `src` (`src/train` when present) into shards of `shard_size` samples in `dst`."""
+    """Convert the folder `src` (`src/train` when present) into shards of `shard_size` samples in `dst`, each file
+    written through `files.write_replacing` (a link planted at a shard's or the index's name is replaced)."""
     if shard_size < 1:
         raise ValueError(f"make-shards: --shard-size must be at least 1, got {shard_size}")
     src = Path(src)
     index = index_folder(src / "train" if (src / "train").is_dir() else src)
+    keys = _shard_keys(index)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     shards = []
-    seen: set[str] = set()
     for start in range(0, len(index), shard_size):
         name = f"shard-{len(shards):06d}.tar"
-        with tarfile.open(dst / name, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(start, min(start + shard_size, len(index))):
-                path = Path(index.paths[i])
-                key = f"{index.classes[index.labels[i]]}/{path.stem}"
-                if key in seen:  # a.jpg and a.png in one class: keep both
-                    key = f"{key}_{path.suffix.lstrip('.')}"
-                seen.add(key)
-                label = str(index.labels[i]).encode()
-                for member, data in ((f"{key}{path.suffix.lower()}", path.read_bytes()), (f"{key}.{LABEL_EXT}", label)):
-                    info = tarfile.TarInfo(member)
-                    info.size, info.mode, info.mtime = len(data), 0o644, 0
-                    tf.addfile(info, io.BytesIO(data))
+        members: list[tuple[str, bytes]] = []
+        for i in range(start, min(start + shard_size, len(index))):
+            suffix = Path(index.paths[i]).suffix.lower()
+            members.append((f"{keys[i]}{suffix}", read_bounded(index.paths[i])))
+            members.append((f"{keys[i]}.{LABEL_EXT}", str(index.labels[i]).encode()))
+        write_replacing(dst / name, lambda tmp, members=members: _write_tar(tmp, members))
         shards.append({"path": name, "samples": min(shard_size, len(index) - start)})
     meta = {"format": "webdataset", "classes": index.classes, "shards": shards}
-    (dst / INDEX_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+    write_text(dst / INDEX_NAME, json.dumps(meta, indent=1) + "\n")
     return dst
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from supcon_scale import optim
+from supcon_scale import models, optim
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, all_reduce_min
 
@@ -32,6 +32,14 @@ def check_cpu_bf16(cfg: RunConfig, ctx: Context) -> None:
             "returns uninitialised weight gradients when layer4 sees a 1x1 input; use data.image_size >= "
             f"{CPU_BF16_MIN_IMAGE_SIZE} or precision=fp32"
         )
+
+
+def build_optimizer(
+    cfg: RunConfig, model: nn.Module, lars_class: type[optim.Lars] = optim.Lars
+) -> torch.optim.Optimizer:
+    """`optim.build_optimizer` with each parameter's layer (`models.layer_ids`) when `optim.layer_decay` is set."""
+    layers = models.layer_ids(model) if cfg.optim.layer_decay is not None else None
+    return optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size, lars_class, layers)
 
 
 def local_grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
@@ -154,7 +162,7 @@ class TorchEngine(Engine):
         super().__init__(cfg, ctx)
         # Sharded engines wrap first: their optimizer must hold the wrapped (sharded) parameters.
         self.model = self.wrap(model.to(ctx.device))
-        self.optimizer = optim.build_optimizer(self.model, cfg.optim, cfg.data.global_batch_size)
+        self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
         self.scaler = grad_scaler(cfg, ctx)
 
@@ -207,4 +215,4 @@ class TorchEngine(Engine):
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return optim.peak_lr(self.optimizer)

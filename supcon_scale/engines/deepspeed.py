@@ -1,4 +1,4 @@
-"""DeepSpeed engine: `deepspeed.initialize` with our optimizer (LARS/SGD/AdamW) and LambdaLR as client objects.
+"""DeepSpeed engine: `deepspeed.initialize` with our optimizer (LARS/SGD/AdamW/LAMB) and LambdaLR as client objects.
 
 Precision is DeepSpeed's `torch_autocast` section (bf16 activations, fp32 parameters, fp32 gradient reduction), not
 its `bf16` section: that one casts the whole module, BatchNorm included, to bf16 and wraps the optimizer in
@@ -19,7 +19,7 @@ from torch import nn
 from supcon_scale import optim
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, all_reduce_min, single_process_group
-from supcon_scale.engines.base import AUTOCAST_DTYPES, Engine
+from supcon_scale.engines.base import AUTOCAST_DTYPES, Engine, build_optimizer
 from supcon_scale.engines.zero_lars import ZeroLars, zero_layouts
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -124,7 +124,7 @@ class DeepSpeedEngine(Engine):
         # contiguous tensor. Channels-last inputs still give channels-last activations.
         model = model.to(ctx.device)
         # ZeroLars steps like timm's Lars until it is told ZeRO's partition layout (below, stages 1-2).
-        optimizer = optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size, lars_class=ZeroLars)
+        optimizer = build_optimizer(cfg, model, lars_class=ZeroLars)
         scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
         if not dist.is_initialized():  # a plain `python` run: DeepSpeed still wants a (1-rank) group and LOCAL_RANK
             single_process_group(ctx.device)
@@ -249,7 +249,7 @@ class DeepSpeedEngine(Engine):
 
     @property
     def lr(self) -> float:
-        return self.base_optimizer.param_groups[0]["lr"]
+        return optim.peak_lr(self.base_optimizer)
 
 
 def consolidate(per_rank: list[dict[str, Any]], layout: list[list[tuple[str, int, torch.Size]]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""FSDP2 engine: `fully_shard` per ResNet stage, then the root; exact LARS on DTensor shards.
+"""FSDP2 engine: `fully_shard` per encoder block (`models.blocks`), then the root; exact LARS on DTensor shards.
 
 Parameters, gradients and optimizer state are sharded over the data-parallel ranks; each stage's parameters are
 all-gathered just before its forward/backward. Mixed precision is torch autocast around fp32 parameters (not
@@ -16,19 +16,17 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
+from supcon_scale import models
 from supcon_scale.engines.base import TorchEngine
-
-# Encoder children that are one "stage" each (timm ResNet: layer1..layer4; ConvNeXt/RegNet-style: stages).
-STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules to shard separately: each ResNet stage (or `stages[i]`) of the encoder, in forward order."""
-    encoder = getattr(model, "encoder", model)
-    units = [getattr(encoder, n) for n in STAGE_NAMES if isinstance(getattr(encoder, n, None), nn.Module)]
-    stages = getattr(encoder, "stages", None)
-    if not units and isinstance(stages, (nn.Sequential, nn.ModuleList)):
-        units = list(stages)
+    """The submodules to shard separately: the encoder's blocks (a ResNet's stages, a ViT's blocks), in order."""
+    units = models.blocks(getattr(model, "encoder", model))
+    if not units:
+        raise ValueError(
+            "engine.name=fsdp: cannot find the encoder's blocks to shard (its timm group_matcher names none)"
+        )
     return units
 
 

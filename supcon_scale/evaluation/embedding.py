@@ -69,14 +69,14 @@ def embed(
     """(normalised features [N, D], labels [N], class names) of DIR/val under the encoder `checkpoint`.
 
     `max_images` keeps an evenly spaced subset (t-SNE is quadratic in N); None keeps every image."""
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.evaluation.features import extract_features
     from supcon_scale.evaluation.linear import checkpoint_image_size
+    from supcon_scale.export import encoder_from_export
 
     path = Path(checkpoint)
     path = path / "encoder.safetensors" if path.is_dir() else path
-    encoder, meta = load_encoder(path)
+    encoder, meta = encoder_from_export(path)
     size = image_size or checkpoint_image_size(path, meta.get("cifar_stem") == "1")
     val = Path(data) / "val"
     if not val.is_dir():

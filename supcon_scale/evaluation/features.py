@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import distributed
+from supcon_scale.files import write_replacing
 from supcon_scale.resilience import ignore_preemption_signals
 
 
@@ -29,6 +30,9 @@ POSITIVE = ("lr", "temperature", "image_size", "batch_size", "epochs", "k", "wor
 NON_NEGATIVE = ("workers", "weight_decay", "label_smoothing")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest float flag torch can take
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse an evaluation command's flags that would run on garbage (`--lr nan` gives chance-level results with
     exit 0, `--image-size -1` a traceback deep in a transform): a one-line ValueError naming the flag."""
@@ -38,6 +42,8 @@ def check_args(args: argparse.Namespace) -> None:
         flag = "--" + name.replace("_", "-")
         if not math.isfinite(value):
             raise ValueError(f"{flag}: must be a finite number, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # `--lr 1e300`: an overflow inside the optimizer
+            raise ValueError(f"{flag}: {value} does not fit in float32, the precision the model computes in")
         if name in POSITIVE and value <= 0:
             raise ValueError(f"{flag}: must be > 0, got {value}")
         if name in NON_NEGATIVE and value < 0:
@@ -127,9 +133,8 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    state = {"features": features.contiguous(), "labels": labels.contiguous()}
+    write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata={"key": key}))
 
 
 def load_features(path: str | Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import arguments, config, distributed
-from supcon_scale.console import write_text
+from supcon_scale.files import write_text
 
 
 class Finetuned(nn.Module):
@@ -132,15 +132,15 @@ def finetune(
 
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale finetune`: exit 0, or 2 with a one-line reason on bad input."""
-    from supcon_scale.checkpoint import export_encoder, load_encoder
     from supcon_scale.evaluation.features import check_args
     from supcon_scale.evaluation.linear import checkpoint_image_size, run_config
     from supcon_scale.evaluation.stats import format_accuracy
+    from supcon_scale.export import encoder_from_export, export_encoder
 
     args = arguments.finetune().parse_args(argv)
     try:
         check_args(args)
-        encoder, meta = load_encoder(args.checkpoint)
+        encoder, meta = encoder_from_export(args.checkpoint)
         size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
         model, result = finetune(
             encoder, args.data, image_size=size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fine-tuned {meta.get('encoder')}: top-1 {format_accuracy(result['top1'], result['num_val'])}, "
           f"top-5 {100 * result['top5']:.2f} after {args.epochs} epochs")  # fmt: skip
     if args.save:
-        export_encoder(model.encoder, args.save, meta["encoder"], meta.get("cifar_stem") == "1")
+        export_encoder(model.encoder, args.save, meta)  # the same construction arguments
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.json, json.dumps(result, indent=2))

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import arguments, distributed
-from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import default_device, extract_features
+from supcon_scale.files import write_text
 from supcon_scale.hooks import Hook, StepInfo
 
 Source = str | Path | torch.utils.data.Dataset | tuple[torch.Tensor, torch.Tensor]
@@ -181,13 +181,13 @@ class KnnMonitor(Hook):
         if not is_sharded(self.encoder):
             return self.encoder
         from supcon_scale.checkpoint import encoder_state
-        from supcon_scale.models import create_encoder
+        from supcon_scale.models import create_encoder, encoder_kwargs
 
         model = self.engine.state_dict()["model"]  # every rank calls it; rank 0 receives the full state
         state = distributed.broadcast_object(encoder_state(model) if self.engine.ctx.is_main else None)
         if self._copy is None:
             cfg = self.engine.cfg.model
-            self._copy = create_encoder(cfg.encoder, cifar_stem=cfg.cifar_stem)
+            self._copy = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, self.image_size))
         self._copy.load_state_dict(state)
         return self._copy
 
@@ -222,8 +222,8 @@ def check_monitor_data(root: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`supcon-scale knn --checkpoint PATH --data DIR [--k 200] [--temperature 0.07] [--json OUT]`."""
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.evaluation.linear import checkpoint_image_size
+    from supcon_scale.export import encoder_from_export
 
     args = arguments.knn().parse_args(argv)
     from supcon_scale.evaluation.features import check_args
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = distributed.init()
     try:
-        encoder, meta = load_encoder(args.checkpoint)
+        encoder, meta = encoder_from_export(args.checkpoint)
         size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
         root = Path(args.data)
         result = knn_eval(

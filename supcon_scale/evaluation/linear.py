@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import arguments, config, distributed
-from supcon_scale.console import write_text
 from supcon_scale.evaluation.features import (
     cache_key,
     default_device,
@@ -42,6 +41,7 @@ from supcon_scale.evaluation.features import (
     load_features,
     save_features,
 )
+from supcon_scale.files import write_replacing, write_text
 
 PresetName = Literal["official", "official_imagenet", "official_cifar", "hobbitlong", "fast", "paper", "sgd"]
 
@@ -170,8 +170,9 @@ def save_probe(probe: LinearProbe, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"weight": probe.fc.weight, "bias": probe.fc.bias, "mean": probe.mean, "std": probe.std}
     meta = {"classes": json.dumps(probe.classes), "normalize": str(int(probe.normalize))}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-    return path
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # through the one writer: `--save-probe DIR` (a directory) is one line naming it, a planted link is replaced
+    return write_replacing(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def load_probe(encoder: nn.Module, path: str | Path) -> LinearProbe:
@@ -228,7 +229,13 @@ def run_config(path: str | Path) -> config.RunConfig | None:
 
 
 def checkpoint_image_size(path: str | Path, cifar_stem: bool) -> int:
-    """The pre-training image size from the run's config; 32 for a CIFAR stem, else 224."""
+    """The input size the export records; else the pre-training run's config; else 32 for a CIFAR stem, 224."""
+    from supcon_scale.export import ENCODER_FILE, input_size, read_metadata
+
+    file = Path(path) / ENCODER_FILE if Path(path).is_dir() else Path(path)
+    recorded = input_size(read_metadata(file)) if file.is_file() else None
+    if recorded is not None:
+        return recorded
     cfg = run_config(path)
     if cfg is not None:
         return cfg.data.image_size
@@ -667,8 +674,8 @@ def print_results(title: str, rows: dict[str, dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`tools/linear_eval.py` / `supcon-scale linear-eval`: exit 0, or 2 with a one-line reason on bad input."""
     args = arguments.linear_eval().parse_args(argv)
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.evaluation.features import check_args
+    from supcon_scale.export import encoder_from_export
 
     check_args(args)
     from supcon_scale.evaluation.splits import check_splits
@@ -680,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = distributed.init(seed=args.seed)
     try:
-        encoder, meta = load_encoder(args.checkpoint)
+        encoder, meta = encoder_from_export(args.checkpoint)
         stage1 = run_config(args.checkpoint)
         size = args.image_size or checkpoint_image_size(args.checkpoint, meta.get("cifar_stem") == "1")
         probe, result = fit_linear_probe(

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from supcon_scale import arguments
-from supcon_scale.console import write_replacing
+from supcon_scale.files import write_replacing
 
 
 def _pyplot():
@@ -27,8 +27,11 @@ def _save(plt: Any, fig: Any, path: str | Path, tight: bool = True) -> Path:
     if tight:  # also keeps a legend placed outside the axes inside the saved image
         fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # `--out map`: matplotlib would add `.png` to the temporary's name and leave `map` empty
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_replacing(path, fig.savefig)  # a link planted at the name is replaced, never followed
+    fmt = path.suffix[1:].lower()  # the format from the name asked for, not from the temporary's
+    write_replacing(path, lambda tmp: fig.savefig(tmp, format=fmt))  # a planted link is replaced, never followed
     plt.close(fig)
     return path
 

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import arguments, distributed
-from supcon_scale.console import write_text
 from supcon_scale.data.folder import FolderIndex, index_folder
 from supcon_scale.evaluation.corruptions import (
     ALL_CORRUPTIONS,
@@ -40,6 +39,7 @@ from supcon_scale.evaluation.mce import (
     defined_corruptions,
 )
 from supcon_scale.evaluation.splits import check_same_classes, check_splits, class_difference
+from supcon_scale.files import write_replacing, write_text
 
 # Relative CE divides each model's (corrupted - clean) error gap by the baseline's. Below this clean error the
 # baseline's clean error is measured from a handful of mistakes (or none) on a small split, so its gap is noise-
@@ -99,9 +99,8 @@ def _generate_one(
             out = out.resize(size, Image.BOX)
         dst = Path(out_dir) / c / str(s) / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-        out.save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, dst)  # complete or absent: an interrupted run resumes where it stopped
+        # complete or absent (an interrupted run resumes where it stopped); a planted link replaced, a device refused
+        write_replacing(dst, lambda tmp, out=out: out.save(tmp, format="JPEG", quality=quality))
     return len(todo), len(corruptions) * len(severities) - len(todo), None
 
 
@@ -369,13 +368,13 @@ def _score(
     name: str, path: str | Path, c_root: Path, clean_root: Path, generated: dict[str, Any] | None, **kw: Any
 ) -> dict[str, Any]:
     """One checkpoint: its probe (fitted, or saved in `kw["probes"]`), clean top-1 and errors on every folder."""
-    from supcon_scale.checkpoint import load_encoder
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.evaluation.features import extract_features
     from supcon_scale.evaluation.linear import checkpoint_image_size, fit_linear_probe, load_probe, topk_accuracy
+    from supcon_scale.export import encoder_from_export
 
     probes, batch_size, device, num_workers = kw["probes"], kw["batch_size"], kw["device"], kw["num_workers"]
-    encoder, meta = load_encoder(path)
+    encoder, meta = encoder_from_export(path)
     check_inputs({name: path}, c_root, clean_root, kw["corruptions"], kw["severities"])  # before any image is scored
     size = (
         kw["image_size"]

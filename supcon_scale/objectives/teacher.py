@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from supcon_scale import checkpoint, config, models
+from supcon_scale import checkpoint, config, export, models
 from supcon_scale.objectives import cross_entropy
 
 
@@ -61,9 +61,10 @@ def _from_run(path: Path) -> nn.Module:
             f"kd.teacher: {ckpt} is a {meta['config']['loss']['name']} run; a teacher must be a classifier"
         )
     state = checkpoint.load_tensors(ckpt / "model.safetensors")
-    run_cfg = config.from_dict(meta["config"])
     if state.get("head.weight") is None or state["head.weight"].ndim != 2:
         raise ValueError(f"kd.teacher: {ckpt / 'model.safetensors'} has no classifier head.weight")
-    model = models.build(run_cfg.model, num_classes=state["head.weight"].shape[0])
-    checkpoint.load_matching(model, state, str(ckpt))
-    return model
+    encoder, _ = export.encoder_from_export(ckpt)  # rebuilt from the construction arguments the run recorded
+    head = nn.Linear(*state["head.weight"].shape[::-1])
+    checkpoint.load_matching(head, {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}, str(ckpt))
+    normalize_input = bool(meta["config"]["model"].get("normalize_encoder_output", False))
+    return models.SupConModel(encoder, head, normalize=False, normalize_input=normalize_input)
