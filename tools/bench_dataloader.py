@@ -2,7 +2,7 @@
 
 import sys
 
-from supcon_scale.bench.loader import main
+from supcon_scale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench-dataloader", *sys.argv[1:]]))  # through the CLI: --help without torch

@@ -3,7 +3,7 @@
 
 import sys
 
-from supcon_scale.evaluation.robustness import main
+from supcon_scale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["imagenet-c", *sys.argv[1:]]))  # through the CLI: --help without torch
