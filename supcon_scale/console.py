@@ -59,13 +59,6 @@ def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
     """Refuse an `out_dir` that is a file, or a directory (or the nearest existing parent) this user cannot write,
     or one holding a link where the run appends, before anything is written; nothing is created here."""
     path = Path(path)
-    for name in APPENDED:
-        if (path / name).is_symlink():
-            raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
-        try:
-            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
-        except WriteError as exc:
-            raise ValueError(f"{key}: {exc}") from None
     probe = path
     while not probe.exists() and probe != probe.parent:
         if probe.is_symlink():  # a dangling link
@@ -75,6 +68,13 @@ def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
         raise ValueError(f"{key}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{key}: {probe} is not writable by this user")
+    for name in APPENDED:
+        if (path / name).is_symlink():
+            raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
+        try:
+            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
+        except WriteError as exc:
+            raise ValueError(f"{key}: {exc}") from None
     return path
 
 

@@ -137,7 +137,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     previous = checkpoint.latest(out)
     before = snapshot(previous)
     with _file_size_limit(2 << 20):  # the 45 MB model.safetensors of step 2 cannot be written
-        rc, err = run_cli(capsys, train_args(data16, out, "train.resume=auto", "train.max_steps=2"))
+        rc, err = run_cli(
+            capsys,
+            train_args(data16, out, "train.resume=auto", "train.max_steps=2", "train.allow_changes=train.max_steps"),
+        )
     assert rc == 1, err[-3000:]
     one_line_error(err, str(out), "not written", "File too large")
     assert checkpoint.latest(out) == previous and snapshot(previous) == before  # the previous one intact

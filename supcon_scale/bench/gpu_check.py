@@ -153,7 +153,9 @@ def part_engines(check: Check) -> dict[str, Any]:
         ]
         start = time.perf_counter()
         first = cli.main(["train", *common, "train.max_steps=3"])
-        second = cli.main(["train", *common, "train.max_steps=6", "train.resume=auto"])
+        second = cli.main(
+            ["train", *common, "train.max_steps=6", "train.resume=auto", "train.allow_changes=train.max_steps"]
+        )
         newest = checkpoint.latest(out)
         results[name] = {
             "exit": [first, second],
