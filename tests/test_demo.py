@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # three training runs and their evaluations: 10+ min on a slower 2-core CPU (subprocess's)
+@pytest.mark.timeout(2400)  # three training runs and their evaluations: 24 min on a loaded 2-core CPU here
 def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
     """The README's figures (SupCon 0.986, cross-entropy 0.997 linear top-1; GenSCL 0.961 earlier) with intervals."""
     proc = subprocess.run(
@@ -24,7 +24,7 @@ def test_demo_with_genscl_reaches_its_published_accuracy(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
