@@ -137,3 +137,14 @@ def identities(views: list[torch.Tensor], labels: torch.Tensor) -> list[tuple[in
         assert code[0] == int(labels[b]), (code, int(labels[b]))
         out.append(code)
     return out
+
+
+def write_noise(root: Path, classes: int, per_class: int, seed: int, size: int = 24) -> Path:
+    """`root/train/c<k>/<i>.png` of random RGB noise: a flip, crop, colour or blur change shows in the pixels."""
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        folder = root / "train" / f"c{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root

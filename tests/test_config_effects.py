@@ -13,14 +13,12 @@ import functools
 import signal
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from data_images import write_noise
 
 from supcon_scale import config, engines, models, objectives, trainer
 from supcon_scale.data import build_train_loader
@@ -29,17 +27,6 @@ from supcon_scale.resilience import NonFiniteError, NonFiniteGuard, PreemptionHa
 
 CTX = Context(rank=0, world_size=1, local_rank=0)
 NUM_CLASSES = 4
-
-
-def write_noise(root: Path, classes: int, per_class: int, seed: int, size: int = 24) -> Path:
-    """`root/train/c<k>/<i>.png` of random RGB noise: a flip, crop, colour or blur change shows in the pixels."""
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        folder = root / "train" / f"c{k}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
