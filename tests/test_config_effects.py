@@ -10,6 +10,7 @@ A key in neither table fails `test_every_key_is_walked`, so a new key forces a d
 from __future__ import annotations
 
 import functools
+import shutil
 import signal
 import warnings
 from collections.abc import Callable
@@ -42,6 +43,7 @@ def paths(tmp_path_factory) -> dict[str, str]:
         torch.manual_seed(i)
         weights[f"teacher{i}"] = str(base / f"teacher{i}.pt")
         torch.save(timm.create_model("test_resnet", num_classes=NUM_CLASSES).state_dict(), weights[f"teacher{i}"])
+    shutil.copytree(noise / "train", noise / "val")  # the kNN monitor's split
     return {"noise": str(noise), "other": str(other), "bad": str(bad), **weights}
 
 
@@ -157,6 +159,16 @@ def objective_loss(cfg: config.RunConfig) -> Any:
 
 
 @_quiet
+def run_monitors(cfg: config.RunConfig) -> Any:
+    """The monitors trainer.fit adds (at 4 steps per epoch) and their cadence."""
+    hooks = trainer.monitors(cfg, _engine(cfg), 4, None)
+    return [
+        (type(h).__name__, getattr(h, "every", None), getattr(h, "first", None), getattr(h, "last", None))
+        for h in hooks
+    ]
+
+
+@_quiet
 def guard_steps(cfg: config.RunConfig) -> Any:
     """How many skipped fp32 steps in a row the non-finite guard lets pass (trainer.fit builds it so)."""
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
@@ -247,6 +259,8 @@ EFFECTS: dict[str, tuple] = {
     "train.epochs": (schedule, [], "50"),
     "train.max_steps": (schedule, [], "100"),
     "train.warmup_epochs": (schedule, [], "2.5"),
+    "train.knn_every_epochs": (run_monitors, [*MODEL, "data.root={noise}"], "1", "2"),
+    "train.profile_steps": (run_monitors, MODEL, "2-4", "3-3"),
     "train.max_bad_steps": (guard_steps, [], "2"),
     "train.compile": (engine_built, MODEL, "true"),
     "train.preempt_signal": (preemption, [], "SIGUSR1"),
@@ -277,9 +291,7 @@ ELSEWHERE: dict[str, str] = {
     "train.checkpoint_every_steps": "the checkpoint cadence of trainer.fit: tests/test_reliability.py",
     "train.keep_last": "checkpoints kept in out_dir: tests/test_checkpoint.py",
     "train.resume": "which checkpoint a run continues from: tests/test_trainer.py, tests/test_reliability.py",
-    "train.knn_every_epochs": "the kNN monitor over data.root/val: tests/test_evaluation_knn.py",
     "train.progress": "what rank 0 prints: tests/test_console.py",
-    "train.profile_steps": "the profiler trace written to out_dir: tests/test_console.py",
     "train.allow_changes": "what a resume may change: tests/test_reliability.py, tests/test_hostile_runs.py",
     "engine.name": "fsdp and deepspeed need a process group: tests/test_engines.py",
     "engine.backend": "the process group's backend (distributed.init): tests/test_launch.py",
