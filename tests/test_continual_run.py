@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from supcon_scale.continual import learner
 from supcon_scale.continual.learner import fit, run_dir
 from supcon_scale.distributed import Context
 from supcon_scale.hooks import Hook
+from supcon_scale.resilience import Preempted
 
 # 4 digits in 2 tasks, 4 incoming + 8 memory samples a step (12 steps a task), a reduced ResNet-18 of width 4 at 16 px
 STEPS_PER_TASK = 12
@@ -299,3 +302,24 @@ def test_continual_run_takes_the_out_dir_lock(tmp_path, small_digits):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+class Signal(Hook):
+    """A preemption notice (SIGTERM to this process) during step `at`, as SLURM sends it."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step(self, info) -> None:
+        if info.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_preempted_continual_run_saves_that_step_through_the_checkpointer(tmp_path, small_digits):
+    cfg = tiny(tmp_path, small_digits, "methods=[scr]", *ONE_TASK)
+    with pytest.raises(Preempted) as info:
+        fit(cfg, "scr", 0, Context(), hooks=[Signal(3)])
+    newest = checkpoint.latest(run_dir(cfg, "scr", 0))
+    assert info.value.step == 3 and newest.name == "step_00000003" and str(newest) in str(info.value)
+    data = torch.load(newest / "rank_0.pt", weights_only=True)["data"]
+    assert data["step"] == 3 and data["memory"]["seen"] == 3 * 4 and json.loads(data["rows"]) == []
