@@ -41,6 +41,7 @@ from supcon_scale.console import console
 from supcon_scale.files import OutDirLock, new_file, write_replacing
 from supcon_scale.files import fsync as _fsync
 from supcon_scale.files import fsync as _fsync_dir
+from supcon_scale.hooks import StatefulHook
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -455,7 +456,7 @@ class Checkpointer:
         # Every refusal comes before anything is written: the config, the files, the shapes, the states.
         if not is_complete(Path(path)):
             raise ValueError(f"train.resume: {path} is not a complete checkpoint directory (no {META})")
-        accepted = resume.check_changes(read_meta(path), self.cfg, path)
+        accepted = self.check_resume(read_meta(path), Path(path))
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
         check_matching(self.engine.unwrapped().state_dict(), engine_state["model"], str(path))
@@ -469,6 +470,7 @@ class Checkpointer:
             self.loader.load_state_dict(data_state)
         except ValueError as exc:
             raise ValueError(f"train.resume: {path}: {exc}") from None
+        self._restore_hooks(data_state, Path(path))
         try:
             self.engine.load_state_dict(engine_state)  # optimizer state re-partitioned by the engine on another world
         except (KeyError, IndexError, TypeError, ValueError) as exc:
@@ -495,6 +497,23 @@ class Checkpointer:
         moved = "" if saved_world == world else f" (saved by {saved_world} ranks, now {world})"
         console.print(f"resumed from {path} at step {step}, epoch {epoch}{moved}")
         return step, epoch
+
+    def check_resume(self, meta: dict[str, Any], path: Path) -> dict[str, tuple[Any, Any]]:
+        """Refuse a checkpoint this run cannot continue (a one-line ValueError naming the keys); returns the accepted
+        config changes. The training run's rules are resume.py's; another kind of run (continual) overrides it."""
+        from supcon_scale import resume
+
+        return resume.check_changes(meta, self.cfg, path)
+
+    def _stateful(self) -> list[StatefulHook]:
+        return [hook for hook in self.hooks if isinstance(hook, StatefulHook)]
+
+    def _restore_hooks(self, data_state: dict[str, Any], path: Path) -> None:
+        """Each stateful hook's state, saved beside the data position (`save`)."""
+        for hook in self._stateful():
+            if hook.state_key not in data_state:
+                raise ValueError(f"train.resume: {path}: holds no {hook.state_key} state for this run's hooks")
+            hook.load_state_dict(data_state[hook.state_key])
 
     def on_step(self, info: Any) -> None:
         """The cadence: a preemption save (then `Preempted`), the periodic save, and the epoch-end / final save."""
@@ -528,7 +547,7 @@ class Checkpointer:
             epoch,
             self.engine.state_dict(),
             self.cfg.to_dict(),
-            self.loader.state_dict(),
+            {**self.loader.state_dict(), **{hook.state_key: hook.state_dict() for hook in self._stateful()}},
             self.cfg.train.keep_last,
             extra_meta={"loss_convention": self.objective.convention()},
             rank_extra={"objective": self.objective.rank_state()},

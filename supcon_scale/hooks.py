@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,3 +42,17 @@ class Hook:
     def on_save(self, step: int, path: Path) -> None:
         """Inside a checkpoint save, on every rank: every file is in the temporary directory `path`, which is not
         yet complete (no `meta.json`) and so invisible to resume. A hook may add files of its own here."""
+
+
+class StatefulHook(Hook):
+    """A hook whose state the checkpoints keep (a replay memory, the rows of an accuracy matrix): the Checkpointer
+    saves `state_dict()` per rank beside the data position, under `state_key`, and restores it on resume."""
+
+    state_key: str
+
+    def state_dict(self) -> Any:
+        """Tensors, primitives and containers of them only (the checkpoint loads with `weights_only`)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Any) -> None:
+        raise NotImplementedError

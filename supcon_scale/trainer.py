@@ -1,7 +1,8 @@
-"""The training loop: build the run's parts, resume, then one flat loop over `train_step`.
+"""The training loop: `build` the run's parts, then `run_loop`: resume and one flat loop over `train_step`.
 
 Everything with a cadence of its own (metrics, checkpoints and the preemption save, the kNN monitor, the caller's
 hooks) sees each step through the `Hook` protocol (supcon_scale/hooks.py) and decides for itself when to act.
+The continual run (continual/learner.py) builds a `Loop` of its own parts and runs it through the same `run_loop`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,53 @@ def _float_buffers(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[tor
     return kept
 
 
-def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitResult:
-    """Train `cfg` on this process's share of the job and export the encoder; returns where it stopped."""
-    start = time.time()
+Batch = tuple[int, bool, list[torch.Tensor], torch.Tensor]  # (epoch, epoch_end, views, labels)
+
+
+@dataclass
+class Loop:
+    """The parts one training loop runs: `fit` builds them from a RunConfig, the continual run from its stream.
+
+    `batches(step, epoch)` yields the run's batches from where `checkpointer.resume()` left it; `hooks` are every
+    hook in call order (the logger first, its clock last); `total_steps` is the run's last step."""
+
+    engine: Engine
+    objective: objectives.Objective
+    batches: Callable[[int, int], Iterable[Batch]]
+    logger: TrainLogger
+    checkpointer: Checkpointer
+    hooks: list[Hook]
+    guard: NonFiniteGuard
+    total_steps: int
+
+
+def run_loop(parts: Loop) -> tuple[int, int]:
+    """Resume, then one flat loop over `train_step`: after each step the hooks, then the checkpointer, see it.
+
+    Returns the (step, epoch) where the run stopped."""
+    step, epoch = parts.checkpointer.resume()
+    for hook in parts.hooks:
+        hook.on_resume(step, epoch)
+    parts.engine.train()
+    world = parts.engine.ctx.world_size
+    batches = parts.batches(step, epoch)
+    with parts.checkpointer, parts.logger:
+        for epoch, epoch_end, views, labels in batches:
+            for hook in parts.hooks:
+                views, labels = hook.on_batch(step + 1, views, labels)
+            loss, stepped = train_step(parts.engine, parts.objective, views, labels, parts.logger.clock.mark)
+            step += 1
+            parts.guard.update(step, loss, stepped, parts.checkpointer.newest)
+            views_seen = len(views) * len(labels) * world
+            info = StepInfo(step, epoch, loss, stepped, views_seen, epoch_end, step == parts.total_steps)
+            for component in (*parts.hooks, parts.checkpointer):
+                component.on_step(info)
+    return step, epoch
+
+
+def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Loop:
+    """The parts of the training run `cfg` on this process: loader, objective, model, engine, logger, monitors,
+    checkpointer (every check that can refuse the run comes before anything is written)."""
     distributed.agree_on_config(cfg.to_dict())  # before any collective a divergent config could deadlock
     config.check_run(cfg, ctx.world_size, ctx.device.type)
     models.check(cfg)  # model.encoder and model.kwargs against timm, on the meta device
@@ -94,28 +139,23 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
     hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics), logger.clock]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
-    step, epoch = checkpointer.resume()
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
-    for hook in hooks:
-        hook.on_resume(step, epoch)
-    engine.train()
-    batches = itertools.islice(epochs(loader, epoch, cfg.train.epochs), total_steps - step)
-    with checkpointer, logger:
-        for epoch, epoch_end, views, labels in batches:
-            for hook in hooks:
-                views, labels = hook.on_batch(step + 1, views, labels)
-            loss, stepped = train_step(engine, objective, views, labels, logger.clock.mark)
-            step += 1
-            guard.update(step, loss, stepped, checkpointer.newest)
-            info = StepInfo(
-                step, epoch, loss, stepped, len(views) * len(labels) * ctx.world_size, epoch_end, step == total_steps
-            )
-            for component in (*hooks, checkpointer):
-                component.on_step(info)
-    encoder_path = checkpointer.export()
+
+    def batches(step: int, epoch: int) -> Iterator[Batch]:
+        return itertools.islice(epochs(loader, epoch, cfg.train.epochs), total_steps - step)
+
+    return Loop(engine, objective, batches, logger, checkpointer, hooks, guard, total_steps)
+
+
+def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitResult:
+    """Train `cfg` on this process's share of the job and export the encoder; returns where it stopped."""
+    start = time.time()
+    parts = build(cfg, ctx, hooks)
+    step, epoch = run_loop(parts)
+    encoder_path = parts.checkpointer.export()
     if ctx.is_main and encoder_path is not None:
         console.print(f"[green]done[/] step {step}, epoch {epoch}: encoder exported to {encoder_path}")
-    return FitResult(step, epoch, logger.loss, time.time() - start, encoder_path, engine.skipped_steps)
+    return FitResult(step, epoch, parts.logger.loss, time.time() - start, encoder_path, parts.engine.skipped_steps)
 
 
 def schedule_steps(train: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:

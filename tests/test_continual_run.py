@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +18,13 @@ import torch
 from multiproc import run_ranks
 from safetensors.torch import load_file
 
-from supcon_scale import checkpoint, cli
+from supcon_scale import checkpoint, cli, files
 from supcon_scale.continual import config as ccfg
+from supcon_scale.continual import learner
 from supcon_scale.continual.learner import fit, run_dir
 from supcon_scale.distributed import Context
+from supcon_scale.hooks import Hook
+from supcon_scale.resilience import Preempted
 
 # 4 digits in 2 tasks, 4 incoming + 8 memory samples a step (12 steps a task), a reduced ResNet-18 of width 4 at 16 px
 STEPS_PER_TASK = 12
@@ -59,7 +68,7 @@ def memory_bytes(memory: dict) -> dict[int, bytes]:
     return {int(s): raw[off[k] : off[k + 1]] for k, s in enumerate(np.asarray(memory["slots"]).tolist())}
 
 
-class Crash:
+class Crash(Hook):
     """A fault: the process dies right after step `at` (its hook runs after that step's checkpoint, if any)."""
 
     def __init__(self, at: int):
@@ -208,3 +217,109 @@ def test_deepspeed_engine_trains_as_ddp(tmp_path, small_digits, monkeypatch):
     assert runs["ddp"][0] == runs["deepspeed"][0]
     for k, v in runs["ddp"][1].items():
         torch.testing.assert_close(runs["deepspeed"][1][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the trainer's stack: skipped steps, sinks, the out_dir lock
+
+ONE_TASK = ("stream.tasks=1", "stream.class_order=[0, 1]")  # 12 steps, one evaluation: the shortest run
+
+
+class Poison(Hook):
+    """Puts a NaN into step `at`'s batch (a non-finite loss: the step is skipped) and copies the model's float
+    buffers (batch-norm running statistics) before that step, after it, and after the next one."""
+
+    def __init__(self, at: int):
+        self.at, self.model, self.buffers, self.stepped = at, None, {}, {}
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.named_buffers() if v.is_floating_point()}
+
+    def on_batch(self, step, views, labels):
+        if step == self.at:
+            self.buffers["before"] = self._copy()
+            views = [v.clone() for v in views]
+            views[0][0] = float("nan")
+        return views, labels
+
+    def on_step(self, info) -> None:
+        if info.step in (self.at, self.at + 1):
+            self.buffers[info.step] = self._copy()
+            self.stepped[info.step] = info.stepped
+
+
+def test_a_skipped_scr_step_leaves_batch_norm_statistics_unchanged(tmp_path, small_digits):
+    cfg = tiny(tmp_path, small_digits, "methods=[scr]", *ONE_TASK)
+    probe = Poison(at=3)
+    parts = learner.build(cfg, "scr", 0, Context(), hooks=[probe])
+    probe.model = parts.loop.engine.unwrapped()
+    result = learner.train(parts)
+    assert probe.stepped == {3: False, 4: True} and result.skipped_steps == 1
+    before, skipped, next_step = probe.buffers["before"], probe.buffers[3], probe.buffers[4]
+    assert any("running_mean" in k for k in before) and before.keys() == skipped.keys()
+    for k, v in before.items():
+        assert torch.equal(skipped[k], v), k  # the NaN forward's statistics were put back
+    assert any(not torch.equal(next_step[k], v) for k, v in before.items())  # a good step does move them
+    assert all(bool(torch.isfinite(v).all()) for v in next_step.values())
+
+
+def test_continual_run_writes_tensorboard_and_wandb_when_asked(tmp_path, small_digits, monkeypatch):
+    from test_console import _tensorboard_scalars, _wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = ("log.tensorboard=true", "log.wandb=true", "train.log_every=4")
+    cfg = tiny(tmp_path, small_digits, "methods=[er]", *ONE_TASK, *log)
+    fit(cfg, "er", 0, Context())
+    where = run_dir(cfg, "er", 0)
+    rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    (accuracy,) = [r for r in rows if "accuracy" in r]
+    assert sorted(losses) == [4, 8, 12] and accuracy["step"] == 12
+    scalars = _tensorboard_scalars(where / "tensorboard")
+    assert scalars["train/loss"] == pytest.approx(losses, rel=1e-6)
+    assert scalars["train/stage_accuracy"] == pytest.approx({12: accuracy["accuracy"][0]})
+    (wandb_run,) = (where / "wandb").glob("offline-run-*")
+    _, history = _wandb_history(wandb_run)
+    assert {s: h["train/loss"] for s, h in history.items() if "train/loss" in h} == pytest.approx(losses, rel=1e-6)
+
+
+def test_continual_run_takes_the_out_dir_lock(tmp_path, small_digits):
+    """A second run on a run directory another live job holds is refused, naming that job; nothing is trained."""
+    cfg = tiny(tmp_path, small_digits, "methods=[er]", *ONE_TASK)
+    where = run_dir(cfg, "er", 0)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = files.OutDirLock(where)
+        where.mkdir(parents=True)
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "pid_start": files._pid_start(sleeper.pid)}
+        lock.path.write_text(json.dumps({**holder, "started": time.time(), "heartbeat": time.time(), "job": {}}))
+        with pytest.raises(ValueError) as info:
+            fit(cfg, "er", 0, Context())
+        message = str(info.value)
+        assert f"in use by another trainer (host {socket.gethostname()}, pid {sleeper.pid}," in message
+        assert "\n" not in message and json.loads(lock.path.read_text())["pid"] == sleeper.pid
+        assert checkpoint.latest(where) is None and not (where / "metrics.jsonl").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+class Signal(Hook):
+    """A preemption notice (SIGTERM to this process) during step `at`, as SLURM sends it."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step(self, info) -> None:
+        if info.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_preempted_continual_run_saves_that_step_through_the_checkpointer(tmp_path, small_digits):
+    cfg = tiny(tmp_path, small_digits, "methods=[scr]", *ONE_TASK)
+    with pytest.raises(Preempted) as info:
+        fit(cfg, "scr", 0, Context(), hooks=[Signal(3)])
+    newest = checkpoint.latest(run_dir(cfg, "scr", 0))
+    assert info.value.step == 3 and newest.name == "step_00000003" and str(newest) in str(info.value)
+    data = torch.load(newest / "rank_0.pt", weights_only=True)["data"]
+    assert data["step"] == 3 and data["memory"]["seen"] == 3 * 4 and json.loads(data["rows"]) == []

@@ -25,6 +25,7 @@ from test_hostile import REPO, TIMEOUT, _env, data16, one_line_error, run_cli, s
 
 from supcon_scale import checkpoint, distributed, export, resume
 from supcon_scale.cli import main
+from supcon_scale.hooks import Hook
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ranks with different configs; preemption claims only what was written; the SLURM script requeues only on 3
@@ -312,7 +313,7 @@ def _continual_args(out: Path, data: Path, *extra: str) -> list[str]:
             "train.resume=auto", *extra]  # fmt: skip
 
 
-class _StopAfter:
+class _StopAfter(Hook):
     def __init__(self, step: int) -> None:
         self.step = step
 

@@ -18,7 +18,15 @@ from typing import Any, Literal
 import yaml
 
 from supcon_scale import config as base
-from supcon_scale.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ConfigError, EngineConfig, key
+from supcon_scale.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    ConfigError,
+    EngineConfig,
+    LogConfig,
+    key,
+)
 from supcon_scale.files import write_text
 
 METHODS = ("scr", "er")
@@ -132,6 +140,8 @@ class ContinualTrainConfig:
         nonempty=True,
     )
     eval_batch_size: int = key(256, "images per forward pass when scoring", ge=1)
+    log_every: int = key(10, "write metrics (loss, LR, views/s) every this many steps", ge=1)
+    max_bad_steps: int = key(5, "stop after this many non-finite (skipped) steps in a row", ge=1)
     progress: bool = key(True, "progress bar on rank 0")
     preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = key(
         "SIGTERM", "signal that makes the run checkpoint and exit 3"
@@ -155,6 +165,7 @@ class ContinualConfig:
     optim: ContinualOptimConfig = _section(ContinualOptimConfig, "the optimizer")
     engine: EngineConfig = _section(EngineConfig, "how the ranks train together")
     train: ContinualTrainConfig = _section(ContinualTrainConfig, "checkpoints, resume, evaluation")
+    log: LogConfig = _section(LogConfig, "log lines, TensorBoard and W&B beside each run's metrics.jsonl")
 
     def _check(self, path: str) -> None:
         if not self.methods or len(set(self.methods)) != len(self.methods):

@@ -7,47 +7,39 @@ its softmax head over every class of the dataset (`er.classifier: ncm` scores it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from torch import nn
 
 from supcon_scale.continual.config import ContinualConfig
-from supcon_scale.continual.models import DTYPES, wide
-from supcon_scale.continual.views import plain_transform, seeded_views
-from supcon_scale.engines import Engine
+from supcon_scale.continual.views import plain_transform
+from supcon_scale.objectives import Objective
 
 
-class ER:
+class ERObjective(Objective):
+    """mean(CE of the incoming batch) + mean(CE of the memory batch) on the classifier head, from this rank's share:
+    each rank sums its samples' losses over the global counts (times the world size, as DDP averages over ranks).
+
+    The batch arrives as this rank's `incoming` samples, then its memory samples; `drawn()` is the global size of
+    the step's memory batch (the replay hook's draw)."""
+
     method = "er"
-    supervised_head = True
 
-    def __init__(self, cfg: ContinualConfig):
+    def __init__(self, cfg: ContinualConfig, num_classes: int, world_size: int, drawn: Callable[[], int]):
+        super().__init__(nn.CrossEntropyLoss(reduction="none"), num_classes)
         self.transforms = [plain_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)]
         self.classifier = cfg.er.classifier
-        self.dtype = DTYPES[cfg.model.dtype]
+        self.batch, self.world_size, self.drawn = cfg.stream.batch_size, world_size, drawn
+        self.incoming = cfg.stream.batch_size // world_size
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = self.loss(features[:, 0], targets)  # features [B, 1, C]: the logits of the one plain view
+        loss = ce[: self.incoming].sum() / self.batch
+        memory = self.drawn()
+        if memory:
+            loss = loss + ce[self.incoming :].sum() / memory
+        return loss * self.world_size
 
     def convention(self) -> dict:
         return {"name": "cross_entropy", "method": self.method, "terms": "mean(incoming) + mean(memory)"}
-
-    def step(
-        self,
-        engine: Engine,
-        images: list[Image.Image],
-        labels: torch.Tensor,
-        seeds: list[int],
-        n_incoming: int,
-        global_incoming: int,
-        global_memory: int,
-    ) -> tuple[torch.Tensor, bool]:
-        """Each rank sums its samples' losses over the global counts, so DDP's mean over ranks is the global loss."""
-        device = engine.ctx.device
-        (x,) = seeded_views(images, seeds, self.transforms)
-        with engine.autocast():
-            logits = engine(x.to(device, self.dtype))
-        ce = F.cross_entropy(wide(logits), labels.to(device), reduction="none")
-        loss = ce[:n_incoming].sum() / global_incoming
-        if global_memory:
-            loss = loss + ce[n_incoming:].sum() / global_memory
-        loss = loss * engine.ctx.world_size
-        engine.backward(loss)
-        return loss.detach(), engine.step()

@@ -56,6 +56,7 @@ def paired_difference(results: list[RunResult]) -> dict[str, Any] | None:
 
 
 def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path | None = None) -> dict[str, Any]:
+    """Every method x seed (under `train.resume=auto` a finished run's result is kept), then the summary."""
     start = time.time()
     for method in cfg.methods:  # every run's result or checkpoint against this config, before any run trains
         for seed in cfg.seeds:
@@ -80,60 +81,62 @@ def run(cfg: config.ContinualConfig, ctx: distributed.Context, json_path: Path |
         "world_size": ctx.world_size,
         "config": cfg.to_dict(),
     }
-    out = Path(cfg.out_dir)
     if ctx.is_main:
-        from supcon_scale.continual.plots import plot_matrices, plot_stage_accuracy
-
-        methods = summary["methods"]
-        summary["plots"] = {
-            "matrix": str(
-                plot_matrices(
-                    {m: np.array(e["mean_matrix"], dtype=float) for m, e in methods.items()},
-                    out / "accuracy_matrix.png",
-                )
-            ),
-            "stage_accuracy": str(
-                plot_stage_accuracy(
-                    {
-                        m: (
-                            np.array([s["mean"] for s in e["stage_accuracy"]]),
-                            np.array([s["ci95"] for s in e["stage_accuracy"]]),
-                        )
-                        for m, e in methods.items()
-                    },
-                    out / "stage_accuracy.png",
-                )
-            ),
-        }
-        path = json_path or out / "summary.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(plain_json(summary), indent=2))
-        rows = []
-        for m, e in methods.items():
-            cell = lambda k, e=e: f"{100 * e[k]['mean']:.1f} +- {100 * e[k]['ci95']:.1f}"
-            rows.append(
-                (
-                    m,
-                    cell("final_average_accuracy"),
-                    cell("average_forgetting"),
-                    cell("average_incremental_accuracy"),
-                    len(e["seeds"]),
-                )
-            )
-        title = (
-            f"class-incremental, {cfg.stream.tasks} tasks, memory {cfg.memory.size}: "
-            f"{summary['wall_time_s']:.0f} s on {ctx.world_size} rank(s)"
-        )
-        console.print(
-            table(title, ["method", "final avg acc %", "forgetting %", "avg incremental acc %", "seeds"], rows)
-        )
-        if summary["paired_difference"] is not None:
-            d = summary["paired_difference"]["scr_minus_er_final_average_accuracy"]
-            console.print(
-                f"SCR - ER final average accuracy, paired by seed: {100 * d['mean']:+.1f} +- {100 * d['ci95']:.1f}"
-            )
-        console.print(f"wrote {path}, {summary['plots']['matrix']}, {summary['plots']['stage_accuracy']}")
+        write_summary(cfg, ctx, summary, json_path or Path(cfg.out_dir) / "summary.json")
     return summary
+
+
+def write_summary(cfg: config.ContinualConfig, ctx: distributed.Context, summary: dict[str, Any], path: Path) -> None:
+    """Main rank: the plots beside the summary, the summary JSON at `path`, and the table on the console."""
+    from supcon_scale.continual.plots import plot_matrices, plot_stage_accuracy
+
+    out = Path(cfg.out_dir)
+    methods = summary["methods"]
+    summary["plots"] = {
+        "matrix": str(
+            plot_matrices(
+                {m: np.array(e["mean_matrix"], dtype=float) for m, e in methods.items()},
+                out / "accuracy_matrix.png",
+            )
+        ),
+        "stage_accuracy": str(
+            plot_stage_accuracy(
+                {
+                    m: (
+                        np.array([s["mean"] for s in e["stage_accuracy"]]),
+                        np.array([s["ci95"] for s in e["stage_accuracy"]]),
+                    )
+                    for m, e in methods.items()
+                },
+                out / "stage_accuracy.png",
+            )
+        ),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(plain_json(summary), indent=2))
+    rows = []
+    for m, e in methods.items():
+        cell = lambda k, e=e: f"{100 * e[k]['mean']:.1f} +- {100 * e[k]['ci95']:.1f}"
+        rows.append(
+            (
+                m,
+                cell("final_average_accuracy"),
+                cell("average_forgetting"),
+                cell("average_incremental_accuracy"),
+                len(e["seeds"]),
+            )
+        )
+    title = (
+        f"class-incremental, {cfg.stream.tasks} tasks, memory {cfg.memory.size}: "
+        f"{summary['wall_time_s']:.0f} s on {ctx.world_size} rank(s)"
+    )
+    console.print(table(title, ["method", "final avg acc %", "forgetting %", "avg incremental acc %", "seeds"], rows))
+    if summary["paired_difference"] is not None:
+        d = summary["paired_difference"]["scr_minus_er_final_average_accuracy"]
+        console.print(
+            f"SCR - ER final average accuracy, paired by seed: {100 * d['mean']:+.1f} +- {100 * d['ci95']:.1f}"
+        )
+    console.print(f"wrote {path}, {summary['plots']['matrix']}, {summary['plots']['stage_accuracy']}")
 
 
 def main(argv: list[str] | None = None) -> int:

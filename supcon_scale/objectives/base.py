@@ -12,9 +12,11 @@ from supcon_scale.distributed import Context
 
 
 def per_sample(out: torch.Tensor, views: int) -> torch.Tensor:
-    """The model output for `torch.cat(views)` (`[V*B, D]`, view-major) as `[B, V, D]` in float32 for the loss."""
+    """The model output for `torch.cat(views)` (`[V*B, D]`, view-major) as `[B, V, D]` in float32 for the loss
+    (float64 stays float64: the continual runs' `model.dtype=float64` checks ranks against one process)."""
     assert out.shape[0] % views == 0, f"{out.shape[0]} rows do not split into {views} views"
-    return out.float().reshape(views, out.shape[0] // views, -1).transpose(0, 1)
+    out = out if out.dtype == torch.float64 else out.float()
+    return out.reshape(views, out.shape[0] // views, -1).transpose(0, 1)
 
 
 class Objective(nn.Module):
