@@ -15,8 +15,9 @@ from supcon_scale.config import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
-    """The linear scaling rule of the official recipes: lr = base_lr x global_batch / 256."""
-    return cfg.base_lr * global_batch_size / 256
+    """The linear scaling rule of the official recipes: lr = base_lr x global_batch / 256 (`optim.scale_lr`; off,
+    base_lr is the learning rate itself: fine-tuning's absolute `--lr`)."""
+    return cfg.base_lr * global_batch_size / 256 if cfg.scale_lr else cfg.base_lr
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
