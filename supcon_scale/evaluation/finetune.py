@@ -212,19 +212,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             distributed.teardown()
         if ctx.is_main:
-            _report(args, cfg, model, {**result, "checkpoint": str(args.checkpoint), "encoder": meta.get("encoder")})
+            _report(args, meta, model, {**result, "checkpoint": str(args.checkpoint), "encoder": meta.get("encoder")})
     return 0
 
 
-def _report(args: argparse.Namespace, cfg: config.RunConfig, model: nn.Module, result: dict[str, Any]) -> None:
-    """The printed line, `--save` (the fine-tuned encoder as an export) and `--json`."""
+def _report(args: argparse.Namespace, meta: dict[str, str], model: nn.Module, result: dict[str, Any]) -> None:
+    """The printed line, `--save` (the fine-tuned encoder with the export's construction arguments) and `--json`."""
     from supcon_scale.evaluation.stats import format_accuracy
-    from supcon_scale.export import export_encoder, metadata_from_config
+    from supcon_scale.export import export_encoder
 
     print(f"fine-tuned {result['encoder']}: top-1 {format_accuracy(result['top1'], result['num_val'])}, "
           f"top-5 {100 * result['top5']:.2f} after {args.epochs} epochs")  # fmt: skip
     if args.save:
-        export_encoder(model.encoder, args.save, metadata_from_config(cfg.to_dict()))
+        export_encoder(model.encoder, args.save, meta)  # the same construction arguments
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.json, json.dumps({**result, "out_dir": args.out_dir}, indent=2))
