@@ -129,6 +129,15 @@ def finetune() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="write the fine-tuned encoder here (a timm state dict, safetensors)")
     p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="keep the training run here (checkpoints, metrics.jsonl; run again to resume); default: a temporary "
+        "folder, removed after; required under torchrun",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="KEY=VALUE over the run's config (engine.name=fsdp, precision=bf16, ...)"
+    )
     return p
 
 

@@ -298,6 +298,9 @@ class OptimConfig:
         "lars", "lars (the paper), sgd with momentum, adamw or lamb (timm's; the ViT recipes)"
     )
     base_lr: float = key(0.4, "learning rate per 256 images: lr = base_lr * global_batch_size / 256", gt=0)
+    scale_lr: bool = key(
+        True, "scale base_lr by global_batch_size / 256 (false: base_lr is the learning rate itself, as finetune --lr)"
+    )
     weight_decay: float = key(1e-4, "L2 weight decay", ge=0)
     momentum: float = key(0.9, "momentum of lars and sgd (adamw and lamb use betas)", ge=0, lt=1)
     betas: tuple[float, float] = key(

@@ -145,6 +145,12 @@ def _encoder_file(path: Path) -> tuple[Path, dict[str, str]]:
     return path, read_metadata(path)
 
 
+def encoder_file(path: str | Path) -> tuple[Path, dict[str, str]]:
+    """The file holding an export's encoder weights (`encoder.safetensors`, or a checkpoint's `model.safetensors`),
+    what `model.init_from` of a fine-tuning run names, and the construction arguments it records."""
+    return _encoder_file(Path(path))
+
+
 def encoder_from_export(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
     """The encoder an export describes, with its weights, in eval mode, and the export's metadata.
 

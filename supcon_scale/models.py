@@ -340,7 +340,8 @@ HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://")
 
 
 def load_init(encoder: nn.Module, path: str) -> None:
-    """`model.init_from`: a local timm checkpoint (.pth/.pt/.bin, optionally under state_dict/model) or .safetensors.
+    """`model.init_from`: a local timm checkpoint (.pth/.pt/.bin, optionally under state_dict/model) or .safetensors
+    (an exported encoder, or a checkpoint's model.safetensors, whose encoder entries it takes).
 
     The classifier of a full timm model is dropped (the encoder has none); every other key must fit, so a
     standard-stem ImageNet checkpoint refuses to load into a CIFAR-stem encoder (conv1 is 3x3 there).
@@ -358,6 +359,8 @@ def load_init(encoder: nn.Module, path: str) -> None:
     except Exception as exc:  # a corrupt or foreign file: torch, safetensors and pickle errors differ
         raise ValueError(f"model.init_from: cannot read {path} ({type(exc).__name__}: {exc})") from None
     own = encoder.state_dict()
+    if not own.keys() & state.keys():  # a checkpoint's model.safetensors (finetune): the encoder under `encoder.`
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")} or state
     classifier = str(getattr(encoder, "default_cfg", {}).get("classifier", "fc"))
     state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier + ".")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

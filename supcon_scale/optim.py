@@ -1,5 +1,6 @@
-"""Optimizer (timm's foreach LARS or LAMB, torch's SGD or AdamW) with parameter groups, and the warm-up + cosine
-schedule."""
+"""Optimizer (timm's foreach LARS or LAMB, torch's SGD or AdamW; timm's RMSpropTF for the linear probe) with
+parameter groups, and the learning-rate schedules: warm-up + cosine, and the linear probe's staircase and piecewise
+decays."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from supcon_scale.config import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
-    """The linear scaling rule of the official recipes: lr = base_lr x global_batch / 256."""
-    return cfg.base_lr * global_batch_size / 256
+    """The linear scaling rule of the official recipes: lr = base_lr x global_batch / 256 (`optim.scale_lr`; off,
+    base_lr is the learning rate itself: fine-tuning's absolute `--lr`)."""
+    return cfg.base_lr * global_batch_size / 256 if cfg.scale_lr else cfg.base_lr
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -76,6 +78,13 @@ def build_optimizer(
     groups = param_groups(model.named_parameters(), cfg, no_weight_decay_names(model), layers)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
+    return create_optimizer(groups, cfg, lr, lars_class)
+
+
+def create_optimizer(
+    groups: list[dict], cfg: OptimConfig, lr: float, lars_class: type[Lars] = Lars
+) -> torch.optim.Optimizer:
+    """`cfg.name`'s optimizer over parameter groups at `lr`: `build_optimizer`'s, or a linear probe's head."""
     if cfg.name == "lars":
         # timm's trust ratio is the apex/solo-learn form eta*|w| / (|g| + wd*|w| + eps), not the TF form
         # eta*|w| / |g + wd*w| (SimCLR/SupCon TF, MoCo v3); both are 1.0 where a norm is zero.
@@ -88,6 +97,18 @@ def build_optimizer(
         # is NVIDIA's addition. Weight decay as in the paper (added to the Adam update before the trust ratio).
         return Lamb(groups, lr=lr, betas=cfg.betas, max_grad_norm=None, foreach=True, **eps)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, foreach=True, **eps)
+
+
+def rmsprop_tf(
+    params: Iterable[nn.Parameter], lr: float, *, alpha: float, eps: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """TF's RMSProp, the official linear stage's optimizer: timm's RMSpropTF (accumulator from 1, eps inside the
+    root, LR inside momentum), weight decay as the L2 gradient wd * w."""
+    from timm.optim import RMSpropTF
+
+    return RMSpropTF(
+        params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay, lr_in_momentum=True
+    )
 
 
 def peak_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -103,6 +124,18 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, final_fraction: fl
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def staircase(step: float, every: float, rate: float) -> float:
+    """Multiplier `rate` ** floor(step / every): tf.train.exponential_decay(staircase=True), the official linear
+    stage's decay."""
+    return rate ** math.floor(step / every)
+
+
+def piecewise(step: float, boundaries: Iterable[float], rate: float) -> float:
+    """Multiplier `rate` ** (boundaries passed, step > b): tf piecewise_constant over rate ** i, and main_linear.py's
+    per-epoch decay (step: the 1-based epoch)."""
+    return rate ** sum(step > b for b in boundaries)
 
 
 def build_scheduler(

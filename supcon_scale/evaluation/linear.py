@@ -1,38 +1,27 @@
 """Linear evaluation (the paper's stage 2): a linear classifier on a frozen encoder, scored at the final epoch.
 
-Three named protocols (docs/EVALUATION.md):
-
-- `official`: the google-research/supcon stage 2, in its ImageNet form (TF RMSProp, i.e. timm's `RMSpropTF`; LR
-  scaled by the stage-1 batch; 12 warm-up epochs, then x0.97 every half epoch; 90 epochs; wd 1e-6; label smoothing
-  0.05) or its CIFAR form (momentum SGD 2.5 per 256, x0.2 after epochs 60/75/90, 100 epochs, no wd); both train
-  on the stage-1 augmented stream with batch norm in train mode whose running statistics do not move, and feed
-  the classifier the L2-normalised features when the run set `model.normalize_encoder_output`.
-- `hobbitlong`: HobbitLong/SupContrast `main_linear.py` (SGD 0.1, x0.2 after epochs 60/75/90, crop 0.2-1 + flip,
-  batch norm in eval mode).
-- `fast`: not a published recipe; L-BFGS on standardised cached features, for demos and monitors.
-
-With a process group up each rank takes a slice of every global batch and the head's gradients are summed over
-ranks. The reported accuracy is the final epoch's, never the best on the evaluation split.
+The protocols (`official`, `hobbitlong`, `fast`; docs/EVALUATION.md) and their optimizers and schedules are in
+linear_protocols.py, the fit loops in linear_fit.py; this module holds the probe, what the pre-training run says
+about its evaluation, `fit_linear_probe` and the `linear-eval` command. With a process group up each rank takes a
+slice of every global batch and the head's gradients are summed over ranks. The reported accuracy is the final
+epoch's, never the best on the evaluation split.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import arguments, config, distributed
+from supcon_scale.data.folder import FolderIndex
 from supcon_scale.evaluation.features import (
     cache_key,
     default_device,
@@ -41,92 +30,25 @@ from supcon_scale.evaluation.features import (
     load_features,
     save_features,
 )
+from supcon_scale.evaluation.linear_fit import fit_lbfgs, fit_minibatch, fit_stream, stream_batches, stream_transform
+from supcon_scale.evaluation.linear_protocols import (
+    PRESETS,
+    PROTOCOL_NAMES,
+    Preset,
+    PresetName,
+    lr_at,
+    make_optimizer,
+    resolve_protocol,
+)
 from supcon_scale.files import write_replacing, write_text
 
-PresetName = Literal["official", "official_imagenet", "official_cifar", "hobbitlong", "fast", "paper", "sgd"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One linear-probe recipe. `base_lr` is per 256 images unless `scale_lr` is False (then absolute)."""
-
-    optimizer: Literal["rmsprop", "sgd", "lbfgs"]
-    epochs: int
-    base_lr: float
-    weight_decay: float
-    label_smoothing: float
-    schedule: Literal["exponential", "piecewise", "epoch_steps", "cosine", "none"]
-    standardize: bool
-    batch_size: int = 256
-    warmup_epochs: float = 0.0
-    decay_rate: float = 1.0
-    decay_every_epochs: float = 1.0  # exponential: one decay per this many epochs (staircase)
-    boundaries: tuple[int, ...] = ()  # piecewise / epoch_steps: epochs after which the LR is x decay_rate
-    stream: Literal["cached", "stage1", "crop_flip"] = "cached"  # what the head trains on
-    bn: Literal["eval", "train_frozen"] = "eval"  # encoder batch norm while the head trains
-    stage1_batch: bool = False  # batch (and LR scaling) = the pre-training run's global batch
-    scale_lr: bool = True
-    momentum: float = 0.9
-    rmsprop_decay: float = 0.9
-    rmsprop_eps: float = 1e-3
-
-
-PRESETS: dict[str, Preset] = {
-    # google-research/supcon supcon_imagenet_resnet50.sh stage 2 (hparams_flags.py defaults for the unset flags:
-    # stage_2_warmup_epochs=12, stage_2_rmsprop_epsilon=0.001; utils.build_optimizer: decay 0.9, momentum 0.9).
-    "official_imagenet": Preset(
-        "rmsprop",
-        90,
-        0.05,
-        1e-6,
-        0.05,
-        "exponential",
-        standardize=False,
-        warmup_epochs=12.0,
-        decay_rate=0.97,
-        decay_every_epochs=0.5,
-        stream="stage1",
-        bn="train_frozen",
-        stage1_batch=True,
-    ),  # fmt: skip
-    # supcon_cifar10_resnet50.sh stage 2: MOMENTUM 2.5 per 256, PIECEWISE_LINEAR x0.2 at 60/75/90, no warm-up, no wd.
-    "official_cifar": Preset(
-        "sgd",
-        100,
-        2.5,
-        0.0,
-        0.0,
-        "piecewise",
-        standardize=False,
-        decay_rate=0.2,
-        boundaries=(60, 75, 90),
-        stream="stage1",
-        bn="train_frozen",
-        stage1_batch=True,
-    ),  # fmt: skip
-    # HobbitLong/SupContrast main_linear.py: batch 256, SGD 0.1 (absolute), momentum 0.9, x0.2 after epochs 60/75/90.
-    "hobbitlong": Preset(
-        "sgd",
-        100,
-        0.1,
-        0.0,
-        0.0,
-        "epoch_steps",
-        standardize=False,
-        decay_rate=0.2,
-        boundaries=(60, 75, 90),
-        stream="crop_flip",
-        scale_lr=False,
-    ),  # fmt: skip
-    # Not a published recipe: full-batch L-BFGS on standardised cached features, L2 picked on a held-out 20% of the
-    # train split (never on val). Converges in seconds on small data; use it for demos and monitors.
-    "fast": Preset("lbfgs", 100, 1.0, 0.0, 0.0, "none", standardize=True),
-    # Older names: `paper` is the official protocol; `sgd` is SGD 0.1 per 256 with a cosine on cached features.
-    "sgd": Preset("sgd", 100, 0.1, 0.0, 0.0, "cosine", standardize=False),
-}
-ALIASES = {"official": "official", "paper": "official"}  # resolved per checkpoint: ImageNet or CIFAR form
-FAST_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-PROTOCOL_NAMES = sorted([*PRESETS, *ALIASES])
+# The protocol names, optimizer and schedule of linear_protocols.py and the stream of linear_fit.py stay importable
+# from here, the linear probe's one entry point (the recipes' tables and the tests read them through it).
+__all__ = [
+    "PRESETS", "PROTOCOL_NAMES", "LinearProbe", "Preset", "PresetName", "checkpoint_image_size", "fit_linear_probe",
+    "linear_eval", "load_probe", "lr_at", "main", "make_optimizer", "resolve_protocol", "run_config", "save_probe",
+    "stream_batches", "topk_accuracy",
+]  # fmt: skip
 
 
 class LinearProbe(nn.Module):
@@ -242,269 +164,6 @@ def checkpoint_image_size(path: str | Path, cifar_stem: bool) -> int:
     return 32 if cifar_stem else 224
 
 
-def resolve_protocol(name: str, stage1: config.RunConfig | None) -> tuple[str, Preset]:
-    """The preset `name` names; `official` (and its older name `paper`) picks the CIFAR form for a CIFAR-stem run."""
-    if name in ALIASES:
-        cifar = stage1 is not None and (stage1.model.cifar_stem or stage1.data.eval_crop == "identity")
-        name = "official_cifar" if cifar else "official_imagenet"
-    if name not in PRESETS:
-        raise ValueError(f"--protocol/--preset: unknown protocol {name!r}; choose from {', '.join(PROTOCOL_NAMES)}")
-    return name, PRESETS[name]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Optimisers and schedules
-
-
-def make_optimizer(preset: Preset, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """TF's RMSProp (timm's RMSpropTF: accumulator from 1, eps inside the root, LR inside momentum) or SGD.
-
-    Weight decay is the L2 gradient wd * w on every head tensor, bias included: the official stage 2 adds
-    wd * sum(|w|^2 / 2) over the classifier's variables (use_bias_weight_decay=True).
-    """
-    if preset.optimizer == "rmsprop":
-        from timm.optim import RMSpropTF
-
-        return RMSpropTF(
-            params, lr=lr, alpha=preset.rmsprop_decay, eps=preset.rmsprop_eps, momentum=preset.momentum,
-            weight_decay=preset.weight_decay, lr_in_momentum=True,
-        )  # fmt: skip
-    # TF's MomentumOptimizer is accum = m * accum + g, w -= lr * accum: torch's SGD without dampening
-    return torch.optim.SGD(params, lr=lr, momentum=preset.momentum, weight_decay=preset.weight_decay)
-
-
-def lr_at(preset: Preset, peak: float, step: int, steps_per_epoch: float, total_steps: int) -> float:
-    """The learning rate of `step` (0-based), as utils.build_learning_rate_schedule (official) or main_linear.py.
-
-    `steps_per_epoch` is images / batch, a float as in the official launcher.
-    """
-    warmup = int(preset.warmup_epochs * steps_per_epoch)
-    if step < warmup:  # maybe_add_warmup_to_lr: target * counter / warmup_steps, from 0
-        return peak * step / warmup
-    t = step - warmup  # the decay counts from the warm-up's end
-    if preset.schedule == "exponential":  # tf.train.exponential_decay(staircase=True)
-        return peak * preset.decay_rate ** math.floor(t / (steps_per_epoch * preset.decay_every_epochs))
-    if preset.schedule == "piecewise":  # tf piecewise_constant: the next value once t > boundary
-        return peak * preset.decay_rate ** sum(t > int(steps_per_epoch * b) for b in preset.boundaries)
-    if preset.schedule == "epoch_steps":  # main_linear.py adjust_learning_rate: per epoch, after each boundary
-        epoch = int(t // steps_per_epoch) + 1
-        return peak * preset.decay_rate ** sum(epoch > b for b in preset.boundaries)
-    if preset.schedule == "cosine":
-        return peak * 0.5 * (1 + math.cos(math.pi * t / max(total_steps - warmup, 1)))
-    return peak
-
-
-def _sync_grads(params: list[nn.Parameter]) -> None:
-    """Sum gradients over ranks: each rank's loss is its slice's sum divided by the *global* batch size."""
-    for p in params:
-        if p.grad is not None:
-            p.grad.copy_(distributed.all_reduce_sum(p.grad))
-
-
-def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> float:
-    """One step on this rank's share of the batch; returns the batch loss summed over ranks."""
-    opt.zero_grad(set_to_none=False)
-    loss.backward()
-    _sync_grads(params)
-    opt.step()
-    return float(distributed.all_reduce_sum(loss.detach()))
-
-
-def _zero_head(dim: int, num_classes: int, device: torch.device) -> nn.Linear:
-    fc = nn.Linear(dim, num_classes).to(device)
-    nn.init.zeros_(fc.weight), nn.init.zeros_(fc.bias)
-    return fc
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Heads on cached features
-
-
-def _fit_minibatch(
-    preset: Preset, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, batch_size: int, lr: float,
-    seed: int,
-) -> tuple[nn.Linear, dict[str, Any]]:  # fmt: skip
-    """SGD on cached features; every rank holds all rows and computes its slice of each global batch."""
-    rank, world = distributed.world()
-    torch.manual_seed(seed)
-    fc = _zero_head(x.shape[1], num_classes, x.device)
-    params = list(fc.parameters())
-    opt = make_optimizer(preset, params, lr)
-    n = x.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    step, loss_sum = 0, 0.0
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(x.device)
-        loss_sum = 0.0
-        for s in range(steps_per_epoch):
-            batch = perm[s * batch_size : (s + 1) * batch_size]
-            mine = batch.tensor_split(world)[rank]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(preset, lr, step, steps_per_epoch, epochs * steps_per_epoch)
-            logits = fc(x[mine])
-            loss = F.cross_entropy(logits, y[mine], label_smoothing=preset.label_smoothing, reduction="sum")
-            loss_sum += _update(opt, params, loss / len(batch))
-            step += 1
-    return fc, {"epochs": epochs, "final_train_loss": loss_sum / steps_per_epoch, "steps": step}
-
-
-def _lbfgs(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, init: nn.Linear | None = None
-) -> tuple[nn.Linear, tuple[int, int]]:
-    """Multinomial logistic regression, full batch: mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised); returns
-    the head and (iterations, function evaluations): each iteration is one full-batch pass, an epoch here."""
-    fc = _zero_head(x.shape[1], num_classes, x.device)
-    if init is not None:  # warm start along the regularisation path: far fewer iterations per fit
-        fc.load_state_dict(init.state_dict())
-    # max_eval well above max_iter: the iteration count (`--epochs`) is the limit, not torch's default evaluation
-    # budget of 1.25 x max_iter, which the line search's extra evaluations can reach an iteration or more earlier.
-    opt = torch.optim.LBFGS(
-        fc.parameters(), lr=1.0, max_iter=max_iter, max_eval=max_iter * 25, history_size=20,
-        line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10,
-    )  # fmt: skip
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(fc(x), y) + 0.5 * l2 * fc.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    state = opt.state[opt._params[0]]
-    return fc, (int(state.get("n_iter", 0)), int(state.get("func_evals", 0)))
-
-
-def _fit_lbfgs(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int
-) -> tuple[nn.Linear, dict[str, Any]]:
-    """Pick L2 on a stratified 20% of the train rows, then refit on all of them. Deterministic, so ranks agree."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    labels = y.cpu().numpy()
-    stratify = labels if np.bincount(labels).min() >= 2 else None
-    fit_idx, hold_idx = train_test_split(idx, test_size=0.2, stratify=stratify, random_state=seed)
-    fit_idx, hold_idx = torch.as_tensor(fit_idx, device=x.device), torch.as_tensor(hold_idx, device=x.device)
-    scores, fits, prev = {}, {}, None
-    for l2 in sorted(FAST_L2_GRID, reverse=True):  # strongest first, each fit warm-starts the next
-        prev, _ = _lbfgs(x[fit_idx], y[fit_idx], num_classes, l2, max_iter, init=prev)
-        fits[l2] = prev
-        with torch.no_grad():
-            scores[l2] = float((prev(x[hold_idx]).argmax(1) == y[hold_idx]).float().mean())
-    best = max(FAST_L2_GRID, key=lambda l2: (scores[l2], l2))  # ties go to the stronger regulariser
-    fc, (iterations, evals) = _lbfgs(x, y, num_classes, best, max_iter, init=fits[best])
-    # `epochs` is the iterations of the final fit (at most `--epochs`; fewer when it converged), not the function
-    # evaluations, which count the first evaluation and the line search's (`--epochs 5` was reported as 6)
-    info = {"epochs": iterations, "max_epochs": max_iter, "function_evaluations": evals}
-    return fc, {**info, "l2": best, "l2_holdout_top1": {str(k): v for k, v in scores.items()}}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Heads on a stream of augmented images through the encoder
-
-
-def stream_transform(preset: Preset, stage1: config.RunConfig | None, image_size: int):
-    """One training view: the stage-1 augmentation (`stage1`), or main_linear.py's crop 0.2-1 + flip."""
-    from torchvision.transforms import v2
-
-    from supcon_scale.data.spec import spec_from_config
-    from supcon_scale.data.torchvision import view_transform
-
-    aug = stage1.data.augment if stage1 is not None else config.AugmentConfig()
-    if preset.stream == "stage1":
-        return view_transform(spec_from_config(aug, image_size))
-    return v2.Compose([
-        v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(aug.mean), list(aug.std)),
-    ])  # fmt: skip
-
-
-class _AugmentedFolder(torch.utils.data.Dataset):
-    def __init__(self, index, transform):
-        self.index = index
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.index.paths[i]) as img:
-            return self.transform(img.convert("RGB")), self.index.labels[i]
-
-
-@contextlib.contextmanager
-def bn_train_frozen(encoder: nn.Module, global_bn: bool) -> Iterator[None]:
-    """Batch norm normalises with batch statistics but its running averages stay exactly as they were.
-
-    The official stage 2 runs the encoder in training mode and drops its batch-norm update ops
-    (stage_2_update_encoder_batch_norm=False). With `global_bn` and several ranks the statistics are the global
-    batch's, as the official global batch norm computes them.
-    """
-    from supcon_scale.models import FrozenBatchNormStats, GlobalBatchNorm
-
-    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    classes = [m.__class__ for m in norms]
-    was_training = encoder.training
-    if global_bn and distributed.world()[1] > 1:
-        for m in norms:
-            m.__class__ = GlobalBatchNorm
-    encoder.train()
-    try:
-        with FrozenBatchNormStats(encoder):
-            yield
-    finally:
-        for m, cls in zip(norms, classes, strict=True):
-            m.__class__ = cls
-        encoder.train(was_training)
-
-
-def stream_batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """`steps` global batches from one shuffled pass after another, crossing epoch ends as tf.data.repeat does."""
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.zeros(0, dtype=torch.long)
-    for _ in range(steps):
-        while len(pool) < batch_size:
-            pool = torch.cat([pool, torch.randperm(n, generator=gen)])
-        yield pool[:batch_size]
-        pool = pool[batch_size:]
-
-
-def _fit_stream(
-    preset: Preset, encoder: nn.Module, index, transform, num_classes: int, dim: int, epochs: int, batch_size: int,
-    lr: float, seed: int, device: torch.device, num_workers: int, normalize: bool, global_bn: bool,
-) -> tuple[nn.Linear, dict[str, Any]]:  # fmt: skip
-    """Head trained on freshly augmented train images through the frozen encoder (the official stage 2)."""
-    rank, world = distributed.world()
-    torch.manual_seed(distributed.rank_seed(seed, rank))  # augmentation differs per rank, the head starts equal
-    fc = _zero_head(dim, num_classes, device)
-    params = list(fc.parameters())
-    opt = make_optimizer(preset, params, lr)
-    dataset = _AugmentedFolder(index, transform)
-    n = len(dataset)
-    steps_per_epoch = n / batch_size
-    total = max(1, int(epochs * steps_per_epoch))
-    batches = [b.tensor_split(world)[rank].tolist() for b in stream_batches(n, batch_size, total, seed)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    bn = bn_train_frozen(encoder, global_bn) if preset.bn == "train_frozen" else contextlib.nullcontext()
-    losses: list[float] = []
-    with bn:
-        for step, (images, labels) in enumerate(loader):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(preset, lr, step, steps_per_epoch, total)
-            with torch.no_grad():
-                feats = encoder(images.to(device)).float()
-            if normalize:
-                feats = F.normalize(feats, dim=-1)
-            logits = fc(feats)
-            loss = F.cross_entropy(logits, labels.to(device), label_smoothing=preset.label_smoothing, reduction="sum")
-            losses.append(_update(opt, params, loss / batch_size))
-    last_epoch = losses[-max(1, math.ceil(steps_per_epoch)) :]
-    return fc, {"epochs": epochs, "final_train_loss": sum(last_epoch) / len(last_epoch), "steps": total}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The entry points
 
@@ -534,10 +193,44 @@ def fit_linear_probe(
     evaluation crop; without it the defaults of config.py stand in. `keep_predictions` adds `val_correct`, whether
     each val image (in folder order) was right, for paired comparisons of models (`stats.mcnemar`).
     """
-    from supcon_scale.data.eval import EvalDataset
     from supcon_scale.data.folder import index_folder
     from supcon_scale.evaluation.splits import check_splits
 
+    form, cfg = _protocol(preset, stage1, epochs, batch_size, augment)
+    device = default_device(device)
+    root = Path(data_root)
+    check_splits(root, "--data", train_split, val_split)  # both there, the same class folders: else labels shift
+    index = {"train": index_folder(root / train_split), "val": index_folder(root / val_split)}
+    encoder = freeze(encoder).to(device)
+    data_cfg = stage1.data if stage1 is not None else config.DataConfig()
+    view = {"mean": data_cfg.augment.mean, "std": data_cfg.augment.std, "crop": data_cfg.eval_crop}
+    normalize = cfg.stream == "stage1" and stage1 is not None and stage1.model.normalize_encoder_output
+    # the stream encodes the train images at every step: their features only serve the standardisation
+    splits = ("train", "val") if cfg.stream == "cached" or cfg.standardize else ("val",)
+    feats, timing = _features(encoder, root, {s: index[s] for s in splits}, image_size, view, cfg.batch_size,
+                              device, num_workers, cache_dir)  # fmt: skip
+    mean, std = _standardisation(cfg, feats, device)
+    start = time.perf_counter()
+    fc, info, lr_value = _train_head(
+        cfg, encoder, feats, index["train"], mean, std, lr, image_size, stage1, seed, device, num_workers, normalize
+    )
+    timing["train_s"] = time.perf_counter() - start
+    probe = LinearProbe(encoder, fc, mean, std, index["train"].classes, normalize=normalize).to(device)
+    result = {
+        "preset": preset, "protocol": form, "epochs": info.pop("epochs"), "augment": cfg.stream != "cached",
+        "stream": cfg.stream, "batch_norm": cfg.bn, "normalize_features": normalize, "optimizer": cfg.optimizer,
+        "lr": lr_value, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+        "label_smoothing": cfg.label_smoothing, "stage1_config": stage1 is not None, "eval_crop": view["crop"],
+        "num_train": len(index["train"]), "num_val": len(index["val"]), "num_classes": len(index["train"].classes),
+        "image_size": image_size, "world_size": distributed.world()[1], "device": str(device), **info, **timing,
+    }  # fmt: skip
+    return probe, {**_scores(probe, feats, device, keep_predictions), **result}
+
+
+def _protocol(
+    preset: str, stage1: config.RunConfig | None, epochs: int | None, batch_size: int | None, augment: bool
+) -> tuple[str, Preset]:
+    """The protocol's name and preset with the caller's epochs, batch size and `--augment` applied."""
     form, cfg = resolve_protocol(preset, stage1)
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
@@ -548,27 +241,25 @@ def fit_linear_probe(
     cfg = replace(cfg, epochs=epochs or cfg.epochs, batch_size=batch_size or default_batch)
     if augment and cfg.stream == "cached":
         cfg = replace(cfg, stream="crop_flip")
-    device = default_device(device)
-    root = Path(data_root)
-    check_splits(root, "--data", train_split, val_split)  # both there, the same class folders: else labels shift
-    train_index, val_index = index_folder(root / train_split), index_folder(root / val_split)
-    num_classes = len(train_index.classes)
-    encoder = freeze(encoder).to(device)
-    data_cfg = stage1.data if stage1 is not None else config.DataConfig()
-    view = {"mean": data_cfg.augment.mean, "std": data_cfg.augment.std, "crop": data_cfg.eval_crop}
-    normalize = cfg.stream == "stage1" and stage1 is not None and stage1.model.normalize_encoder_output
+    return form, cfg
+
+
+def _features(
+    encoder: nn.Module, root: Path, indexes: dict[str, FolderIndex], image_size: int, view: dict[str, Any],
+    batch_size: int, device: torch.device, num_workers: int, cache_dir: str | Path | None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:  # fmt: skip
+    """Each split's (features, labels) of the frozen encoder, read back from `cache_dir` when its key matches."""
+    from supcon_scale.data.eval import EvalDataset
 
     timing: dict[str, float] = {}
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for split, index in (("train", train_index), ("val", val_index)):
-        if split == "train" and cfg.stream != "cached" and not cfg.standardize:
-            continue  # the stream encodes train images every step
+    for split, index in indexes.items():
         key = cache_key(encoder, index.paths, image_size) + json.dumps(view, default=list)
         cached = load_features(Path(cache_dir) / f"features_{split}.safetensors", key) if cache_dir else None
         if cached is None:
             dataset = EvalDataset(root, "", image_size, index=index, **view)
             f, y, t = extract_features(
-                encoder, dataset, batch_size=min(cfg.batch_size, 1024), device=device, num_workers=num_workers
+                encoder, dataset, batch_size=min(batch_size, 1024), device=device, num_workers=num_workers
             )
             timing[f"extract_{split}_s"] = t["seconds"]
             timing[f"extract_{split}_images_per_s"] = t["images_per_s"]
@@ -576,73 +267,60 @@ def fit_linear_probe(
                 save_features(Path(cache_dir) / f"features_{split}.safetensors", f, y, key)
             cached = (f, y)
         feats[split] = cached
-    val_x, val_y = (t.to(device) for t in feats["val"])
-    dim = val_x.shape[1]
-    if cfg.standardize:
-        tx = feats["train"][0].to(device)
-        mean, std = tx.mean(0), tx.std(0).clamp_min(1e-6)
-    else:
-        mean, std = torch.zeros(dim, device=device), torch.ones(dim, device=device)
+    return feats, timing
 
-    _, world = distributed.world()
+
+def _standardisation(
+    cfg: Preset, feats: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's input mean and std: the train features' (`fast`), else 0 and 1."""
+    dim = feats["val"][0].shape[1]
+    if not cfg.standardize:
+        return torch.zeros(dim, device=device), torch.ones(dim, device=device)
+    tx = feats["train"][0].to(device)
+    return tx.mean(0), tx.std(0).clamp_min(1e-6)
+
+
+def _train_head(
+    cfg: Preset, encoder: nn.Module, feats: dict[str, tuple[torch.Tensor, torch.Tensor]], train_index: FolderIndex,
+    mean: torch.Tensor, std: torch.Tensor, lr: float | None, image_size: int, stage1: config.RunConfig | None,
+    seed: int, device: torch.device, num_workers: int, normalize: bool,
+) -> tuple[nn.Linear, dict[str, Any], float]:  # fmt: skip
+    """The head by the protocol's fit loop: (head, what the loop reports, the learning rate it used)."""
+    num_classes, dim = len(train_index.classes), feats["val"][0].shape[1]
     lr_value = lr if lr is not None else cfg.base_lr * (cfg.batch_size / 256 if cfg.scale_lr else 1.0)
-    start = time.perf_counter()
     if cfg.stream != "cached":
         transform = stream_transform(cfg, stage1, image_size)
         global_bn = stage1 is not None and stage1.model.sync_bn
-        fc, info = _fit_stream(
+        fc, info = fit_stream(
             cfg, encoder, train_index, transform, num_classes, dim, cfg.epochs, cfg.batch_size, lr_value, seed,
             device, num_workers, normalize, global_bn,
         )  # fmt: skip
-    else:
-        x, y = feats["train"][0].to(device), feats["train"][1].to(device)
-        x = (x - mean) / std
-        if cfg.optimizer == "lbfgs":
-            fc, info = _fit_lbfgs(x, y, num_classes, cfg.epochs, seed)
-            lr_value = 1.0
-        else:
-            fc, info = _fit_minibatch(cfg, x, y, num_classes, cfg.epochs, cfg.batch_size, lr_value, seed)
-    timing["train_s"] = time.perf_counter() - start
-    probe = LinearProbe(encoder, fc, mean, std, train_index.classes, normalize=normalize).to(device)
+        return fc, info, lr_value
+    x, y = feats["train"][0].to(device), feats["train"][1].to(device)
+    x = (x - mean) / std
+    if cfg.optimizer == "lbfgs":
+        fc, info = fit_lbfgs(x, y, num_classes, cfg.epochs, seed)
+        return fc, info, 1.0
+    fc, info = fit_minibatch(cfg, x, y, num_classes, cfg.epochs, cfg.batch_size, lr_value, seed)
+    return fc, info, lr_value
+
+
+def _scores(
+    probe: LinearProbe, feats: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device, keep: bool
+) -> dict[str, Any]:
+    """Top-1/top-5 on val (the final head's), the count right, the train top-1 when its features are at hand."""
+    val_x, val_y = (t.to(device) for t in feats["val"])
     with torch.no_grad():
         val_logits = probe.head(val_x)
         val_acc = topk_accuracy(val_logits, val_y)
-        train_acc = (
-            topk_accuracy(probe.head(feats["train"][0].to(device)), feats["train"][1].to(device))
-            if "train" in feats
-            else {}
-        )
-    result = {
-        **val_acc,
-        "correct": round(val_acc["top1"] * len(val_index)),
-        "preset": preset,
-        "protocol": form,
-        "epochs": info.pop("epochs"),
-        "augment": cfg.stream != "cached",
-        "stream": cfg.stream,
-        "batch_norm": cfg.bn,
-        "normalize_features": normalize,
-        "optimizer": cfg.optimizer,
-        "lr": lr_value,
-        "batch_size": cfg.batch_size,
-        "weight_decay": cfg.weight_decay,
-        "label_smoothing": cfg.label_smoothing,
-        "stage1_config": stage1 is not None,
-        "eval_crop": view["crop"],
-        "train_top1": train_acc.get("top1"),
-        "num_train": len(train_index),
-        "num_val": len(val_index),
-        "num_classes": num_classes,
-        "feature_dim": dim,
-        "image_size": image_size,
-        "world_size": world,
-        "device": str(device),
-        **info,
-        **timing,
-    }
-    if keep_predictions:
-        result["val_correct"] = (val_logits.argmax(1) == val_y).tolist()
-    return probe, result
+        train = feats.get("train")
+        train_acc = topk_accuracy(probe.head(train[0].to(device)), train[1].to(device)) if train else {}
+    scores = {**val_acc, "correct": round(val_acc["top1"] * len(val_y)), "train_top1": train_acc.get("top1")}
+    scores["feature_dim"] = val_x.shape[1]
+    if keep:
+        scores["val_correct"] = (val_logits.argmax(1) == val_y).tolist()
+    return scores
 
 
 def linear_eval(
