@@ -137,12 +137,12 @@ def rows() -> list[Row]:
     """Every check, in the order an engineer reads them."""
     import torch
 
-    from supcon_scale import distributed
+    from supcon_scale import devices
 
     out: list[Row] = []
     cuda_major = _major(torch.version.cuda) if torch.version.cuda else None
-    need = distributed.MIN_DRIVER.get(cuda_major) if cuda_major else None
-    driver = distributed.driver_version()
+    need = devices.MIN_DRIVER.get(cuda_major) if cuda_major else None
+    driver = devices.driver_version()
     if driver is None:
         out.append(Row("NVIDIA driver", "not found", WARN, "no GPU here: device=cuda fails, device=auto trains on CPU"))
     elif need and _major(driver) is not None and _major(driver) < int(need):
@@ -157,7 +157,7 @@ def rows() -> list[Row]:
             "" if torch.version.cuda else "a CPU-only build",
         )
     )
-    problem = distributed.cuda_problem()
+    problem = devices.cuda_problem()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
     if problem is None:
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
@@ -170,7 +170,7 @@ def rows() -> list[Row]:
         except Exception as exc:  # noqa: BLE001 - a broken NCCL is the finding
             out.append(Row("NCCL", "unusable", FAIL, str(exc).splitlines()[0]))
     else:
-        promised = distributed._gpus_promised()
+        promised = devices.gpus_promised()
         out.append(
             Row(
                 "GPUs",

@@ -16,6 +16,7 @@ LAYERS = {
     "recipes": 0,
     "yamlload": 0,
     "arguments": 0,
+    "devices": 0,
     "losses": 1,
     "optim": 1,
     "resilience": 1,

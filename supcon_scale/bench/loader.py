@@ -20,7 +20,8 @@ import numpy as np
 
 from supcon_scale import arguments
 from supcon_scale.config import AugmentConfig, DataConfig
-from supcon_scale.distributed import Context, select_device
+from supcon_scale.devices import select_device
+from supcon_scale.distributed import Context
 
 if TYPE_CHECKING:
     from typing import Self

@@ -24,7 +24,8 @@ import torch
 from timm.optim import Lars
 
 from supcon_scale import arguments, config, data, engines, models, objectives, optim, trainer
-from supcon_scale.distributed import Context, select_device, temporary_single_process_group
+from supcon_scale.devices import select_device
+from supcon_scale.distributed import Context, temporary_single_process_group
 from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
 
 Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
