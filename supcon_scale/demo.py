@@ -44,9 +44,6 @@ def _torchrun(cfg_path: Path, nproc: int, overrides: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from supcon_scale.data.folder import make_demo_data
-    from supcon_scale.evaluation.linear import linear_eval
-    from supcon_scale.evaluation.robustness import generate_c, robustness_report
-    from supcon_scale.export import encoder_from_export
 
     start = time.time()
     out = Path(args.out)
@@ -54,46 +51,23 @@ def run(args: argparse.Namespace) -> dict:
     if not (data_root / "val").is_dir():
         make_demo_data(data_root)
     common = [f"data.root={data_root}", *args.overrides]
-    runs = {"supcon": (args.config, out / "supcon", []), "cross_entropy": (args.ce_config, out / "cross_entropy", [])}
-    if args.genscl:  # after the cross-entropy run: it is GenSCL's teacher
-        runs["genscl"] = (args.genscl_config, out / "genscl", [f"kd.teacher={out / 'cross_entropy'}"])
-    for cfg_path, run_dir, extra in runs.values():
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo trains from scratch every time
-        _torchrun(cfg_path, args.nproc, [f"out_dir={run_dir}", *common, *extra])
-
+    runs, baseline = _train_all(args, out, common)
     cfg = config.load(args.config, common)
-    few_root = few_labels(data_root, out / "data-few", args.labels_per_class, cfg.seed)
-    results, few = {}, {}
-    for name, (_, run_dir, _) in runs.items():
-        encoder, _ = encoder_from_export(run_dir / "encoder.safetensors")
-        results[name] = linear_eval(encoder, data_root, image_size=cfg.data.image_size, preset="fast",
-                                    keep_predictions=True)  # fmt: skip
-        few[name] = linear_eval(encoder, few_root, image_size=cfg.data.image_size, preset="fast", keep_predictions=True)
-        console.print(f"{name}: linear top-1 {results[name]['top1']:.4f}, {args.labels_per_class} labels/class "
-                      f"{few[name]['top1']:.4f}")  # fmt: skip
-
+    results, few = _probe_all(runs, data_root, few_labels(data_root, out / "data-few", args.labels_per_class, cfg.seed),
+                              cfg.data.image_size, args.labels_per_class)  # fmt: skip
     robustness = None
     if not args.skip_robustness:
-        # A subset keeps the demo short: the first `per_class` val images of each digit, 15 corruptions x 5 severities.
-        generate_c(data_root / "val", out / "data-C", per_class=args.c_per_class, seed=cfg.seed)
-        robustness = robustness_report(
-            {name: run_dir / "encoder.safetensors" for name, (_, run_dir, _) in runs.items()},
-            c_root=out / "data-C",
-            clean_root=data_root,
-            out_dir=out / "robustness",
-            baseline_name="cross_entropy",
-            image_size=cfg.data.image_size,
-        )
-
-    pictures = _pictures(out, {name: run_dir for name, (_, run_dir, _) in runs.items()}, data_root, cfg.data.image_size)
-    n_val = results["supcon"]["num_val"]
+        robustness = _robustness(runs, baseline, out, data_root, cfg, args.c_per_class)
+    pictures = _pictures(out, runs, data_root, cfg.data.image_size)
+    main_run = next(iter(runs))
+    n_val = results[main_run]["num_val"]
     tests = comparisons(results, few)  # every model against cross-entropy on the same val images: exact McNemar
     summary = {
-        "linear_top1": results["supcon"]["top1"],
-        "linear_top5": results["supcon"]["top5"],
-        "ce_top1": results["cross_entropy"]["top1"],
-        "ce_top5": results["cross_entropy"]["top5"],
-        **({"genscl_top1": results["genscl"]["top1"]} if "genscl" in results else {}),
+        "linear_top1": results[main_run]["top1"],
+        "linear_top5": results[main_run]["top5"],
+        "ce_top1": results[baseline]["top1"],
+        "ce_top5": results[baseline]["top5"],
+        **{f"{n}_top1": r["top1"] for n, r in results.items() if n not in (main_run, baseline)},
         "num_val": n_val,
         "labels_per_class": args.labels_per_class,
         "few_label_top1": {n: r["top1"] for n, r in few.items()},
@@ -107,10 +81,73 @@ def run(args: argparse.Namespace) -> dict:
         "robustness": robustness,
         "pictures": [str(p) for p in pictures],
     }
+    _print_summary(args, summary, results, few, tests)
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    console.print(f"wrote {out / 'summary.json'}")
+    return summary
+
+
+def _train_all(args: argparse.Namespace, out: Path, common: list[str]) -> tuple[dict[str, Path], str]:
+    """Train every run from scratch on `args.nproc` torchrun ranks: {its `loss.name`: its folder}, and the name of
+    the classifier baseline (the cross-entropy run: the other runs are compared with it, GenSCL's teacher)."""
+    from supcon_scale import objectives
+
+    names = [config.load(path, common).loss.name for path in (args.config, args.ce_config)]
+    if not objectives.trains_classifier(names[1]) or objectives.trains_classifier(names[0]) or len(set(names)) < 2:
+        raise ValueError(f"--ce-config: the baseline must train a classifier and --config an embedding, got {names}")
+    baseline = names[1]
+    runs = {names[0]: (args.config, []), baseline: (args.ce_config, [])}
+    if args.genscl:  # after the cross-entropy run: it is GenSCL's teacher
+        runs[config.load(args.genscl_config, common).loss.name] = (args.genscl_config, [f"kd.teacher={out / baseline}"])
+    for name, (cfg_path, extra) in runs.items():
+        shutil.rmtree(out / name, ignore_errors=True)  # the demo trains from scratch every time
+        _torchrun(cfg_path, args.nproc, [f"out_dir={out / name}", *common, *extra])
+    return {name: out / name for name in runs}, baseline
+
+
+def _probe_all(
+    runs: dict[str, Path], data_root: Path, few_root: Path, image_size: int, per_class: int
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each exported encoder's linear probe on every label, and on `per_class` labels per class."""
+    from supcon_scale.evaluation.linear import linear_eval
+    from supcon_scale.export import encoder_from_export
+
+    results, few = {}, {}
+    for name, run_dir in runs.items():
+        encoder, _ = encoder_from_export(run_dir / "encoder.safetensors")
+        results[name] = linear_eval(encoder, data_root, image_size=image_size, preset="fast", keep_predictions=True)
+        few[name] = linear_eval(encoder, few_root, image_size=image_size, preset="fast", keep_predictions=True)
+        console.print(f"{name}: linear top-1 {results[name]['top1']:.4f}, {per_class} labels/class "
+                      f"{few[name]['top1']:.4f}")  # fmt: skip
+    return results, few
+
+
+def _robustness(
+    runs: dict[str, Path], baseline: str, out: Path, data_root: Path, cfg: config.RunConfig, per_class: int
+) -> dict:
+    """The corruption-robustness report of every run, CE normalised by the baseline run."""
+    from supcon_scale.evaluation.c_dataset import generate_c
+    from supcon_scale.evaluation.robustness import robustness_report
+
+    # A subset keeps the demo short: the first `per_class` val images of each digit, 15 corruptions x 5 severities.
+    generate_c(data_root / "val", out / "data-C", per_class=per_class, seed=cfg.seed)
+    return robustness_report(
+        {name: run_dir / "encoder.safetensors" for name, run_dir in runs.items()},
+        c_root=out / "data-C",
+        clean_root=data_root,
+        out_dir=out / "robustness",
+        baseline_name=baseline,
+        image_size=cfg.data.image_size,
+    )
+
+
+def _print_summary(args: argparse.Namespace, summary: dict, results: dict, few: dict, tests: list[dict]) -> None:
+    """The table (all labels, few labels, mCE), the McNemar lines, and where the plots and pictures are."""
+    n_val, robustness = summary["num_val"], summary["robustness"]
     columns = ["model", "top-1 [95% CI] (n), McNemar p vs CE, all labels",
                f"top-1 [95% CI] (n), McNemar p vs CE, {args.labels_per_class} labels/class"]  # fmt: skip
     p = {(c["model"], c["probe"]): f" p={c['p_value']:.2g}" for c in tests}
-    rows = [(LABELS[n], format_accuracy(r["top1"], n_val) + p.get((n, "all labels"), ""),
+    rows = [(LABELS.get(n, n), format_accuracy(r["top1"], n_val) + p.get((n, "all labels"), ""),
              format_accuracy(few[n]["top1"], few[n]["num_val"]) + p.get((n, "few labels"), ""))
             for n, r in results.items()]  # fmt: skip
     undefined = robustness is not None and any("relative_mce_undefined" in m for m in robustness["models"].values())
@@ -131,9 +168,6 @@ def run(args: argparse.Namespace) -> dict:
         console.print(f"mCE baseline: {robustness['baseline']} ({robustness['baseline_why']})")
         console.print(f"robustness plots: {', '.join(robustness['plots'].values())}")
     console.print(f"pictures: {', '.join(summary['pictures'])}", soft_wrap=True)
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    console.print(f"wrote {out / 'summary.json'}")
-    return summary
 
 
 def _pictures(out: Path, run_dirs: dict[str, Path], data_root: Path, image_size: int) -> list[Path]:
@@ -171,16 +205,20 @@ def few_labels(data_root: Path, out: Path, per_class: int, seed: int) -> Path:
 
 
 def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[dict]:
-    """Each model against the cross-entropy baseline, per probe, on the same val images: both accuracies with their
-    95% intervals, and an exact McNemar test on the images one model gets right and the other wrong (stats.mcnemar).
+    """Each model against the cross-entropy baseline (`results` keyed by `loss.name`), per probe, on the same val
+    images: both accuracies with their 95% intervals, and an exact McNemar test on the images one model gets right
+    and the other wrong (stats.mcnemar).
 
     Paired, so it sees what overlapping intervals miss: two models scored on the same images share their hard ones.
     """
+    from supcon_scale import objectives
+
+    baseline = next(n for n in results if objectives.trains_classifier(n))
     out = []
     for probe, rows in (("all labels", results), ("few labels", few)):
-        base = rows["cross_entropy"]
+        base = rows[baseline]
         for name, r in rows.items():
-            if name == "cross_entropy":
+            if name == baseline:
                 continue
             test = mcnemar(r["val_correct"], base["val_correct"])
             a, b = test["only_a"], test["only_b"]
@@ -188,11 +226,12 @@ def comparisons(results: dict[str, dict], few: dict[str, dict]) -> list[dict]:
                 verdict = f"{'higher' if a > b else 'lower'} than cross-entropy (p < 0.05)"
             else:
                 verdict = "no significant difference (p >= 0.05)"
-            line = (f"{LABELS[name]} vs cross-entropy, {probe}: {format_accuracy(r['top1'], r['num_val'])} vs "
+            label = LABELS.get(name, name)
+            line = (f"{label} vs cross-entropy, {probe}: {format_accuracy(r['top1'], r['num_val'])} vs "
                     f"{format_accuracy(base['top1'], base['num_val'])}; exact McNemar p={test['p_value']:.3g} on the "
-                    f"{a + b} images only one gets right ({a} {LABELS[name].split(' +')[0]}, {b} cross-entropy): "
+                    f"{a + b} images only one gets right ({a} {label.split(' +')[0]}, {b} cross-entropy): "
                     f"{verdict}")  # fmt: skip
-            out.append({"model": name, "baseline": "cross_entropy", "probe": probe, **test, "verdict": verdict,
+            out.append({"model": name, "baseline": baseline, "probe": probe, **test, "verdict": verdict,
                         "line": line})  # fmt: skip
     return out
 

@@ -137,12 +137,24 @@ def rows() -> list[Row]:
     """Every check, in the order an engineer reads them."""
     import torch
 
-    from supcon_scale import distributed
+    cuda_major = _major(torch.version.cuda) if torch.version.cuda else None
+    out, driver = _driver_rows(cuda_major)
+    gpus, problem = _gpu_rows(driver)
+    out += gpus
+    out.append(_dali_row(cuda_major))
+    out += _deepspeed_rows(cuda_works=problem is None)
+    return out + _host_rows()
+
+
+def _driver_rows(cuda_major: int | None) -> tuple[list[Row], str | None]:
+    """The NVIDIA driver against torch's CUDA major, and torch's build; the driver's version (None: not found)."""
+    import torch
+
+    from supcon_scale import devices
 
     out: list[Row] = []
-    cuda_major = _major(torch.version.cuda) if torch.version.cuda else None
-    need = distributed.MIN_DRIVER.get(cuda_major) if cuda_major else None
-    driver = distributed.driver_version()
+    need = devices.MIN_DRIVER.get(cuda_major) if cuda_major else None
+    driver = devices.driver_version()
     if driver is None:
         out.append(Row("NVIDIA driver", "not found", WARN, "no GPU here: device=cuda fails, device=auto trains on CPU"))
     elif need and _major(driver) is not None and _major(driver) < int(need):
@@ -157,47 +169,51 @@ def rows() -> list[Row]:
             "" if torch.version.cuda else "a CPU-only build",
         )
     )
-    problem = distributed.cuda_problem()
+    return out, driver
+
+
+def _gpu_rows(driver: str | None) -> tuple[list[Row], str | None]:
+    """The GPUs CUDA can use and NCCL, or why none; why CUDA is unusable (None: it works)."""
+    import torch
+
+    from supcon_scale import devices
+
+    problem = devices.cuda_problem()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-    if problem is None:
-        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        out.append(
-            Row("GPUs", f"{torch.cuda.device_count()} x {', '.join(names)}", OK, f"CUDA_VISIBLE_DEVICES={visible}")
-        )
-        try:
-            nccl = ".".join(map(str, torch.cuda.nccl.version()))
-            out.append(Row("NCCL", nccl, OK))
-        except Exception as exc:  # noqa: BLE001 - a broken NCCL is the finding
-            out.append(Row("NCCL", "unusable", FAIL, str(exc).splitlines()[0]))
-    else:
-        promised = distributed._gpus_promised()
-        out.append(
-            Row(
-                "GPUs",
-                "none usable",
-                FAIL if promised or driver else WARN,
-                f"{problem} (CUDA_VISIBLE_DEVICES={visible})",
-            )
-        )
+    if problem is not None:
+        verdict = FAIL if devices.gpus_promised() or driver else WARN
+        return [Row("GPUs", "none usable", verdict, f"{problem} (CUDA_VISIBLE_DEVICES={visible})")], problem
+    names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    out = [Row("GPUs", f"{torch.cuda.device_count()} x {', '.join(names)}", OK, f"CUDA_VISIBLE_DEVICES={visible}")]
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        out.append(Row("NCCL", nccl, OK))
+    except Exception as exc:  # noqa: BLE001 - a broken NCCL is the finding
+        out.append(Row("NCCL", "unusable", FAIL, str(exc).splitlines()[0]))
+    return out, None
+
+
+def _dali_row(cuda_major: int | None) -> Row:
+    """DALI's wheel and whether its CUDA major is torch's."""
     dali = next(((d, v) for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120") if (v := _version(d))), None)
     if dali is None:
-        out.append(Row("DALI", "not installed", WARN, "data.backend=dali* needs pip install supcon_scale[dali]"))
-    else:
-        dali_major = 13 if dali[0].endswith("130") else 12
-        match = cuda_major in (None, dali_major)
-        out.append(
-            Row(
-                "DALI",
-                f"{dali[1]} ({dali[0]})",
-                OK if match else FAIL,
-                "" if match else f"built for CUDA {dali_major}, torch for CUDA {cuda_major}: one major",
-            )
-        )
-    out += _deepspeed_rows(cuda_works=problem is None)
+        return Row("DALI", "not installed", WARN, "data.backend=dali* needs pip install supcon_scale[dali]")
+    dali_major = 13 if dali[0].endswith("130") else 12
+    match = cuda_major in (None, dali_major)
+    return Row(
+        "DALI",
+        f"{dali[1]} ({dali[0]})",
+        OK if match else FAIL,
+        "" if match else f"built for CUDA {dali_major}, torch for CUDA {cuda_major}: one major",
+    )
+
+
+def _host_rows() -> list[Row]:
+    """The CPUs each rank on this node may use, and the launcher's variables."""
     cpus = len(os.sched_getaffinity(0))
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0] or 1)
     per_rank = cpus // max(ranks, 1)
-    out.append(
+    out = [
         Row(
             "CPU affinity",
             f"{cpus} of {os.cpu_count()} CPUs",
@@ -205,7 +221,7 @@ def rows() -> list[Row]:
             f"{per_rank} per rank for loader workers / DALI threads"
             + (" (srun without --cpus-per-task?)" if per_rank < 4 and "SLURM_JOB_ID" in os.environ else ""),
         )
-    )
+    ]
     launcher = [n for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID") if n in os.environ]
     out.append(Row("launcher", ", ".join(f"{n}={os.environ[n]}" for n in launcher) or "none (one process)", OK))
     return out

@@ -16,6 +16,7 @@ LAYERS = {
     "recipes": 0,
     "yamlload": 0,
     "arguments": 0,
+    "devices": 0,
     "losses": 1,
     "optim": 1,
     "resilience": 1,
@@ -110,3 +111,96 @@ def test_nothing_assigns_to_another_modules_attribute():
             for t in targets:
                 if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in imported:
                     pytest.fail(f"{module.relative_to(PACKAGE)}:{node.lineno} assigns {t.value.id}.{t.attr}")
+
+
+# Size limits (docs/DESIGN.md, "Size"): a module a newcomer reads whole, a function on one screen.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+# Functions that are data tables (one entry per line) may run longer: "path:qualified name". None today.
+_DATA_TABLES: set[str] = set()
+# Other engineers' modules being shrunk in parallel to this gate (issue 23); the lead empties it after the merge.
+_OTHERS_IN_PROGRESS = {
+    "checkpoint.py",
+    "checkpoint.py:save",
+    "config.py",
+    "config.py:_coerce",
+    "continual/learner.py:fit",
+    "continual/run.py:run",
+    "evaluation/finetune.py:finetune",
+    "evaluation/linear.py",
+    "evaluation/linear.py:fit_linear_probe",
+}
+
+
+def _functions(tree: ast.AST, prefix: str = "") -> list[tuple[str, int]]:
+    """(qualified name, lines from `def` to its last line) of every function and method, nested ones included."""
+    out = []
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.append((prefix + node.name, node.end_lineno - node.lineno + 1))
+            out += _functions(node, f"{prefix}{node.name}.")
+        elif isinstance(node, ast.ClassDef):
+            out += _functions(node, f"{prefix}{node.name}.")
+        else:
+            out += _functions(node, prefix)
+    return out
+
+
+def test_modules_and_functions_stay_small():
+    too_big = []
+    for module in MODULES:
+        rel = str(module.relative_to(PACKAGE))
+        text = module.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES and rel not in _OTHERS_IN_PROGRESS:
+            too_big.append(f"{rel}: {len(text.splitlines())} lines > {MAX_MODULE_LINES}")
+        for name, lines in _functions(ast.parse(text)):
+            where = f"{rel}:{name}"
+            if lines > MAX_FUNCTION_LINES and where not in _DATA_TABLES | _OTHERS_IN_PROGRESS:
+                too_big.append(f"{where}: {lines} lines > {MAX_FUNCTION_LINES}")
+    assert not too_big, "split by concern (a new module goes into docs/DESIGN.md's layer table): " + "; ".join(too_big)
+
+
+def test_the_size_allowlists_name_only_what_exists_and_is_too_big():
+    """A stale entry (a module or function split since, or renamed) would silently exempt its successor."""
+    sizes = {}
+    for module in MODULES:
+        rel = str(module.relative_to(PACKAGE))
+        text = module.read_text()
+        sizes[rel] = (len(text.splitlines()), MAX_MODULE_LINES)
+        sizes.update({f"{rel}:{n}": (lines, MAX_FUNCTION_LINES) for n, lines in _functions(ast.parse(text))})
+    for entry in sorted(_DATA_TABLES | _OTHERS_IN_PROGRESS):
+        assert entry in sizes and sizes[entry][0] > sizes[entry][1], f"remove {entry} from the allowlist"
+
+
+# docs/DESIGN.md: only distributed.py and engines/ touch torch.distributed (the process group and its collectives).
+# resilience.py runs torchrun's own launcher (`supcon-scale torchrun`): the agent, never a process group.
+_DIST_OWNERS = ("distributed.py", "engines/")
+_LAUNCHER_ONLY = {"resilience.py": {"torch.distributed.run", "torch.distributed.elastic.multiprocessing.api",
+                                    "torch.distributed.elastic.multiprocessing.errors"}}  # fmt: skip
+
+
+def _torch_distributed_imports(module: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module
+            else []
+        )
+        if isinstance(node, ast.ImportFrom) and node.module == "torch":
+            names = [f"torch.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            names = [f"torch.distributed.{a.name}" for a in node.names]
+        found |= {n for n in names if n == "torch.distributed" or n.startswith("torch.distributed.")}
+    return found
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_distributed_and_engines_touch_torch_distributed(module: Path):
+    rel = str(module.relative_to(PACKAGE))
+    if rel.startswith(_DIST_OWNERS):
+        return
+    extra = _torch_distributed_imports(module) - _LAUNCHER_ONLY.get(rel, set())
+    assert not extra, f"{rel} imports {sorted(extra)}: collectives belong in distributed.py (docs/DESIGN.md)"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from supcon_scale.evaluation.c_dataset import generate_c, index_c
 from supcon_scale.evaluation.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt
-from supcon_scale.evaluation.robustness import generate_c, index_c
 
 
 @pytest.fixture(scope="module")

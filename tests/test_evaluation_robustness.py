@@ -103,7 +103,7 @@ def test_no_baseline_leaves_ce_out():
 
 @pytest.fixture(scope="module")
 def tiny(digits, tmp_path_factory) -> dict[str, Path]:
-    from supcon_scale.evaluation.robustness import generate_c
+    from supcon_scale.evaluation.c_dataset import generate_c
 
     root = tmp_path_factory.mktemp("tiny")
     for split, n in (("train", 12), ("val", 4)):

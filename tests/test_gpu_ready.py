@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from supcon_scale import config, distributed, engines, models, objectives, trainer
+from supcon_scale import config, devices, distributed, engines, models, objectives, trainer
 from supcon_scale.resilience import NonFiniteGuard, PreemptionHandler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,22 +44,22 @@ def test_device_cuda_without_cuda_exits_2_naming_driver_cuda_and_visible_devices
 
 def test_auto_device_refuses_promised_gpus_that_cuda_cannot_use(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    if distributed.cuda_problem() is None:  # a working GPU: auto picks it
-        assert distributed.select_device("auto", 0).type == "cuda"
+    if devices.cuda_problem() is None:  # a working GPU: auto picks it
+        assert devices.select_device("auto", 0).type == "cuda"
         return
     with pytest.raises(ValueError, match=r"device=auto: CUDA is not usable .*CUDA_VISIBLE_DEVICES=0"):
-        distributed.select_device("auto", 0)
+        devices.select_device("auto", 0)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert distributed.select_device("auto", 0) == torch.device("cpu")
-    assert distributed.select_device("cpu", 3) == torch.device("cpu")
+    assert devices.select_device("auto", 0) == torch.device("cpu")
+    assert devices.select_device("cpu", 3) == torch.device("cpu")
 
 
 def test_local_rank_to_cuda_index():
-    assert distributed.cuda_index(0, 1) == 0
-    assert distributed.cuda_index(5, 1) == 0  # Slurm --gpus-per-task=1: every task sees its own device 0
-    assert distributed.cuda_index(3, 8) == 3
+    assert devices.cuda_index(0, 1) == 0
+    assert devices.cuda_index(5, 1) == 0  # Slurm --gpus-per-task=1: every task sees its own device 0
+    assert devices.cuda_index(3, 8) == 3
     with pytest.raises(ValueError, match="local rank 5 but this process sees 4 GPUs"):
-        distributed.cuda_index(5, 4)
+        devices.cuda_index(5, 4)
 
 
 def test_device_and_tf32_are_schema_keys():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from supcon_scale.config import LossConfig
-from supcon_scale.losses import SupConLoss, build
+from supcon_scale.losses import SupConLoss
+from supcon_scale.objectives.supcon import contrastive_loss as build
 
 
 def brute_force(features, labels, tau, variant="out", contrast="all", scale=1.0):
@@ -240,7 +241,7 @@ def test_build_from_config():
     }
     official = build(LossConfig(denominator_mode="one_positive", positives_cap=2))
     assert official.convention()["denominator_mode"] == "one_positive" and official.convention()["positives_cap"] == 2
-    assert json.loads(json.dumps(loss.describe())) == loss.describe()  # plain JSON: it goes into meta.json
+    assert json.loads(json.dumps(loss.convention())) == loss.convention()  # plain JSON: it goes into meta.json
     feats, labels = make()
     simclr = build(LossConfig(name="simclr"))
     assert rel_err(simclr(feats, labels), brute_force(feats, None, 0.1)) <= 1e-12

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from supcon_scale import checkpoint, config, data, distributed, engines, models, objectives, trainer
+from supcon_scale import checkpoint, config, data, devices, distributed, engines, models, objectives, trainer
 from supcon_scale.data.folder import make_demo_data
 
 BUDGET_S = 600.0  # the whole check; a part that starts later than this is skipped
@@ -38,7 +38,7 @@ class Check:
 
     def __init__(self, out: Path, smoke: bool):
         self.out, self.smoke = out, smoke
-        self.device = distributed.select_device("cpu" if smoke else "cuda", 0)
+        self.device = devices.select_device("cpu" if smoke else "cuda", 0)
         self.size = 32 if smoke else 64
         self.batch = 16 if smoke else 64
         self.root = out / "digits"
@@ -65,7 +65,7 @@ class Check:
 def part_cuda(check: Check) -> dict[str, Any]:
     """CUDA is usable (device=cuda would fail loudly otherwise) and what it is."""
     info: dict[str, Any] = {
-        "report": distributed.cuda_report(),
+        "report": devices.cuda_report(),
         "torch": torch.__version__,
         "device": str(check.device),
     }

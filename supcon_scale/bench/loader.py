@@ -7,6 +7,7 @@ pipelines (read, + decode, + crops, + each stage, + normalise) to show where the
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -20,10 +21,13 @@ import numpy as np
 
 from supcon_scale import arguments
 from supcon_scale.config import AugmentConfig, DataConfig
-from supcon_scale.distributed import Context, select_device
+from supcon_scale.devices import select_device
+from supcon_scale.distributed import Context
 
 if TYPE_CHECKING:
     from typing import Self
+
+    from rich.table import Table
 
 SYNTHETIC_SIZE = (500, 375)
 
@@ -188,9 +192,18 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
         pipe.run()
         return pipe
 
-    pipes = [build(name, stages) for name, stages in steps]
-    # Rounds alternate over the pipelines; the per-step figure is the lowest round median (resists background load).
-    best = [float("inf")] * len(steps)
+    best = _lowest_median_ms([build(name, stages) for name, stages in steps], batches, rounds)
+    rows, previous = [], 0.0
+    for (name, _), ms in zip(steps, best, strict=True):
+        rows.append({"step": name, "ms_per_batch": ms, "added_ms": ms - previous})
+        previous = ms
+    return rows
+
+
+def _lowest_median_ms(pipes: list[Any], batches: int, rounds: int) -> list[float]:
+    """Each pipeline's median ms per batch, the lowest over `rounds`; rounds alternate over the pipelines (resists
+    background load)."""
+    best = [float("inf")] * len(pipes)
     for _ in range(rounds):
         for k, pipe in enumerate(pipes):
             times = []
@@ -199,38 +212,19 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
                 pipe.run()
                 times.append(time.perf_counter() - t0)
             best[k] = min(best[k], float(np.median(times)) * 1000)
-    rows, previous = [], 0.0
-    for (name, _), ms in zip(steps, best, strict=True):
-        rows.append({"step": name, "ms_per_batch": ms, "added_ms": ms - previous})
-        previous = ms
-    return rows
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
     """Benchmark the training data loaders (images/s, views/s, CPU, memory) and write a table and JSON."""
     from rich.console import Console
-    from rich.table import Table
 
     args = arguments.bench_dataloader().parse_args(argv)
     console = Console()
-
-    root = args.data
-    if args.synthetic is not None:
-        if args.synthetic < args.batch_size:
-            console.print(f"[red]error:[/red] --synthetic {args.synthetic} is smaller than --batch-size")
-            return 2
-        root = write_synthetic(args.synthetic_dir, args.synthetic)
-    if not Path(root).is_dir():
-        console.print(f"[red]error:[/red] --data: directory not found: {root}")
-        return 2
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = set(backends) - {"dali-gpu", "dali-cpu", "torchvision"}
-    if unknown:
-        console.print(f"[red]error:[/red] --backends: unknown {sorted(unknown)}")
-        return 2
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if set(formats) - {"folder", "shards"}:
-        console.print(f"[red]error:[/red] --formats: unknown {sorted(set(formats) - {'folder', 'shards'})}")
+    try:
+        root, backends, formats = _inputs(args)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
         return 2
     roots = {"folder": Path(root)}
     if "shards" in formats:
@@ -238,11 +232,61 @@ def main(argv: list[str] | None = None) -> int:
 
         roots["shards"] = write_shards(root, Path(f"{Path(root).resolve()}_shards"), args.shard_size)
     aug = AugmentConfig(preset=args.preset)  # type: ignore[arg-type]
-    runs: list[tuple[str, str, bool]] = []
+    rows = _rows(_best(args, roots, _runs(formats, backends, args.dali_decode), aug), args)
+    console.print(_table(rows, f"data loading: {root}, preset {args.preset}, batch {args.batch_size}, "
+                               f"{args.threads} threads"))  # fmt: skip
+    profile = None
+    if args.profile:
+        cfg = DataConfig(
+            root=str(root),
+            backend="dali-cpu",
+            global_batch_size=args.batch_size,
+            image_size=args.image_size,
+            views=args.views,
+            dali_threads=args.threads,
+            augment=aug,
+        )
+        profile = profile_dali(Path(root), cfg, args.batches)
+        console.print(_profile_table(profile))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "profile": profile, "cpu_count": os.cpu_count()}, indent=2))
+    return 0
+
+
+def _inputs(args: argparse.Namespace) -> tuple[Path, list[str], list[str]]:
+    """The data folder (written first for `--synthetic`), the backends and the formats; a bad flag is a ValueError."""
+    root = args.data
+    if args.synthetic is not None:
+        if args.synthetic < args.batch_size:
+            raise ValueError(f"--synthetic {args.synthetic} is smaller than --batch-size")
+        root = write_synthetic(args.synthetic_dir, args.synthetic)
+    if not Path(root).is_dir():
+        raise ValueError(f"--data: directory not found: {root}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(backends) - {"dali-gpu", "dali-cpu", "torchvision"}
+    if unknown:
+        raise ValueError(f"--backends: unknown {sorted(unknown)}")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if set(formats) - {"folder", "shards"}:
+        raise ValueError(f"--formats: unknown {sorted(set(formats) - {'folder', 'shards'})}")
+    return root, backends, formats
+
+
+def _runs(formats: list[str], backends: list[str], dali_decode: str) -> list[tuple[str, str, bool]]:
+    """(format, backend, ROI decoding) of every case; only DALI has the decode modes of `--dali-decode`."""
+    runs = []
     for fmt in formats:
         for b in backends:
-            for mode in [m.strip() for m in args.dali_decode.split(",")] if b.startswith("dali") else ["once"]:
+            for mode in [m.strip() for m in dali_decode.split(",")] if b.startswith("dali") else ["once"]:
                 runs.append((fmt, b, mode == "roi"))
+    return runs
+
+
+def _best(
+    args: argparse.Namespace, roots: dict[str, Path], runs: list[tuple[str, str, bool]], aug: AugmentConfig
+) -> dict[tuple[str, str, bool], dict[str, Any]]:
+    """Each case's fastest of `--repeats` measurements, the cases interleaved (resists background load)."""
     best: dict[tuple[str, str, bool], dict[str, Any]] = {}
     for _ in range(args.repeats):
         for fmt, backend, roi in runs:
@@ -261,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(cfg, args.warmup, args.batches, roi=roi)
             if (fmt, backend, roi) not in best or r["images_per_s"] > best[fmt, backend, roi]["images_per_s"]:
                 best[fmt, backend, roi] = r
+    return best
+
+
+def _rows(best: dict[tuple[str, str, bool], dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The JSON rows: each case's figures with its settings and its ratios to torchvision and to the folder format."""
     rows = []
     for (fmt, backend, roi), r in best.items():
         base = best.get((fmt, "torchvision", False))
@@ -280,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                 "vs_folder": r["images_per_s"] / folder["images_per_s"] if folder else None,
             }
         )
-    table = Table(title=f"data loading: {root}, preset {args.preset}, batch {args.batch_size}, {args.threads} threads")
+    return rows
+
+
+def _table(rows: list[dict[str, Any]], title: str) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title)
     cols = (
         "format",
         "backend",
@@ -308,26 +363,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_mib']:.0f}",
             f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] else "-",
         )
-    console.print(table)
-    profile = None
-    if args.profile:
-        cfg = DataConfig(
-            root=str(root),
-            backend="dali-cpu",
-            global_batch_size=args.batch_size,
-            image_size=args.image_size,
-            views=args.views,
-            dali_threads=args.threads,
-            augment=aug,
-        )
-        profile = profile_dali(Path(root), cfg, args.batches)
-        ptable = Table(title="DALI CPU profile (cumulative pipelines)")
-        for col in ("step", "ms/batch", "added ms"):
-            ptable.add_column(col, justify="right")
-        for r in profile:
-            ptable.add_row(r["step"], f"{r['ms_per_batch']:.1f}", f"{r['added_ms']:.1f}")
-        console.print(ptable)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "profile": profile, "cpu_count": os.cpu_count()}, indent=2))
-    return 0
+    return table
+
+
+def _profile_table(profile: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="DALI CPU profile (cumulative pipelines)")
+    for col in ("step", "ms/batch", "added ms"):
+        table.add_column(col, justify="right")
+    for r in profile:
+        table.add_row(r["step"], f"{r['ms_per_batch']:.1f}", f"{r['added_ms']:.1f}")
+    return table

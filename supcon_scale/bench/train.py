@@ -10,6 +10,7 @@ whose SupCon step fits.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import itertools
@@ -24,7 +25,8 @@ import torch
 from timm.optim import Lars
 
 from supcon_scale import arguments, config, data, engines, models, objectives, optim, trainer
-from supcon_scale.distributed import Context, select_device, temporary_single_process_group
+from supcon_scale.devices import select_device
+from supcon_scale.distributed import Context, temporary_single_process_group
 from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
 
 Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
@@ -35,14 +37,6 @@ def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process-wide peak RSS (Linux: KiB)
-
-
-def for_loss(cfg: config.RunConfig, loss_name: str) -> config.RunConfig:
-    """`cfg` with `loss.name=loss_name`; the cross-entropy baseline trains one view per image (`data.views=1`)."""
-    views = 1 if loss_name == "cross_entropy" else cfg.data.views
-    return dataclasses.replace(
-        cfg, loss=dataclasses.replace(cfg.loss, name=loss_name), data=dataclasses.replace(cfg.data, views=views)
-    )
 
 
 def synthetic_batches(cfg: config.RunConfig, ctx: Context, batch: int) -> Batches:
@@ -67,7 +61,7 @@ def measure(
     cfg: config.RunConfig, ctx: Context, batch: int, steps: int, warmup: int, loss_name: str, source: str = "synthetic"
 ) -> dict[str, Any]:
     """Images/s and views/s of `trainer.train_step` with `loss_name`'s objective; `source`: synthetic|loader."""
-    cfg = for_loss(cfg, loss_name)
+    cfg = objectives.for_objective(cfg, loss_name)
     if source == "synthetic":
         batches, num_classes = synthetic_batches(cfg, ctx, batch), SYNTHETIC_CLASSES
     else:
@@ -203,6 +197,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = select_device(args.device, 0)  # --device cuda without usable CUDA: an error, never a CPU run
     ctx = Context(device=device)
+    try:
+        cfg = config.load(None, _overrides(args))
+        # cross-entropy first: on the CPU the peak RSS is process-wide, so SupCon's figure includes CE's
+        runs = [("cross_entropy", "synthetic"), ("supcon", "synthetic")]
+        if args.data is not None:
+            runs.append(("supcon", "loader"))
+        results = [
+            measure(cfg, ctx, args.batch_per_gpu, args.steps, args.warmup, name, source) for name, source in runs
+        ]
+    except (ValueError, ImportError) as exc:
+        print(f"bench_train: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    report = _report(args, device, results)
+    if args.lars:
+        with temporary_single_process_group(ctx.device):  # ZeroLars all-reduces its norms, here over one rank
+            report["lars"] = lars_step_seconds(cfg, ctx, args.steps)
+    if args.max_batch:
+        report["max_batch_per_gpu"] = largest_batch(step_fits(cfg, ctx), args.batch_per_gpu, args.max_batch)
+    _print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The run config's overrides for the command line's model, precision, engine and (`--data`) loader."""
     overrides = [
         f"model.encoder={args.model}",
         f"precision={args.precision}",
@@ -224,19 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             f"data.dali_threads={args.workers}",
             f"data.augment.preset={args.preset}",
         ]
-    try:
-        cfg = config.load(None, overrides)
-        # cross-entropy first: on the CPU the peak RSS is process-wide, so SupCon's figure includes CE's
-        runs = [("cross_entropy", "synthetic"), ("supcon", "synthetic")]
-        if args.data is not None:
-            runs.append(("supcon", "loader"))
-        results = [
-            measure(cfg, ctx, args.batch_per_gpu, args.steps, args.warmup, name, source) for name, source in runs
-        ]
-    except (ValueError, ImportError) as exc:
-        print(f"bench_train: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    ratio = results[1]["views_per_s"] / results[0]["views_per_s"]
+    return overrides
+
+
+def _report(args: argparse.Namespace, device: torch.device, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON report: the settings, each run's figures, SupCon's per-view rate against cross-entropy's."""
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     )
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
         "activation_checkpointing": args.activation_checkpointing,
         "results": results,
-        "supcon_vs_ce_views_ratio": ratio,
+        "supcon_vs_ce_views_ratio": results[1]["views_per_s"] / results[0]["views_per_s"],
         "torch": torch.__version__,
     }
     if args.data is not None:
@@ -261,15 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "preset": args.preset,
             "vs_synthetic": results[2]["views_per_s"] / results[1]["views_per_s"],
         }
-    if args.lars:
-        with temporary_single_process_group(ctx.device):  # ZeroLars all-reduces its norms, here over one rank
-            report["lars"] = lars_step_seconds(cfg, ctx, args.steps)
-    if args.max_batch:
-        report["max_batch_per_gpu"] = largest_batch(step_fits(cfg, ctx), args.batch_per_gpu, args.max_batch)
-    _print_table(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 def _print_table(report: dict[str, Any]) -> None:

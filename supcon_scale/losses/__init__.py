@@ -1,5 +1,5 @@
 """Contrastive losses: SupCon (L_out / L_in), SimCLR (no labels) and GenSCL (label vectors), dense or tiled."""
 
-from supcon_scale.losses.supcon import SupConLoss, build
+from supcon_scale.losses.supcon import SupConLoss
 
-__all__ = ["SupConLoss", "build"]
+__all__ = ["SupConLoss"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
-    from supcon_scale.losses.supcon import MaskKind, Positives
+    from supcon_scale.losses.positives import MaskKind, Positives
 
 
 def _host_cols(pos: Positives) -> Sequence[int]:
@@ -235,7 +235,7 @@ class TiledOnePositive(torch.autograd.Function):
 def row_stats(
     za: torch.Tensor, zc: torch.Tensor, pos: Positives, inv_tau: float, block: int, masks: tuple, linear: bool
 ) -> list[torch.Tensor]:
-    """Blocked equivalent of `supcon._dense_row_stats`."""
+    """Blocked equivalent of `dense.row_stats`."""
     out = TiledRowStats.apply(za, zc, pos, inv_tau, block, masks, linear)
     return list(out) if isinstance(out, tuple) else [out]
 
@@ -243,5 +243,5 @@ def row_stats(
 def one_positive(
     za: torch.Tensor, zc: torch.Tensor, lse_n: torch.Tensor, pos: Positives, inv_tau: float, block: int, inside: bool
 ) -> torch.Tensor:
-    """Blocked equivalent of `supcon._dense_one_positive`."""
+    """Blocked equivalent of `dense.one_positive`."""
     return TiledOnePositive.apply(za, zc, lse_n, pos, inv_tau, block, inside)

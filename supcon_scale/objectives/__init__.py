@@ -8,11 +8,13 @@ the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context
 from supcon_scale.objectives.base import Objective, per_sample
+from supcon_scale.objectives.cross_entropy import NAME as CLASSIFIER
 from supcon_scale.objectives.cross_entropy import CrossEntropyLoss, CrossEntropyObjective
 from supcon_scale.objectives.genscl import GenSCLObjective
 from supcon_scale.objectives.mix import mixing
@@ -26,7 +28,9 @@ __all__ = [
     "Objective",
     "SimCLRObjective",
     "build",
+    "for_objective",
     "per_sample",
+    "trains_classifier",
 ]
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -55,3 +59,16 @@ def build(cfg: RunConfig, num_classes: int, ctx: Context, classes_present: int |
             f"mix.* and kd.* only act with loss.name=genscl; loss.name={cfg.loss.name} ignores them", stacklevel=2
         )
     return kind.from_config(cfg, num_classes, ctx)
+
+
+def trains_classifier(name: str) -> bool:
+    """Whether `loss.name` trains the supervised classifier baseline (cross-entropy) rather than an embedding."""
+    return name == CLASSIFIER
+
+
+def for_objective(cfg: RunConfig, name: str) -> RunConfig:
+    """`cfg` with `loss.name=name`; the classifier baseline trains one view per image (`data.views=1`)."""
+    views = 1 if trains_classifier(name) else cfg.data.views
+    return dataclasses.replace(
+        cfg, loss=dataclasses.replace(cfg.loss, name=name), data=dataclasses.replace(cfg.data, views=views)
+    )

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supcon_scale import losses
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, rank_seed
 from supcon_scale.objectives import teacher
 from supcon_scale.objectives.base import Objective, per_sample
 from supcon_scale.objectives.mix import ViewMixer
+from supcon_scale.objectives.supcon import contrastive_loss
 
 
 class GenSCLObjective(Objective):
@@ -37,7 +37,7 @@ class GenSCLObjective(Objective):
         teacher_model = None
         if cfg.kd.teacher is not None:
             teacher_model = teacher.load(cfg.kd, num_classes).to(ctx.device)
-        return cls(losses.build(cfg.loss, equal_batches=cfg.data.drop_last), mixer, teacher_model, cfg.kd.alpha)
+        return cls(contrastive_loss(cfg.loss, equal_batches=cfg.data.drop_last), mixer, teacher_model, cfg.kd.alpha)
 
     def prepare(self, views, labels):
         if self.mixer.enabled:
