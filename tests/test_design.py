@@ -124,11 +124,6 @@ _OTHERS_IN_PROGRESS = {
     "checkpoint.py:save",
     "config.py",
     "config.py:_coerce",
-    "continual/learner.py:fit",
-    "continual/run.py:run",
-    "evaluation/finetune.py:finetune",
-    "evaluation/linear.py",
-    "evaluation/linear.py:fit_linear_probe",
 }
 
 
