@@ -23,6 +23,9 @@ from scipy import stats
 from supcon_scale.bench import augment
 from supcon_scale.data.spec import AugmentSpec, preset
 
+# DALI's own rand_augment (the reference) calls its deprecated aliases; test_data_dali.py checks that ours does not
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 ALPHA = 1e-3  # each test's false-alarm rate; its fixed seeds make it deterministic anyway
 N = 300  # views per measurement
 SOURCE = 64  # gradient side (px)
