@@ -37,6 +37,7 @@ GEOMETRY = dict(crop_scale=(0.2, 0.5), crop_ratio=(0.5, 2.0), flip_p=0.3, graysc
 STRENGTH = {"brightness": 0.5, "contrast": 0.6, "saturation": 0.7, "hue": 0.2}
 JITTER_P = 0.4
 BLUR_P = 0.3
+BLUR_SIGMA = (0.8, 1.6)
 RANDAUGMENT = [(1, 24), (3, 3)]  # (n, m), each also checked against the other's reference
 
 
@@ -62,6 +63,13 @@ def _grey_ramp() -> np.ndarray:
     return np.repeat(np.broadcast_to(ramp[None, :, None], (SMALL, SMALL, 1)), 3, axis=2).copy()
 
 
+def _line() -> np.ndarray:
+    """One white column on black: a blurred view's rows are the Gaussian kernel."""
+    img = np.zeros((SMALL, SMALL, 3), np.uint8)
+    img[:, SMALL // 2] = 255
+    return img
+
+
 def _checkerboard() -> np.ndarray:
     cells = (np.arange(SMALL)[:, None] // 2 + np.arange(SMALL)[None, :] // 2) % 2
     return np.repeat((cells * 200 + 28).astype(np.uint8)[..., None], 3, axis=2)
@@ -85,6 +93,7 @@ def colour_specs() -> dict[str, AugmentSpec]:
         specs[name] = _plain(("jitter",), jitter=jitter, jitter_p=1.0)
     specs["jitter_p"] = _plain(("jitter",), jitter=(0.5, 0.0, 0.0, 0.0), jitter_p=JITTER_P)
     specs["blur"] = _plain(("blur",), blur_p=BLUR_P, blur_sigma=(1.0, 2.0))  # sigma >= 1 changes every checker
+    specs["blur_sigma"] = _plain(("blur",), blur_p=1.0, blur_sigma=BLUR_SIGMA)
     for n, m in RANDAUGMENT:
         specs[f"randaugment_{n}_{m}"] = _plain(("randaugment",), size=VIEW, randaugment_n=n, randaugment_m=m)
     return specs
@@ -93,6 +102,8 @@ def colour_specs() -> dict[str, AugmentSpec]:
 def colour_source(name: str) -> list[np.ndarray]:
     if name == "contrast":
         return [_grey_ramp()]
+    if name == "blur_sigma":
+        return [_line()]
     if name == "blur":
         return [_checkerboard()]
     if name.startswith("randaugment"):
@@ -364,3 +375,17 @@ def test_randaugment_matches_the_libraries_own_at_n_and_m(request, backend, n, m
     assert (
         stats.ks_2samp(_change(views, images), _change(_torchvision_randaugment(*other, seed=5), images)).pvalue < ALPHA
     )
+
+
+def test_dali_blur_sigma_is_uniform_over_its_range(request):
+    """DALI sizes its window from sigma (2 ceil(3 sigma) + 1 taps), so a blurred line's spread is sigma itself.
+
+    torchvision's kernel is SimCLR's 10% of the side (3 taps at 16 px), which truncates the Gaussian: its rate only
+    is checked above.
+    """
+    rows = colour_views(request, "dali")["blur_sigma"][:, SMALL // 2, :, 0]  # [N, S]: one row of each view
+    x = np.arange(SMALL) - SMALL // 2
+    weight = rows / rows.sum(axis=1, keepdims=True)
+    sigma = np.sqrt((weight * x**2).sum(axis=1))
+    lo, hi = BLUR_SIGMA
+    assert stats.kstest(sigma, stats.uniform(lo, hi - lo).cdf).pvalue > ALPHA, (sigma.min(), sigma.max())
