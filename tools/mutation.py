@@ -387,6 +387,80 @@ MUTATIONS: list[Mutation] = [
         "return out.float().reshape(out.shape[0] // views, views, -1)",
         ("tests/test_objectives.py",),
     ),
+    # Issue 28: an augmentation parameter ignored, a resume state not restored, an option dropped, a stream that
+    # does not vary, a boundary rounded (tests/test_data_augment_stats.py and the edge tests against references)
+    M(
+        "augment: torchvision brightness strength dropped",
+        "supcon_scale/data/torchvision.py",
+        "v2.ColorJitter(b, c, s, h)",
+        "v2.ColorJitter(0.0, c, s, h)",
+        (
+            "tests/test_data_augment_stats.py::test_each_jitter_strength_draws_its_uniform_factor[brightness-torchvision]",
+        ),
+    ),
+    M(
+        "augment: torchvision RandAugment magnitude left at its default",
+        "supcon_scale/data/torchvision.py",
+        "magnitude=spec.randaugment_m, ",
+        "",
+        ("tests/test_data_augment_stats.py::test_randaugment_matches_the_libraries_own_at_n_and_m[1-24-torchvision]",),
+    ),
+    M(
+        "augment: DALI saturation strength dropped",
+        "supcon_scale/data/dali.py",
+        "fn.saturation(x, saturation=factor(saturation))",
+        "fn.saturation(x, saturation=1.0)",
+        ("tests/test_data_augment_stats.py::test_each_jitter_strength_draws_its_uniform_factor[saturation-dali]",),
+    ),
+    M(
+        "augment: DALI blur sigma range ignored",
+        "supcon_scale/data/dali.py",
+        "sigma=_uniform(*spec.blur_sigma)",
+        "sigma=_uniform(0.1, 2.0)",
+        ("tests/test_data_augment_stats.py::test_dali_blur_sigma_is_uniform_over_its_range",),
+    ),
+    M(
+        "resume: DALI checkpoint not restored",
+        "supcon_scale/data/dali.py",
+        "self._checkpoint = bytes(blob.numpy().tobytes()) if has_blob and same_world else None",
+        "self._checkpoint = None",
+        ("tests/test_data_dali.py::test_one_pipeline_serves_every_epoch_and_resumes_exactly_at_an_epoch_end",),
+    ),
+    M(
+        "stream: a sample's views ignore the epoch",
+        "supcon_scale/data/torchvision.py",
+        "torch.manual_seed(sample_seed(self.seed, epoch, i))",
+        "torch.manual_seed(sample_seed(self.seed, 0, i))",
+        ("tests/test_data_torchvision.py", "tests/test_data.py"),
+    ),
+    M(
+        "stream: DALI random stream ignores the rank",
+        "supcon_scale/data/dali.py",
+        "distributed.rank_seed(self.seed, self.ctx.rank, origin // self.steps_per_epoch)",
+        "distributed.rank_seed(self.seed, 0, origin // self.steps_per_epoch)",
+        ("tests/test_data_dali.py",),
+    ),
+    M(
+        "robustness: resized ImageNet-C view normalised with ImageNet's mean/std",
+        "supcon_scale/evaluation/robustness.py",
+        "transform = eval_transform(image_size, *norm) if resize",
+        "transform = eval_transform(image_size) if resize",
+        ("tests/test_evaluation_robustness_edges.py::test_corrupted_images_are_normalised_with_the_runs_mean_and_std",),
+    ),
+    M(
+        "robustness: ImageNet-C resize side truncated",
+        "supcon_scale/evaluation/c_dataset.py",
+        "v2.Resize(round(image_size / 0.875), antialias=True)",
+        "v2.Resize(int(image_size / 0.875), antialias=True)",
+        ("tests/test_evaluation_robustness_edges.py::test_imagenet_c_geometry_is_the_reference_transform",),
+    ),
+    M(
+        "mix: CutMix box side truncated",
+        "supcon_scale/objectives/mix.py",
+        "cut_h, cut_w = round(h * (1 - lam) ** 0.5), round(w * (1 - lam) ** 0.5)",
+        "cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)",
+        ("tests/test_objectives_mix_cutmix.py", "tests/test_mix.py"),
+    ),
     # config.py
     M(
         "config: non-finite floats accepted",

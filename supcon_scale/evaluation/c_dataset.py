@@ -25,18 +25,16 @@ MANIFEST = "_generation.json"
 
 
 def _prepare(image, image_size: int | None):
-    """The ImageNet-C geometry before corrupting: resize short side to size/0.875, centre-crop `image_size`."""
-    from PIL import Image
+    """The ImageNet-C geometry before corrupting: resize short side to size/0.875, centre-crop `image_size`.
+
+    torchvision's Resize + CenterCrop, as ImageNet-C's own make_imagenet_c.py (`trn.Resize(256)`, `trn.CenterCrop
+    (224)`): its long side is truncated and its crop offset rounded, which `round` and `//` missed by a pixel.
+    """
+    from torchvision.transforms import v2
 
     if image_size is None:
         return image
-    w, h = image.size
-    short = round(image_size / 0.875)
-    scale = short / min(w, h)
-    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
-    w, h = image.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
-    return image.crop((left, top, left + image_size, top + image_size))
+    return v2.CenterCrop(image_size)(v2.Resize(round(image_size / 0.875), antialias=True)(image))
 
 
 def _generate_one(

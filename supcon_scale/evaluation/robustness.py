@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from supcon_scale import arguments, distributed
+from supcon_scale.config import IMAGENET_MEAN, IMAGENET_STD
 from supcon_scale.data.folder import FolderIndex
 from supcon_scale.evaluation.c_dataset import MANIFEST, generate_c, index_c
 from supcon_scale.evaluation.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
@@ -60,18 +61,16 @@ class _CDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), label
 
 
-def _crop_transform(image_size: int):
+def _crop_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
     """ImageNet-C evaluation: the images are already sized, so centre-crop + normalise only (as the paper evaluates)."""
     from torchvision.transforms import v2
-
-    from supcon_scale.data.eval import IMAGENET_MEAN, IMAGENET_STD
 
     return v2.Compose(
         [
             v2.PILToTensor(),
             v2.CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(list(mean), list(std)),
         ]
     )
 
@@ -88,11 +87,13 @@ def evaluate_c(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> dict[str, Any]:
     """Top-1 error per corruption and severity of `model` (images -> logits): {"errors": {c: [e_s...]}, "images_per_s"}.
 
-    `resize=True` uses the clean resize + centre-crop view (for "-C" copies generated without `image_size`).
-    Sharded over ranks when a process group is up.
+    `resize=True` uses the clean resize + centre-crop view (for "-C" copies generated without `image_size`);
+    `mean`/`std` the pre-training run's normalisation. Sharded over ranks when a process group is up.
     """
     from supcon_scale.data.eval import eval_transform
     from supcon_scale.evaluation.features import extract_features
@@ -103,7 +104,8 @@ def evaluate_c(
         if classes is not None and list(ix.classes) != list(classes):
             diff = class_difference("the classifier's classes", list(classes), Path(c_root) / c / str(s), ix.classes)
             raise ValueError(f"--c-root: the class folders of {Path(c_root) / c / str(s)} differ ({diff})")
-    transform = eval_transform(image_size) if resize else _crop_transform(image_size)
+    norm = (tuple(mean), tuple(std))
+    transform = eval_transform(image_size, *norm) if resize else _crop_transform(image_size, *norm)
     dataset = _CDataset([indexes[k] for k in keys], transform)
     logits, labels, timing = extract_features(
         model, dataset, batch_size=batch_size, device=device, num_workers=num_workers
@@ -176,11 +178,20 @@ def _score(
     """One checkpoint: its probe (fitted, or saved in `kw["probes"]`), clean top-1 and errors on every folder."""
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.evaluation.features import extract_features
-    from supcon_scale.evaluation.linear import checkpoint_image_size, fit_linear_probe, load_probe, topk_accuracy
+    from supcon_scale.evaluation.linear import (
+        checkpoint_image_size,
+        fit_linear_probe,
+        load_probe,
+        run_config,
+        topk_accuracy,
+    )
     from supcon_scale.export import encoder_from_export
 
     probes, batch_size, device, num_workers = kw["probes"], kw["batch_size"], kw["device"], kw["num_workers"]
     encoder, meta = encoder_from_export(path)
+    # The pre-training run's normalisation (the linear evaluation's rule), not ImageNet's whatever the run used
+    stage1 = run_config(path)
+    norm = (stage1.data.augment.mean, stage1.data.augment.std) if stage1 is not None else (IMAGENET_MEAN, IMAGENET_STD)
     check_inputs({name: path}, c_root, clean_root, kw["corruptions"], kw["severities"])  # before any image is scored
     size = (
         kw["image_size"]
@@ -190,18 +201,19 @@ def _score(
     if probes and name in probes:
         probe = load_probe(encoder, probes[name]).to(device or "cpu")
         f, y, _ = extract_features(
-            probe, EvalDataset(clean_root, "val", size), batch_size=batch_size, device=device, num_workers=num_workers
-        )
+            probe, EvalDataset(clean_root, "val", size, mean=norm[0], std=norm[1]), batch_size=batch_size,
+            device=device, num_workers=num_workers,
+        )  # fmt: skip
         linear = {**topk_accuracy(f, y), "probe": str(probes[name]), "num_val": len(y)}
     else:
         probe, linear = fit_linear_probe(
             encoder, clean_root, image_size=size, preset=kw["preset"], batch_size=batch_size, device=device,
-            num_workers=num_workers,
+            num_workers=num_workers, stage1=stage1,
         )  # fmt: skip
     res = evaluate_c(
         probe, c_root, image_size=size, corruptions=kw["corruptions"], severities=kw["severities"],
         classes=probe.classes or None, resize=generated is not None and generated.get("image_size") is None,
-        batch_size=batch_size, device=device, num_workers=num_workers,
+        batch_size=batch_size, device=device, num_workers=num_workers, mean=norm[0], std=norm[1],
     )  # fmt: skip
     return {
         "checkpoint": str(path), "encoder": meta.get("encoder"), "image_size": size, "clean_top1": linear["top1"],
