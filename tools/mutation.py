@@ -141,8 +141,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "optim: batch-norm/bias tensors not excluded",
         "supcon_scale/optim.py",
-        "p.ndim <= 1 else decay",
-        "p.ndim < 1 else decay",
+        "exempt = p.ndim <= 1 or",
+        "exempt = p.ndim < 1 or",
         ("tests/test_optim.py",),
     ),
     M(
@@ -233,9 +233,9 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "checkpoint: cifar_stem exported as False",
-        "supcon_scale/checkpoint.py",
-        '            model_cfg.get("cifar_stem", False),\n        )',
-        "            False,\n        )",
+        "supcon_scale/export.py",
+        'name, cifar_stem = model["encoder"], bool(model.get("cifar_stem", False))',
+        'name, cifar_stem = model["encoder"], False',
         ("tests/test_checkpoint.py::test_trained_checkpoint_exports_its_stem",),
     ),
     M(
@@ -383,8 +383,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "objectives: views laid out view-minor",
         "supcon_scale/objectives/base.py",
-        "return out.float().reshape(views, out.shape[0] // views, -1).transpose(0, 1)",
-        "return out.float().reshape(out.shape[0] // views, views, -1)",
+        "return out.reshape(views, out.shape[0] // views, -1).transpose(0, 1)",
+        "return out.reshape(out.shape[0] // views, views, -1)",
         ("tests/test_objectives.py",),
     ),
     # Issue 28: an augmentation parameter ignored, a resume state not restored, an option dropped, a stream that
