@@ -23,7 +23,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,7 +36,7 @@ from rich.table import Table
 
 from supcon_scale import sinks
 from supcon_scale.distributed import all_reduce_mean, world
-from supcon_scale.files import WriteError, check_target, open_append
+from supcon_scale.files import METRICS, open_append
 from supcon_scale.hooks import Hook, StepInfo
 
 # soft_wrap: a line in a job's log file stays one line (rich would wrap it at 80 columns off a terminal)
@@ -48,34 +47,6 @@ def warn(message: str) -> None:
     """A one-line warning on this rank's stderr, prefixed with the rank (a job log interleaves the ranks' lines)."""
     lines = str(message).strip().splitlines()
     print(f"[rank {world()[0]}] warning: {lines[0] if lines else ''}", file=sys.stderr, flush=True)
-
-
-METRICS = "metrics.jsonl"
-# Files a run appends to (they cannot be replaced by a rename): a link planted at one is refused up front.
-APPENDED = (METRICS,)
-
-
-def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
-    """Refuse an `out_dir` that is a file, or a directory (or the nearest existing parent) this user cannot write,
-    or one holding a link where the run appends, before anything is written; nothing is created here."""
-    path = Path(path)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        if probe.is_symlink():  # a dangling link
-            raise ValueError(f"{key}: {probe} is a dangling symbolic link")
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{key}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}: {probe} is not writable by this user")
-    for name in APPENDED:
-        if (path / name).is_symlink():
-            raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
-        try:
-            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
-        except WriteError as exc:
-            raise ValueError(f"{key}: {exc}") from None
-    return path
 
 
 class _RankFormatter(logging.Formatter):

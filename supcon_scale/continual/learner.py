@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from supcon_scale import checkpoint, engines
+from supcon_scale import checkpoint, engines, weights
 from supcon_scale.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from supcon_scale.console import MetricsLog, TrainProgress, console
 from supcon_scale.continual import config, metrics, models
@@ -313,7 +313,7 @@ def _resume(
             f"train.resume: {path} is a checkpoint of {meta.get('method')} seed {meta.get('seed')}, "
             f"not {method} seed {seed}"
         )
-    checkpoint.check_matching(engine.unwrapped().state_dict(), engine_state["model"], str(path))
+    weights.check_matching(engine.unwrapped().state_dict(), engine_state["model"], str(path))
     engine.load_state_dict(engine_state)
     memory.load_state_dict(rank_state["data"]["memory"])
     checkpoint.set_rng_state(rank_state["rng"])

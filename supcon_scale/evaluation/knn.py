@@ -180,8 +180,8 @@ class KnnMonitor(Hook):
         """The encoder to extract with: itself, or under FSDP2 a plain copy of its current weights (collective)."""
         if not is_sharded(self.encoder):
             return self.encoder
-        from supcon_scale.checkpoint import encoder_state
         from supcon_scale.models import create_encoder, encoder_kwargs
+        from supcon_scale.weights import encoder_state
 
         model = self.engine.state_dict()["model"]  # every rank calls it; rank 0 receives the full state
         state = distributed.broadcast_object(encoder_state(model) if self.engine.ctx.is_main else None)
