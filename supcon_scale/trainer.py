@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 
 from supcon_scale import config, data, distributed, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
-from supcon_scale.console import MetricsLog, TrainLogger, console
+from supcon_scale.console import NO_CLOCK, Clock, MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
 from supcon_scale.engines import Engine
 from supcon_scale.hooks import Hook, StepInfo
@@ -40,11 +40,12 @@ def train_step(
     objective: objectives.Objective,
     views: list[torch.Tensor],
     labels: torch.Tensor,
-    after_backward: Callable[[], None] | None = None,
+    clock: Clock = NO_CLOCK,
 ):
     """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics).
 
-    `after_backward` marks the end of forward+backward for the logger's time shares (console.StepClock)."""
+    `clock` (the logger's console.StepClock) is marked here, where the step's phases begin and end."""
+    clock.start()
     # A skipped (non-finite) step must leave no trace, but its forward already updated the batch-norm running
     # statistics, with NaN. They are small (~0.1% of ResNet-50's parameters): one fused copy into buffers kept
     # from the first step (no allocation per step), put back only on the rare skipped step.
@@ -56,12 +57,12 @@ def train_step(
         out = engine(torch.cat(views))
     loss = objective(objectives.per_sample(out, len(views)), targets)
     engine.backward(loss)
-    if after_backward is not None:
-        after_backward()
+    clock.mark()
     stepped = engine.step()
     if not stepped and buffers:
         with torch.no_grad():
             torch._foreach_copy_(buffers, shadow)
+    clock.stop()
     return loss.detach(), stepped
 
 
@@ -92,19 +93,19 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
-    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics), logger.clock]
+    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     step, epoch = checkpointer.resume()
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
     for hook in hooks:
         hook.on_resume(step, epoch)
     engine.train()
-    batches = itertools.islice(epochs(loader, epoch, cfg.train.epochs), total_steps - step)
+    batches = logger.clock.batches(itertools.islice(epochs(loader, epoch, cfg.train.epochs), total_steps - step))
     with checkpointer, logger:
         for epoch, epoch_end, views, labels in batches:
             for hook in hooks:
                 views, labels = hook.on_batch(step + 1, views, labels)
-            loss, stepped = train_step(engine, objective, views, labels, logger.clock.mark)
+            loss, stepped = train_step(engine, objective, views, labels, logger.clock)
             step += 1
             guard.update(step, loss, stepped, checkpointer.newest)
             info = StepInfo(
