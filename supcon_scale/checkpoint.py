@@ -39,13 +39,13 @@ from supcon_scale.config import RunConfig
 from supcon_scale.config import save as write_config
 from supcon_scale.console import console
 from supcon_scale.data import TrainLoader
-from supcon_scale.engines import Engine
 from supcon_scale.files import OutDirLock, check_lock_held, fsync, new_file, take_lock, write_replacing
 from supcon_scale.hooks import Hook, StepInfo
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
 from supcon_scale.weights import check_matching, encoder_state, first_nonfinite, load_tensors, load_torch
 
-if TYPE_CHECKING:  # objectives/teacher.py imports this module: the type only, no import circle at run time
+if TYPE_CHECKING:  # the types only: objectives/teacher.py imports this module, and engines/ would pull in timm
+    from supcon_scale.engines import Engine
     from supcon_scale.objectives import Objective
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -35,9 +35,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from supcon_scale import sinks
+from supcon_scale.config import RunConfig
 from supcon_scale.distributed import all_reduce_mean, world
 from supcon_scale.files import METRICS, open_append
 from supcon_scale.hooks import Hook, StepInfo
+
+if TYPE_CHECKING:  # the type only: engines/ would pull timm into every user of this module
+    from supcon_scale.engines import Engine
 
 # soft_wrap: a line in a job's log file stays one line (rich would wrap it at 80 columns off a terminal)
 console = Console(stderr=True, soft_wrap=True)
@@ -270,7 +274,7 @@ class TrainLogger(Hook):
     only then. A context manager: the bar and the sinks live as long as the block. Its `clock` goes to
     `trainer.train_step` and around the loop's batches (see `Clock`)."""
 
-    def __init__(self, cfg: Any, engine: Any, total_steps: int):
+    def __init__(self, cfg: RunConfig, engine: Engine, total_steps: int):
         ctx = engine.ctx
         sinks.check(cfg.log)  # on every rank: a missing extra stops them all, before anything is written
         self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main

@@ -87,7 +87,7 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     models.check(cfg)  # model.encoder and model.kwargs against timm, on the meta device
     check_monitors(cfg)  # a monitor's inputs, before the data scan writes anything and before the first step
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
-    objective = objectives.build(cfg, loader.num_classes, ctx, getattr(loader, "classes_present", None))
+    objective = objectives.build(cfg, loader.num_classes, ctx, loader.classes_present)
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
     model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
