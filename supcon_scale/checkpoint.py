@@ -137,17 +137,7 @@ def save(
     )
     distributed.barrier()
     if rank == 0:
-        model_cfg = config["model"]
-        # The encoder's name in the weights' metadata: export.encoder_from_export reads it (stored once).
-        names = {"encoder": str(model_cfg["encoder"]), "cifar_stem": str(int(model_cfg.get("cifar_stem", False)))}
-        save_file(
-            {k: v.detach().cpu().contiguous().clone() for k, v in engine_state["model"].items()},
-            str(tmp / "model.safetensors"),
-            metadata={**names, "run_id": tag["run_id"], "step": str(step)},
-        )
-        fsync(tmp / "model.safetensors")
-        train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
-        _save_torch({**train_state, "checkpoint": tag}, tmp / "train_state.pt")
+        _write_shared(tmp, engine_state, config["model"], tag)
     if before_commit is not None:
         before_commit(tmp)
     distributed.barrier()
@@ -163,13 +153,32 @@ def save(
             "time": time.time(),
             **(extra_meta or {}),
         }
-        new_file(tmp / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
-        _remove(final)  # a re-save of the same step (e.g. after a restart) replaces the old one
-        os.replace(tmp, final)
-        fsync(root)
-        _purge(root, keep_last)
+        _commit(tmp, final, meta, keep_last)
     distributed.barrier()
     return final
+
+
+def _write_shared(tmp: Path, engine_state: dict[str, Any], model_cfg: dict[str, Any], tag: dict[str, Any]) -> None:
+    """Rank 0's part of a save: the weights (tagged, with the encoder's name) and the optimizer state."""
+    # The encoder's name in the weights' metadata: export.encoder_from_export reads it (stored once).
+    names = {"encoder": str(model_cfg["encoder"]), "cifar_stem": str(int(model_cfg.get("cifar_stem", False)))}
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in engine_state["model"].items()},
+        str(tmp / "model.safetensors"),
+        metadata={**names, "run_id": tag["run_id"], "step": str(tag["step"])},
+    )
+    fsync(tmp / "model.safetensors")
+    train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
+    _save_torch({**train_state, "checkpoint": tag}, tmp / "train_state.pt")
+
+
+def _commit(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
+    """`meta.json` last, then the rename that makes the checkpoint visible, and the purge of older ones."""
+    new_file(tmp / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    _remove(final)  # a re-save of the same step (e.g. after a restart) replaces the old one
+    os.replace(tmp, final)
+    fsync(final.parent)
+    _purge(final.parent, keep_last)
 
 
 def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
