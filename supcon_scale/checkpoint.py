@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints and the exported encoder.
+"""Atomic, resumable checkpoints, and the `Checkpointer` that saves and resumes a run.
 
 A checkpoint is a directory `OUT/checkpoints/step_XXXXXXXX/` that becomes visible only when complete: every file
 is written into `.tmp-step_XXXXXXXX/`, fsynced, and the directory renamed; `meta.json` is written last, so a
@@ -25,111 +25,34 @@ import shutil
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from supcon_scale import distributed
+from supcon_scale.config import RunConfig
 from supcon_scale.config import save as write_config
 from supcon_scale.console import console
-from supcon_scale.files import OutDirLock, new_file, write_replacing
-from supcon_scale.files import fsync as _fsync
-from supcon_scale.files import fsync as _fsync_dir
-from supcon_scale.hooks import StatefulHook
+from supcon_scale.data import TrainLoader
+from supcon_scale.files import OutDirLock, check_lock_held, fsync, new_file, take_lock, write_replacing
+from supcon_scale.hooks import Hook, StatefulHook, StepInfo
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
+from supcon_scale.weights import check_matching, encoder_state, first_nonfinite, load_tensors, load_torch
+
+if TYPE_CHECKING:  # the types only: objectives/teacher.py imports this module, and engines/ would pull in timm
+    from supcon_scale.engines import Engine
+    from supcon_scale.objectives import Objective
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 # Bounds of meta.json's counters: far beyond any real run, well inside what the loader's arithmetic handles.
 MAX_STEP = 10**9
 MAX_WORLD = 2**20
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Encoder export: what evaluation and downstream users load
-
-
-def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder's entries of a full SupConModel state dict, with the `encoder.` prefix removed."""
-    return {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
-
-
-def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor of `state` holding NaN or inf, or None."""
-    for name, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return name
-    return None
-
-
-def load_tensors(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; a corrupt, truncated or foreign file is a one-line ValueError naming it."""
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors' SafetensorError (bad header, too large, truncated) or an OSError
-        raise ValueError(f"{source or path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-
-
-def load_weights(path: str | Path, key: str) -> dict[str, torch.Tensor]:
-    """Tensors from a `.safetensors` file or a `torch.save` file of tensors only (never an arbitrary pickle)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_tensors(path, f"{key}: {path}")
-    state = _load_torch(path, f"{key}:")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{key}: {path} does not hold a state dict of tensors")
-    return state
-
-
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True)` with a one-line error naming missing, unexpected and mis-shaped keys."""
-    check_matching(module.state_dict(), state, source)
-    module.load_state_dict(state)
-
-
-def check_matching(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a one-line ValueError naming missing, unexpected and mis-shaped keys of `state` against `own`."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    # numel 0: a ZeRO-3 partitioned parameter, whose local shape says nothing about the model's
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and own[k].numel() > 0 and state[k].shape != own[k].shape
-    ]
-    # A cast tensor (int64 weights, f16 where f32 was saved) would load silently, rounded or truncated; a wider
-    # float than the module's (fp32 masters into a bf16 module) is fine.
-    dtypes = [
-        f"{k} {str(state[k].dtype).removeprefix('torch.')} vs {str(own[k].dtype).removeprefix('torch.')}"
-        for k in own
-        if k in state and not _dtype_fits(state[k].dtype, own[k].dtype)
-    ]
-    if missing or unexpected or shapes or dtypes:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {'; '.join(shapes[:5])}{' ...' if len(shapes) > 5 else ''}")
-        if dtypes:
-            parts.append(f"dtype mismatch {'; '.join(dtypes[:5])}{' ...' if len(dtypes) > 5 else ''}")
-        raise ValueError(f"checkpoint {source} does not fit this model: {' | '.join(parts)}")
-
-
-def _dtype_fits(saved: torch.dtype, own: torch.dtype) -> bool:
-    """Whether a tensor saved as `saved` loads into one of dtype `own` without losing what it holds."""
-    if saved == own:
-        return True
-    if saved.is_floating_point and own.is_floating_point:
-        return saved.itemsize > own.itemsize
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,17 +137,7 @@ def save(
     )
     distributed.barrier()
     if rank == 0:
-        model_cfg = config["model"]
-        # The encoder's name in the weights' metadata: export.encoder_from_export reads it (stored once).
-        names = {"encoder": str(model_cfg["encoder"]), "cifar_stem": str(int(model_cfg.get("cifar_stem", False)))}
-        save_file(
-            {k: v.detach().cpu().contiguous().clone() for k, v in engine_state["model"].items()},
-            str(tmp / "model.safetensors"),
-            metadata={**names, "run_id": tag["run_id"], "step": str(step)},
-        )
-        _fsync(tmp / "model.safetensors")
-        train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
-        _save_torch({**train_state, "checkpoint": tag}, tmp / "train_state.pt")
+        _write_shared(tmp, engine_state, config["model"], tag)
     if before_commit is not None:
         before_commit(tmp)
     distributed.barrier()
@@ -240,13 +153,32 @@ def save(
             "time": time.time(),
             **(extra_meta or {}),
         }
-        _write_text(tmp / META, json.dumps(meta, indent=2))
-        _remove(final)  # a re-save of the same step (e.g. after a restart) replaces the old one
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _purge(root, keep_last)
+        _commit(tmp, final, meta, keep_last)
     distributed.barrier()
     return final
+
+
+def _write_shared(tmp: Path, engine_state: dict[str, Any], model_cfg: dict[str, Any], tag: dict[str, Any]) -> None:
+    """Rank 0's part of a save: the weights (tagged, with the encoder's name) and the optimizer state."""
+    # The encoder's name in the weights' metadata: export.encoder_from_export reads it (stored once).
+    names = {"encoder": str(model_cfg["encoder"]), "cifar_stem": str(int(model_cfg.get("cifar_stem", False)))}
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in engine_state["model"].items()},
+        str(tmp / "model.safetensors"),
+        metadata={**names, "run_id": tag["run_id"], "step": str(tag["step"])},
+    )
+    fsync(tmp / "model.safetensors")
+    train_state = {k: engine_state.get(k) for k in ("optimizer", "scheduler", "scaler")}
+    _save_torch({**train_state, "checkpoint": tag}, tmp / "train_state.pt")
+
+
+def _commit(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
+    """`meta.json` last, then the rename that makes the checkpoint visible, and the purge of older ones."""
+    new_file(tmp / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    _remove(final)  # a re-save of the same step (e.g. after a restart) replaces the old one
+    os.replace(tmp, final)
+    fsync(final.parent)
+    _purge(final.parent, keep_last)
 
 
 def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -302,7 +234,7 @@ def check_zip(path: Path) -> None:
 
 def _load_part(path: Path, needed: tuple[str, ...], meta: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's `.pt` file: a mapping holding `needed`, of this checkpoint (one-line errors otherwise)."""
-    state = _load_torch(path)
+    state = load_torch(path)
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise ValueError(f"checkpoint {path}: not a mapping with {', '.join(needed)}; not a supcon_scale file?")
     check_identity(path, state.pop("checkpoint", None) or {}, meta)
@@ -361,17 +293,6 @@ def _save_torch(obj: Any, path: Path) -> None:
     new_file(path, write)
 
 
-def _load_torch(path: Path, what: str = "checkpoint") -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError and friends: never fall back to unsafe loading
-        raise ValueError(f"{what} {path}: refused to load ({str(exc).splitlines()[0]})") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    new_file(path, lambda p: p.write_text(text))
-
-
 def check_fresh_start(out_dir: str | Path, resume: str | None, newest: Path | None = None) -> None:
     """Refuse to start a new run (`resume` None) in an `out_dir` that holds checkpoints; a read, no write, so the
     CLI runs it before the data scan or anything else touches `out_dir`."""
@@ -388,16 +309,23 @@ def check_fresh_start(out_dir: str | Path, resume: str | None, newest: Path | No
 # The trainer's checkpointing component: resume, cadence, the preemption save, the exported encoder
 
 
-class Checkpointer:
+class Checkpointer(Hook):
     """Decides when a run saves and restores it: every `train.checkpoint_every_steps`, at each epoch's end, at the
     end of the run and when a preemption signal arrives (then it raises `Preempted` once the save is complete).
 
-    `engine`, `loader` and `objective` are the run's parts whose state a checkpoint holds (duck-typed: this module
-    sits below them). Use it as a context manager: the preemption signal handler lives as long as the block.
+    `engine`, `loader` and `objective` are the run's parts whose state a checkpoint holds; `hooks` may add files to
+    each save (`Hook.on_save`). A hook itself, called after the others (a preemption ends the step with `Preempted`).
+    Use it as a context manager: the preemption signal handler and the out_dir lock live as long as the block.
     """
 
     def __init__(
-        self, cfg: Any, ctx: distributed.Context, engine: Any, loader: Any, objective: Any, hooks: list
+        self,
+        cfg: RunConfig,
+        ctx: distributed.Context,
+        engine: Engine,
+        loader: TrainLoader,
+        objective: Objective,
+        hooks: Sequence[Hook],
     ) -> None:
         self.cfg, self.ctx, self.engine, self.loader, self.objective = cfg, ctx, engine, loader, objective
         self.hooks = hooks
@@ -420,19 +348,12 @@ class Checkpointer:
         if self.lock is not None:
             self.lock.release()
 
-    def _take_lock(self) -> None:
-        """Collective: the main rank takes the out_dir lock; every rank raises the same refusal if it cannot."""
-        refusal = self.lock.acquire() if self.lock is not None else None
-        refusal = distributed.broadcast_object(refusal)
-        if refusal is not None:
-            raise ValueError(refusal)
-
     def resume(self) -> tuple[int, int]:
         """Restore engine, data position, RNG and objective state per `train.resume`; returns (step, epoch).
 
         Writes the resolved `config.yaml` only once the run is known to be allowed in `out_dir`.
         """
-        self._take_lock()
+        take_lock(self.lock)
         try:
             return self._resume()
         except BaseException:
@@ -515,7 +436,7 @@ class Checkpointer:
                 raise ValueError(f"train.resume: {path}: holds no {hook.state_key} state for this run's hooks")
             hook.load_state_dict(data_state[hook.state_key])
 
-    def on_step(self, info: Any) -> None:
+    def on_step(self, info: StepInfo) -> None:
         """The cadence: a preemption save (then `Preempted`), the periodic save, and the epoch-end / final save."""
         if self.preemption.requested(self.ctx.device):
             self.save(info.step, info.epoch)
@@ -528,14 +449,7 @@ class Checkpointer:
         """Collective: write the checkpoint of `step` (once per step, however many reasons ask for it)."""
         if step == self.saved_step:
             return
-        # Another trainer took the out_dir over (this one was frozen past STALE_S): stop before writing over it.
-        lost = self.lock.lost if self.lock is not None and not self.lock.owned() else None
-        lost = distributed.broadcast_object(lost)
-        if lost is not None:
-            raise ValueError(
-                f"out_dir: {self.out_dir} was taken over by another trainer (host {lost.get('host')}, pid "
-                f"{lost.get('pid')}) while this one was silent; stopping without saving step {step}"
-            )
+        check_lock_held(self.lock, self.out_dir, f"stopping without saving step {step}")
 
         def before_commit(tmp: Path) -> None:
             for hook in self.hooks:
@@ -563,7 +477,7 @@ class Checkpointer:
             return None
         path = self.out_dir / "encoder.safetensors"
         if self.ctx.is_main:
-            from supcon_scale import export  # export.py builds on this module's tensor helpers
+            from supcon_scale import export  # export.py reads meta.json through this module
 
             weights = load_tensors(self.newest / "model.safetensors")
             export.export_encoder(encoder_state(weights), path, export.metadata_from_config(self.cfg.to_dict()))

@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> int:
         args.config, args.overrides
     )  # before importing torch: a bad config fails in a fraction of a second
     from supcon_scale import checkpoint, distributed, sinks
-    from supcon_scale.console import check_out_dir
+    from supcon_scale.files import check_out_dir
 
     sinks.check(cfg.log)  # a missing extra, before the process group and the data
     distributed.launch_env()  # a partial or malformed launcher environment, before anything waits or is written

@@ -6,8 +6,8 @@ A run's log line, every `train.log_every` steps when stderr is not a terminal (a
     2026-12-01 20:42:27 step 120/3000 epoch 2 loss 5.1234 lr 0.48 1,234 views/s data 3% fwd+bwd 85% optim 9% \
         eta 1:02:03 mem 10.2 GiB
 
-`data`, `fwd+bwd` and `optim` are shares of the window's wall time (StepClock); `mem` (GPU only) is the window's
-peak of allocated device memory.
+`data`, `fwd+bwd` and `optim` are shares of the window's wall time (StepClock: the rest went to hooks, monitors and
+checkpoint saves); `mem` (GPU only) is the window's peak of allocated device memory.
 
 A kNN monitor's result (`train.knn_every_epochs`) gets a line of its own when it arrives, with its 95% interval:
 
@@ -23,12 +23,11 @@ import datetime
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -36,46 +35,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from supcon_scale import sinks
+from supcon_scale.config import RunConfig
 from supcon_scale.distributed import all_reduce_mean, world
-from supcon_scale.files import WriteError, check_target, open_append
+from supcon_scale.files import METRICS, open_append
 from supcon_scale.hooks import Hook, StepInfo
+
+if TYPE_CHECKING:  # the type only: engines/ would pull timm into every user of this module
+    from supcon_scale.engines import Engine
 
 # soft_wrap: a line in a job's log file stays one line (rich would wrap it at 80 columns off a terminal)
 console = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
 
 
 def warn(message: str) -> None:
     """A one-line warning on this rank's stderr, prefixed with the rank (a job log interleaves the ranks' lines)."""
     lines = str(message).strip().splitlines()
     print(f"[rank {world()[0]}] warning: {lines[0] if lines else ''}", file=sys.stderr, flush=True)
-
-
-METRICS = "metrics.jsonl"
-# Files a run appends to (they cannot be replaced by a rename): a link planted at one is refused up front.
-APPENDED = (METRICS,)
-
-
-def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
-    """Refuse an `out_dir` that is a file, or a directory (or the nearest existing parent) this user cannot write,
-    or one holding a link where the run appends, before anything is written; nothing is created here."""
-    path = Path(path)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        if probe.is_symlink():  # a dangling link
-            raise ValueError(f"{key}: {probe} is a dangling symbolic link")
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{key}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}: {probe} is not writable by this user")
-    for name in APPENDED:
-        if (path / name).is_symlink():
-            raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
-        try:
-            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
-        except WriteError as exc:
-            raise ValueError(f"{key}: {exc}") from None
-    return path
 
 
 class _RankFormatter(logging.Formatter):
@@ -188,15 +164,57 @@ class TrainProgress:
             self.progress.stop()
 
 
-class StepClock(Hook):
+class Clock:
+    """The step timer's interface; this one keeps no time (`log.timing=false`: no marks, no shares).
+
+    The marks come from the code whose time they bound, never from a hook, so no share depends on the hooks' order:
+    `batches` marks `free` as the loop asks the loader for the next batch, `trainer.train_step` marks `start` (the
+    batch is in hand), `mark` (forward+backward done) and `stop` (the update done).
+    """
+
+    def resume(self) -> None:
+        """The run starts (or continues): a window begins."""
+
+    def batches(self, items: Iterable[T]) -> Iterator[T]:
+        """`items`, with `wait` marked before each is asked for."""
+        it = iter(items)
+        while True:
+            self.wait()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            yield item
+
+    def wait(self) -> None:
+        """The loop asks the loader for the next batch."""
+
+    def start(self) -> None:
+        """`train_step` starts on a batch."""
+
+    def mark(self) -> None:
+        """`train_step`'s forward+backward is done."""
+
+    def stop(self) -> None:
+        """`train_step`'s update is done."""
+
+    def shares(self) -> dict[str, float]:
+        return {}
+
+
+NO_CLOCK = Clock()  # train_step's default: a caller that keeps no time (a benchmark, a test)
+
+
+class StepClock(Clock):
     """Where a log window's wall time goes: waiting for the loader, forward+loss+backward, the optimizer step.
 
-    Marks, per step k: `free` (this hook's on_step of step k-1: the loop moves on to the loader), `batch` (on_batch
-    of step k), `mark` (train_step's backward is done) and `stop` (train_step returned; the logger calls it). Data
-    wait is batch - free (a checkpoint save at step k-1 counts there too), forward+backward mark - batch (DDP's
-    gradient all-reduce overlaps it), optimizer stop - mark. On a GPU the marks are CUDA events on the current
-    stream, so the shares are of device time and a data stall shows only when it starves the GPU; `shares` syncs
-    on the last one, at log points only. On the CPU they are perf_counter readings.
+    Marks per step (see `Clock`): `free` (the loop asks the loader), `batch` (train_step starts), `mark` (its
+    backward is done) and `stop` (it returned). Data wait is batch - free (the `on_batch` hooks included: a replay
+    batch is data), forward+backward mark - batch (DDP's gradient all-reduce overlaps it), optimizer stop - mark.
+    The hooks' `on_step`, monitors and checkpoint saves fall between stop and the next free: in the window's wall
+    time, in none of the shares. On a GPU the marks are CUDA events on the current stream, so the shares are of
+    device time and a data stall shows only when it starves the GPU; `shares` syncs on the last one, at log points
+    only. On the CPU they are perf_counter readings.
     """
 
     def __init__(self, device: torch.device):
@@ -214,12 +232,16 @@ class StepClock(Hook):
     def _seconds(self, a: Any, b: Any) -> float:
         return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
-    def on_resume(self, step: int, epoch: int) -> None:
+    def resume(self) -> None:
         self.free = self.window_start = self._now()
 
-    def on_batch(self, step: int, views: list[torch.Tensor], labels: torch.Tensor):
+    def wait(self) -> None:
+        self.free = self._now()
+
+    def start(self) -> None:
+        # A step taken without `batches` (a benchmark, a caller's loop) has no data wait: free is used once.
         self.steps.append([self.free, self._now(), None, None])
-        return views, labels
+        self.free = None
 
     def mark(self) -> None:
         if self.steps:
@@ -228,9 +250,6 @@ class StepClock(Hook):
     def stop(self) -> None:
         if self.steps:
             self.steps[-1][3] = self._now()
-
-    def on_step(self, info: StepInfo) -> None:
-        self.free = self._now()
 
     def shares(self) -> dict[str, float]:
         """{data, compute, optim}: shares of the wall time since the last call (ends at the last `stop`)."""
@@ -248,34 +267,21 @@ class StepClock(Hook):
         return {"data_share": data / wall, "compute_share": compute / wall, "optim_share": optim / wall}
 
 
-class NoClock(Hook):
-    """`log.timing=false`: no marks, no shares."""
-
-    def mark(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def shares(self) -> dict[str, float]:
-        return {}
-
-
 class TrainLogger(Hook):
     """The run's metrics: every `train.log_every` steps and at the last, the loss averaged over ranks, the LR,
     views/s and the time shares go to `metrics.jsonl` and its sinks, and to the progress bar (a terminal) or one
     plain line (stderr not a terminal, or `log.plain`). Reading the loss is a host synchronisation, so it happens
-    only then. A context manager: the bar and the sinks live as long as the block. Put it first among the hooks
-    and its `clock` last (see StepClock)."""
+    only then. A context manager: the bar and the sinks live as long as the block. Its `clock` goes to
+    `trainer.train_step` and around the loop's batches (see `Clock`)."""
 
-    def __init__(self, cfg: Any, engine: Any, total_steps: int):
+    def __init__(self, cfg: RunConfig, engine: Engine, total_steps: int):
         ctx = engine.ctx
         sinks.check(cfg.log)  # on every rank: a missing extra stops them all, before anything is written
         self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main
         self.every = cfg.train.log_every
         self.metrics = MetricsLog(Path(cfg.out_dir) / METRICS, enabled=ctx.is_main)
         self.metrics.echo = self._echo  # a monitor's row (the kNN top-1) gets its own console line
-        self.clock: StepClock | NoClock = StepClock(ctx.device) if cfg.log.timing else NoClock()
+        self.clock = StepClock(ctx.device) if cfg.log.timing else Clock()
         self.plain = cfg.log.plain or not console.is_terminal
         self.cuda = ctx.device if ctx.device.type == "cuda" else None
         self.loss = float("nan")  # the last logged loss
@@ -287,6 +293,7 @@ class TrainLogger(Hook):
     def on_resume(self, step: int, epoch: int) -> None:
         self.start_step, self.start_time = step, time.time()
         self.window_start = self.start_time
+        self.clock.resume()
 
     def __enter__(self) -> TrainLogger:
         show = self.is_main and self.cfg.train.progress
@@ -310,7 +317,6 @@ class TrainLogger(Hook):
         self.progress.update(int(record["step"]), f"epoch {record['epoch']} {knn_text(record)}")
 
     def on_step(self, info: StepInfo) -> None:
-        self.clock.stop()
         self.window_views += info.views
         if info.step % self.every and not info.last:
             return

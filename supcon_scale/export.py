@@ -30,11 +30,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from supcon_scale.checkpoint import first_nonfinite, load_matching, load_tensors, read_meta
+from supcon_scale.checkpoint import read_meta
 from supcon_scale.console import warn
 from supcon_scale.files import write_replacing
 from supcon_scale.models import create_encoder, fixed_size_kwargs
 from supcon_scale.resilience import NonFiniteError
+from supcon_scale.weights import first_nonfinite, load_matching, load_tensors
 
 ENCODER_FILE = "encoder.safetensors"
 TIMM_FOLDER = "encoder_timm"

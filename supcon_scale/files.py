@@ -9,7 +9,8 @@ replaces the machine's `/dev/null` (issue 25, item 1), so the check comes before
 A write that fails (a full disk, a quota, a file-size limit) removes its temporary and raises `WriteError`, a one-line
 ValueError naming the file and the reason; the file that was there stays as it was.
 
-Also here: the out_dir lock (one trainer per `out_dir`, docs/RELIABILITY.md "One writer per out_dir").
+Also here: the run's out_dir checked before anything is written (`check_out_dir`), and the out_dir lock with its
+heartbeat thread (one trainer per `out_dir`, docs/RELIABILITY.md "One writer per out_dir").
 """
 
 from __future__ import annotations
@@ -203,7 +204,35 @@ def disk_full(exc: BaseException) -> OSError | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One writer per out_dir
+# The run's out_dir: checked before anything is written; one writer per out_dir
+
+METRICS = "metrics.jsonl"  # the run's metrics, one JSON record a line (console.MetricsLog appends to it)
+# Files a run appends to (they cannot be replaced by a rename): a link planted at one is refused up front.
+APPENDED = (METRICS,)
+
+
+def check_out_dir(path: str | Path, key: str = "out_dir") -> Path:
+    """Refuse an `out_dir` that is a file, or a directory (or the nearest existing parent) this user cannot write,
+    or one holding a link where the run appends, before anything is written; nothing is created here."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link
+            raise ValueError(f"{key}: {probe} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{key}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: {probe} is not writable by this user")
+    for name in APPENDED:
+        if (path / name).is_symlink():
+            raise ValueError(f"{key}: {path / name} is a symbolic link; refusing to write through it (remove it)")
+        try:
+            check_target(path / name)  # a FIFO here would block the first log line; a device would take it
+        except WriteError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return path
+
 
 LOCK = "lock.json"
 HEARTBEAT_S = 30.0  # how often the holder refreshes its heartbeat (a thread: long saves and evaluations included)
@@ -373,3 +402,23 @@ class OutDirLock:
             self._thread = None
             if self.owned():
                 self.path.unlink(missing_ok=True)
+
+
+def take_lock(lock: OutDirLock | None) -> None:
+    """Collective: the main rank takes `lock` (None on the other ranks); every rank raises the same refusal."""
+    refusal = lock.acquire() if lock is not None else None
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def check_lock_held(lock: OutDirLock | None, out_dir: Path, stopping: str) -> None:
+    """Collective: a one-line ValueError on every rank when another trainer took `out_dir` over (this one was frozen
+    past STALE_S), so nothing is written over its files; `stopping` says what this trainer does not do."""
+    lost = lock.lost if lock is not None and not lock.owned() else None
+    lost = distributed.broadcast_object(lost)
+    if lost is not None:
+        raise ValueError(
+            f"out_dir: {out_dir} was taken over by another trainer (host {lost.get('host')}, pid "
+            f"{lost.get('pid')}) while this one was silent; {stopping}"
+        )

@@ -32,7 +32,9 @@ class Hook:
     def on_resume(self, step: int, epoch: int) -> None:
         """The run starts (or continues) after `step` steps, in `epoch`."""
 
-    def on_batch(self, step: int, views: list[torch.Tensor], labels: torch.Tensor):
+    def on_batch(
+        self, step: int, views: list[torch.Tensor], labels: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The batch that step number `step` is about to train on; return it, changed or not."""
         return views, labels
 

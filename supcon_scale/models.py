@@ -261,8 +261,10 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-class _FrozenBatchNormStats:
-    """During recomputation, batch norm normalises with batch statistics as before but must not fold them into the
+class FrozenBatchNormStats:
+    """Batch norm's running averages held still while the block runs (the linear probe's frozen encoder uses it too).
+
+    During recomputation, batch norm normalises with batch statistics as before but must not fold them into the
     running averages a second time (timm's `set_grad_checkpointing` updates them twice). Momentum 0 keeps the
     averages exactly (x*1 + 0*y); `track_running_stats=False` would change the saved tensors, which checkpoint
     rejects."""
@@ -288,7 +290,7 @@ class _FrozenBatchNormStats:
 def _checkpointed_forward(stage: nn.Module, forward, x: torch.Tensor) -> torch.Tensor:
     if not (stage.training and torch.is_grad_enabled()):
         return forward(x)
-    contexts = lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(stage))  # noqa: E731
+    contexts = lambda: (contextlib.nullcontext(), FrozenBatchNormStats(stage))  # noqa: E731
     return checkpoint(forward, x, use_reentrant=False, context_fn=contexts)
 
 
@@ -397,6 +399,3 @@ def build(cfg: ModelConfig, num_classes: int | None = None, image_size: int | No
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.encoder)
     return model
-
-
-FrozenBatchNormStats = _FrozenBatchNormStats  # public name: the official linear stage runs batch norm this way

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from supcon_scale.config import ConfigError, LogConfig, RunConfig
+from supcon_scale.files import write_text
 
 WANDB_ID_FILE = "wandb_run_id"  # in out_dir: a resumed run continues the same W&B run
 
@@ -67,9 +68,7 @@ class WandbSink:
         id_file = out / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else new_run_id()
         out.mkdir(parents=True, exist_ok=True)
-        from supcon_scale.files import write_text  # a link planted at the id file is replaced, never followed
-
-        write_text(id_file, run_id + "\n")
+        write_text(id_file, run_id + "\n")  # a link planted at the id file is replaced, never followed
         self.run = wandb.init(
             project=cfg.log.wandb_project,
             dir=str(out),

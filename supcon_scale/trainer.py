@@ -18,7 +18,7 @@ import torch
 
 from supcon_scale import config, data, distributed, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
-from supcon_scale.console import MetricsLog, TrainLogger, console
+from supcon_scale.console import NO_CLOCK, Clock, MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
 from supcon_scale.engines import Engine
 from supcon_scale.hooks import Hook, StepInfo
@@ -41,11 +41,12 @@ def train_step(
     objective: objectives.Objective,
     views: list[torch.Tensor],
     labels: torch.Tensor,
-    after_backward: Callable[[], None] | None = None,
+    clock: Clock = NO_CLOCK,
 ):
     """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics).
 
-    `after_backward` marks the end of forward+backward for the logger's time shares (console.StepClock)."""
+    `clock` (the logger's console.StepClock) is marked here, where the step's phases begin and end."""
+    clock.start()
     # A skipped (non-finite) step must leave no trace, but its forward already updated the batch-norm running
     # statistics, with NaN. They are small (~0.1% of ResNet-50's parameters): one fused copy into buffers kept
     # from the first step (no allocation per step), put back only on the rare skipped step.
@@ -57,12 +58,12 @@ def train_step(
         out = engine(torch.cat(views))
     loss = objective(objectives.per_sample(out, len(views)), targets)
     engine.backward(loss)
-    if after_backward is not None:
-        after_backward()
+    clock.mark()
     stepped = engine.step()
     if not stepped and buffers:
         with torch.no_grad():
             torch._foreach_copy_(buffers, shadow)
+    clock.stop()
     return loss.detach(), stepped
 
 
@@ -87,7 +88,7 @@ class Loop:
     """The parts one training loop runs: `fit` builds them from a RunConfig, the continual run from its stream.
 
     `batches(step, epoch)` yields the run's batches from where `checkpointer.resume()` left it; `hooks` are every
-    hook in call order (the logger first, its clock last); `total_steps` is the run's last step."""
+    hook in call order (the logger first); `total_steps` is the run's last step."""
 
     engine: Engine
     objective: objectives.Objective
@@ -108,12 +109,12 @@ def run_loop(parts: Loop) -> tuple[int, int]:
         hook.on_resume(step, epoch)
     parts.engine.train()
     world = parts.engine.ctx.world_size
-    batches = parts.batches(step, epoch)
+    batches = parts.logger.clock.batches(parts.batches(step, epoch))
     with parts.checkpointer, parts.logger:
         for epoch, epoch_end, views, labels in batches:
             for hook in parts.hooks:
                 views, labels = hook.on_batch(step + 1, views, labels)
-            loss, stepped = train_step(parts.engine, parts.objective, views, labels, parts.logger.clock.mark)
+            loss, stepped = train_step(parts.engine, parts.objective, views, labels, parts.logger.clock)
             step += 1
             parts.guard.update(step, loss, stepped, parts.checkpointer.newest)
             views_seen = len(views) * len(labels) * world
@@ -131,13 +132,13 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     models.check(cfg)  # model.encoder and model.kwargs against timm, on the meta device
     check_monitors(cfg)  # a monitor's inputs, before the data scan writes anything and before the first step
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
-    objective = objectives.build(cfg, loader.num_classes, ctx, getattr(loader, "classes_present", None))
+    objective = objectives.build(cfg, loader.num_classes, ctx, loader.classes_present)
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
     model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
-    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics), logger.clock]
+    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
 

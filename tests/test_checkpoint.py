@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from supcon_scale import checkpoint, config, export, files, models
+from supcon_scale import checkpoint, config, export, files, models, weights
 
 
 def _state(seed: int = 0):
@@ -54,7 +54,7 @@ def test_exported_encoder_is_a_plain_timm_state_dict(tmp_path: Path):
     # The checkpoint keeps the encoder once (issue 26): model.safetensors only; encoder_from_export reads it there.
     assert sorted(p.name for p in path.glob("*.safetensors")) == ["model.safetensors"]
     exported = export.export_encoder(
-        checkpoint.encoder_state(load_file(str(path / "model.safetensors"))),
+        weights.encoder_state(load_file(str(path / "model.safetensors"))),
         tmp_path / "e.safetensors",
         export.encoder_metadata("resnet18"),
     )
@@ -106,10 +106,10 @@ def test_mismatched_model_names_keys_and_shapes(tmp_path: Path):
     from safetensors.torch import load_file
 
     with pytest.raises(ValueError, match=r"does not fit this model: missing layer1.2.*"):
-        checkpoint.load_matching(target, load_file(str(path)), str(path))
+        weights.load_matching(target, load_file(str(path)), str(path))
     narrow = timm.create_model("resnet18", num_classes=0, stem_width=32, stem_type="deep")
     with pytest.raises(ValueError, match=r"unexpected conv1.weight"):
-        checkpoint.load_matching(narrow, load_file(str(path)), str(path))
+        weights.load_matching(narrow, load_file(str(path)), str(path))
 
 
 def test_rng_state_round_trip():

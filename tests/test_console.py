@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from supcon_scale import cli, console, sinks
-from supcon_scale.hooks import StepInfo
+from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(
@@ -169,16 +169,83 @@ def _info(step: int) -> StepInfo:
 def test_step_clock_arithmetic():
     # resume 0 | batch 1, mark 3, stop 4, free 4.5 | batch 5, mark 6, stop 8: wall 8 s
     clock = Scripted([0, 1, 3, 4, 4.5, 5, 6, 8, 9])
-    clock.on_resume(0, 0)
+    clock.resume()
     for step in (1, 2):
-        clock.on_batch(step, [], torch.zeros(0))
+        clock.start()
         clock.mark()
         clock.stop()
         if step == 1:
-            clock.on_step(_info(step))
+            clock.wait()
     assert clock.shares() == pytest.approx({"data_share": 1.5 / 8, "compute_share": 3 / 8, "optim_share": 3 / 8})
-    clock.on_step(_info(2))  # free at 9; the next window starts at the last stop (8)
+    clock.wait()  # free at 9; the next window starts at the last stop (8)
     assert clock.shares() == {}  # no step finished since
+
+
+class Virtual(console.StepClock):
+    """A StepClock reading a virtual time that the loader, the model, the optimizer and the hooks advance."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.now = 0.0
+
+    def _now(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Busy(Hook):
+    """A hook that takes `batch` virtual seconds in on_batch and `step` in on_step."""
+
+    def __init__(self, clock: Virtual, batch: float, step: float):
+        self.clock, self.batch, self.step = clock, batch, step
+
+    def on_batch(self, step: int, views: list[torch.Tensor], labels: torch.Tensor):
+        self.clock.advance(self.batch)
+        return views, labels
+
+    def on_step(self, info: StepInfo) -> None:
+        self.clock.advance(self.step)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["hooks-in-order", "hooks-reversed"])
+def test_the_time_shares_do_not_depend_on_the_hook_order(reverse: bool):
+    """The loop as trainer.fit runs it, in virtual seconds: the loader takes 1 a batch, the on_batch hooks 0.5 +
+    0.25, the forward 3, the optimizer step 2, the on_step hooks 5 + 7. By hand, over two steps (wall 2 x 6.75 +
+    12 = 25.5): data 2 x 1.75, forward+backward 2 x 3, optimizer 2 x 2; the hooks' on_step time is in none."""
+    from supcon_scale import config, distributed, engines, models, objectives, trainer
+
+    overrides = ["data.global_batch_size=8", "data.image_size=16", "model.encoder=resnet18", "model.cifar_stem=true",
+                 "optim.name=sgd", "train.epochs=1", "train.warmup_epochs=0"]  # fmt: skip
+    cfg = config.load(None, overrides)
+    ctx = distributed.Context()
+    objective = objectives.build(cfg, 10, ctx)
+    torch.manual_seed(0)
+    engine = engines.build(cfg, ctx, models.build(cfg.model, objective.classifier_classes), 10, 0)
+    engine.train()
+    clock = Virtual()
+    engine.unwrapped().register_forward_hook(lambda *_: clock.advance(3.0))  # torch's own module and optimizer hooks
+    engine.optimizer.register_step_post_hook(lambda *_: clock.advance(2.0))
+    hooks = [Busy(clock, 0.5, 5.0), Busy(clock, 0.25, 7.0)]
+    hooks = hooks[::-1] if reverse else hooks
+
+    def loader():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            clock.advance(1.0)
+            yield [torch.rand(8, 3, 16, 16, generator=g) for _ in range(2)], torch.randint(0, 10, (8,), generator=g)
+
+    clock.resume()
+    for step, (views, labels) in enumerate(clock.batches(loader()), 1):
+        for hook in hooks:
+            views, labels = hook.on_batch(step, views, labels)
+        _, stepped = trainer.train_step(engine, objective, views, labels, clock)
+        assert stepped
+        for hook in hooks:
+            hook.on_step(_info(step))
+    assert clock.shares() == pytest.approx({"data_share": 3.5 / 25.5, "compute_share": 6 / 25.5,
+                                            "optim_share": 4 / 25.5})  # fmt: skip
 
 
 def test_a_failing_sink_warns_once_and_the_log_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

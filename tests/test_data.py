@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_images import CLASSES, MEAN, PER_CLASS, STD, coded_cfg, identities
+from data_images import CLASSES, MEAN, PER_CLASS, STD, coded_cfg, identities, write_coded
 from multiproc import run_ranks
 
 from supcon_scale.config import AugmentConfig, DataConfig
@@ -113,3 +113,14 @@ def test_same_seed_same_batches(digits, backend, workers):
     a, b, c = batches(7, workers[0]), batches(7, workers[1]), batches(8, workers[0])
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali-cpu", "synthetic"])
+def test_every_loader_declares_the_classes_present(tmp_path, backend):
+    """`TrainLoader.classes_present`: the class folders holding an image (an empty folder counts in num_classes
+    only); the synthetic loader draws its labels from every class of data.num_classes."""
+    root = write_coded(tmp_path, classes=3, per_class=4)
+    (root / "train" / "c3").mkdir()
+    extra = {"num_classes": 5} if backend == "synthetic" else {}
+    loader = build_train_loader(coded_cfg(root, backend=backend, dali_threads=1, **extra), Context(), 0, None)
+    assert (loader.num_classes, loader.classes_present) == ((5, 5) if backend == "synthetic" else (4, 3))

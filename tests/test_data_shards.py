@@ -130,3 +130,8 @@ def test_missing_index_or_shard(shards, tmp_path):
     (root / "shard-000003.tar").unlink()
     with pytest.raises(ValueError, match=r"lists .*shard-000003\.tar, which does not exist"):
         build_train_loader(coded_cfg(root, format="shards"), Context(), 0, None)
+
+
+def test_the_shards_loader_declares_the_classes_present(shards):
+    loader = build_train_loader(coded_cfg(shards, format="shards"), Context(), seed=3, out_dir=None)
+    assert (loader.num_classes, loader.classes_present) == (CLASSES, CLASSES)

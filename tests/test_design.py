@@ -22,6 +22,7 @@ LAYERS = {
     "resilience": 1,
     "hooks": 1,
     "files": 1,
+    "weights": 1,
     "engines": 2,
     "objectives": 2,
     "data": 2,

@@ -618,3 +618,45 @@ def test_convnext_fsdp_shards_each_stage_and_matches_one_process():
     np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-4)
     assert_same_weights(got, ref, got["keys"], ref_keys)
     assert got["fsdp_units"] == 4 + 1  # stages.0..3, then the root
+
+
+def _full_encoder_ranks(rank: int, world: int) -> dict:
+    """FSDP2 on 2 ranks, the steps of `reference()`; the engine's full encoder asked for before the last step and
+    after it, then run by each rank on its own (a different number of calls per rank: no collective inside)."""
+    cfg = tiny_cfg("fsdp")
+    ctx = Context(rank=rank, world_size=world, local_rank=rank)
+    torch.manual_seed(cfg.seed)
+    engine = engines.build(cfg, ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0)
+    engine.train(False)
+    n = GLOBAL_B // world
+    for s in range(STEPS):
+        if s == STEPS - 1:
+            engine.full_encoder()  # an earlier copy: the later call must hold the later weights
+        views, labels = batch(s, cfg.data.image_size)
+        step_once(engine, local_views(views, rank, world), labels[rank * n : (rank + 1) * n])
+    encoder = engine.full_encoder().eval()
+    assert not any(hasattr(p, "full_tensor") for p in encoder.parameters())  # plain tensors, no DTensor shard
+    x = batch(STEPS, cfg.data.image_size)[0][0]
+    with torch.no_grad():
+        for _ in range(rank + 1):
+            features = encoder(x)
+    return {"weights": as_numpy(encoder.state_dict()), "features": features.numpy()}
+
+
+@pytest.mark.slow
+def test_fsdp_full_encoder_is_the_unsharded_model(lars_reference):
+    """`engine.full_encoder()` under FSDP2 at 2 ranks: on every rank, the weights and the features of the model one
+    process trained on the global batch (written out in `reference`)."""
+    ref, _, _ = lars_reference
+    cfg = tiny_cfg("fsdp")
+    plain = models.build(cfg.model, image_size=cfg.data.image_size)
+    plain.load_state_dict({k: torch.from_numpy(v) for k, v in ref.items()}, strict=False)  # floats; counters aside
+    x = batch(STEPS, cfg.data.image_size)[0][0]
+    with torch.no_grad():
+        want = plain.encoder.eval()(x).numpy()
+    for got in run_ranks(_full_encoder_ranks, 2, timeout=240):
+        ref_encoder = {k[len("encoder.") :]: v for k, v in ref.items() if k.startswith("encoder.")}
+        assert sorted(got["weights"]) == sorted(ref_encoder)
+        for k, v in ref_encoder.items():
+            np.testing.assert_allclose(got["weights"][k], v, rtol=2e-4, atol=2e-5, err_msg=k)
+        np.testing.assert_allclose(got["features"], want, rtol=1e-3, atol=1e-4)

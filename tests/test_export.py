@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from supcon_scale import checkpoint, cli, config, export, models
+from supcon_scale import checkpoint, cli, config, export, models, weights
 
 TINY_VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 2})
 CONVNEXT = ("convnext_atto", {})
@@ -101,7 +101,7 @@ def test_bad_export_metadata_is_one_line_naming_the_file(vit_export, tmp_path, m
     _, path = vit_export
     meta = {**export.read_metadata(path), **metadata}
     bad = tmp_path / "bad.safetensors"
-    save_file(checkpoint.load_tensors(path), str(bad), metadata=meta)
+    save_file(weights.load_tensors(path), str(bad), metadata=meta)
     with pytest.raises(ValueError, match=r"checkpoint .*bad\.safetensors") as info:
         export.encoder_from_export(bad)
     assert message in str(info.value) and "\n" not in str(info.value)

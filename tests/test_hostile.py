@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from supcon_scale import checkpoint, distributed, export, resilience
+from supcon_scale import checkpoint, distributed, export, resilience, weights
 from supcon_scale.cli import main
 from supcon_scale.console import MetricsLog
 
@@ -480,7 +480,7 @@ def test_nan_weights_are_never_saved_or_exported(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     with pytest.raises(resilience.NonFiniteError, match="encoder's w holds NaN or inf"):
         export.export_encoder(
-            checkpoint.encoder_state(state), tmp_path / "e.safetensors", export.encoder_metadata("resnet18")
+            weights.encoder_state(state), tmp_path / "e.safetensors", export.encoder_metadata("resnet18")
         )
     assert list(tmp_path.iterdir()) == []
 

@@ -19,9 +19,12 @@ class TrainLoader(Protocol):
     """What every training backend provides: batches of `(views, labels)`, and a resumable position in the epoch.
 
     `len()` is the number of batches left in the current epoch; `state_dict()` is this rank's position.
+    `num_classes` is the label space (`data.num_classes` or the class folders); `classes_present` the classes that
+    hold at least one sample once bad files are left out (an objective that contrasts labels needs two).
     """
 
     num_classes: int
+    classes_present: int
     steps_per_epoch: int
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]: ...

@@ -24,6 +24,7 @@ class SyntheticLoader(EpochCursor):
     def __init__(self, cfg: DataConfig, ctx: distributed.Context, seed: int):
         self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.num_classes = cfg.num_classes or DEFAULT_CLASSES
+        self.classes_present = self.num_classes  # labels are drawn from every class
         self.local_batch = cfg.global_batch_size // ctx.world_size
         self.steps_per_epoch = STEPS_PER_EPOCH
         self.num_samples = STEPS_PER_EPOCH * cfg.global_batch_size

@@ -129,6 +129,11 @@ class Engine(ABC):
     def unwrapped(self) -> nn.Module:
         """The plain model (SupConModel) whose parameters this engine trains."""
 
+    def full_encoder(self) -> nn.Module:
+        """Collective: the encoder holding its full current weights, a plain module each rank can run on its own (the
+        kNN monitor encodes each rank's share of the images with it). Unsharded engines: the model's own encoder."""
+        return self.unwrapped().encoder
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """{"model", "optimizer", "scheduler", "scaler"}: plain tensors and primitives (safe for weights_only)."""

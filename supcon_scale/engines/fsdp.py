@@ -8,12 +8,18 @@ the known FSDP + BatchNorm failure), so master weights, gradient reduction and o
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 
 from supcon_scale import models
@@ -49,6 +55,7 @@ class FSDPEngine(TorchEngine):
         if self.cfg.model.channels_last and not self.sharded:
             model = model.to(memory_format=torch.channels_last)
         if self.sharded:
+            self.encoder_copy = meta_copy(model.encoder)  # for full_encoder (shards cannot run on their own)
             for unit in shard_units(model):
                 fully_shard(unit)
             fully_shard(model)
@@ -60,6 +67,21 @@ class FSDPEngine(TorchEngine):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(self.model, self.optimizer, options=opts)
 
+    def full_encoder(self) -> nn.Module:
+        """Collective. Sharded: a plain copy of the encoder (from the meta-device copy taken before sharding) with
+        the full weights all-gathered to every rank. The sharded encoder itself cannot run outside the engine's
+        forward: its stem lives in the root's shard, and each stage all-gathers per call, so ranks encoding different
+        numbers of batches would hang."""
+        if not self.sharded:
+            return super().full_encoder()
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # on every rank
+        if any(p.is_meta for p in self.encoder_copy.parameters()):  # the first call: memory for the copy, once
+            self.encoder_copy = self.encoder_copy.to_empty(device=self.ctx.device)
+        self.encoder_copy.load_state_dict(
+            {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        )
+        return self.encoder_copy
+
     def load_model_optimizer_state(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
         """Collective. Every rank passes the full saved state (as `checkpoint.load` gives it); each keeps its shard."""
         set_state_dict(
@@ -69,3 +91,13 @@ class FSDPEngine(TorchEngine):
             optim_state_dict=optimizer_state,
             options=StateDictOptions(full_state_dict=True),
         )
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` with every parameter and buffer on the meta device: its structure, no memory."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)

@@ -133,7 +133,7 @@ def run(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> tupl
 def evaluate(cfg: config.RunConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """The newest checkpoint's model (encoder and head) on `data.root/val`: top-1 and top-5 with n and the 95%
     interval of top-1. Every rank encodes its share of the images (`extract_features`)."""
-    from supcon_scale import checkpoint, models
+    from supcon_scale import checkpoint, models, weights
     from supcon_scale.data.eval import EvalDataset
     from supcon_scale.data.folder import index_folder
     from supcon_scale.evaluation.features import extract_features
@@ -145,7 +145,7 @@ def evaluate(cfg: config.RunConfig, ctx: Context) -> tuple[nn.Module, dict[str, 
     val_index = index_folder(Path(cfg.data.root) / "val")
     plain = replace(cfg.model, init_from=None, sync_bn=False, activation_checkpointing=False)  # the weights: saved
     model = models.build(plain, len(val_index.classes), cfg.data.image_size)
-    checkpoint.load_matching(model, checkpoint.load_tensors(newest / "model.safetensors"), str(newest))
+    weights.load_matching(model, weights.load_tensors(newest / "model.safetensors"), str(newest))
     aug = cfg.data.augment
     val = EvalDataset(
         cfg.data.root, "val", cfg.data.image_size, index=val_index, mean=aug.mean, std=aug.std, crop=cfg.data.eval_crop

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import arguments, distributed
+from supcon_scale.console import MetricsLog
+from supcon_scale.engines import Engine
 from supcon_scale.evaluation.features import default_device, extract_features
 from supcon_scale.files import write_text
 from supcon_scale.hooks import Hook, StepInfo
@@ -159,37 +161,30 @@ class KnnMonitor(Hook):
     `data.root/val` every `every_steps` steps, written to the run's metrics with its 95% interval and n. `encoder`
     is the engine's unwrapped encoder; extraction is sharded over the ranks.
 
-    Under FSDP2 (several ranks) the encoder's parameters are shards, and calling the encoder directly would mix
-    DTensor and plain tensors (its stem is in the root's shard) or hang (each stage all-gathers per call, and ranks
-    encode different numbers of batches). The monitor then gathers a full copy through the engine's collective
-    `state_dict()` and broadcasts it, so every rank encodes its share with a plain module; `engine` is required.
+    With `engine` (the trainer passes it) the monitor encodes with `engine.full_encoder()`: under FSDP2 a plain copy
+    of the encoder's current weights on every rank (its shards cannot run outside the engine's forward), else the
+    encoder itself. A sharded `encoder` without its engine is refused.
     """
 
     def __init__(
-        self, encoder: nn.Module, root: Path, image_size: int, every_steps: int, metrics: Any, engine: Any = None
+        self,
+        encoder: nn.Module,
+        root: Path,
+        image_size: int,
+        every_steps: int,
+        metrics: MetricsLog,
+        engine: Engine | None = None,
     ) -> None:
         if is_sharded(encoder) and engine is None:
             raise ValueError("KnnMonitor: the encoder's parameters are sharded (FSDP2); pass engine= to gather a copy")
         check_monitor_data(root)  # at start: a missing val/ would otherwise end the run at the first epoch's end
         self.encoder, self.root, self.image_size, self.every = encoder, Path(root), image_size, every_steps
         self.metrics, self.engine = metrics, engine
-        self._copy: nn.Module | None = None
         self._warned = False  # the k cap is said once per run, not every epoch
 
     def full_encoder(self) -> nn.Module:
-        """The encoder to extract with: itself, or under FSDP2 a plain copy of its current weights (collective)."""
-        if not is_sharded(self.encoder):
-            return self.encoder
-        from supcon_scale.checkpoint import encoder_state
-        from supcon_scale.models import create_encoder, encoder_kwargs
-
-        model = self.engine.state_dict()["model"]  # every rank calls it; rank 0 receives the full state
-        state = distributed.broadcast_object(encoder_state(model) if self.engine.ctx.is_main else None)
-        if self._copy is None:
-            cfg = self.engine.cfg.model
-            self._copy = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, self.image_size))
-        self._copy.load_state_dict(state)
-        return self._copy
+        """The encoder to extract with, holding its full current weights (collective with an engine)."""
+        return self.engine.full_encoder() if self.engine is not None else self.encoder
 
     def on_step(self, info: StepInfo) -> None:
         if info.step % self.every == 0:

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from supcon_scale import checkpoint, config, export, models
+from supcon_scale import checkpoint, config, export, models, weights
 from supcon_scale.objectives import cross_entropy
 
 
@@ -43,10 +43,10 @@ def load(cfg: config.KDConfig, num_classes: int) -> Teacher:
             raise ValueError(f"kd.teacher: {exc}") from None
         if cfg.checkpoint is None:
             raise ValueError(f"kd.checkpoint: the timm teacher {cfg.teacher} needs a weights file")
-        weights = Path(cfg.checkpoint)
-        if not weights.is_file():
-            raise ValueError(f"kd.checkpoint: file not found: {weights}")
-        checkpoint.load_matching(model, checkpoint.load_weights(weights, "kd.checkpoint"), str(weights))
+        file = Path(cfg.checkpoint)
+        if not file.is_file():
+            raise ValueError(f"kd.checkpoint: file not found: {file}")
+        weights.load_matching(model, weights.load_weights(file, "kd.checkpoint"), str(file))
     return Teacher(model, cfg.temperature)
 
 
@@ -60,11 +60,11 @@ def _from_run(path: Path) -> nn.Module:
         raise ValueError(
             f"kd.teacher: {ckpt} is a {meta['config']['loss']['name']} run; a teacher must be a classifier"
         )
-    state = checkpoint.load_tensors(ckpt / "model.safetensors")
+    state = weights.load_tensors(ckpt / "model.safetensors")
     if state.get("head.weight") is None or state["head.weight"].ndim != 2:
         raise ValueError(f"kd.teacher: {ckpt / 'model.safetensors'} has no classifier head.weight")
     encoder, _ = export.encoder_from_export(ckpt)  # rebuilt from the construction arguments the run recorded
     head = nn.Linear(*state["head.weight"].shape[::-1])
-    checkpoint.load_matching(head, {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}, str(ckpt))
+    weights.load_matching(head, {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}, str(ckpt))
     normalize_input = bool(meta["config"]["model"].get("normalize_encoder_output", False))
     return models.SupConModel(encoder, head, normalize=False, normalize_input=normalize_input)
