@@ -29,10 +29,6 @@ from supcon_scale.yamlload import Loader
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# A ResNet's last stage sees a 1x1 input at <= 16 px (it downsamples by 16 before layer4), where torch's CPU bf16
-# convolution returns uninitialised weight gradients (docs/ENGINES.md "Known issue").
-CPU_BF16_MIN_IMAGE_SIZE = 17
-
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
 MAX_BASE_DEPTH = 32  # files in one `base:` chain
 INT64_MAX = 2**63 - 1
@@ -449,10 +445,6 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig, metadata={"help": "teacher label vectors (GenSCL)"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "log lines, time shares and metric sinks"})
 
-    def validate(self, world_size: int | None = None) -> None:
-        """Kept for callers of the old API: `check_run(self, world_size)`."""
-        check_run(self, world_size)
-
     def to_dict(self) -> dict[str, Any]:
         return plain(dataclasses.asdict(self))
 
@@ -522,44 +514,17 @@ def _type_name(tp: Any) -> str:
 def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> None:
     """Every key's type and range again, then the rules between sections and against the run.
 
-    The trainer calls it once, before it writes anything; `world_size` and `device_type` ("cuda", "cpu") are the
-    run's, and the rules that need them are skipped when they are None.
+    The trainer calls it once, before it writes anything, and then the engine rules (`engines.check`, which this
+    layer cannot import); `world_size` and `device_type` ("cuda", "cpu") are the run's, and the rules that need them
+    are skipped when they are None.
     """
     _build(RunConfig, cfg.to_dict(), "")  # a RunConfig built in Python gets the loader's checks too
     if world_size is not None and cfg.data.global_batch_size % world_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the world size {world_size}"
         )
-    if device_type is not None:
-        if cfg.precision == "bf16" and device_type == "cpu" and cfg.data.image_size < CPU_BF16_MIN_IMAGE_SIZE:
-            raise ConfigError(
-                f"precision=bf16 with data.image_size={cfg.data.image_size} on the CPU: torch's CPU bf16 convolution "
-                "returns uninitialised weight gradients when layer4 sees a 1x1 input; use data.image_size >= "
-                f"{CPU_BF16_MIN_IMAGE_SIZE} or precision=fp32"
-            )
-        if cfg.data.backend == "dali-gpu" and device_type != "cuda":
-            raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
-    if cfg.engine.name == "deepspeed":
-        if cfg.engine.zero_stage == 3:
-            raise ConfigError(
-                "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for "
-                "ResNets (ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, "
-                "or fsdp"
-            )
-        if cfg.optim.name == "lamb" and cfg.engine.zero_stage >= 1:
-            # LAMB's trust ratio is per tensor; ZeRO hands the optimizer flat partitions (DeepSpeed #490).
-            raise ConfigError(
-                f"optim.name=lamb with engine.zero_stage={cfg.engine.zero_stage}: ZeRO steps flat partitions of many "
-                "tensors, so LAMB's per-tensor trust ratios would be wrong; use engine.zero_stage=0, fsdp or ddp"
-            )
-        if cfg.precision == "fp16":
-            # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in
-            # its own partition only, so ranks can disagree about skipping a step.
-            raise ConfigError(
-                "precision=fp16 with engine.name=deepspeed is not supported: DeepSpeed's autocast loss scaler decides "
-                "skips per ZeRO partition, so ranks can disagree; use precision=bf16 (the paper's precision) or "
-                "engine.name=ddp|fsdp, whose GradScaler checks every gradient"
-            )
+    if device_type is not None and cfg.data.backend == "dali-gpu" and device_type != "cuda":
+        raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

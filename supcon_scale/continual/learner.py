@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from supcon_scale import checkpoint, engines
-from supcon_scale.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from supcon_scale.config import OptimConfig
 from supcon_scale.console import MetricsLog, TrainProgress, console
 from supcon_scale.continual import config, metrics, models
 from supcon_scale.continual.config import ContinualConfig
@@ -33,7 +33,8 @@ from supcon_scale.continual.scr import SCR
 from supcon_scale.continual.stream import ClassIncrementalStream, ImageSource, build_stream, decode, load_sources
 from supcon_scale.continual.views import INCOMING, MEMORY, plain_transform, sample_seed
 from supcon_scale.distributed import Context, all_reduce_mean, all_reduce_sum, flatten
-from supcon_scale.engines import Engine
+from supcon_scale.engines import Engine, EngineSpec
+from supcon_scale.engines.spec import LR_REFERENCE_BATCH
 from supcon_scale.files import write_text
 from supcon_scale.resilience import Preempted, PreemptionHandler
 from supcon_scale.resume import under
@@ -84,31 +85,25 @@ def run_dir(cfg: ContinualConfig, method: str, seed: int) -> Path:
     return Path(cfg.out_dir) / method / f"seed_{seed}"
 
 
-def engine_config(cfg: ContinualConfig, seed: int, world_size: int) -> RunConfig:
-    """The training config the engines read, from this run's: the step's LR is `optim.lr` itself."""
+def engine_spec(cfg: ContinualConfig, world_size: int) -> EngineSpec:
+    """What the engines read of this run: the step's LR is `optim.lr` itself (no batch scaling), held constant."""
     batch = cfg.stream.batch_size + cfg.memory.batch_size
-    batch = -(-batch // world_size) * world_size  # DeepSpeed wants train_batch_size = micro batch x ranks
-    return RunConfig(
-        out_dir=cfg.out_dir,
-        seed=seed,
-        precision=cfg.precision,
-        data=DataConfig(global_batch_size=batch, image_size=cfg.data.image_size),
-        model=ModelConfig(
-            encoder=cfg.model.encoder,
-            channels_last=cfg.model.channels_last,
-            sync_bn=cfg.model.sync_bn,
-            cifar_stem=cfg.model.cifar_stem,
-        ),
-        # the engines scale base_lr by global_batch / 256; undo it so the step's LR is optim.lr
+    return EngineSpec(
+        engine=cfg.engine,
         optim=OptimConfig(
             name=cfg.optim.name,
-            base_lr=cfg.optim.lr * 256 / batch,
+            base_lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
             schedule="constant",
             exclude_bn_bias=False,
         ),
-        engine=cfg.engine,
+        precision=cfg.precision,
+        global_batch=-(-batch // world_size) * world_size,  # DeepSpeed wants train_batch_size = micro batch x ranks
+        lr_batch=LR_REFERENCE_BATCH,  # the batch at which the scaling rule leaves base_lr as it is
+        image_size=cfg.data.image_size,
+        channels_last=cfg.model.channels_last,
+        sync_bn=cfg.model.sync_bn,
     )
 
 
@@ -129,7 +124,7 @@ def fit(
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = models.build(cfg.model, len(train.classes) if agent.supervised_head else None)
     schedule = stream.schedule()
-    engine = engines.build(engine_config(cfg, seed, ctx.world_size), ctx, model, len(schedule), 0)
+    engine = engines.build(engine_spec(cfg, ctx.world_size), ctx, model, len(schedule), 0)
     memory = ReservoirMemory(cfg.memory.size, seed, ctx.rank, ctx.world_size)
     step, rows = _resume(cfg, out_dir, engine, memory, ctx, method, seed)
     if ctx.is_main:

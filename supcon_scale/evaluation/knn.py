@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon_scale import arguments, distributed
+from supcon_scale.config import ModelConfig
 from supcon_scale.evaluation.features import default_device, extract_features
 from supcon_scale.files import write_text
 from supcon_scale.hooks import Hook, StepInfo
@@ -162,17 +163,27 @@ class KnnMonitor(Hook):
     Under FSDP2 (several ranks) the encoder's parameters are shards, and calling the encoder directly would mix
     DTensor and plain tensors (its stem is in the root's shard) or hang (each stage all-gathers per call, and ranks
     encode different numbers of batches). The monitor then gathers a full copy through the engine's collective
-    `state_dict()` and broadcasts it, so every rank encodes its share with a plain module; `engine` is required.
+    `state_dict()` and broadcasts it, so every rank encodes its share with a plain module; `engine` and `model` (the
+    model section the copy is built from) are required.
     """
 
     def __init__(
-        self, encoder: nn.Module, root: Path, image_size: int, every_steps: int, metrics: Any, engine: Any = None
+        self,
+        encoder: nn.Module,
+        root: Path,
+        image_size: int,
+        every_steps: int,
+        metrics: Any,
+        engine: Any = None,
+        model: ModelConfig | None = None,
     ) -> None:
-        if is_sharded(encoder) and engine is None:
-            raise ValueError("KnnMonitor: the encoder's parameters are sharded (FSDP2); pass engine= to gather a copy")
+        if is_sharded(encoder) and (engine is None or model is None):
+            raise ValueError(
+                "KnnMonitor: the encoder's parameters are sharded (FSDP2); pass engine= and model= to gather a copy"
+            )
         check_monitor_data(root)  # at start: a missing val/ would otherwise end the run at the first epoch's end
         self.encoder, self.root, self.image_size, self.every = encoder, Path(root), image_size, every_steps
-        self.metrics, self.engine = metrics, engine
+        self.metrics, self.engine, self.model = metrics, engine, model
         self._copy: nn.Module | None = None
         self._warned = False  # the k cap is said once per run, not every epoch
 
@@ -186,7 +197,8 @@ class KnnMonitor(Hook):
         model = self.engine.state_dict()["model"]  # every rank calls it; rank 0 receives the full state
         state = distributed.broadcast_object(encoder_state(model) if self.engine.ctx.is_main else None)
         if self._copy is None:
-            cfg = self.engine.cfg.model
+            cfg = self.model
+            assert cfg is not None  # checked in __init__ for a sharded encoder
             self._copy = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, self.image_size))
         self._copy.load_state_dict(state)
         return self._copy
