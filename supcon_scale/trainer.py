@@ -20,7 +20,7 @@ from supcon_scale import config, data, distributed, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
 from supcon_scale.console import NO_CLOCK, Clock, MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
-from supcon_scale.engines import Engine
+from supcon_scale.engines import Engine, EngineSpec
 from supcon_scale.hooks import Hook, StepInfo
 from supcon_scale.profiling import Profiler
 from supcon_scale.resilience import NonFiniteGuard
@@ -129,6 +129,7 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     checkpointer (every check that can refuse the run comes before anything is written)."""
     distributed.agree_on_config(cfg.to_dict())  # before any collective a divergent config could deadlock
     config.check_run(cfg, ctx.world_size, ctx.device.type)
+    engines.check(EngineSpec.from_run(cfg), ctx.device.type)  # the engine's rules, before anything is written
     models.check(cfg)  # model.encoder and model.kwargs against timm, on the meta device
     check_monitors(cfg)  # a monitor's inputs, before the data scan writes anything and before the first step
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
@@ -136,7 +137,7 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
     model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
-    engine = engines.build(cfg, ctx, model, total_steps, warmup_steps)
+    engine = engines.build(EngineSpec.from_run(cfg), ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
     hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)

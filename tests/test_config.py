@@ -58,7 +58,7 @@ def test_bad_values_name_the_key(override: str, message: str):
 def test_batch_not_divisible_by_world():
     cfg = config.load(None, ["data.global_batch_size=10"])
     with pytest.raises(config.ConfigError, match="data.global_batch_size=10 is not divisible by the world size 3"):
-        cfg.validate(world_size=3)
+        config.check_run(cfg, world_size=3)
 
 
 def test_missing_file_and_cycle(tmp_path: Path):
@@ -194,13 +194,16 @@ def test_bad_base_links_and_files(tmp_path: Path):
 
 
 def test_check_run_holds_the_rules_between_sections():
+    from supcon_scale import engines  # the engine rules: engines.check, run by the trainer right after check_run
+    from supcon_scale.engines import EngineSpec
+
     config.check_run(config.load(None), world_size=4, device_type="cpu")
     with pytest.raises(config.ConfigError, match="data.global_batch_size=10 is not divisible by the world size 4"):
         config.check_run(config.load(None, ["data.global_batch_size=10"]), 4, "cuda")
     small_bf16 = config.load(None, ["precision=bf16", "data.image_size=16"])
-    config.check_run(small_bf16, 1, "cuda")
+    engines.check(EngineSpec.from_run(small_bf16), "cuda")
     with pytest.raises(config.ConfigError, match="precision=bf16 with data.image_size=16 on the CPU"):
-        config.check_run(small_bf16, 1, "cpu")
+        engines.check(EngineSpec.from_run(small_bf16), "cpu")
     with pytest.raises(config.ConfigError, match="data.backend=dali-gpu needs a CUDA GPU"):
         config.check_run(config.load(None, ["data.backend=dali-gpu"]), 1, "cpu")
     # Refusals of the deepspeed engine: loading is fine (tests build engines from such configs), the run is not.
@@ -210,8 +213,8 @@ def test_check_run_holds_the_rules_between_sections():
     ):
         cfg = config.load(None, ["engine.name=deepspeed", *overrides])
         with pytest.raises(config.ConfigError, match=message):
-            config.check_run(cfg)
-    config.check_run(config.load(None, ["engine.zero_stage=3"]))  # ZeRO's stage means nothing to ddp
+            engines.check(EngineSpec.from_run(cfg))
+    engines.check(EngineSpec.from_run(config.load(None, ["engine.zero_stage=3"])))  # ZeRO's stage means nothing to ddp
 
 
 def test_check_run_checks_a_config_built_in_python():
@@ -219,7 +222,7 @@ def test_check_run_checks_a_config_built_in_python():
     with pytest.raises(config.ConfigError, match="train.log_every must be >= 1"):
         config.check_run(cfg, 1, "cpu")
     with pytest.raises(config.ConfigError, match="train.log_every must be >= 1"):
-        cfg.validate()
+        config.check_run(cfg)
 
 
 def test_one_augmentation_type_and_constants_once():

@@ -24,6 +24,7 @@ from data_images import write_noise
 from supcon_scale import config, engines, models, objectives, trainer
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
+from supcon_scale.engines import EngineSpec
 from supcon_scale.resilience import NonFiniteError, NonFiniteGuard, PreemptionHandler
 
 CTX = Context(rank=0, world_size=1, local_rank=0)
@@ -96,7 +97,7 @@ def _engine(cfg: config.RunConfig, model: torch.nn.Module | None = None) -> engi
     torch.manual_seed(0)
     model = model or models.build(cfg.model, None, cfg.data.image_size)
     total, warmup = trainer.schedule_steps(cfg.train, 4)
-    return engines.build(cfg, CTX, model, total, warmup)
+    return engines.build(EngineSpec.from_run(cfg), CTX, model, total, warmup)
 
 
 @_quiet
@@ -246,6 +247,7 @@ EFFECTS: dict[str, tuple] = {
     "loss.positives_cap": (objective_loss, [], "1"),
     "optim.name": (engine_steps, ENGINE, "sgd"),
     "optim.base_lr": (engine_steps, ENGINE, "1"),
+    "optim.scale_lr": (engine_steps, [*ENGINE, "data.global_batch_size=8"], "false"),
     "optim.weight_decay": (engine_steps, ENGINE, "0.1"),
     "optim.momentum": (engine_steps, ENGINE, "0.5"),
     "optim.betas": (engine_steps, [*ENGINE, "optim.name=adamw"], "[0.5, 0.9]"),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from supcon_scale import cli, console, sinks
+from supcon_scale.engines import EngineSpec
 from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ def test_the_time_shares_do_not_depend_on_the_hook_order(reverse: bool):
     ctx = distributed.Context()
     objective = objectives.build(cfg, 10, ctx)
     torch.manual_seed(0)
-    engine = engines.build(cfg, ctx, models.build(cfg.model, objective.classifier_classes), 10, 0)
+    engine = engines.build(EngineSpec.from_run(cfg), ctx, models.build(cfg.model, objective.classifier_classes), 10, 0)
     engine.train()
     clock = Virtual()
     engine.unwrapped().register_forward_hook(lambda *_: clock.advance(3.0))  # torch's own module and optimizer hooks

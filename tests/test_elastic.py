@@ -131,7 +131,9 @@ def _zero_save(rank: int, world: int, stage: int, path: str) -> dict | None:
     cfg = _zero_cfg(stage)
     ctx = distributed.Context(rank=rank, world_size=world, local_rank=rank)
     torch.manual_seed(cfg.seed)
-    engine = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
+    engine = engines.build(
+        engines.EngineSpec.from_run(cfg), ctx, models.build(cfg.model), total_steps=10, warmup_steps=0
+    )
     engine.train(False)
     n = B // world
     for s in range(4):
@@ -153,7 +155,9 @@ def _zero_resume(rank: int, world: int, stage: int, path: str) -> dict | None:
     cfg = _zero_cfg(stage)
     ctx = distributed.Context(rank=rank, world_size=world, local_rank=rank)
     torch.manual_seed(cfg.seed + 1)  # other initial weights: everything must come from the checkpoint
-    engine = engines.build(cfg, ctx, models.build(cfg.model), total_steps=10, warmup_steps=0)
+    engine = engines.build(
+        engines.EngineSpec.from_run(cfg), ctx, models.build(cfg.model), total_steps=10, warmup_steps=0
+    )
     engine.train(False)
     saved = torch.load(path, weights_only=True)
     engine.load_state_dict(saved)

@@ -23,6 +23,7 @@ from supcon_scale.distributed import (
     all_reduce_mean,
     broadcast_object,
 )
+from supcon_scale.engines import EngineSpec
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -109,7 +110,9 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     train_mode = cfg.model.sync_bn
     ctx = Context(rank=rank, world_size=world, local_rank=rank)
     torch.manual_seed(cfg.seed)
-    engine = engines.build(cfg, ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0)
+    engine = engines.build(
+        engines.EngineSpec.from_run(cfg), ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0
+    )
     engine.train(train_mode)
     losses = []
     for s in range(STEPS):
@@ -122,7 +125,9 @@ def _train_ranks(rank: int, world: int, engine_name: str, overrides: tuple[str, 
     # a deep copy: state_dict() tensors may alias the live parameters and momentum buffers (the real flow saves them)
     full = copy.deepcopy(broadcast_object(state if rank == 0 else None))
     torch.manual_seed(cfg.seed + 1)
-    fresh = engines.build(cfg, ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0)
+    fresh = engines.build(
+        engines.EngineSpec.from_run(cfg), ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0
+    )
     fresh.train(train_mode)
     fresh.load_state_dict(full)
     views, labels = batch(STEPS, cfg.data.image_size)
@@ -316,7 +321,9 @@ def _dtensor_norms(rank: int, world: int) -> float:
 def test_refused_combinations(engine_name, overrides, message):
     cfg = tiny_cfg(engine_name, *overrides)
     with pytest.raises(ValueError, match=message):
-        engines.build(cfg, Context(), models.build(cfg.model), total_steps=10, warmup_steps=0)
+        engines.build(
+            engines.EngineSpec.from_run(cfg), Context(), models.build(cfg.model), total_steps=10, warmup_steps=0
+        )
 
 
 def test_deepspeed_json_cannot_accumulate_gradients(tmp_path):
@@ -326,12 +333,12 @@ def test_deepspeed_json_cannot_accumulate_gradients(tmp_path):
     path.write_text('{"gradient_accumulation_steps": 4}')
     cfg = tiny_cfg("deepspeed", f"engine.deepspeed_config={path}")
     with pytest.raises(ValueError, match="same contrastive batch"):
-        ds_config(cfg, 2)
+        ds_config(engines.EngineSpec.from_run(cfg), 2)
     path.write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(ValueError, match="engine.deepspeed_config"):
-        ds_config(cfg, 2)
+        ds_config(engines.EngineSpec.from_run(cfg), 2)
     path.write_text('{"zero_optimization": {"stage": 2, "overlap_comm": false}, "wall_clock_breakdown": false}')
-    merged = ds_config(cfg, 2)
+    merged = ds_config(engines.EngineSpec.from_run(cfg), 2)
     assert merged["zero_optimization"] == {"stage": 0, "overlap_comm": False}  # the run config wins
     assert merged["train_micro_batch_size_per_gpu"] == GLOBAL_B // 2
 
@@ -356,7 +363,7 @@ def test_deepspeed_json_refuses_what_the_run_config_owns(tmp_path, key, value):
     path.write_text(json.dumps({key: value, "wall_clock_breakdown": False}))
     cfg = tiny_cfg("deepspeed", f"engine.deepspeed_config={path}")
     with pytest.raises(ValueError, match=f"engine.deepspeed_config {path}: remove {key} "):
-        ds_config(cfg, 2)
+        ds_config(engines.EngineSpec.from_run(cfg), 2)
 
 
 @pytest.mark.parametrize("engine_name", ["ddp", "fsdp", "deepspeed"])
@@ -485,7 +492,7 @@ def _fp16_ranks(rank: int, world: int, engine_name: str) -> dict:
     cfg = tiny_cfg(engine_name, "data.image_size=32", "precision=fp16")
     torch.manual_seed(cfg.seed)
     engine = engines.build(
-        cfg,
+        engines.EngineSpec.from_run(cfg),
         Context(rank=rank, world_size=world, local_rank=rank),
         models.build(cfg.model),
         total_steps=10,
@@ -626,7 +633,9 @@ def _full_encoder_ranks(rank: int, world: int) -> dict:
     cfg = tiny_cfg("fsdp")
     ctx = Context(rank=rank, world_size=world, local_rank=rank)
     torch.manual_seed(cfg.seed)
-    engine = engines.build(cfg, ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0)
+    engine = engines.build(
+        EngineSpec.from_run(cfg), ctx, models.build(cfg.model, image_size=cfg.data.image_size), 10, 0
+    )
     engine.train(False)
     n = GLOBAL_B // world
     for s in range(STEPS):

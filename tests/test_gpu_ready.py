@@ -132,7 +132,7 @@ def _parts(overrides: list[str]):
     objective = objectives.build(cfg, 10, ctx)
     torch.manual_seed(0)
     model = models.build(cfg.model, objective.classifier_classes)
-    engine = engines.build(cfg, ctx, model, 10, 0)
+    engine = engines.build(engines.EngineSpec.from_run(cfg), ctx, model, 10, 0)
     engine.train()
     return cfg, engine, objective
 

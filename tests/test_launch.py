@@ -134,7 +134,9 @@ def test_recipe_loads_and_trains_one_step_tiny(recipe):
         ],
     )
     torch.manual_seed(0)
-    engine = engines.build(cfg, Context(), models.build(cfg.model), total_steps=10, warmup_steps=2)
+    engine = engines.build(
+        engines.EngineSpec.from_run(cfg), Context(), models.build(cfg.model), total_steps=10, warmup_steps=2
+    )
     engine.train()
     views = [torch.randn(4, 3, 32, 32) for _ in range(cfg.data.views)]
     with engine.autocast():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from supcon_scale import config, optim
+from supcon_scale import config, engines, optim
 
 
 def _reference_lars_step(w, g, buf, lr, wd, eta, momentum, adapt):
@@ -184,5 +184,9 @@ def test_layer_decay_outside_0_1_names_the_key(value: str):
 def test_lamb_on_zero_partitions_is_refused():
     cfg = config.load(None, ["engine.name=deepspeed", "engine.zero_stage=1", "optim.name=lamb"])
     with pytest.raises(config.ConfigError, match="optim.name=lamb with engine.zero_stage=1"):
-        config.check_run(cfg)
-    config.check_run(config.load(None, ["engine.name=deepspeed", "engine.zero_stage=0", "optim.name=lamb"]))
+        engines.check(engines.EngineSpec.from_run(cfg))
+    engines.check(
+        engines.EngineSpec.from_run(
+            config.load(None, ["engine.name=deepspeed", "engine.zero_stage=0", "optim.name=lamb"])
+        )
+    )

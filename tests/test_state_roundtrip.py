@@ -24,6 +24,7 @@ from data_images import write_noise
 from supcon_scale import checkpoint, config, engines, models, objectives, trainer
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context, seed_everything
+from supcon_scale.engines import EngineSpec
 
 CTX = Context(rank=0, world_size=1, local_rank=0)
 INIT_SCALE = torch.amp.GradScaler("cpu").get_scale()
@@ -38,7 +39,7 @@ class Run:
         seed_everything(cfg.seed)
         model = models.build(cfg.model, self.objective.classifier_classes, cfg.data.image_size)
         total, warmup = trainer.schedule_steps(cfg.train, self.loader.steps_per_epoch)
-        self.engine = engines.build(cfg, CTX, model, total, warmup)
+        self.engine = engines.build(EngineSpec.from_run(cfg), CTX, model, total, warmup)
         self.checkpointer = checkpoint.Checkpointer(cfg, CTX, self.engine, self.loader, self.objective, [])
 
 

@@ -462,16 +462,17 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_objectives_mix_cutmix.py", "tests/test_mix.py"),
     ),
     # config.py
+    # config/
     M(
         "config: non-finite floats accepted",
-        "supcon_scale/config.py",
+        "supcon_scale/config/keys.py",
         "if math.isnan(x) or (math.isinf(x) and not (self.inf and x > 0)):",
         "if False:",
         ("tests/test_config_schema.py",),
     ),
     M(
         "config: batch vs world size not checked",
-        "supcon_scale/config.py",
+        "supcon_scale/config/checks.py",
         "if world_size is not None and cfg.data.global_batch_size % world_size:",
         "if False:",
         ("tests/test_config.py",),

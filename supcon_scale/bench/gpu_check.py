@@ -227,7 +227,8 @@ def part_syncs(check: Check) -> dict[str, Any]:
     )
     ctx = distributed.Context(device=check.device)
     objective = objectives.build(cfg, 10, ctx)
-    engine = engines.build(cfg, ctx, models.build(cfg.model, objective.classifier_classes, cfg.data.image_size), 10, 0)
+    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
+    engine = engines.build(engines.EngineSpec.from_run(cfg), ctx, model, 10, 0)
     engine.train()
     views = [torch.rand(check.batch, 3, check.size, check.size, device=check.device) for _ in range(2)]
     labels = torch.randint(0, 10, (check.batch,), device=check.device)

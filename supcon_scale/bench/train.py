@@ -70,7 +70,7 @@ def measure(
     objective = objectives.build(cfg, num_classes, ctx)
     torch.manual_seed(0)
     model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
-    engine = engines.build(cfg, ctx, model, total_steps=steps + warmup, warmup_steps=0)
+    engine = engines.build(engines.EngineSpec.from_run(cfg), ctx, model, total_steps=steps + warmup, warmup_steps=0)
     engine.train()
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)

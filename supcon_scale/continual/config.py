@@ -27,6 +27,7 @@ from supcon_scale.config import (
     LogConfig,
     key,
 )
+from supcon_scale.engines.rules import check_deepspeed, check_replicated
 from supcon_scale.files import write_text
 
 METHODS = ("scr", "er")
@@ -180,13 +181,10 @@ class ContinualConfig:
                 f"train.resume={self.train.resume} names one run's checkpoint, but methods x seeds makes "
                 f"{len(self.methods) * len(self.seeds)} runs; use train.resume=auto"
             )
-        if self.engine.name == "fsdp" or (self.engine.name == "deepspeed" and self.engine.zero_stage == 3):
-            # Evaluation runs each rank's share of the test set and of the memory through the plain model; a
-            # sharded model would need the same forward passes on every rank.
-            raise ConfigError(
-                f"engine.name={self.engine.name}: continual runs need replicated parameters (ddp, or deepspeed with "
-                "zero_stage <= 2)"
-            )
+        # Evaluation runs each rank's share of the test set and of the memory through the plain model; a sharded
+        # model would need the same forward passes on every rank.
+        check_replicated(self.engine, "continual runs")
+        check_deepspeed(self.engine, self.precision, self.optim.name)
 
     def to_dict(self) -> dict[str, Any]:
         return base.plain(dataclasses.asdict(self))

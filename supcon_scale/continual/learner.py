@@ -24,7 +24,7 @@ import torch
 
 from supcon_scale import checkpoint, engines, trainer
 from supcon_scale.checkpoint import Checkpointer
-from supcon_scale.config import DataConfig, EngineConfig, LogConfig, ModelConfig, OptimConfig, RunConfig
+from supcon_scale.config import EngineConfig, LogConfig, OptimConfig
 from supcon_scale.console import TrainLogger
 from supcon_scale.continual import config, metrics, models
 from supcon_scale.continual.config import ContinualConfig, ContinualOptimConfig, ContinualTrainConfig
@@ -35,6 +35,7 @@ from supcon_scale.continual.replay import Replay, StreamLoader
 from supcon_scale.continual.scr import SCRObjective
 from supcon_scale.continual.stream import ImageSource, build_stream, load_sources
 from supcon_scale.distributed import Context, flatten
+from supcon_scale.engines import EngineSpec
 from supcon_scale.files import write_text
 from supcon_scale.hooks import Hook
 from supcon_scale.objectives import Objective
@@ -75,31 +76,25 @@ def run_dir(cfg: ContinualConfig, method: str, seed: int) -> Path:
     return Path(cfg.out_dir) / method / f"seed_{seed}"
 
 
-def engine_config(cfg: ContinualConfig, seed: int, world_size: int) -> RunConfig:
-    """The training config the engines read, from this run's: the step's LR is `optim.lr` itself."""
+def engine_spec(cfg: ContinualConfig, world_size: int) -> EngineSpec:
+    """What the engines read of this run: the step's LR is `optim.lr` itself (`scale_lr=False`), held constant."""
     batch = cfg.stream.batch_size + cfg.memory.batch_size
-    batch = -(-batch // world_size) * world_size  # DeepSpeed wants train_batch_size = micro batch x ranks
-    return RunConfig(
-        out_dir=cfg.out_dir,
-        seed=seed,
-        precision=cfg.precision,
-        data=DataConfig(global_batch_size=batch, image_size=cfg.data.image_size),
-        model=ModelConfig(
-            encoder=cfg.model.encoder,
-            channels_last=cfg.model.channels_last,
-            sync_bn=cfg.model.sync_bn,
-            cifar_stem=cfg.model.cifar_stem,
-        ),
-        # the engines scale base_lr by global_batch / 256; undo it so the step's LR is optim.lr
+    return EngineSpec(
+        engine=cfg.engine,
         optim=OptimConfig(
             name=cfg.optim.name,
-            base_lr=cfg.optim.lr * 256 / batch,
+            base_lr=cfg.optim.lr,
+            scale_lr=False,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
             schedule="constant",
             exclude_bn_bias=False,
         ),
-        engine=cfg.engine,
+        precision=cfg.precision,
+        global_batch=-(-batch // world_size) * world_size,  # DeepSpeed wants train_batch_size = micro batch x ranks
+        image_size=cfg.data.image_size,
+        channels_last=cfg.model.channels_last,
+        sync_bn=cfg.model.sync_bn,
     )
 
 
@@ -206,7 +201,7 @@ def build(
     model = models.build(cfg.model, objective.classifier_classes)
     loader = StreamLoader(stream, train, objective.transforms, ctx, models.DTYPES[cfg.model.dtype])
     replay = Replay(memory, loader, cfg.memory.batch_size)
-    engine = engines.build(engine_config(cfg, seed, ctx.world_size), ctx, model, len(loader), 0)
+    engine = engines.build(engine_spec(cfg, ctx.world_size), ctx, model, len(loader), 0)
     run = ContinualRun(cfg, method, seed, objective.convention())
     logger = TrainLogger(run, engine, len(loader))  # metrics.jsonl and its sinks, the log lines, the time shares
     name = f"{method} seed {seed}"

@@ -10,36 +10,18 @@ import torch
 from torch import nn
 
 from supcon_scale import models, optim
-from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, all_reduce_min
+from supcon_scale.engines.spec import EngineSpec
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# A ResNet's last stage sees a 1x1 input at <= 16 px (it downsamples by 16 before layer4).
-CPU_BF16_MIN_IMAGE_SIZE = 17
-
-
-def check_cpu_bf16(cfg: RunConfig, ctx: Context) -> None:
-    """Refuse bf16 on the CPU at image sizes where torch's bf16 convolution returns garbage weight gradients.
-
-    torch 2.14's CPU bf16 kernel leaves the weight gradient of a stride-2 3x3 convolution on a 1x1 input
-    uninitialised (NaN or values up to 3e20 in 16 of 20 trials; docs/ENGINES.md "Known issue").
-    """
-    if cfg.precision == "bf16" and ctx.device.type == "cpu" and cfg.data.image_size < CPU_BF16_MIN_IMAGE_SIZE:
-        raise ValueError(
-            f"precision=bf16 with data.image_size={cfg.data.image_size} on the CPU: torch's CPU bf16 convolution "
-            "returns uninitialised weight gradients when layer4 sees a 1x1 input; use data.image_size >= "
-            f"{CPU_BF16_MIN_IMAGE_SIZE} or precision=fp32"
-        )
-
-
 def build_optimizer(
-    cfg: RunConfig, model: nn.Module, lars_class: type[optim.Lars] = optim.Lars
+    spec: EngineSpec, model: nn.Module, lars_class: type[optim.Lars] = optim.Lars
 ) -> torch.optim.Optimizer:
     """`optim.build_optimizer` with each parameter's layer (`models.layer_ids`) when `optim.layer_decay` is set."""
-    layers = models.layer_ids(model) if cfg.optim.layer_decay is not None else None
-    return optim.build_optimizer(model, cfg.optim, cfg.data.global_batch_size, lars_class, layers)
+    layers = models.layer_ids(model) if spec.optim.layer_decay is not None else None
+    return optim.build_optimizer(model, spec.optim, spec.global_batch, lars_class, layers)
 
 
 def local_grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
@@ -59,9 +41,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def grad_scaler(cfg: RunConfig, ctx: Context) -> torch.amp.GradScaler:
+def grad_scaler(spec: EngineSpec, ctx: Context) -> torch.amp.GradScaler:
     """Loss scaling for fp16 only (bf16 has fp32's range); a disabled scaler passes everything through."""
-    return torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+    return torch.amp.GradScaler(ctx.device.type, enabled=spec.precision == "fp16")
 
 
 def scaled_step(
@@ -100,9 +82,8 @@ class Engine(ABC):
 
     name: str = "base"
 
-    def __init__(self, cfg: RunConfig, ctx: Context):
-        check_cpu_bf16(cfg, ctx)
-        self.cfg = cfg
+    def __init__(self, spec: EngineSpec, ctx: Context):
+        self.spec = spec
         self.ctx = ctx
         self.skipped_steps = 0
 
@@ -150,7 +131,7 @@ class Engine(ABC):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision around the forward pass; losses are computed in fp32 by the loss itself."""
-        dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+        dtype = AUTOCAST_DTYPES.get(self.spec.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
@@ -163,13 +144,13 @@ class TorchEngine(Engine):
     wraps the model (`wrap`) and, if sharded, how model and optimizer state are gathered and loaded.
     """
 
-    def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
-        super().__init__(cfg, ctx)
+    def __init__(self, spec: EngineSpec, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
+        super().__init__(spec, ctx)
         # Sharded engines wrap first: their optimizer must hold the wrapped (sharded) parameters.
         self.model = self.wrap(model.to(ctx.device))
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = optim.build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
-        self.scaler = grad_scaler(cfg, ctx)
+        self.optimizer = build_optimizer(spec, self.model)
+        self.scheduler = optim.build_scheduler(self.optimizer, spec.optim, total_steps, warmup_steps)
+        self.scaler = grad_scaler(spec, ctx)
 
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:

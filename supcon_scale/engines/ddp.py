@@ -14,12 +14,12 @@ class DDPEngine(TorchEngine):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Channels-last parameters if asked; DDP around the model when there are several processes."""
-        if self.cfg.model.channels_last:
+        if self.spec.channels_last:
             model = model.to(memory_format=torch.channels_last)
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         # Global batch norm gives every rank the same running statistics: re-broadcasting ~100 buffers from rank 0
         # before each forward would only cost a collective.
-        broadcast = not self.cfg.model.sync_bn
+        broadcast = not self.spec.sync_bn
         self.wrapped: nn.Module = (
             DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=broadcast)
             if self.ctx.distributed

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from supcon_scale import optim
-from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, all_reduce_min, single_process_group
 from supcon_scale.engines.base import AUTOCAST_DTYPES, Engine, build_optimizer
+from supcon_scale.engines.spec import EngineSpec
 from supcon_scale.engines.zero_lars import ZeroLars, zero_layouts
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -46,28 +46,11 @@ def import_deepspeed(device: torch.device) -> Any:
     return deepspeed
 
 
-def check_supported(cfg: RunConfig) -> None:
-    """Refuse the combinations this engine cannot make exact, with the reason."""
-    if cfg.engine.zero_stage == 3:
-        raise ValueError(
-            "engine.zero_stage=3 is refused: it partitions parameters layer by layer, which buys nothing for ResNets "
-            "(ResNet-200 has 65M parameters) and is not checked here against one process; use 0, 1 or 2, or fsdp"
-        )
-    if cfg.precision == "fp16":
-        # DeepSpeed's fp16 under torch_autocast scales per ZeRO partition: each rank's GradScaler finds infs in its
-        # own partition only, so ranks can disagree about skipping a step (and ZeroLars's all-reduce would hang).
-        raise ValueError(
-            "precision=fp16 with engine.name=deepspeed is not supported: DeepSpeed's autocast loss scaler decides "
-            "skips per ZeRO partition, so ranks can disagree; use precision=bf16 (the paper's precision) or "
-            "engine.name=ddp|fsdp, whose GradScaler checks every gradient"
-        )
-
-
-def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def ds_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config generated from the run config, with `engine.deepspeed_config` merged underneath."""
     user: dict[str, Any] = {}
-    if cfg.engine.deepspeed_config:
-        path = Path(cfg.engine.deepspeed_config)
+    if spec.engine.deepspeed_config:
+        path = Path(spec.engine.deepspeed_config)
         if not path.is_file():
             raise ValueError(f"engine.deepspeed_config: file not found: {path}")
         try:
@@ -85,15 +68,15 @@ def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 f"engine.deepspeed_config {path}: gradient_accumulation_steps must be 1 -- accumulating micro-batches "
                 "does not give the same contrastive batch (each micro-batch only sees its own negatives)"
             )
-    dtype = AUTOCAST_DTYPES.get(cfg.precision)
+    dtype = AUTOCAST_DTYPES.get(spec.precision)
     generated: dict[str, Any] = {
-        "train_batch_size": cfg.data.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.global_batch_size // world_size,
+        "train_batch_size": spec.global_batch,
+        "train_micro_batch_size_per_gpu": spec.global_batch // world_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "zero_optimization": {"stage": spec.engine.zero_stage},
         # Empty safe-module list: gradients are reduced in fp32 (DeepSpeed would otherwise reduce conv/linear
         # gradients in bf16).
         "torch_autocast": {
@@ -116,25 +99,24 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
 
-    def __init__(self, cfg: RunConfig, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
-        super().__init__(cfg, ctx)
-        check_supported(cfg)
+    def __init__(self, spec: EngineSpec, ctx: Context, model: nn.Module, total_steps: int, warmup_steps: int):
+        super().__init__(spec, ctx)  # engines.build has refused what this engine cannot do (engines/rules.py)
         deepspeed = import_deepspeed(ctx.device)
         # No channels-last parameters: DeepSpeed broadcasts each parameter as a flat byte view, which needs a
         # contiguous tensor. Channels-last inputs still give channels-last activations.
         model = model.to(ctx.device)
         # ZeroLars steps like timm's Lars until it is told ZeRO's partition layout (below, stages 1-2).
-        optimizer = build_optimizer(cfg, model, lars_class=ZeroLars)
-        scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
+        optimizer = build_optimizer(spec, model, lars_class=ZeroLars)
+        scheduler = optim.build_scheduler(optimizer, spec.optim, total_steps, warmup_steps)
         if not dist.is_initialized():  # a plain `python` run: DeepSpeed still wants a (1-rank) group and LOCAL_RANK
             single_process_group(ctx.device)
             os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
-        self.zero_stage = cfg.engine.zero_stage
+        self.zero_stage = spec.engine.zero_stage
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=ds_config(cfg, ctx.world_size),
+            config=ds_config(spec, ctx.world_size),
             dist_init_required=False,
         )
         if isinstance(optimizer, ZeroLars) and self.zero_stage >= 1:
@@ -211,26 +193,18 @@ class DeepSpeedEngine(Engine):
         optim_sd = state["optimizer"]
         if self.zero_stage == 0:
             self.base_optimizer.load_state_dict(optim_sd)
-        elif isinstance(optim_sd, dict) and "params" in optim_sd:
-            self._load_consolidated(optim_sd)
         else:
-            per_rank = optim_sd.get("per_rank") if isinstance(optim_sd, dict) else None
-            if per_rank is None or len(per_rank) != self.ctx.world_size:
-                n = "?" if per_rank is None else len(per_rank)
-                raise ValueError(
-                    f"rank {self.ctx.rank}: the checkpoint's ZeRO-{self.zero_stage} optimizer state was saved per "
-                    f"rank by {n} ranks (an older format); it can only be restored on that world size (now "
-                    f"{self.ctx.world_size})"
-                )
-            mine = per_rank[self.ctx.rank]
-            self.optimizer.optimizer.load_state_dict(mine["base"])
-            for dst, src in zip(self.optimizer.single_partition_of_fp32_groups, mine["fp32_partitions"], strict=True):
-                dst.data.copy_(src)
+            self._load_consolidated(optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
 
     def _load_consolidated(self, optim_sd: dict[str, Any]) -> None:
         """Cut this rank's partition of every group out of the whole-tensor state (ZeRO's layout on this world)."""
         zero, base = self.optimizer, self.optimizer.optimizer
+        if "params" not in optim_sd:  # what `state_dict` writes at ZeRO 1/2; a ZeRO-0 save holds torch's own form
+            raise ValueError(
+                f"the checkpoint's optimizer state was not saved at a ZeRO stage >= 1, as engine.zero_stage="
+                f"{self.zero_stage} needs (keys: {', '.join(sorted(map(str, optim_sd))[:5])})"
+            )
         params = optim_sd["params"]
         missing = sorted({name for group in self.zero_layout() for name, _, _ in group} - set(params))
         if missing or len(optim_sd["param_groups"]) != len(base.param_groups):

@@ -52,7 +52,7 @@ class FSDPEngine(TorchEngine):
         self.sharded = self.ctx.distributed and dist.is_initialized()
         # FSDP2 refuses non-contiguous (channels-last) parameters; channels-last inputs from the loader still give
         # channels-last activations, the weights are converted by the convolution kernels.
-        if self.cfg.model.channels_last and not self.sharded:
+        if self.spec.channels_last and not self.sharded:
             model = model.to(memory_format=torch.channels_last)
         if self.sharded:
             self.encoder_copy = meta_copy(model.encoder)  # for full_encoder (shards cannot run on their own)

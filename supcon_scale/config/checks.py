@@ -1,0 +1,24 @@
+"""The rules between sections and against the run (`check_run`): the config-level ones; the engine rules are
+`engines.check` (engines/rules.py), which the trainer runs right after."""
+
+from __future__ import annotations
+
+from supcon_scale.config.keys import ConfigError
+from supcon_scale.config.parse import _build
+from supcon_scale.config.schema import RunConfig
+
+
+def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> None:
+    """Every key's type and range again, then the rules between sections and against the run.
+
+    The trainer calls it once, before it writes anything, and then the engine rules (`engines.check`, which this
+    layer cannot import); `world_size` and `device_type` ("cuda", "cpu") are the run's, and the rules that need them
+    are skipped when they are None.
+    """
+    _build(RunConfig, cfg.to_dict(), "")  # a RunConfig built in Python gets the loader's checks too
+    if world_size is not None and cfg.data.global_batch_size % world_size:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the world size {world_size}"
+        )
+    if device_type is not None and cfg.data.backend == "dali-gpu" and device_type != "cuda":
+        raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
