@@ -35,10 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from supcon_scale import distributed
-from supcon_scale.config import RunConfig
+from supcon_scale.config import RunConfig, RunView
 from supcon_scale.config import save as write_config
 from supcon_scale.console import console
-from supcon_scale.data import TrainLoader
+from supcon_scale.data import Resumable
 from supcon_scale.files import OutDirLock, check_lock_held, fsync, new_file, take_lock, write_replacing
 from supcon_scale.hooks import Hook, StatefulHook, StepInfo
 from supcon_scale.resilience import NonFiniteError, Preempted, PreemptionHandler
@@ -320,10 +320,10 @@ class Checkpointer(Hook):
 
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: RunView,
         ctx: distributed.Context,
         engine: Engine,
-        loader: TrainLoader,
+        loader: Resumable,
         objective: Objective,
         hooks: Sequence[Hook],
     ) -> None:
@@ -424,6 +424,7 @@ class Checkpointer(Hook):
         config changes. The training run's rules are resume.py's; another kind of run (continual) overrides it."""
         from supcon_scale import resume
 
+        assert isinstance(self.cfg, RunConfig), "a run of another kind overrides check_resume"
         return resume.check_changes(meta, self.cfg, path)
 
     def _stateful(self) -> list[StatefulHook]:

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from supcon_scale import sinks
-from supcon_scale.config import RunConfig
+from supcon_scale.config import RunView
 from supcon_scale.distributed import all_reduce_mean, world
 from supcon_scale.files import METRICS, open_append
 from supcon_scale.hooks import Hook, StepInfo
@@ -274,7 +274,7 @@ class TrainLogger(Hook):
     only then. A context manager: the bar and the sinks live as long as the block. Its `clock` goes to
     `trainer.train_step` and around the loop's batches (see `Clock`)."""
 
-    def __init__(self, cfg: RunConfig, engine: Engine, total_steps: int):
+    def __init__(self, cfg: RunView, engine: Engine, total_steps: int):
         ctx = engine.ctx
         sinks.check(cfg.log)  # on every rank: a missing extra stops them all, before anything is written
         self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main

@@ -101,7 +101,7 @@ def check_folders(out_dir: Path) -> None:
             raise ValueError(f"out_dir: {folder} is a link or a file, not a folder; refusing to write through it")
 
 
-def record(out_dir: Path, cfg: config.RunConfig, meta: Mapping[str, Any], found: Mapping[str, tuple]) -> None:
+def record(out_dir: Path, cfg: config.RunView, meta: Mapping[str, Any], found: Mapping[str, tuple]) -> None:
     """Main rank, once the resume is accepted: print each change, keep the replaced config in config_history/,
     then write the current config.yaml."""
     step = int(meta["step"])

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from supcon_scale.config import ConfigError, LogConfig, RunConfig
+from supcon_scale.config import ConfigError, LogConfig, RunView
 from supcon_scale.files import write_text
 
 WANDB_ID_FILE = "wandb_run_id"  # in out_dir: a resumed run continues the same W&B run
@@ -61,7 +61,7 @@ class WandbSink:
 
     name = "wandb"
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunView):
         import wandb
 
         out = Path(cfg.out_dir)
@@ -113,7 +113,7 @@ def check(log: LogConfig) -> None:
             raise ConfigError(f"log.{key}=true needs the {extra} extra: pip install 'supcon_scale[{extra}]'") from None
 
 
-def build(cfg: RunConfig, warn: Callable[[str], None]) -> list[Sink]:
+def build(cfg: RunView, warn: Callable[[str], None]) -> list[Sink]:
     """The sinks `cfg.log` turns on (call on rank 0 only, after `check`). One that fails to open is left out with a
     warning: raising here, on rank 0 alone, would leave the other ranks waiting in their first collective."""
     makers: dict[str, Callable[[], Sink]] = {

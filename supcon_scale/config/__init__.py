@@ -43,6 +43,7 @@ from supcon_scale.config.schema import (
     profile_range,
     schema,
 )
+from supcon_scale.config.view import OptimView, RunView, TrainView
 
 __all__ = [
     "COUNT",
@@ -68,8 +69,11 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "Range",
+    "OptimView",
     "RunConfig",
+    "RunView",
     "TrainConfig",
+    "TrainView",
     "allowed_changes",
     "apply_overrides",
     "build",

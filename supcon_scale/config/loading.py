@@ -12,6 +12,7 @@ import yaml
 from supcon_scale.config.keys import ConfigError, _name, _short
 from supcon_scale.config.parse import _Override, _parse_yaml, build
 from supcon_scale.config.schema import RunConfig
+from supcon_scale.config.view import RunView
 
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB; anything larger is not a config
 MAX_BASE_DEPTH = 32  # files in one `base:` chain
@@ -124,6 +125,6 @@ def _set_dotted(raw: dict[str, Any], name: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def save(cfg: RunConfig, path: str | Path) -> None:
+def save(cfg: RunView, path: str | Path) -> None:
     """Write the resolved config as YAML (it loads back to an equal RunConfig)."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

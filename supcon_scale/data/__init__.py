@@ -15,7 +15,17 @@ from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 
 
-class TrainLoader(Protocol):
+class Resumable(Protocol):
+    """A position in a run's data that a checkpoint keeps: the Checkpointer needs only this of a loader."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainLoader(Resumable, Protocol):
     """What every training backend provides: batches of `(views, labels)`, and a resumable position in the epoch.
 
     `len()` is the number of batches left in the current epoch; `state_dict()` is this rank's position.
