@@ -431,7 +431,11 @@ MUTATIONS: list[Mutation] = [
         "supcon_scale/data/torchvision.py",
         "torch.manual_seed(sample_seed(self.seed, epoch, i))",
         "torch.manual_seed(sample_seed(self.seed, 0, i))",
-        ("tests/test_data_torchvision.py", "tests/test_data.py"),
+        (
+            "tests/test_data_torchvision.py",
+            "tests/test_data.py",
+            "tests/test_streams.py::test_epochs_draw_different_views",
+        ),
     ),
     M(
         "stream: DALI random stream ignores the rank",
