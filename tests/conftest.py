@@ -9,6 +9,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The costlier twins listed in slow_tier.py run in `make test-slow` (see its docstring)."""
+    from slow_tier import SLOW_TWINS
+
+    for item in items:
+        if item.nodeid in SLOW_TWINS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def small_digits(tmp_path_factory) -> Path:
     """The demo digits cut to 24 training images per class (240 images), so a training run takes seconds."""

@@ -530,9 +530,17 @@ def _fp16_ranks(rank: int, world: int, engine_name: str) -> dict:
     }
 
 
+class _Fp16Runs(dict):
+    """Each engine's 2-rank fp16 run, made when a test first asks for it (the ddp case runs in make test-slow)."""
+
+    def __missing__(self, name: str) -> list[dict]:
+        self[name] = run_ranks(_fp16_ranks, 2, name, timeout=240)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def fp16_runs() -> dict[str, list[dict]]:
-    return {name: run_ranks(_fp16_ranks, 2, name, timeout=240) for name in ("ddp", "fsdp")}
+    return _Fp16Runs()
 
 
 @pytest.mark.parametrize("engine_name", ["ddp", "fsdp"])
