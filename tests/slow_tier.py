@@ -8,7 +8,7 @@ CI runs both tiers (.ci/run), so nothing here goes unchecked.
 
 SLOW_TWINS: frozenset[str] = frozenset(
     {
-        # elastic 2 -> 3 -> 1 resume (the guarantee's parts stay: test_state_roundtrip, test_data_sharding, the ZeRO-LARS
+        # elastic 2 -> 3 -> 1 resume (its parts stay: test_state_roundtrip, test_data_sharding, the ZeRO-LARS
         # partition test); whole runs on three engines are 2-3 minutes each
         "tests/test_elastic.py::test_two_ranks_resumed_on_three_then_one_see_every_sample_once_per_epoch[ddp]",
         "tests/test_elastic.py::test_two_ranks_resumed_on_three_then_one_see_every_sample_once_per_epoch[fsdp]",
