@@ -206,7 +206,7 @@ def build(
     logger = TrainLogger(run, engine, len(loader))  # metrics.jsonl and its sinks, the log lines, the time shares
     name = f"{method} seed {seed}"
     matrix = AccuracyMatrix(cfg, engine, objective.classifier, memory, stream, test, logger.metrics, name)
-    every = [logger, replay, matrix, *hooks, logger.clock]
+    every = [logger, replay, matrix, *hooks]
     checkpointer = ContinualCheckpointer(run, ctx, engine, loader, objective, every)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
     loop = trainer.Loop(engine, objective, lambda step, epoch: loader.batches(), logger, checkpointer, every, guard,
