@@ -6,8 +6,8 @@ import contextlib
 import dataclasses
 import functools
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -19,10 +19,41 @@ from supcon_scale import distributed
 from supcon_scale.config import ModelConfig, RunConfig
 
 
+class Output(NamedTuple):
+    """The model's output when a run asks for more than the embeddings: `z` the embeddings, `logits` a linear
+    classifier on the encoder features (`train.online_probe`, `loss.ce_weight`), `keys` the momentum encoder's
+    embeddings of the same views (`model.momentum`; no gradient). Rows follow the input's (view-major)."""
+
+    z: torch.Tensor
+    logits: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+
+def same_size_groups(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of one spatial size, concatenated: the encoder runs once per size (SwAV's multi-crop)."""
+    groups: list[list[torch.Tensor]] = []
+    for view in views:
+        if groups and groups[-1][0].shape[-2:] == view.shape[-2:]:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return [group[0] if len(group) == 1 else torch.cat(group) for group in groups]
+
+
+def concat_outputs(outs: Sequence[torch.Tensor | Output]) -> torch.Tensor | Output:
+    """The outputs of the size groups as one, rows in view order."""
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return Output(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs, strict=True)))
+
+
 class SupConModel(nn.Module):
     """`encoder` maps images to pooled features h; `head` maps h to the embedding z (normalised in `forward`).
 
-    After training the head is thrown away and the encoder alone is exported (the paper's protocol).
+    After training the head is thrown away and the encoder alone is exported (the paper's protocol). The input is
+    one batch or the list of a step's views; views of one size share a forward pass (and its batch-norm statistics).
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module, normalize: bool = True, normalize_input: bool = False):
@@ -32,7 +63,13 @@ class SupConModel(nn.Module):
         self.normalize = normalize
         self.normalize_input = normalize_input  # the official normalize_embedding: h / |h| before the head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | Output:
+        if isinstance(x, torch.Tensor):
+            return self.embed(x)
+        return concat_outputs([self.embed(group) for group in same_size_groups(x)])
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor | Output:
+        """One batch of same-sized images to embeddings (or an `Output`)."""
         h = self.encoder(x)
         out = self.head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
         return F.normalize(out.float(), dim=-1) if self.normalize else out

@@ -43,7 +43,7 @@ def train_step(
     labels: torch.Tensor,
     clock: Clock = NO_CLOCK,
 ):
-    """One update on a batch of V views: all views share one forward pass (and its batch-norm statistics).
+    """One update on a batch of V views: views of one size share one forward pass (and its batch-norm statistics).
 
     `clock` (the logger's console.StepClock) is marked here, where the step's phases begin and end."""
     clock.start()
@@ -55,7 +55,7 @@ def train_step(
         torch._foreach_copy_(shadow, buffers)
     with engine.autocast():
         views, targets = objective.prepare(views, labels)
-        out = engine(torch.cat(views))
+        out = engine(views)
     loss = objective(objectives.per_sample(out, len(views)), targets)
     engine.backward(loss)
     clock.mark()

@@ -42,6 +42,9 @@ class AugmentConfig:
     blur_p: float = key(0.5, "probability of a Gaussian blur", ge=0, le=1)
     randaugment_n: int = key(2, "RandAugment operations per view", ge=1)
     randaugment_m: int = key(9, "RandAugment magnitude, a bin of 0..30", ge=0, le=30)
+    small_crop_scale: tuple[float, float] = key(
+        (0.05, 0.14), "random-resized-crop area of the views smaller than data.image_size (multi-crop)", gt=0, le=1
+    )
     mean: tuple[float, float, float] = key(IMAGENET_MEAN, "per-channel normalisation mean (RGB, 0..1)", ge=0, le=1)
     std: tuple[float, float, float] = key(IMAGENET_STD, "per-channel normalisation std (RGB, 0..1)", gt=0)
 
@@ -82,6 +85,13 @@ class DataConfig:
     dali_threads: int = key(4, "DALI CPU threads per rank", ge=1)
     hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
     drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
+    view_sizes: list[int] | None = key(
+        None, "crop side of each view, e.g. [224, 224, 96, 96, 96, 96, 96, 96] (multi-crop); null: all image_size"
+    )
+    sampler: Literal["random", "m_per_class"] = key(
+        "random", "each epoch's order: a random permutation, or m_per_class batches (data.m_per_class per class)"
+    )
+    m_per_class: int = key(4, "images of each class in a global batch when data.sampler=m_per_class", ge=1)
     on_bad_file: Literal["skip", "fail"] = key("skip", "an image that cannot be decoded: skip it (listed) or fail")
     eval_crop: Literal["resize_crop", "identity"] = key(
         "resize_crop", "evaluation view: short side to image_size/0.875 then centre crop, or the image as stored"
@@ -105,6 +115,12 @@ class ModelConfig:
     channels_last: bool = key(True, "channels-last memory format")
     activation_checkpointing: bool = key(False, "recompute activations in backward: less memory, more compute")
     cifar_stem: bool = key(False, "3x3 stride-1 stem without max-pool, for 32 px images (ResNets only)")
+    momentum: float | None = key(
+        None,
+        "momentum encoder for the queue's keys, m from this to 1 on a half-cosine (MoCo v3); null: none",
+        ge=0,
+        le=1,
+    )
     kwargs: dict[str, Any] = key(
         {},
         "arguments to timm.create_model (img_size, patch_size, depth, drop_path_rate, ...); data.image_size "
@@ -163,6 +179,14 @@ class LossConfig:
     positives_cap: int | None = key(
         None, "most positive views per anchor besides its own image's (a multiple of the views); null: no cap", ge=0
     )
+    queue_size: int = key(
+        0,
+        "labelled queue: key views of earlier steps added to the contrast set (a multiple of data.views); 0: off",
+        ge=0,
+    )
+    ce_weight: float = key(
+        0.0, "weight of cross-entropy on a linear classifier over the encoder features (SupCon + CE); 0: off", ge=0
+    )
 
 
 @dataclass(kw_only=True)
@@ -212,6 +236,11 @@ class TrainConfig:
     max_bad_steps: int = key(5, "stop after this many non-finite steps in a row", ge=1)
     compile: bool = key(False, "torch.compile the wrapped forward")
     knn_every_epochs: int | None = key(None, "kNN accuracy on data.root/val every this many epochs; null: never", ge=1)
+    ema_decay: float | None = key(
+        None, "EMA of the model's weights (timm ModelEmaV3), exported as encoder_ema.safetensors; null: off", ge=0, lt=1
+    )
+    online_probe: bool = key(False, "a linear classifier on the detached encoder features, trained beside the loss")
+    online_probe_lr: float = key(0.1, "learning rate of the online probe (SGD, momentum 0.9, no weight decay)", gt=0)
     preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2"] = key(
         "SIGTERM", "signal that makes the run checkpoint and exit 3"
     )

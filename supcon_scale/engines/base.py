@@ -92,7 +92,8 @@ class Engine(ABC):
     def forward_module(self) -> nn.Module:
         """The module the forward pass calls: the model wrapped for this engine (DDP, FSDP2 or DeepSpeed)."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | list[torch.Tensor]) -> Any:
+        """The wrapped model on one batch or on a step's list of views (`models.SupConModel.forward`)."""
         return self.forward_module(x)
 
     def compile(self) -> None:

@@ -9,11 +9,15 @@ from torch import nn
 
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context
+from supcon_scale.models import Output
 
 
-def per_sample(out: torch.Tensor, views: int) -> torch.Tensor:
-    """The model output for `torch.cat(views)` (`[V*B, D]`, view-major) as `[B, V, D]` in float32 for the loss
-    (float64 stays float64: the continual runs' `model.dtype=float64` checks ranks against one process)."""
+def per_sample(out: torch.Tensor | Output, views: int) -> torch.Tensor | Output:
+    """The model output for a step's views (`[V*B, D]`, view-major) as `[B, V, D]` in float32 for the loss
+    (float64 stays float64: the continual runs' `model.dtype=float64` checks ranks against one process); an
+    `Output` field by field."""
+    if isinstance(out, Output):
+        return Output(*(None if t is None else per_sample(t, views) for t in out))
     assert out.shape[0] % views == 0, f"{out.shape[0]} rows do not split into {views} views"
     out = out if out.dtype == torch.float64 else out.float()
     return out.reshape(views, out.shape[0] // views, -1).transpose(0, 1)
