@@ -21,12 +21,14 @@ from supcon_scale.config import ModelConfig, RunConfig
 
 class Output(NamedTuple):
     """The model's output when a run asks for more than the embeddings: `z` the embeddings, `logits` a linear
-    classifier on the encoder features (`train.online_probe`, `loss.ce_weight`), `keys` the momentum encoder's
-    embeddings of the same views (`model.momentum`; no gradient). Rows follow the input's (view-major)."""
+    classifier on the encoder features trained with the loss (`loss.ce_weight`), `keys` the momentum encoder's
+    embeddings of the same views (`model.momentum`; no gradient), `features` the encoder features, detached
+    (`train.online_probe`). Rows follow the input's (view-major)."""
 
     z: torch.Tensor
     logits: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 def same_size_groups(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
