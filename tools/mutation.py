@@ -429,8 +429,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "stream: a sample's views ignore the epoch",
         "supcon_scale/data/torchvision.py",
-        "torch.manual_seed(sample_seed(self.seed, epoch, i))",
-        "torch.manual_seed(sample_seed(self.seed, 0, i))",
+        "torch.manual_seed(sample_seed(self.seed, epoch, i, draw))",
+        "torch.manual_seed(sample_seed(self.seed, 0, i, draw))",
         (
             "tests/test_data_torchvision.py",
             "tests/test_data.py",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from supcon_scale.config.keys import ConfigError
 from supcon_scale.config.parse import _build
 from supcon_scale.config.schema import RunConfig
@@ -22,3 +24,20 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
         )
     if device_type is not None and cfg.data.backend == "dali-gpu" and device_type != "cuda":
         raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
+    _check_sampler(cfg)
+
+
+def _check_sampler(cfg: RunConfig) -> None:
+    """`data.m_per_class` must divide the global batch under the m_per_class sampler, and does nothing without it
+    (the rules that need the labels are the plan's, data/balanced.py)."""
+    data = cfg.data
+    if data.sampler == "m_per_class" and data.global_batch_size % data.m_per_class:
+        raise ConfigError(
+            f"data.m_per_class={data.m_per_class} does not divide data.global_batch_size={data.global_batch_size}"
+        )
+    default = type(data).__dataclass_fields__["m_per_class"].default
+    if data.sampler == "random" and data.m_per_class != default:
+        warnings.warn(
+            f"data.m_per_class={data.m_per_class} does nothing with data.sampler=random (set data.sampler=m_per_class)",
+            stacklevel=2,
+        )

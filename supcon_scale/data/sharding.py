@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
+from supcon_scale.data import balanced
 from supcon_scale.data.folder import FolderIndex
 from supcon_scale.data.index import build_index, train_dir  # noqa: F401 - the scan over ranks; train_dir re-exported
 from supcon_scale.data.spec import spec_from_config
@@ -78,32 +79,98 @@ class EpochPlan:
             return self.num_samples // self.global_batch
         return math.ceil(self.num_samples / self.global_batch)
 
+    @property
+    def sampler(self) -> str:
+        """`data.sampler` as the position records it (a position continues only the plan that saved it)."""
+        return "random"
+
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """The global shuffled order of the epoch (the same on every rank and every world size)."""
         return np.random.default_rng([seed, epoch, 0x5C]).permutation(self.num_samples)
 
-    def remaining(self, seed: int, epoch: int, start: int = 0) -> np.ndarray:
-        """The epoch's samples not yet consumed after `start` steps, padded to a multiple of this world size."""
-        order = self.order(seed, epoch)
-        kept = order[: self.steps * self.global_batch] if self.drop_last else order
+    def _remaining(self, values: np.ndarray, start: int) -> np.ndarray:
+        """`values` (one per position of the epoch's order) not yet consumed after `start` steps, padded to a
+        multiple of this world size by wrapping around."""
+        kept = values[: self.steps * self.global_batch] if self.drop_last else values
         rest = kept[min(start * self.global_batch, len(kept)) :]
         pad = -len(rest) % self.world_size
-        return np.concatenate([rest, np.resize(order, pad)]) if pad else rest
+        return np.concatenate([rest, np.resize(values, pad)]) if pad else rest
+
+    def _rank_batches(self, values: np.ndarray, rank: int, start: int) -> list[np.ndarray]:
+        """This rank's share of `values` from step `start` on, strided by global rank, cut into its batches."""
+        mine = self._remaining(values, start)[rank :: self.world_size]
+        b = self.local_batch
+        return [mine[i : i + b] for i in range(0, len(mine), b)]
+
+    def remaining(self, seed: int, epoch: int, start: int = 0) -> np.ndarray:
+        """The epoch's samples not yet consumed after `start` steps, padded to a multiple of this world size."""
+        return self._remaining(self.order(seed, epoch), start)
 
     def rank_indices(self, seed: int, epoch: int, rank: int, start: int = 0) -> np.ndarray:
         """This rank's samples of the epoch from step `start` on, strided by global rank like DistributedSampler."""
-        return self.remaining(seed, epoch, start)[rank :: self.world_size]
+        return np.concatenate(self.batches(seed, epoch, rank, start) or [np.zeros(0, np.int64)])
 
     def batches(self, seed: int, epoch: int, rank: int, start: int = 0) -> list[np.ndarray]:
         """This rank's batches of the epoch from batch `start` on (one step is one batch on every rank)."""
-        idx = self.rank_indices(seed, epoch, rank, start)
-        b = self.local_batch
-        return [idx[i : i + b] for i in range(0, len(idx), b)]
+        return self._rank_batches(self.order(seed, epoch), rank, start)
+
+    def draws(self, seed: int, epoch: int, rank: int, start: int = 0) -> list[np.ndarray] | None:
+        """Per sample of `batches`, its earlier uses in the epoch, which seed its augmentation apart; None: all 0
+        (the random order uses a sample once; the padding of drop_last=false keeps its first use's seed)."""
+        return None
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample: independent of rank, worker count and position in the batch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+@dataclass(frozen=True)
+class BalancedPlan(EpochPlan):
+    """The epoch plan of `data.sampler=m_per_class` (`data/balanced.py` says what one epoch is): m images of each of
+    global_batch / m classes per global batch, over samples labelled `labels`.
+
+    Its order is `steps * global_batch` long (every batch full), so the random plan's slicing applies unchanged:
+    the global position, the rank shares strided over each global batch, resume on another world size.
+    """
+
+    labels: np.ndarray = field(repr=False, compare=False)
+    m: int
+    _last: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # the last (seed, epoch)'s order
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        present, sizes = np.unique(np.asarray(self.labels), return_counts=True)
+        balanced.check_balance(self.m, self.global_batch, dict(zip(present.tolist(), sizes.tolist(), strict=True)))
+
+    @property
+    def sampler(self) -> str:
+        return f"m_per_class={self.m}"
+
+    @property
+    def per_rank(self) -> int:
+        return self.steps * self.local_batch
+
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        if (seed, epoch) not in self._last:  # batches and draws of a pass share one (~0.2 s for ImageNet)
+            self._last.clear()
+            self._last[seed, epoch] = balanced.balanced_order(
+                seed, epoch, self.labels, self.m, self.global_batch, self.steps
+            )
+        return self._last[seed, epoch]
+
+    def draws(self, seed: int, epoch: int, rank: int, start: int = 0) -> list[np.ndarray] | None:
+        return self._rank_batches(balanced.earlier_uses(self.order(seed, epoch)), rank, start)
+
+
+def epoch_plan(cfg: DataConfig, labels: list[int] | np.ndarray, world_size: int) -> EpochPlan:
+    """The plan `data.sampler` asks for over samples labelled `labels` (every label is known before loading)."""
+    if cfg.sampler == "m_per_class":
+        return BalancedPlan(
+            len(labels), cfg.global_batch_size, world_size, cfg.drop_last, np.asarray(labels), cfg.m_per_class
+        )
+    return EpochPlan(len(labels), cfg.global_batch_size, world_size, cfg.drop_last)
+
+
+def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """The augmentation seed of one sample: independent of rank, worker count and position in the batch; `draw` > 0
+    for its later uses in an epoch (`EpochPlan.draws`), so a repeated image gets new views."""
+    return int(np.random.SeedSequence([seed, epoch, index, *([draw] if draw else [])]).generate_state(1)[0])
 
 
 def check_position(
@@ -156,6 +223,7 @@ class EpochCursor:
 
     epoch = 0
     position = 0
+    sampler = "random"  # the plan's name in the position (EpochPlan.sampler)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order; a position restored for this same epoch is kept, any other starts at 0."""
@@ -188,6 +256,7 @@ class EpochCursor:
             "world_size": self.ctx.world_size,
             "seed": self.seed,
             "num_samples": self.num_samples,
+            "sampler": self.sampler,
         }
 
     def load_position(self, state: dict) -> None:
@@ -203,6 +272,12 @@ class EpochCursor:
         )
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data position was saved with seed {int(state['seed'])}, this run uses {self.seed}")
+        saved = str(state.get("sampler", "random"))  # positions saved before data.sampler existed: random
+        if saved != self.sampler and 0 < int(state["batch"]) < self.steps_per_epoch:
+            raise ValueError(
+                f"data position was saved mid-epoch with data.sampler {saved}, this run has {self.sampler}; "
+                "resume from an epoch-end checkpoint to change the sampler"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["batch"])
         self._reset()
 
@@ -216,7 +291,8 @@ class FolderCursor(EpochCursor):
         self.num_classes = num_classes(cfg, self.index)
         self.classes_present = len(set(self.index.labels))  # after the bad-file filter; empty folders not counted
         self.spec = spec_from_config(cfg.augment, cfg.image_size)
-        self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
+        self.plan = epoch_plan(cfg, self.index.labels, ctx.world_size)
+        self.sampler = self.plan.sampler
         self.steps_per_epoch = self.plan.steps
         self.local_batch = self.plan.local_batch
 

@@ -61,7 +61,8 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class ViewsDataset(torch.utils.data.Dataset):
-    """`(views, label)` for a key `(epoch, index)`: V views of one image, seeded by (seed, epoch, index)."""
+    """`(views, label)` for a key `(epoch, index)` or `(epoch, index, draw)`: V views of one image, seeded by (seed,
+    epoch, index) and, for an image used again in the epoch (`EpochPlan.draws`), its draw."""
 
     def __init__(self, index: Samples, spec: AugmentSpec, views: int, seed: int):
         self.index = index
@@ -72,18 +73,18 @@ class ViewsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
-        epoch, i = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[list[torch.Tensor], int]:
+        epoch, i, draw = (*key, 0)[:3]
         img = self.index.image(i)  # a file, a shard member or a CIFAR array, as RGB
         # fork_rng: with workers=0 this runs in the training process, whose RNG must not be disturbed.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            torch.manual_seed(sample_seed(self.seed, epoch, i, draw))
             views = [self.transform(img) for _ in range(self.views)]
         return views, self.index.labels[i]
 
 
 class _EpochBatches(torch.utils.data.Sampler):
-    """Batch sampler over `(epoch, index)` keys; the loader sets its epoch and start batch before each pass."""
+    """Batch sampler over `(epoch, index, draw)` keys; the loader sets its epoch and start batch before each pass."""
 
     def __init__(self, plan: EpochPlan, seed: int, rank: int):
         self.plan, self.seed, self.rank = plan, seed, rank
@@ -92,9 +93,13 @@ class _EpochBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.plan.steps - self.start
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.plan.batches(self.seed, self.epoch, self.rank, self.start):
-            yield [(self.epoch, int(i)) for i in batch]
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        batches = self.plan.batches(self.seed, self.epoch, self.rank, self.start)
+        draws = self.plan.draws(self.seed, self.epoch, self.rank, self.start) or [
+            np.zeros(len(b), int) for b in batches
+        ]
+        for batch, draw in zip(batches, draws, strict=True):
+            yield [(self.epoch, int(i), int(d)) for i, d in zip(batch, draw, strict=True)]
 
 
 class TorchvisionLoader(FolderCursor):
