@@ -211,6 +211,8 @@ EFFECTS: dict[str, tuple] = {
     "data.image_size": (loader_batch, DATA, "20"),
     "data.num_classes": (loader_batch, DATA, "9"),
     "data.drop_last": (loader_batch, [*DATA, "data.global_batch_size=16"], "false"),
+    "data.sampler": (loader_batch, DATA, "m_per_class"),
+    "data.m_per_class": (loader_batch, [*DATA, "data.sampler=m_per_class"], "2"),
     "data.on_bad_file": (loader_batch, [*DATA, "data.root={bad}"], "fail"),
     "data.augment.preset": (loader_batch, DATA, "randaugment"),
     "data.augment.crop_scale": (loader_batch, DATA, "[0.5, 0.6]"),

@@ -202,6 +202,21 @@ MUTATIONS: list[Mutation] = [
         "default_rng([seed, 0, 0x5C])",
         ("tests/test_data.py", "tests/test_data_sharding.py"),
     ),
+    # data/balanced.py (data.sampler=m_per_class)
+    M(
+        "balanced: a batch straddling two rounds may repeat a class or an image",
+        "supcon_scale/data/balanced.py",
+        "        if held:",
+        "        if False:",
+        ("tests/test_data_sampler.py",),
+    ),
+    M(
+        "balanced: a repeated image keeps the views of its first use",
+        "supcon_scale/data/balanced.py",
+        "uses[by_sample] = np.arange(len(order)) - first",
+        "uses[by_sample] = 0",
+        ("tests/test_data_sampler.py::test_draws_count_the_earlier_uses_of_a_sample",),
+    ),
     # checkpoint.py
     M(
         "checkpoint: keeps one more than keep_last",
