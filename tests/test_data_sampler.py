@@ -264,3 +264,42 @@ def test_m_per_class_with_the_random_sampler_warns():
         warnings.simplefilter("error")
         config.check_run(config.load(None, []))
         config.check_run(config.load(None, ["data.sampler=m_per_class", "data.m_per_class=8"]))
+
+
+@pytest.mark.slow  # three short runs; the loader's part is test_torchvision_resume_mid_epoch_and_on_another_world_size
+def test_a_run_crashed_mid_epoch_resumes_the_balanced_order_exactly(small_digits: Path, tmp_path: Path):
+    """trainer.fit with data.sampler=m_per_class, crashed after step 3 (checkpoint at step 2, mid-epoch: 7 steps per
+    epoch) and resumed: the same weights, to the bit, as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from supcon_scale import checkpoint, distributed, trainer
+    from supcon_scale.hooks import Hook, StepInfo
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfter(Hook):
+        def on_step(self, info: StepInfo) -> None:
+            if info.step == 3:
+                raise Crash
+
+    def cfg(out: str, *extra: str) -> config.RunConfig:
+        return config.load(
+            "demo/digits",
+            [f"data.root={small_digits}", f"out_dir={tmp_path / out}", "data.backend=torchvision", "data.workers=0",
+             "data.image_size=16", "data.global_batch_size=32", "data.sampler=m_per_class", "data.m_per_class=4",
+             "model.sync_bn=false", "model.encoder=test_resnet", "model.feat_dim=8", "train.max_steps=3",
+             "train.checkpoint_every_steps=2", "train.progress=false", f"data.manifest={tmp_path / 'scan.tsv'}",
+             *extra],
+        )  # fmt: skip
+
+    ctx = distributed.init(seed=0)
+    trainer.fit(cfg("full"), ctx)
+    with pytest.raises(Crash):
+        trainer.fit(cfg("resumed"), ctx, hooks=[CrashAfter()])
+    assert checkpoint.latest(tmp_path / "resumed").name == "step_00000002"
+    distributed.seed_everything(9)
+    trainer.fit(cfg("resumed", "train.resume=auto"), ctx)
+    a = load_file(str(checkpoint.latest(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(checkpoint.latest(tmp_path / "resumed") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
