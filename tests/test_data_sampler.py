@@ -257,6 +257,14 @@ def test_bad_sampler_input_is_one_line_naming_the_key_exit_2(tmp_path: Path, cap
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
 
 
+def test_the_continual_run_has_no_sampler_to_set():
+    """The continual run orders its stream itself (tasks, online batches): data.sampler is no key of its config."""
+    from supcon_scale.continual import config as continual_config
+
+    with pytest.raises(config.ConfigError, match="unknown config key data.sampler"):
+        continual_config.load(None, ["data.sampler=m_per_class"])
+
+
 def test_m_per_class_with_the_random_sampler_warns():
     with pytest.warns(UserWarning, match="data.m_per_class=8 does nothing with data.sampler=random"):
         config.check_run(config.load(None, ["data.m_per_class=8"]))
