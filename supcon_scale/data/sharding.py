@@ -140,13 +140,16 @@ class BalancedPlan(EpochPlan):
 
     @property
     def sampler(self) -> str:
+        """`m_per_class=M`: a position saved mid-epoch continues only this plan with this m."""
         return f"m_per_class={self.m}"
 
     @property
     def per_rank(self) -> int:
+        """Every global batch is full: no padding, the same share on every rank."""
         return self.steps * self.local_batch
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
+        """The balanced global order of the epoch (`balanced.balanced_order`), kept for the pass that asks again."""
         if (seed, epoch) not in self._last:  # batches and draws of a pass share one (~0.2 s for ImageNet)
             self._last.clear()
             self._last[seed, epoch] = balanced.balanced_order(
@@ -155,6 +158,7 @@ class BalancedPlan(EpochPlan):
         return self._last[seed, epoch]
 
     def draws(self, seed: int, epoch: int, rank: int, start: int = 0) -> list[np.ndarray] | None:
+        """Per sample of `batches`, its uses earlier in the epoch's global order (a small class repeats images)."""
         return self._rank_batches(balanced.earlier_uses(self.order(seed, epoch)), rank, start)
 
 
