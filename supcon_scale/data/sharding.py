@@ -16,7 +16,7 @@ from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 from supcon_scale.data.folder import FolderIndex
 from supcon_scale.data.index import build_index, train_dir  # noqa: F401 - the scan over ranks; train_dir re-exported
-from supcon_scale.data.spec import spec_from_config
+from supcon_scale.data.spec import view_specs
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class FolderCursor(EpochCursor):
         self.index, self.bad_files = build_index(cfg, ctx, out_dir)
         self.num_classes = num_classes(cfg, self.index)
         self.classes_present = len(set(self.index.labels))  # after the bad-file filter; empty folders not counted
-        self.spec = spec_from_config(cfg.augment, cfg.image_size)
+        self.specs = view_specs(cfg)  # one per view: multi-crop views have their own size and crop scale
+        self.spec = self.specs[0]
         self.plan = EpochPlan(len(self.index), cfg.global_batch_size, ctx.world_size, cfg.drop_last)
         self.steps_per_epoch = self.plan.steps
         self.local_batch = self.plan.local_batch
