@@ -39,12 +39,16 @@ def multicrop_cfg(root: Path, backend: str, **kw) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def epochs(tmp_path_factory) -> dict[str, list[list[torch.Tensor]]]:
+def gradients(tmp_path_factory) -> Path:
+    return write_gradients(tmp_path_factory.mktemp("gradients"), count=24)
+
+
+@pytest.fixture(scope="module")
+def epochs(gradients) -> dict[str, list[list[torch.Tensor]]]:
     """One epoch of 24 gradient images per backend: each view position's tensors, batch after batch."""
-    root = write_gradients(tmp_path_factory.mktemp("gradients"), count=24)
     out = {}
     for backend in ("torchvision", "dali-cpu"):
-        loader = build_train_loader(multicrop_cfg(root, backend), Context(), seed=5, out_dir=None)
+        loader = build_train_loader(multicrop_cfg(gradients, backend), Context(), seed=5, out_dir=None)
         if backend == "dali-cpu":
             assert not loader.roi  # one batch holds one size: multi-crop takes the one-decode, V-branch layout
         loader.set_epoch(0)
@@ -78,11 +82,49 @@ def test_large_and_small_views_crop_at_their_own_scale(epochs, backend):
         tolerance = 0.06 if kind == "large" else 0.02  # about 3.5 sigma of the mean of 48 / 96 uniform areas
         assert abs(stats["area"] - expected) < tolerance, (kind, stats, expected)
         if kind == "small":  # per view: w x h from the gradient's ends, as view_stats measures them
-            x = _pixels(views)
-            w = np.abs(x[:, 0, :, -1].mean(1) - x[:, 0, :, 0].mean(1)) / 4 * SMALL / (SMALL - 1)
-            h = np.abs(x[:, 1, -1, :].mean(1) - x[:, 1, 0, :].mean(1)) / 4 * SMALL / (SMALL - 1)
-            assert (w * h / GRADIENT_SIZE**2).max() < 0.2, (w * h / GRADIENT_SIZE**2).max()
+            assert _small_areas(views).max() < 0.2, _small_areas(views).max()
     assert areas["large"] > 3 * areas["small"]
+
+
+def _small_areas(views: list[torch.Tensor]) -> np.ndarray:
+    """Each small view's crop area (fraction of the gradient image), from its first and last columns and rows."""
+    x = _pixels(views)
+    w = np.abs(x[:, 0, :, -1].mean(1) - x[:, 0, :, 0].mean(1)) / 4 * SMALL / (SMALL - 1)
+    h = np.abs(x[:, 1, -1, :].mean(1) - x[:, 1, 0, :].mean(1)) / 4 * SMALL / (SMALL - 1)
+    return w * h / GRADIENT_SIZE**2
+
+
+def test_dali_multicrop_on_arrays(gradients):
+    """The CIFAR path (HWC arrays, no decoder) crops each view at its own size and scale too."""
+    from PIL import Image
+
+    from supcon_scale.data import dali
+    from supcon_scale.data.spec import view_specs
+
+    image = np.asarray(Image.open(next((gradients / "train" / "g0").iterdir())))
+    pipe = dali.build_pipeline(
+        lambda info: ([image] * 6, np.zeros(6, np.int32)),
+        view_specs(multicrop_cfg(gradients, "dali-cpu")),
+        views=len(SIZES), batch_size=6, device="cpu", device_id=None, num_threads=1, seed=1, raw=True, roi=False,
+    )  # fmt: skip
+    out = pipe.run()
+    views = [torch.from_numpy(np.asarray(out[v].as_tensor())) for v in range(len(SIZES))]
+    assert [tuple(v.shape) for v in views] == [(6, 3, s, s) for s in SIZES]
+    assert _small_areas(views[2:]).max() < 0.2 and view_stats(_pixels(views[:2]))["area"] > 0.3
+
+
+def test_dali_multicrop_resumes_mid_epoch(gradients):
+    cfg = multicrop_cfg(gradients, "dali-cpu")
+    loader = build_train_loader(cfg, Context(), seed=2, out_dir=None)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    expected, _ = next(batches)
+    resumed = build_train_loader(cfg, Context(), seed=2, out_dir=None)
+    resumed.load_state_dict(state)
+    got, _ = next(iter(resumed))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 def test_synthetic_views_have_their_sizes():
