@@ -129,9 +129,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
-def _meta_problem(cfg: ModelConfig, image_size: int) -> str | None:
+def _meta_problem(cfg: ModelConfig, image_size: int, view_sizes: Sequence[int] = ()) -> str | None:
     """Why timm cannot build `cfg`'s encoder or run it on `image_size` px images; None when it can. On the meta
-    device: no memory is allocated and nothing is computed, so this takes a fraction of a second for any size."""
+    device: no memory is allocated and nothing is computed, so this takes a fraction of a second for any size.
+    `view_sizes`: the other sizes the encoder built for `image_size` must take (multi-crop's small views)."""
     kwargs = encoder_kwargs(cfg, image_size)
     with torch.device("meta"):
         try:
@@ -140,19 +141,38 @@ def _meta_problem(cfg: ModelConfig, image_size: int) -> str | None:
             return _reason(exc)
         if cfg.cifar_stem:
             _to_cifar_stem(encoder)  # a family without the ResNet stem: ValueError naming model.cifar_stem
-        try:
-            encoder(torch.empty(2, 3, image_size, image_size))
-        except Exception as exc:  # a size the family refuses (ViT: "Input height (32) doesn't match model (224)")
-            return f"{_reason(exc)} (at data.image_size={image_size})"
+        for size, key in [(image_size, "data.image_size"), *((s, "data.view_sizes") for s in view_sizes)]:
+            try:
+                encoder(torch.empty(2, 3, size, size))
+            except Exception as exc:  # a size the family refuses (ViT: "Input height (32) doesn't match model (224)")
+                return f"{_reason(exc)} (at {key}={size})"
     return None
+
+
+def _view_size_problem(cfg: RunConfig) -> str | None:
+    """The multi-crop rule (`data.view_sizes`): the encoder built for `data.image_size` runs on every smaller view.
+
+    A fixed-input-size family (ViT, Swin) takes other sizes only when built with `model.kwargs.dynamic_img_size:
+    true` (timm interpolates its position embedding), and every family needs the size to survive its downsampling."""
+    sizes = sorted({s for s in cfg.data.view_sizes or () if s != cfg.data.image_size}, reverse=True)
+    if not sizes or _meta_problem(cfg.model, cfg.data.image_size) is not None:
+        return None  # one size, or the model section's own problem, reported first (model.kwargs / model.encoder)
+    problem = _meta_problem(cfg.model, cfg.data.image_size, sizes)
+    if problem is None:
+        return None
+    hint = ""
+    if getattr(timm.get_pretrained_cfg(cfg.model.encoder), "fixed_input_size", False):
+        hint = "; this family's input size is fixed when built unless model.kwargs has dynamic_img_size: true"
+    return f"data.view_sizes={cfg.data.view_sizes}: {cfg.model.encoder} cannot take the smaller views: {problem}{hint}"
 
 
 def check(cfg: RunConfig) -> None:
     """The model section against timm, before anything is written (the trainer calls it beside `config.check_run`).
 
     A model timm cannot build or run at `data.image_size` names the `model.kwargs.KEY` without which it builds, else
-    `model.encoder`; `model.cifar_stem` on another family, and a family whose blocks cannot be found where
-    activation checkpointing or FSDP2 needs them, name their key.
+    `model.encoder`; one that cannot run the smaller views of `data.view_sizes` names that key; `model.cifar_stem`
+    on another family, and a family whose blocks cannot be found where activation checkpointing or FSDP2 needs
+    them, name their key.
     """
     model = cfg.model
     check_local_name(model.encoder)
@@ -173,6 +193,9 @@ def check(cfg: RunConfig) -> None:
         )
         where = f"model.kwargs.{culprit}={model.kwargs[culprit]!r}" if culprit else f"model.encoder={model.encoder}"
         raise ValueError(f"{where}: timm cannot build {model.encoder}{_with(model.kwargs)}: {problem}")
+    problem = _view_size_problem(cfg)
+    if problem is not None:
+        raise ValueError(problem)
     needs = [k for k, on in BLOCK_USERS.items() if on(cfg)]
     if needs:
         with torch.device("meta"):

@@ -202,7 +202,7 @@ def test_check_run_holds_the_rules_between_sections():
         config.check_run(config.load(None, ["data.global_batch_size=10"]), 4, "cuda")
     small_bf16 = config.load(None, ["precision=bf16", "data.image_size=16"])
     engines.check(EngineSpec.from_run(small_bf16), "cuda")
-    with pytest.raises(config.ConfigError, match="precision=bf16 with data.image_size=16 on the CPU"):
+    with pytest.raises(config.ConfigError, match="precision=bf16 with 16 px views"):
         engines.check(EngineSpec.from_run(small_bf16), "cpu")
     with pytest.raises(config.ConfigError, match="data.backend=dali-gpu needs a CUDA GPU"):
         config.check_run(config.load(None, ["data.backend=dali-gpu"]), 1, "cpu")

@@ -70,7 +70,7 @@ def loader_batch(cfg: config.RunConfig) -> Any:
     loader = build_train_loader(cfg.data, CTX, cfg.seed, None)
     loader.set_epoch(0)
     views, labels = next(iter(loader))
-    return {"views": torch.stack(views), "labels": labels, "len": len(loader), "classes": loader.num_classes}
+    return {"views": views, "labels": labels, "len": len(loader), "classes": loader.num_classes}  # sizes may differ
 
 
 @_quiet
@@ -199,6 +199,7 @@ ENGINE = [*MODEL, "optim.schedule=constant", "train.warmup_epochs=0", "optim.bas
 GENSCL = ["loss.name=genscl"]
 TEACHER = [*GENSCL, "kd.teacher=test_resnet", "kd.checkpoint={teacher0}"]
 RANDAUG = [*DATA, "data.augment.preset=randaugment"]
+MULTICROP = [*DATA, "data.views=3", "data.view_sizes=[16, 12, 12]"]
 
 # key: (probe, context overrides, other value) or (probe, context, first value, second value)
 EFFECTS: dict[str, tuple] = {
@@ -214,6 +215,8 @@ EFFECTS: dict[str, tuple] = {
     "data.sampler": (loader_batch, DATA, "m_per_class"),
     "data.m_per_class": (loader_batch, [*DATA, "data.sampler=m_per_class"], "2"),
     "data.on_bad_file": (loader_batch, [*DATA, "data.root={bad}"], "fail"),
+    "data.view_sizes": (loader_batch, [*DATA, "data.views=3"], "null", "[16, 12, 12]"),
+    "data.augment.small_crop_scale": (loader_batch, MULTICROP, "[0.5, 0.6]"),
     "data.augment.preset": (loader_batch, DATA, "randaugment"),
     "data.augment.crop_scale": (loader_batch, DATA, "[0.5, 0.6]"),
     "data.augment.flip_p": (loader_batch, DATA, "0.0"),

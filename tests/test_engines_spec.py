@@ -22,7 +22,7 @@ RULES = [
     (
         ["precision=bf16", "data.image_size=16"],
         "cpu",
-        "precision=bf16 with data.image_size=16 on the CPU",
+        "precision=bf16 with 16 px views",
         "on the CPU: torch's CPU bf16 convolution",
     ),
     (
@@ -85,7 +85,7 @@ def test_build_refuses_from_the_spec():
         global_batch=4,
         image_size=8,
     )
-    with pytest.raises(ValueError, match="precision=bf16 with data.image_size=8 on the CPU"):
+    with pytest.raises(ValueError, match="precision=bf16 with 8 px views"):
         engines.build(spec, Context(), nn.Linear(3, 2), total_steps=1, warmup_steps=0)
 
 

@@ -175,7 +175,7 @@ def profile_dali(root: Path, cfg: DataConfig, batches: int, rounds: int = 2) -> 
                 return enc
             if name == "decode":
                 return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
-            crops = D.crop_views(enc, spec, branches, "cpu", D.ROI_DECODE_DEFAULT, 0.0)
+            crops = D.crop_views(enc, [spec] * branches, "cpu", D.ROI_DECODE_DEFAULT, 0.0)
             return tuple(D.augment_view(c, replace(spec, stages=tuple(stages))) for c in crops)
 
         # Synchronous execution, so one run() is one batch's work.

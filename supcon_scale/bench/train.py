@@ -40,13 +40,11 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def synthetic_batches(cfg: config.RunConfig, ctx: Context, batch: int) -> Batches:
-    """One fixed batch of `data.views` random views in the model's memory format, forever (no input pipeline)."""
+    """One fixed batch of `data.views` random views in the model's memory format, forever (no input pipeline);
+    each view at its `data.view_sizes` size (multi-crop) or `data.image_size`."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    size = cfg.data.image_size
-    views = [
-        torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
-        for _ in range(cfg.data.views)
-    ]
+    sizes = cfg.data.view_sizes or [cfg.data.image_size] * cfg.data.views
+    views = [torch.randn(batch, 3, s, s, device=ctx.device).contiguous(memory_format=fmt) for s in sizes]
     return itertools.repeat((views, torch.randint(0, SYNTHETIC_CLASSES, (batch,), device=ctx.device)))
 
 

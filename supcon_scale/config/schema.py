@@ -49,9 +49,10 @@ class AugmentConfig:
     std: tuple[float, float, float] = key(IMAGENET_STD, "per-channel normalisation std (RGB, 0..1)", gt=0)
 
     def _check(self, path: str) -> None:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"{path}.crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        for name in ("crop_scale", "small_crop_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{path}.{name} must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
 
 
 @dataclass(kw_only=True)
@@ -86,7 +87,11 @@ class DataConfig:
     hw_decoder_load: float = key(0.75, "share of JPEG decoding on the GPU's hardware decoder (DALI)", ge=0, le=1)
     drop_last: bool = key(True, "drop each epoch's last incomplete global batch")
     view_sizes: list[int] | None = key(
-        None, "crop side of each view, e.g. [224, 224, 96, 96, 96, 96, 96, 96] (multi-crop); null: all image_size"
+        None,
+        "crop side of each view, large first, e.g. [224, 224, 96, 96, 96, 96, 96, 96] (multi-crop; the first is "
+        "data.image_size); null: all image_size",
+        ge=8,
+        le=4096,
     )
     sampler: Literal["random", "m_per_class"] = key(
         "random", "each epoch's order: a random permutation, or m_per_class batches (data.m_per_class per class)"
@@ -99,6 +104,27 @@ class DataConfig:
     augment: AugmentConfig = field(
         default_factory=AugmentConfig, metadata={"help": "augmentation of each training view"}
     )
+
+    def _check(self, path: str) -> None:
+        check_view_sizes(self.view_sizes, self.views, self.image_size, f"{path}.view_sizes")
+
+
+def check_view_sizes(sizes: list[int] | None, views: int, image_size: int, path: str = "data.view_sizes") -> None:
+    """Multi-crop (SwAV, Caron et al. 2020, sec. 3.2): one size per view, large views first, the largest being
+    `data.image_size` (the size the encoder is built, checked and evaluated at; the small views are the extra ones)."""
+    if sizes is None:
+        return
+    if len(sizes) != views:
+        raise ConfigError(f"{path} has {len(sizes)} sizes but data.views={views}: give one size per view")
+    if sizes != sorted(sizes, reverse=True):
+        raise ConfigError(
+            f"{path} must be non-increasing (large views first, e.g. {sorted(sizes, reverse=True)}), got {sizes}"
+        )
+    if sizes[0] != image_size:
+        raise ConfigError(
+            f"{path}: the largest view ({sizes[0]}) must equal data.image_size={image_size}, the size the encoder "
+            "is built and evaluated at; set data.image_size to it"
+        )
 
 
 @dataclass(kw_only=True)

@@ -6,12 +6,13 @@ arrays alike, and runs on from one epoch into the next, so no epoch pays for a n
 queue (building one costs about a second on a CPU, more on a GPU; docs/BENCHMARKS.md). The pipeline is built with
 `enable_checkpointing=True`, so a saved position rebuilds it and continues with the same remaining batches. The GPU
 and CPU pipelines share `augment_view`; only the decoder device differs, so the CPU tests cover the GPU graph.
+Multi-crop views (`data.view_sizes`) each have their own spec (size, crop scale): one decode and one branch per view.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from supcon_scale import distributed
 from supcon_scale.config import DataConfig
 from supcon_scale.data.sharding import FolderCursor
-from supcon_scale.data.spec import AugmentSpec
+from supcon_scale.data.spec import AugmentSpec, same_views
 
 log = logging.getLogger(__name__)
 
@@ -166,29 +167,36 @@ def flip_normalise(x: Any, spec: AugmentSpec) -> Any:
     )
 
 
-def crop_views(encoded: Any, spec: AugmentSpec, views: int, decoder: str, roi: bool, hw_decoder_load: float) -> list:
-    """V random-resized-crops at `image_size`: one decode + V crops, or V ROI decodes (`roi=True`)."""
+def _crop(spec: AugmentSpec) -> dict[str, Any]:
+    """A view's random-resized-crop arguments: its area range (`crop_scale`) and aspect ratios, Inception's 10 tries."""
+    return dict(random_area=list(spec.crop_scale), random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
+
+
+def crop_views(encoded: Any, specs: Sequence[AugmentSpec], decoder: str, roi: bool, hw_decoder_load: float) -> list:
+    """One random-resized-crop per spec, at its `image_size` and `crop_scale`: one decode + the crops, or one ROI
+    decode per crop (`roi=True`)."""
     from nvidia.dali import fn, types
 
-    size = (spec.image_size, spec.image_size)
     hw = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
-    crop = dict(random_area=list(spec.crop_scale), random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
     if roi:
         return [
             fn.resize(
-                fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB, **crop, **hw),
-                size=size,
+                fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB, **_crop(spec), **hw),
+                size=(spec.image_size, spec.image_size),
                 antialias=True,
             )
-            for _ in range(views)
+            for spec in specs
         ]
     image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **hw)
-    return [fn.random_resized_crop(image, size=size, antialias=True, **crop) for _ in range(views)]
+    return [
+        fn.random_resized_crop(image, size=(spec.image_size, spec.image_size), antialias=True, **_crop(spec))
+        for spec in specs
+    ]
 
 
 def build_pipeline(
     source: Any,
-    spec: AugmentSpec,
+    spec: AugmentSpec | Sequence[AugmentSpec],
     *,
     views: int,
     batch_size: int,
@@ -206,12 +214,15 @@ def build_pipeline(
     `source` decides the order (the epoch plan, across epochs), so one pipeline serves the whole run. Outputs
     `(view_0, ..., view_{V-1}, label)` of up to `batch_size` samples, or with `roi` `(views, label)` of V times as
     many, where sample k is view k % V of image k // V (`split_views` undoes it; the source repeats each sample V
-    times). `raw`: the samples are HWC uint8 arrays (CIFAR), cropped without a decoder.
+    times). `spec` is every view's, or one per view (multi-crop: `spec.view_specs`; `roi` needs them all equal, as
+    one batch has one size). `raw`: the samples are HWC uint8 arrays (CIFAR), cropped without a decoder.
     """
     dali = _dali()
     from nvidia.dali import fn, types
 
-    branches = 1 if roi else views
+    specs = [spec] * views if isinstance(spec, AugmentSpec) else list(spec)
+    assert len(specs) == views and (same_views(specs) or not roi), "the ROI layout takes one spec for every view"
+    branches = specs[:1] if roi else specs
 
     @dali.pipeline_def(enable_conditionals=True)
     def v_views():
@@ -220,12 +231,13 @@ def build_pipeline(
         )
         if raw:
             image = encoded.gpu() if device == "gpu" else encoded
-            size = (spec.image_size, spec.image_size)
-            crop = dict(random_area=list(spec.crop_scale), random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
-            crops = [fn.random_resized_crop(image, size=size, antialias=True, **crop) for _ in range(branches)]
+            crops = [
+                fn.random_resized_crop(image, size=(s.image_size, s.image_size), antialias=True, **_crop(s))
+                for s in branches
+            ]
         else:
-            crops = crop_views(encoded, spec, branches, "mixed" if device == "gpu" else "cpu", roi, hw_decoder_load)
-        out = [augment_view(v, spec) for v in crops]
+            crops = crop_views(encoded, branches, "mixed" if device == "gpu" else "cpu", roi, hw_decoder_load)
+        out = [augment_view(crops[i], s) for i, s in enumerate(branches)]  # autograph's zip() takes no `strict`
         return (*out, label)
 
     pipe = v_views(
@@ -295,7 +307,8 @@ class DaliLoader(FolderCursor):
         self.device = resolve_device(cfg.backend, ctx)
         self.backend = f"dali-{self.device}"
         super().__init__(cfg, ctx, seed, out_dir)
-        self.roi = roi and not self.index.raw  # raw arrays: one image, V crops (no decoder to fuse with)
+        # raw arrays: one image, V crops (no decoder to fuse with); multi-crop: one batch holds one size, so V crops
+        self.roi = roi and not self.index.raw and same_views(self.specs)
         self._checkpoint: bytes | None = None  # DALI state matching (epoch, position) after load_state_dict
         self._origin = 0  # the step the restored checkpoint's pipeline started from
         self._iter: Any = None
@@ -318,7 +331,7 @@ class DaliLoader(FolderCursor):
         self._feed = PlanFeed(self.index, self.plan, self.seed, self.ctx.rank, self.cfg.views, self.roi, origin)
         pipe = build_pipeline(
             self._feed,
-            self.spec,
+            self.specs,
             views=self.cfg.views,
             batch_size=self.local_batch,
             device=self.device,

@@ -17,7 +17,7 @@ from supcon_scale.config import DataConfig
 from supcon_scale.data import balanced
 from supcon_scale.data.folder import FolderIndex
 from supcon_scale.data.index import build_index, train_dir  # noqa: F401 - the scan over ranks; train_dir re-exported
-from supcon_scale.data.spec import spec_from_config
+from supcon_scale.data.spec import view_specs
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,8 @@ class FolderCursor(EpochCursor):
         self.index, self.bad_files = build_index(cfg, ctx, out_dir)
         self.num_classes = num_classes(cfg, self.index)
         self.classes_present = len(set(self.index.labels))  # after the bad-file filter; empty folders not counted
-        self.spec = spec_from_config(cfg.augment, cfg.image_size)
+        self.specs = view_specs(cfg)  # one per view: multi-crop views have their own size and crop scale
+        self.spec = self.specs[0]
         self.plan = epoch_plan(cfg, self.index.labels, ctx.world_size)
         self.sampler = self.plan.sampler
         self.steps_per_epoch = self.plan.steps

@@ -9,9 +9,13 @@ parameters, so the DALI and torchvision backends apply the same augmentation.
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from supcon_scale.config import AugmentConfig
+from supcon_scale.config import AugmentConfig, DataConfig
+
+SMALL_CROP_SCALE_DEFAULT = tuple(AugmentConfig().small_crop_scale)
 
 # Which colour/photometric stages each preset runs, in order, after random-resized-crop and flip.
 PRESET_STAGES: dict[str, tuple[str, ...]] = {
@@ -60,6 +64,27 @@ def spec_from_config(aug: AugmentConfig, image_size: int) -> AugmentSpec:
     """The AugmentSpec for `data.augment` at `data.image_size`."""
     values = {f.name: getattr(aug, f.name) for f in dataclasses.fields(AugmentConfig)}
     return AugmentSpec(image_size=image_size, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def view_specs(cfg: DataConfig) -> list[AugmentSpec]:
+    """Each training view's AugmentSpec, in view order: every view at `data.image_size` with `data.augment.crop_scale`,
+    or with `data.view_sizes` (multi-crop, SwAV, Caron et al. 2020, sec. 3.2) the views smaller than
+    `data.image_size` at their own size with `data.augment.small_crop_scale`. Equal specs are one object."""
+    large = spec_from_config(cfg.augment, cfg.image_size)
+    sizes = cfg.view_sizes or [cfg.image_size] * cfg.views
+    small = {s: dataclasses.replace(large, image_size=s, crop_scale=large.small_crop_scale) for s in set(sizes)}
+    if min(sizes) == cfg.image_size and tuple(cfg.augment.small_crop_scale) != SMALL_CROP_SCALE_DEFAULT:
+        warnings.warn(
+            "data.augment.small_crop_scale only acts on views smaller than data.image_size (data.view_sizes); "
+            "no view is, so it is ignored",
+            stacklevel=2,
+        )
+    return [large if s == cfg.image_size else small[s] for s in sizes]
+
+
+def same_views(specs: Sequence[AugmentSpec]) -> bool:
+    """Whether every view has one spec (one size and crop scale): the DALI backend's batched ROI layout needs it."""
+    return all(s == specs[0] for s in specs)
 
 
 def preset(name: str, image_size: int = 224, **overrides: object) -> AugmentSpec:

@@ -56,11 +56,12 @@ class SyntheticLoader(EpochCursor):
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self._begin_pass()
-        s, b, dev = self.cfg.image_size, self.local_batch, self.ctx.device
+        b, dev = self.local_batch, self.ctx.device
+        sizes = self.cfg.view_sizes or [self.cfg.image_size] * self.cfg.views  # multi-crop: each view's own size
         while self.position < self.steps_per_epoch:
             g = torch.Generator(device=dev)
             g.manual_seed(distributed.rank_seed(self.seed, self.ctx.rank, self.epoch, self.position))
-            views = [torch.randn(b, 3, s, s, generator=g, device=dev) for _ in range(self.cfg.views)]
+            views = [torch.randn(b, 3, s, s, generator=g, device=dev) for s in sizes]
             if dev.type == "cuda":
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = self._labels(g)

@@ -6,7 +6,7 @@ on the number of workers nor on the world size, and a mid-epoch resume replays t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +62,18 @@ def load_rgb(path: str) -> Image.Image:
 
 class ViewsDataset(torch.utils.data.Dataset):
     """`(views, label)` for a key `(epoch, index)` or `(epoch, index, draw)`: V views of one image, seeded by (seed,
-    epoch, index) and, for an image used again in the epoch (`EpochPlan.draws`), its draw."""
+    epoch, index) and, for an image used again in the epoch (`EpochPlan.draws`), its draw.
 
-    def __init__(self, index: Samples, spec: AugmentSpec, views: int, seed: int):
+    `spec` is every view's, or one per view (multi-crop: `spec.view_specs`, each view at its own size and scale)."""
+
+    def __init__(self, index: Samples, spec: AugmentSpec | Sequence[AugmentSpec], views: int, seed: int):
         self.index = index
         self.views = views
         self.seed = seed
-        self.transform = view_transform(spec)
+        specs = [spec] * views if isinstance(spec, AugmentSpec) else list(spec)
+        assert len(specs) == views, f"{len(specs)} specs for {views} views"
+        built: dict[int, v2.Compose] = {}  # one transform per distinct spec object
+        self.transforms = [built.setdefault(id(s), view_transform(s)) for s in specs]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -79,7 +84,7 @@ class ViewsDataset(torch.utils.data.Dataset):
         # fork_rng: with workers=0 this runs in the training process, whose RNG must not be disturbed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i, draw))
-            views = [self.transform(img) for _ in range(self.views)]
+            views = [transform(img) for transform in self.transforms]
         return views, self.index.labels[i]
 
 
@@ -112,7 +117,7 @@ class TorchvisionLoader(FolderCursor):
         self._sampler = _EpochBatches(self.plan, seed, ctx.rank)
         workers = cfg.workers
         self._loader = torch.utils.data.DataLoader(
-            ViewsDataset(self.index, self.spec, cfg.views, seed),
+            ViewsDataset(self.index, self.specs, cfg.views, seed),
             batch_sampler=self._sampler,
             num_workers=workers,
             persistent_workers=workers > 0,

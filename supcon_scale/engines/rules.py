@@ -28,9 +28,9 @@ def check_cpu_bf16(precision: str, image_size: int, device_type: str | None) -> 
     """
     if precision == "bf16" and device_type == "cpu" and image_size < CPU_BF16_MIN_IMAGE_SIZE:
         raise ConfigError(
-            f"precision=bf16 with data.image_size={image_size} on the CPU: torch's CPU bf16 convolution "
-            "returns uninitialised weight gradients when layer4 sees a 1x1 input; use data.image_size >= "
-            f"{CPU_BF16_MIN_IMAGE_SIZE} or precision=fp32"
+            f"precision=bf16 with {image_size} px views (data.image_size, data.view_sizes) "
+            "on the CPU: torch's CPU bf16 convolution returns uninitialised weight gradients when layer4 sees a 1x1 "
+            f"input; use views of >= {CPU_BF16_MIN_IMAGE_SIZE} px or precision=fp32"
         )
 
 

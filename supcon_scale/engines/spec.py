@@ -17,7 +17,9 @@ class EngineSpec:
     optim: OptimConfig
     precision: Literal["fp32", "bf16", "fp16"]
     global_batch: int  # samples per optimizer step over all ranks (DeepSpeed's train_batch_size; optim.scaled_lr)
-    image_size: int  # the training crop: torch's CPU bf16 kernel fails below CPU_BF16_MIN_IMAGE_SIZE (engines/rules.py)
+    image_size: (
+        int  # the smallest training view: torch's CPU bf16 kernel fails below CPU_BF16_MIN_IMAGE_SIZE (rules.py)
+    )
     channels_last: bool = False
     sync_bn: bool = False  # batch-norm statistics are global, so DDP need not re-broadcast the buffers
     compile: bool = False
@@ -31,7 +33,7 @@ class EngineSpec:
             optim=cfg.optim,
             precision=cfg.precision,
             global_batch=cfg.data.global_batch_size,
-            image_size=cfg.data.image_size,
+            image_size=min(cfg.data.view_sizes or [cfg.data.image_size]),  # multi-crop: the small views
             channels_last=cfg.model.channels_last,
             sync_bn=cfg.model.sync_bn,
             compile=cfg.train.compile,

@@ -67,8 +67,10 @@ def trains_classifier(name: str) -> bool:
 
 
 def for_objective(cfg: RunConfig, name: str) -> RunConfig:
-    """`cfg` with `loss.name=name`; the classifier baseline trains one view per image (`data.views=1`)."""
-    views = 1 if trains_classifier(name) else cfg.data.views
-    return dataclasses.replace(
-        cfg, loss=dataclasses.replace(cfg.loss, name=name), data=dataclasses.replace(cfg.data, views=views)
-    )
+    """`cfg` with `loss.name=name`; the classifier baseline trains one view per image (`data.views=1`, at
+    `data.image_size`: no multi-crop)."""
+    classifier = trains_classifier(name)
+    views = 1 if classifier else cfg.data.views
+    view_sizes = None if classifier else cfg.data.view_sizes
+    data = dataclasses.replace(cfg.data, views=views, view_sizes=view_sizes)
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, name=name), data=data)

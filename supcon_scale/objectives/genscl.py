@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,6 +36,8 @@ class GenSCLObjective(Objective):
         teacher_model = None
         if cfg.kd.teacher is not None:
             teacher_model = teacher.load(cfg.kd, num_classes).to(ctx.device)
+            if cfg.data.view_sizes:  # multi-crop: the teacher labels the small views too
+                teacher_model.check_sizes(sorted(set(cfg.data.view_sizes)), ctx.device)
         return cls(contrastive_loss(cfg.loss, equal_batches=cfg.data.drop_last), mixer, teacher_model, cfg.kd.alpha)
 
     def prepare(self, views, labels):
@@ -47,7 +48,7 @@ class GenSCLObjective(Objective):
             vectors = one_hot[:, None].expand(-1, len(views), -1)
         soft = None
         if self.teacher is not None:  # the teacher labels exactly the (mixed) views the student sees
-            soft = per_sample(self.teacher(torch.cat(views)), len(views))
+            soft = per_sample(self.teacher(views), len(views))  # one pass per size (multi-crop)
         return views, (vectors, soft)
 
     def forward(self, features, targets):

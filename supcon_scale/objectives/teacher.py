@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -24,8 +25,25 @@ class Teacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x).float() / self.temperature, dim=-1)
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Softened predictions of one batch, or of a step's views (rows view-major), one pass per size group."""
+        groups = [x] if isinstance(x, torch.Tensor) else models.same_size_groups(x)
+        logits = torch.cat([self.model(group).float() for group in groups])
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    @torch.no_grad()
+    def check_sizes(self, sizes: Sequence[int], device: torch.device) -> None:
+        """Refuse view sizes the teacher cannot label (a fixed-input-size family such as ViT, built for one size):
+        one image of each size through it, before the first step."""
+        for size in sizes:
+            try:
+                self.model(torch.zeros(1, 3, size, size, device=device))
+            except Exception as exc:  # timm's families raise Assertion-, Runtime- or ValueErrors
+                reason = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise ValueError(
+                    f"kd.teacher: the teacher cannot label the {size} px views of data.view_sizes "
+                    f"({type(exc).__name__}: {reason}); use one view size or a teacher that takes any size"
+                ) from None
 
 
 def load(cfg: config.KDConfig, num_classes: int) -> Teacher:
