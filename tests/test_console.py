@@ -241,7 +241,7 @@ def test_the_time_shares_do_not_depend_on_the_hook_order(reverse: bool):
     for step, (views, labels) in enumerate(clock.batches(loader()), 1):
         for hook in hooks:
             views, labels = hook.on_batch(step, views, labels)
-        _, stepped = trainer.train_step(engine, objective, views, labels, clock)
+        _, stepped, _ = trainer.train_step(engine, objective, views, labels, clock)
         assert stepped
         for hook in hooks:
             hook.on_step(_info(step))
