@@ -20,7 +20,8 @@ from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(
-    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d+)/\d+ epoch (\d+) loss (\d+\.\d{4}) lr (\S+) ([\d,]+) views/s "
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d+)/\d+ epoch (\d+) loss (\d+\.\d{4}) emb-std \d\.\d{4} lr (\S+) "
+    r"([\d,]+) views/s "
     r"data (\d+)% fwd\+bwd (\d+)% optim (\d+)% eta \d+:\d\d:\d\d$"
 )
 

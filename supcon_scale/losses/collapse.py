@@ -59,7 +59,7 @@ class CollapseWatch:
         if self.low >= self.patience:
             seen.append(f"embedding std {std:.2g} (healthy about 1/sqrt({dim}) = {healthy:.3f})")
         if self.flat >= self.patience:
-            seen.append(f"loss {loss:.4f} = log(M - 1) = {uniform:.4f}, the loss of equal logits")
+            seen.append(f"loss {loss:.4f} at log(M - 1) = {uniform:.4f}, the loss of equal logits")
         return (
             f"the embeddings look collapsed: {' and '.join(seen)} for {max(self.low, self.flat)} log windows in a "
             "row; try a learning-rate warm-up (train.warmup_epochs) or a lower optim.base_lr"
