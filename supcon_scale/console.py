@@ -278,7 +278,8 @@ class TrainLogger(Hook):
     `trainer.train_step` and around the loop's batches (see `Clock`).
 
     Each record also holds `embedding_std` of the step's embeddings (the collapse watch, which warns once when the
-    run looks collapsed; `uniform_loss(views)` is the objective's loss at equal logits) and the fields of each of
+    run looks collapsed; `uniform_loss(views)` is the objective's loss at equal logits or None, and no watch runs
+    without it) and the fields of each of
     `feeders` (`log_fields()`, asked on every rank at each log point: the online probe's window top-1); a feeder
     must have seen the step already, so it comes before the logger in the hook list."""
 
@@ -365,10 +366,11 @@ class TrainLogger(Hook):
         z = getattr(info.output, "z", info.output)  # the embeddings: a models.Output's z, or the tensor itself
         if isinstance(z, torch.Tensor):
             fields["embedding_std"] = embedding_std(z)
-            uniform = self.uniform_loss(info.views) if self.uniform_loss is not None else None
-            said = self.watch.check(fields["embedding_std"], z.shape[-1], self.loss, uniform)
-            if said is not None and self.is_main:
-                warn(f"step {info.step}: {said}")
+            if self.uniform_loss is not None:  # an embedding run (a classifier's logits are no embeddings)
+                uniform = self.uniform_loss(info.views)
+                said = self.watch.check(fields["embedding_std"], z.shape[-1], self.loss, uniform)
+                if said is not None and self.is_main:
+                    warn(f"step {info.step}: {said}")
         for feeder in self.feeders:
             fields.update(feeder.log_fields())
         return fields

@@ -169,7 +169,8 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     engine = engines.build(EngineSpec.from_run(cfg), ctx, model, total_steps, warmup_steps)
     feeders = log_feeders(cfg, model.encoder.num_features, loader.num_classes, ctx)  # the probe: before the logger
     # metrics.jsonl and its sinks, the log lines, the time shares, the collapse watch
-    logger = TrainLogger(cfg, engine, total_steps, feeders, objective.uniform_loss)
+    watch = None if objectives.trains_classifier(cfg.loss.name) else objective.uniform_loss  # embeddings only
+    logger = TrainLogger(cfg, engine, total_steps, feeders, watch)
     hooks = [*feeders, logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
