@@ -279,9 +279,8 @@ class TrainLogger(Hook):
 
     Each record also holds `embedding_std` of the step's embeddings (the collapse watch, which warns once when the
     run looks collapsed; `uniform_loss(views)` is the objective's loss at equal logits or None, and no watch runs
-    without it) and the fields of each of
-    `feeders` (`log_fields()`, asked on every rank at each log point: the online probe's window top-1); a feeder
-    must have seen the step already, so it comes before the logger in the hook list."""
+    without it) and the fields of each of `feeders` (`log_fields()`, asked on every rank at each log point: the
+    online probe's window top-1); a feeder must have seen the step already, so it comes before the logger."""
 
     def __init__(
         self,

@@ -68,7 +68,7 @@ def train_step(
         views, targets = objective.prepare(views, labels)
         out = engine(views)
     out = objectives.per_sample(out, len(views))
-    loss = objective(_loss_input(out), targets)
+    loss = objective(loss_input(out), targets)
     engine.backward(loss)
     clock.mark()
     stepped = engine.step()
@@ -79,7 +79,7 @@ def train_step(
     return StepResult(loss.detach(), stepped, _detached(out))
 
 
-def _loss_input(out: torch.Tensor | models.Output) -> torch.Tensor | models.Output:
+def loss_input(out: torch.Tensor | models.Output) -> torch.Tensor | models.Output:
     """What the objective scores: the features the online probe reads are not its business (they are left out),
     and an `Output` holding nothing else is its embeddings alone."""
     if not isinstance(out, models.Output):

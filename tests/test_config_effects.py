@@ -178,7 +178,7 @@ def model_loss(cfg: config.RunConfig) -> Any:
     g = torch.Generator().manual_seed(4)
     views = [torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size, generator=g) for _ in range(2)]
     out = objectives.per_sample(model(views), 2)
-    loss = objective(trainer._loss_input(out), torch.tensor([0, 1, 1, 0]))
+    loss = objective(trainer.loss_input(out), torch.tensor([0, 1, 1, 0]))
     return {"shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}, "loss": loss.detach()}
 
 

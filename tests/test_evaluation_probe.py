@@ -177,3 +177,8 @@ def test_two_ranks_train_probe_and_ce_classifier_as_one_process(engine_name: str
         for k, v in one["probe"].items():
             np.testing.assert_allclose(rank["uneven"]["probe"][k], v, rtol=1e-5, atol=1e-6)
         assert rank["uneven"]["fields"] == one["fields"]
+
+
+def test_a_probe_lr_without_the_probe_warns():
+    with pytest.warns(UserWarning, match=r"^train.online_probe_lr only acts with train.online_probe=true$"):
+        assert trainer.log_feeders(_cfg("train.online_probe=false"), 8, CLASSES, CTX) == []

@@ -240,7 +240,7 @@ def test_ce_weight_adds_cross_entropy_of_the_classifier_and_reaches_the_encoder(
     views, labels = [torch.randn(6, 3, 16, 16, generator=g) for _ in range(2)], torch.tensor([0, 1, 2, 0, 1, 2])
     out = objectives.per_sample(model(views), 2)
     assert out.logits.shape == (6, 2, 3) and out.features is None
-    loss = objective(trainer._loss_input(out), labels)
+    loss = objective(trainer.loss_input(out), labels)
     log_p = torch.log_softmax(out.logits.double(), dim=-1)
     ce = -torch.stack([log_p[i, v, labels[i]] for i in range(6) for v in range(2)]).mean()
     supcon = SupConLoss(temperature=0.1)(out.z, labels)
