@@ -3,11 +3,13 @@ the sinks beside it); warnings on every rank, prefixed with the rank.
 
 A run's log line, every `train.log_every` steps when stderr is not a terminal (a SLURM job's log) or `log.plain`:
 
-    2026-12-01 20:42:27 step 120/3000 epoch 2 loss 5.1234 lr 0.48 1,234 views/s data 3% fwd+bwd 85% optim 9% \
-        eta 1:02:03 mem 10.2 GiB
+    2026-12-01 20:42:27 step 120/3000 epoch 2 loss 5.1234 emb-std 0.0712 probe top-1 45.20% [43.1, 47.3] \
+        (n=2,560) lr 0.48 1,234 views/s data 3% fwd+bwd 85% optim 9% eta 1:02:03 mem 10.2 GiB
 
-`data`, `fwd+bwd` and `optim` are shares of the window's wall time (StepClock: the rest went to hooks, monitors and
-checkpoint saves); `mem` (GPU only) is the window's peak of allocated device memory.
+`emb-std` is the collapse watch's spread of the step's embeddings (losses/collapse.py: 0 is collapse, about
+1/sqrt(D) healthy); `probe top-1` the online probe's accuracy on the window's training views (`train.online_probe`,
+with its 95% interval and n). `data`, `fwd+bwd` and `optim` are shares of the window's wall time (StepClock: the
+rest went to hooks, monitors and checkpoint saves); `mem` (GPU only) is the window's peak of allocated device memory.
 
 A kNN monitor's result (`train.knn_every_epochs`) gets a line of its own when it arrives, with its 95% interval:
 
@@ -25,7 +27,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +41,7 @@ from supcon_scale.config import RunView
 from supcon_scale.distributed import all_reduce_mean, world
 from supcon_scale.files import METRICS, open_append
 from supcon_scale.hooks import Hook, StepInfo
+from supcon_scale.losses.collapse import CollapseWatch, embedding_std
 
 if TYPE_CHECKING:  # the type only: engines/ would pull timm into every user of this module
     from supcon_scale.engines import Engine
@@ -272,9 +275,21 @@ class TrainLogger(Hook):
     views/s and the time shares go to `metrics.jsonl` and its sinks, and to the progress bar (a terminal) or one
     plain line (stderr not a terminal, or `log.plain`). Reading the loss is a host synchronisation, so it happens
     only then. A context manager: the bar and the sinks live as long as the block. Its `clock` goes to
-    `trainer.train_step` and around the loop's batches (see `Clock`)."""
+    `trainer.train_step` and around the loop's batches (see `Clock`).
 
-    def __init__(self, cfg: RunView, engine: Engine, total_steps: int):
+    Each record also holds `embedding_std` of the step's embeddings (the collapse watch, which warns once when the
+    run looks collapsed; `uniform_loss(views)` is the objective's loss at equal logits or None, and no watch runs
+    without it) and the fields of each of `feeders` (`log_fields()`, asked on every rank at each log point: the
+    online probe's window top-1); a feeder must have seen the step already, so it comes before the logger."""
+
+    def __init__(
+        self,
+        cfg: RunView,
+        engine: Engine,
+        total_steps: int,
+        feeders: Sequence[Any] = (),
+        uniform_loss: Callable[[int], float | None] | None = None,
+    ):
         ctx = engine.ctx
         sinks.check(cfg.log)  # on every rank: a missing extra stops them all, before anything is written
         self.cfg, self.engine, self.total_steps, self.is_main = cfg, engine, total_steps, ctx.is_main
@@ -289,6 +304,7 @@ class TrainLogger(Hook):
         self.window_start, self.window_views = time.time(), 0
         self.progress = TrainProgress(total_steps, 0, enabled=False)
         self.lines = False  # plain lines: decided when the block starts
+        self.feeders, self.uniform_loss, self.watch = list(feeders), uniform_loss, CollapseWatch()
 
     def on_resume(self, step: int, epoch: int) -> None:
         self.start_step, self.start_time = step, time.time()
@@ -331,6 +347,7 @@ class TrainLogger(Hook):
             "skipped_steps": self.engine.skipped_steps,
             **self.clock.shares(),
         }
+        record.update(self._step_fields(info))
         if self.cuda is not None:
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.cuda) / 2**30
             torch.cuda.reset_peak_memory_stats(self.cuda)
@@ -341,6 +358,27 @@ class TrainLogger(Hook):
             eta = (now - self.start_time) / max(info.step - self.start_step, 1) * (self.total_steps - info.step)
             print(log_line(record, self.total_steps, eta), file=sys.stderr, flush=True)
         self.window_start, self.window_views = time.time(), 0
+
+    def _step_fields(self, info: StepInfo) -> dict[str, Any]:
+        """The collapse watch's `embedding_std` (its warning, once, on the main rank) and the feeders' fields."""
+        fields: dict[str, Any] = {}
+        z = getattr(info.output, "z", info.output)  # the embeddings: a models.Output's z, or the tensor itself
+        if isinstance(z, torch.Tensor):
+            fields["embedding_std"] = embedding_std(z)
+            if self.uniform_loss is not None:  # an embedding run (a classifier's logits are no embeddings)
+                uniform = self.uniform_loss(info.views)
+                said = self.watch.check(fields["embedding_std"], z.shape[-1], self.loss, uniform)
+                if said is not None and self.is_main:
+                    warn(f"step {info.step}: {said}")
+        for feeder in self.feeders:
+            fields.update(feeder.log_fields())
+        return fields
+
+
+def probe_text(record: Mapping[str, Any]) -> str:
+    """ "probe top-1 45.20% [43.1, 47.3] (n=2,560)": the online probe's window top-1, its 95% interval and n."""
+    lo, hi = record["probe_top1_interval_95"]
+    return f"probe top-1 {100 * record['probe_top1']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={record['probe_n']:,})"
 
 
 def knn_text(record: Mapping[str, Any]) -> str:
@@ -359,6 +397,8 @@ def log_line(record: Mapping[str, Any], total_steps: int, eta_s: float) -> str:
         *head,
         f"epoch {record['epoch']}",
         f"loss {record['loss']:.4f}",
+        *([f"emb-std {record['embedding_std']:.4f}"] if record.get("embedding_std") is not None else []),
+        *([probe_text(record)] if "probe_top1" in record else []),
         f"lr {record['lr']:.4g}",
         f"{record['views_per_s']:,.0f} views/s",
     ]

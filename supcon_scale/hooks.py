@@ -24,6 +24,10 @@ class StepInfo:
     views: int  # views (images x V) that this step trained on, summed over every rank
     epoch_end: bool  # the last step of its epoch
     last: bool  # the last step of the run
+    # This rank's model output of the step, detached, per sample: the `[B, V, D]` embeddings, or a `models.Output`
+    # of `[B, V, ...]` fields (the encoder features for the online probe, the CE logits). None where no step ran it.
+    output: Any = None
+    labels: torch.Tensor | None = None  # this rank's integer labels `[B]` of the step (after the on_batch hooks)
 
 
 class Hook:

@@ -58,12 +58,23 @@ class SupConModel(nn.Module):
     one batch or the list of a step's views; views of one size share a forward pass (and its batch-norm statistics).
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, normalize: bool = True, normalize_input: bool = False):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: nn.Module,
+        normalize: bool = True,
+        normalize_input: bool = False,
+        classifier: nn.Module | None = None,
+        keep_features: bool = False,
+    ):
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.normalize = normalize
         self.normalize_input = normalize_input  # the official normalize_embedding: h / |h| before the head
+        # One-stage SupCon + CE (`loss.ce_weight`): a linear classifier on h beside the head, trained with the loss.
+        self.classifier = classifier
+        self.keep_features = keep_features  # `train.online_probe`: h, detached, for the probe hook
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | Output:
         if isinstance(x, torch.Tensor):
@@ -74,7 +85,11 @@ class SupConModel(nn.Module):
         """One batch of same-sized images to embeddings (or an `Output`)."""
         h = self.encoder(x)
         out = self.head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
-        return F.normalize(out.float(), dim=-1) if self.normalize else out
+        z = F.normalize(out.float(), dim=-1) if self.normalize else out
+        if self.classifier is None and not self.keep_features:
+            return z
+        logits = None if self.classifier is None else self.classifier(h)
+        return Output(z, logits=logits, features=h.detach() if self.keep_features else None)
 
 
 def check_local_name(name: object, key: str = "model.encoder") -> str:
@@ -440,10 +455,19 @@ def load_init(encoder: nn.Module, path: str) -> None:
     encoder.load_state_dict(state)
 
 
-def build(cfg: ModelConfig, num_classes: int | None = None, image_size: int | None = None) -> SupConModel:
+def build(
+    cfg: ModelConfig,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    *,
+    ce_classes: int | None = None,
+    features: bool = False,
+) -> SupConModel:
     """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline).
 
-    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`)."""
+    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`).
+    `ce_classes` adds a linear classifier on the encoder features beside the projection (`loss.ce_weight`) and
+    `features` returns those features, detached (`train.online_probe`): the forward then returns an `Output`."""
     encoder = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, image_size))
     if cfg.init_from is not None:
         load_init(encoder, cfg.init_from)
@@ -452,10 +476,15 @@ def build(cfg: ModelConfig, num_classes: int | None = None, image_size: int | No
             cfg.head, encoder.num_features, cfg.head_hidden_dim, cfg.feat_dim,
             hidden_layers=cfg.head_hidden_layers, batch_norm=cfg.head_batch_norm, bias=cfg.head_bias,
         )  # fmt: skip
-        model = SupConModel(encoder, head, normalize_input=cfg.normalize_encoder_output)
+        classifier = None if ce_classes is None else nn.Linear(encoder.num_features, ce_classes)
+        model = SupConModel(
+            encoder, head, normalize_input=cfg.normalize_encoder_output, classifier=classifier, keep_features=features
+        )
     else:
         classifier = nn.Linear(encoder.num_features, num_classes)
-        model = SupConModel(encoder, classifier, normalize=False, normalize_input=cfg.normalize_encoder_output)
+        model = SupConModel(
+            encoder, classifier, normalize=False, normalize_input=cfg.normalize_encoder_output, keep_features=features
+        )
     if cfg.sync_bn:
         model = convert_global_batchnorm(model)
     if cfg.activation_checkpointing:

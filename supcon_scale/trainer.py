@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,13 +38,22 @@ class FitResult:
     skipped_steps: int
 
 
+class StepResult(NamedTuple):
+    """What `train_step` returns: the loss (detached), whether the update was taken, and the model's output per
+    sample, detached (`[B, V, D]` embeddings or a `models.Output`; the hooks see it as `StepInfo.output`)."""
+
+    loss: torch.Tensor
+    stepped: bool
+    output: Any
+
+
 def train_step(
     engine: Engine,
     objective: objectives.Objective,
     views: list[torch.Tensor],
     labels: torch.Tensor,
     clock: Clock = NO_CLOCK,
-):
+) -> StepResult:
     """One update on a batch of V views: views of one size share one forward pass (and its batch-norm statistics).
 
     `clock` (the logger's console.StepClock) is marked here, where the step's phases begin and end."""
@@ -56,7 +67,8 @@ def train_step(
     with engine.autocast():
         views, targets = objective.prepare(views, labels)
         out = engine(views)
-    loss = objective(objectives.per_sample(out, len(views)), targets)
+    out = objectives.per_sample(out, len(views))
+    loss = objective(loss_input(out), targets)
     engine.backward(loss)
     clock.mark()
     stepped = engine.step()
@@ -64,7 +76,22 @@ def train_step(
         with torch.no_grad():
             torch._foreach_copy_(buffers, shadow)
     clock.stop()
-    return loss.detach(), stepped
+    return StepResult(loss.detach(), stepped, _detached(out))
+
+
+def loss_input(out: torch.Tensor | models.Output) -> torch.Tensor | models.Output:
+    """What the objective scores: the features the online probe reads are not its business (they are left out),
+    and an `Output` holding nothing else is its embeddings alone."""
+    if not isinstance(out, models.Output):
+        return out
+    out = out._replace(features=None)
+    return out.z if all(t is None for t in out[1:]) else out
+
+
+def _detached(out: torch.Tensor | models.Output) -> torch.Tensor | models.Output:
+    if isinstance(out, models.Output):
+        return models.Output(*(None if t is None else t.detach() for t in out))
+    return out.detach()
 
 
 _SHADOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -88,7 +115,8 @@ class Loop:
     """The parts one training loop runs: `fit` builds them from a RunConfig, the continual run from its stream.
 
     `batches(step, epoch)` yields the run's batches from where `checkpointer.resume()` left it; `hooks` are every
-    hook in call order (the logger first); `total_steps` is the run's last step."""
+    hook in call order (the logger's feeders, e.g. the online probe, then the logger, then the rest);
+    `total_steps` is the run's last step."""
 
     engine: Engine
     objective: objectives.Objective
@@ -114,11 +142,12 @@ def run_loop(parts: Loop) -> tuple[int, int]:
         for epoch, epoch_end, views, labels in batches:
             for hook in parts.hooks:
                 views, labels = hook.on_batch(step + 1, views, labels)
-            loss, stepped = train_step(parts.engine, parts.objective, views, labels, parts.logger.clock)
+            loss, stepped, output = train_step(parts.engine, parts.objective, views, labels, parts.logger.clock)
             step += 1
             parts.guard.update(step, loss, stepped, parts.checkpointer.newest)
             views_seen = len(views) * len(labels) * world
-            info = StepInfo(step, epoch, loss, stepped, views_seen, epoch_end, step == parts.total_steps)
+            last = step == parts.total_steps
+            info = StepInfo(step, epoch, loss, stepped, views_seen, epoch_end, last, output, labels)
             for component in (*parts.hooks, parts.checkpointer):
                 component.on_step(info)
     return step, epoch
@@ -135,11 +164,14 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
     objective = objectives.build(cfg, loader.num_classes, ctx, loader.classes_present)
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
-    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
+    model = build_model(cfg, objective)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(EngineSpec.from_run(cfg), ctx, model, total_steps, warmup_steps)
-    logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
-    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
+    feeders = log_feeders(cfg, model.encoder.num_features, loader.num_classes, ctx)  # the probe: before the logger
+    # metrics.jsonl and its sinks, the log lines, the time shares, the collapse watch
+    watch = None if objectives.trains_classifier(cfg.loss.name) else objective.uniform_loss  # embeddings only
+    logger = TrainLogger(cfg, engine, total_steps, feeders, watch)
+    hooks = [*feeders, logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
 
@@ -158,6 +190,27 @@ def fit(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> FitR
     if ctx.is_main and encoder_path is not None:
         console.print(f"[green]done[/] step {step}, epoch {epoch}: encoder exported to {encoder_path}")
     return FitResult(step, epoch, parts.logger.loss, time.time() - start, encoder_path, parts.engine.skipped_steps)
+
+
+def build_model(cfg: config.RunConfig, objective: objectives.Objective) -> models.SupConModel:
+    """The model `cfg` trains with `objective`: its head (projection or classifier), the classifier beside the
+    projection that `loss.ce_weight` trains, and the detached encoder features the online probe reads."""
+    return models.build(
+        cfg.model, objective.classifier_classes, cfg.data.image_size,
+        ce_classes=objective.ce_classes, features=cfg.train.online_probe,
+    )  # fmt: skip
+
+
+def log_feeders(cfg: config.RunConfig, num_features: int, num_classes: int, ctx: Context) -> list[Hook]:
+    """The hooks whose numbers join the log line (`train.online_probe`): they run before the TrainLogger."""
+    if not cfg.train.online_probe:
+        if cfg.train.online_probe_lr != config.TrainConfig().online_probe_lr:
+            warnings.warn("train.online_probe_lr only acts with train.online_probe=true", stacklevel=2)
+        return []
+    from supcon_scale.evaluation.probe import OnlineProbe  # evaluation sits beside the trainer; imported when used
+
+    lr = cfg.train.online_probe_lr
+    return [OnlineProbe(num_features, num_classes, lr, ctx.device, cfg.seed, equal_batches=cfg.data.drop_last)]
 
 
 def schedule_steps(train: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:

@@ -55,6 +55,8 @@ SLOW_TWINS: frozenset[str] = frozenset(
         "tests/test_launch.py::test_two_node_deepspeed_launcher_trains_and_checkpoints",
         "tests/test_trainer.py::test_cli_trains_on_two_torchrun_ranks",
         "tests/test_trainer.py::test_cli_batch_not_divisible_by_world",
+        # the probe and the CE classifier on DeepSpeed (# the same test on FSDP2)
+        "tests/test_evaluation_probe.py::test_two_ranks_train_probe_and_ce_classifier_as_one_process[deepspeed]",
         "tests/test_trainer.py::test_genscl_with_mixing_resumes_exactly",  # (# test_state_roundtrip's GenSCL run)
         "tests/test_hostile_runs.py::test_ranks_with_different_configs_are_refused_naming_keys_and_ranks[extra1-loss.temperature]",
         "tests/test_data_badfiles.py::test_scan_over_ranks_finds_what_one_process_finds[3]",

@@ -170,6 +170,33 @@ def run_monitors(cfg: config.RunConfig) -> Any:
 
 
 @_quiet
+def model_loss(cfg: config.RunConfig) -> Any:
+    """The model trainer.fit builds for the objective (its parameters) and the loss of one forward on fixed views."""
+    objective = objectives.build(cfg, NUM_CLASSES, CTX)
+    torch.manual_seed(0)
+    model = trainer.build_model(cfg, objective)
+    g = torch.Generator().manual_seed(4)
+    views = [torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size, generator=g) for _ in range(2)]
+    out = objectives.per_sample(model(views), 2)
+    loss = objective(trainer.loss_input(out), torch.tensor([0, 1, 1, 0]))
+    return {"shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}, "loss": loss.detach()}
+
+
+@_quiet
+def probe_update(cfg: config.RunConfig) -> Any:
+    """The log feeders trainer.fit adds (the online probe) and their weights after one step on fixed features."""
+    from supcon_scale.hooks import StepInfo
+
+    feeders = trainer.log_feeders(cfg, 6, NUM_CLASSES, CTX)
+    g = torch.Generator().manual_seed(5)
+    output = models.Output(torch.randn(4, 2, 3, generator=g), features=torch.randn(4, 2, 6, generator=g))
+    info = StepInfo(1, 0, torch.tensor(1.0), True, 8, False, False, output, torch.tensor([0, 1, 2, 3]))
+    for feeder in feeders:
+        feeder.on_step(info)
+    return [(type(f).__name__, [p.detach().clone() for p in f.linear.parameters()]) for f in feeders]
+
+
+@_quiet
 def guard_steps(cfg: config.RunConfig) -> Any:
     """How many skipped fp32 steps in a row the non-finite guard lets pass (trainer.fit builds it so)."""
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
@@ -250,6 +277,7 @@ EFFECTS: dict[str, tuple] = {
     "loss.label_smoothing": (objective_loss, ["loss.name=cross_entropy"], "0.3"),
     "loss.denominator_mode": (objective_loss, [], "one_positive"),
     "loss.positives_cap": (objective_loss, [], "1"),
+    "loss.ce_weight": (model_loss, MODEL, "0.5"),
     "optim.name": (engine_steps, ENGINE, "sgd"),
     "optim.base_lr": (engine_steps, ENGINE, "1"),
     "optim.scale_lr": (engine_steps, [*ENGINE, "data.global_batch_size=8"], "false"),
@@ -269,6 +297,8 @@ EFFECTS: dict[str, tuple] = {
     "train.knn_every_epochs": (run_monitors, [*MODEL, "data.root={noise}"], "1", "2"),
     "train.profile_steps": (run_monitors, MODEL, "2-4", "3-3"),
     "train.max_bad_steps": (guard_steps, [], "2"),
+    "train.online_probe": (probe_update, [], "true"),
+    "train.online_probe_lr": (probe_update, ["train.online_probe=true"], "0.5"),
     "train.compile": (engine_built, MODEL, "true"),
     "train.preempt_signal": (preemption, [], "SIGUSR1"),
     "mix.mixup_alpha": (objective_loss, GENSCL, "1.0"),

@@ -20,7 +20,8 @@ from supcon_scale.hooks import Hook, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(
-    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d+)/\d+ epoch (\d+) loss (\d+\.\d{4}) lr (\S+) ([\d,]+) views/s "
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d+)/\d+ epoch (\d+) loss (\d+\.\d{4}) emb-std \d\.\d{4} lr (\S+) "
+    r"([\d,]+) views/s "
     r"data (\d+)% fwd\+bwd (\d+)% optim (\d+)% eta \d+:\d\d:\d\d$"
 )
 
@@ -241,7 +242,7 @@ def test_the_time_shares_do_not_depend_on_the_hook_order(reverse: bool):
     for step, (views, labels) in enumerate(clock.batches(loader()), 1):
         for hook in hooks:
             views, labels = hook.on_batch(step, views, labels)
-        _, stepped = trainer.train_step(engine, objective, views, labels, clock)
+        _, stepped, _ = trainer.train_step(engine, objective, views, labels, clock)
         assert stepped
         for hook in hooks:
             hook.on_step(_info(step))

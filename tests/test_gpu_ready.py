@@ -164,7 +164,7 @@ def test_at_most_one_host_read_per_training_step(overrides: list[str]):
             views = [torch.rand(16, 3, 32, 32, generator=g) for _ in range(cfg.data.views)]
             labels = torch.randint(0, 10, (16,), generator=g)
             with count_host_reads() as counts:
-                loss, stepped = trainer.train_step(engine, objective, views, labels)
+                loss, stepped, _ = trainer.train_step(engine, objective, views, labels)
                 guard.update(step, loss, stepped, None)
                 assert not preemption.requested()
             assert sum(counts.values()) <= (1 if stepped else 2), (step, stepped, dict(counts))
@@ -184,7 +184,7 @@ def test_skipped_step_restores_batch_norm_statistics_exactly():
     trainer.train_step(engine, objective, views, labels)
     before = {k: v.clone() for k, v in engine.unwrapped().state_dict().items()}
     views[0][0, 0, 0, 0] = float("nan")
-    _, stepped = trainer.train_step(engine, objective, views, labels)
+    _, stepped, _ = trainer.train_step(engine, objective, views, labels)
     assert not stepped
     after = engine.unwrapped().state_dict()
     for k, v in before.items():

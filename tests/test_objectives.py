@@ -218,3 +218,53 @@ def test_timm_teacher_loads_its_weights_file(tmp_path: Path, suffix: str):
         assert torch.equal(v, state[k]), k
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(t(x), torch.softmax(model.eval()(x) / 2.0, dim=-1))
+
+
+# --- one-stage SupCon + cross-entropy (loss.ce_weight) ----------------------------------------------------------
+
+
+def _ce_model(weight: float):
+    cfg = config.load(None, ["model.encoder=test_resnet", "model.feat_dim=8", "data.image_size=16",
+                             f"loss.ce_weight={weight}"])  # fmt: skip
+    objective = objectives.build(cfg, 3, distributed.Context())
+    torch.manual_seed(0)
+    return objective, trainer.build_model(cfg, objective)
+
+
+def test_ce_weight_adds_cross_entropy_of_the_classifier_and_reaches_the_encoder():
+    """loss = SupCon(z) + w * CE(logits), CE by hand in float64 over every view (each with its sample's label);
+    the classifier is part of the model and the CE's gradient reaches the encoder."""
+    objective, model = _ce_model(0.7)
+    assert objective.ce_classes == 3 and model.classifier.out_features == 3
+    g = torch.Generator().manual_seed(1)
+    views, labels = [torch.randn(6, 3, 16, 16, generator=g) for _ in range(2)], torch.tensor([0, 1, 2, 0, 1, 2])
+    out = objectives.per_sample(model(views), 2)
+    assert out.logits.shape == (6, 2, 3) and out.features is None
+    loss = objective(trainer.loss_input(out), labels)
+    log_p = torch.log_softmax(out.logits.double(), dim=-1)
+    ce = -torch.stack([log_p[i, v, labels[i]] for i in range(6) for v in range(2)]).mean()
+    supcon = SupConLoss(temperature=0.1)(out.z, labels)
+    assert float(loss) == pytest.approx(float(supcon) + 0.7 * float(ce), rel=1e-6)
+    (0.7 * ce).backward()  # the CE term alone: its gradient reaches the classifier and the encoder
+    assert model.classifier.weight.grad.abs().sum() > 0
+    stem = next(p for p in model.encoder.parameters() if p.ndim == 4)  # the first conv: furthest from the loss
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    assert objective.uniform_loss(12) is None  # the CE part at collapse is no fixed number
+
+
+@pytest.mark.parametrize("name", ["simclr", "cross_entropy", "genscl"])
+def test_ce_weight_is_refused_without_supcon(name: str):
+    cfg = config.load(None, [f"loss.name={name}", "loss.ce_weight=0.5"])
+    with pytest.raises(config.ConfigError, match=rf"^loss.ce_weight=0.5: .*needs loss.name=supcon; loss.name={name}"):
+        config.check_run(cfg)
+
+
+@pytest.mark.parametrize("variant, scale", [("out", "none"), ("in", "none"), ("out", "base_temperature")])
+def test_uniform_loss_is_the_loss_of_identical_embeddings(variant: str, scale: str):
+    """Every embedding the same (total collapse): the loss is log(M - 1), times the loss's scale."""
+    cfg = config.load(None, [f"loss.variant={variant}", f"loss.scale={scale}"])
+    objective = objectives.build(cfg, 3, distributed.Context())
+    z = torch.nn.functional.normalize(torch.ones(8, 2, 4), dim=-1)
+    loss = objective(z, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert float(loss) == pytest.approx(objective.uniform_loss(16), rel=1e-6)
+    assert objective.uniform_loss(512) == pytest.approx(math.log(511) * (0.1 / 0.07 if scale != "none" else 1))

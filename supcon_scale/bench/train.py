@@ -67,7 +67,7 @@ def measure(
         batches, num_classes = loader_batches(loader), loader.num_classes
     objective = objectives.build(cfg, num_classes, ctx)
     torch.manual_seed(0)
-    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
+    model = trainer.build_model(cfg, objective)  # the classifier of loss.ce_weight, as a run builds it
     engine = engines.build(engines.EngineSpec.from_run(cfg), ctx, model, total_steps=steps + warmup, warmup_steps=0)
     engine.train()
     if ctx.device.type == "cuda":

@@ -24,6 +24,12 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
         )
     if device_type is not None and cfg.data.backend == "dali-gpu" and device_type != "cuda":
         raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
+    if cfg.loss.ce_weight > 0 and cfg.loss.name != "supcon":
+        why = {"simclr": "has no labels", "cross_entropy": "is cross-entropy already", "genscl": "has label vectors"}
+        raise ConfigError(
+            f"loss.ce_weight={cfg.loss.ce_weight}: one-stage SupCon + cross-entropy needs loss.name=supcon; "
+            f"loss.name={cfg.loss.name} {why.get(cfg.loss.name, 'is not supcon')} (set loss.ce_weight=0)"
+        )
     _check_sampler(cfg)
 
 

@@ -26,7 +26,8 @@ def per_sample(out: torch.Tensor | Output, views: int) -> torch.Tensor | Output:
 class Objective(nn.Module):
     """`prepare(views, labels) -> (views, targets)` before the forward pass, then `objective(features, targets)`.
 
-    `classifier_classes` is the number of outputs the model's head must have, or None for the projection head.
+    `classifier_classes` is the number of outputs the model's head must have, or None for the projection head;
+    `ce_classes` those of a linear classifier beside the projection head (`loss.ce_weight`), or None for none.
     """
 
     needs_labels = True  # build() refuses a single-class dataset: no negatives, nothing to contrast or classify
@@ -36,6 +37,7 @@ class Objective(nn.Module):
         super().__init__()
         self.loss = loss
         self.classifier_classes = classifier_classes
+        self.ce_classes: int | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> Objective:
@@ -47,6 +49,11 @@ class Objective(nn.Module):
 
     def forward(self, features: torch.Tensor, targets: Any) -> torch.Tensor:
         return self.loss(features, targets)
+
+    def uniform_loss(self, views: int) -> float | None:
+        """The loss at total collapse (every logit equal) on a step of `views` views over all ranks, which the
+        collapse watch compares the logged loss with; None where it is not one known number."""
+        return None
 
     def convention(self) -> dict:
         """What the loss computes (name, temperature, scale ...), written into every checkpoint's meta."""

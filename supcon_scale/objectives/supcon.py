@@ -1,11 +1,21 @@
-"""SupCon (Khosla et al. 2020, eq. 2) on the loader's labels, or SimCLR without them: the projection head's output."""
+"""SupCon (Khosla et al. 2020, eq. 2) on the loader's labels, or SimCLR without them: the projection head's output.
+
+With `loss.ce_weight` > 0, one-stage SupCon + cross-entropy (HobbitLong/SupContrast issues #6, #103, #136): a linear
+classifier on the encoder features (`models.Output.logits`) trained with the loss, `supcon + ce_weight * CE`.
+"""
 
 from __future__ import annotations
+
+import math
+
+import torch
 
 from supcon_scale.config import LossConfig, RunConfig
 from supcon_scale.distributed import Context
 from supcon_scale.losses import SupConLoss
+from supcon_scale.models import Output
 from supcon_scale.objectives.base import Objective
+from supcon_scale.objectives.cross_entropy import CrossEntropyLoss
 
 # The `loss.name`s that `losses.SupConLoss` computes; SimCLR is the one that contrasts views of an image only.
 CONTRASTIVE = ("supcon", "simclr", "genscl")
@@ -32,11 +42,41 @@ def contrastive_loss(cfg: LossConfig, equal_batches: bool = False) -> SupConLoss
 
 
 class ContrastiveObjective(Objective):
-    """The loader's batch as it is, contrasted by `losses.SupConLoss`."""
+    """The loader's batch as it is, contrasted by `losses.SupConLoss`; with `ce_weight` > 0 plus `ce_weight` times
+    the cross-entropy of the model's classifier logits (every view of a sample has the sample's label)."""
+
+    def __init__(self, loss: SupConLoss, ce_weight: float = 0.0, num_classes: int | None = None):
+        super().__init__(loss)
+        self.ce_weight = float(ce_weight)
+        self.cross_entropy = CrossEntropyLoss()
+        if self.ce_weight > 0:
+            assert num_classes is not None, "loss.ce_weight needs the number of classes"
+            self.ce_classes = num_classes  # the model gets the classifier (models.build(ce_classes=...))
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> ContrastiveObjective:
-        return cls(contrastive_loss(cfg.loss, equal_batches=cfg.data.drop_last))  # drop_last: every rank the same batch
+        loss = contrastive_loss(cfg.loss, equal_batches=cfg.data.drop_last)  # drop_last: every rank the same batch
+        return cls(loss, cfg.loss.ce_weight, num_classes)
+
+    def forward(self, features: torch.Tensor | Output, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(features, Output):
+            return self.loss(features, targets)
+        loss = self.loss(features.z, targets)
+        if self.ce_weight > 0:
+            # The local mean over views; DDP's gradient average makes it the global one (equal batches per rank).
+            loss = loss + self.ce_weight * self.cross_entropy(features.logits, targets)
+        return loss
+
+    def uniform_loss(self, views: int) -> float | None:
+        """log(M - 1), scaled as the loss is: every anchor's softmax over the M - 1 other views of the contrast set
+        is uniform, for L_out and L_in alike. Unknown with CE added or the official denominator options."""
+        loss = self.loss
+        if self.ce_weight > 0 or loss.denominator_mode != "all" or loss.positives_cap is not None or views < 3:
+            return None
+        return math.log(views - 1) * loss.scale_factor()
+
+    def convention(self) -> dict:
+        return {**self.loss.convention(), **({"ce_weight": self.ce_weight} if self.ce_weight > 0 else {})}
 
 
 class SimCLRObjective(ContrastiveObjective):
