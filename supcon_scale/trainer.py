@@ -139,7 +139,8 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(EngineSpec.from_run(cfg), ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
-    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
+    # the objective's hooks (its key queue) are stateful: in the list the Checkpointer saves and restores
+    hooks = [logger, *objective.hooks(), *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
 

@@ -22,3 +22,26 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
         )
     if device_type is not None and cfg.data.backend == "dali-gpu" and device_type != "cuda":
         raise ConfigError("data.backend=dali-gpu needs a CUDA GPU but this process has none (use dali or dali-cpu)")
+    check_queue(cfg)
+
+
+QUEUE_BUDGET_BYTES = 2**30  # the key queue's float32 rows on the device: at most 1 GiB (MoCo's 65,536 x 128 is 32 MiB)
+
+
+def check_queue(cfg: RunConfig) -> None:
+    """`loss.queue_size`: whole samples of data.views views, within the memory budget, and a loss that has keys."""
+    size = cfg.loss.queue_size
+    if size == 0:
+        return
+    if cfg.loss.name not in ("supcon", "simclr"):
+        raise ConfigError(
+            f"loss.queue_size={size} needs loss.name=supcon or simclr; loss.name={cfg.loss.name} has "
+            + ("label vectors, which a queue's keys do not carry" if cfg.loss.name == "genscl" else "no embeddings")
+        )
+    if size % cfg.data.views:
+        raise ConfigError(f"loss.queue_size={size} must be a multiple of data.views={cfg.data.views} (whole samples)")
+    if size * cfg.model.feat_dim * 4 > QUEUE_BUDGET_BYTES:
+        raise ConfigError(
+            f"loss.queue_size={size} keys of model.feat_dim={cfg.model.feat_dim} floats take "
+            f"{size * cfg.model.feat_dim * 4 / 2**30:.2f} GiB, over the queue's 1 GiB budget"
+        )
