@@ -69,7 +69,7 @@ class KeyQueue(StatefulHook):
         """FIFO: write the global batch's `keys` [N * V, D] and `labels` [N] at the pointer, wrapping around; a batch
         larger than the queue keeps its last samples."""
         n = labels.shape[0]
-        keys = keys.reshape(n, self.views, -1)
+        keys = keys.reshape(n, self.views, self.keys.shape[1])
         if n > self.slots:  # only the newest `slots` samples would survive the wrap
             keys, labels, self.ptr = keys[n - self.slots :], labels[n - self.slots :], (self.ptr + n) % self.slots
             n = self.slots
