@@ -149,3 +149,14 @@ def test_key_mistakes_raise_value_error():
         loss(feats, labels, keys, key_labels[:2])
     with pytest.raises(ValueError, match="label vectors"):
         loss(feats, torch.nn.functional.one_hot(labels, 3).double(), keys, key_labels)
+
+
+def test_bench_loss_queue_case_in_process():
+    """`tools/bench_loss.py --queue K`: one case in this process (the tool runs each in a fresh one), and K checked."""
+    from supcon_scale.bench.loss import main, run_case
+
+    for impl in ("tiled", "matmul"):
+        row = run_case(impl, 16, 8, "cpu", 1, classes=3, queue=8)
+        assert row["queue"] == 8 and row["seconds"] > 0 and row["peak_bytes"] >= row["baseline_bytes"]
+    with pytest.raises(SystemExit):
+        main(["--queue", "3"])

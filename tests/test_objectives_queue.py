@@ -191,6 +191,7 @@ def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
             "loss.queue_size=48",  # 24 samples: the queue wraps in the 4 steps of 16
             "train.epochs=1",
             "train.warmup_epochs=0",
+            "optim.schedule=constant",  # the stop at max_steps=2 leaves the learning rates as they were
             "train.max_steps=4",
             "train.progress=false",
             "train.resume=auto",

@@ -23,14 +23,17 @@ NO_LABEL = -1  # the stored label of a key staged without labels (SimCLR never r
 
 class KeyQueue(StatefulHook):
     """A ring buffer of `size` key rows ([size, dim] float32 on `device`, `views` rows per queued sample, sample
-    major) with one label per sample, a write pointer and a fill count (both in samples)."""
+    major) with one label per sample, a write pointer and a fill count (both in samples). `equal_batches` (every
+    rank the same batch size, data.drop_last) saves the per-step exchange of the ranks' sizes and its host read."""
 
     state_key = "key_queue"
 
-    def __init__(self, size: int, dim: int, views: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self, size: int, dim: int, views: int, device: torch.device | str = "cpu", equal_batches: bool = False
+    ):
         if size <= 0 or size % views:
             raise ValueError(f"loss.queue_size must be a positive multiple of data.views={views}, got {size}")
-        self.views = views
+        self.views, self.equal_batches = views, equal_batches
         self.slots = size // views  # queued samples
         self.keys = torch.zeros(size, dim, dtype=torch.float32, device=device)
         self.labels = torch.full((self.slots,), NO_LABEL, dtype=torch.long, device=device)
@@ -60,7 +63,7 @@ class KeyQueue(StatefulHook):
         n = keys.shape[0] // self.views
         if labels is None:
             labels = torch.full((n,), NO_LABEL, dtype=torch.long, device=keys.device)
-        sizes = distributed.local_sizes(n, keys.device)
+        sizes = [n] * distributed.world()[1] if self.equal_batches else distributed.local_sizes(n, keys.device)
         keys = distributed.all_gather_no_grad(keys, [s * self.views for s in sizes])
         labels = distributed.all_gather_no_grad(labels.long(), sizes)
         self.enqueue(keys, labels)

@@ -50,10 +50,11 @@ class ContrastiveObjective(Objective):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_classes: int, ctx: Context) -> ContrastiveObjective:
+        equal = cfg.data.drop_last  # every rank the same batch
         queue = None
         if cfg.loss.queue_size > 0:
-            queue = KeyQueue(cfg.loss.queue_size, cfg.model.feat_dim, cfg.data.views, ctx.device)
-        return cls(contrastive_loss(cfg.loss, equal_batches=cfg.data.drop_last), queue)  # drop_last: equal batches
+            queue = KeyQueue(cfg.loss.queue_size, cfg.model.feat_dim, cfg.data.views, ctx.device, equal)
+        return cls(contrastive_loss(cfg.loss, equal_batches=equal), queue)
 
     def forward(self, features: torch.Tensor | Output, targets: torch.Tensor) -> torch.Tensor:
         """The loss on the embeddings `z` ([B, V, D]) against the batch and the queue's keys; stages this step's
