@@ -281,9 +281,11 @@ class SupConLoss(nn.Module):
         self_col = torch.arange(offset, offset + b * v, stride, device=device)
         k, key_labels = keyed
         if labels is None:  # SimCLR: the positives of a view are the other views of its image (a key's: none)
-            contrast_ids = torch.arange(m + k, device=device) // v
+            contrast_ids = torch.arange(m, device=device) // v
+            if k:  # every key: one id no anchor has (a key is never a positive)
+                contrast_ids = torch.cat([contrast_ids, contrast_ids.new_full((k,), m // v)])
             return Positives(
-                self_col // v, contrast_ids, None, None, self_col, views=v, self_col_host=host, num_ids=(m + k) // v
+                self_col // v, contrast_ids, None, None, self_col, views=v, self_col_host=host, num_ids=m // v + (k > 0)
             )
         all_labels = distributed.all_gather_no_grad(labels, [n // v for n in sizes]) if sizes else labels
         if labels.ndim == 1:
@@ -297,7 +299,7 @@ class SupConLoss(nn.Module):
                 self_col,
                 views=v,
                 self_col_host=host,
-                num_ids=ids.shape[0],
+                num_ids=all_labels.shape[0] + (k > 0),
             )
             return pos if self.positives_cap is None else capped(pos, ids, self.positives_cap // v)
         if labels.ndim == 3:  # per-view vectors (GenSCL mixes each view on its own): rows are sample-major already
@@ -375,9 +377,14 @@ def _check_keys(
 
 
 def _sample_ids(labels: torch.Tensor, key_labels: torch.Tensor | None, queued: int) -> torch.Tensor:
-    """Compact ids of the batch's samples then the `queued` samples': by label, or (no key labels) an id of its own
-    for every queued sample, which no anchor shares."""
+    """Ids of the batch's B samples (compact, < B) then the `queued` samples': the id of the batch's samples of the
+    same label, else (a label no anchor has, or no key labels) B, which no anchor has. Only equality with an anchor
+    matters, so the class sums of the positive term stay [B + 1, D] however long the queue."""
+    ids = compact_ids(labels)
     if key_labels is None:
-        own = torch.arange(labels.shape[0], labels.shape[0] + queued, device=labels.device)
-        return torch.cat([compact_ids(labels), own])
-    return compact_ids(torch.cat([labels, key_labels.to(labels.dtype)]))
+        return torch.cat([ids, ids.new_full((queued,), labels.shape[0])])
+    key_labels = key_labels.to(labels.dtype)
+    sorted_labels, order = torch.sort(labels)
+    at = torch.searchsorted(sorted_labels, key_labels).clamp_(max=labels.shape[0] - 1)
+    key_ids = torch.where(sorted_labels[at] == key_labels, ids[order[at]], labels.shape[0])
+    return torch.cat([ids, key_ids])
