@@ -20,7 +20,7 @@ image's other views). With N the negatives (other labels) and P the kept positiv
 A queue (MoCo, He et al. 2020; with labels PaCo, Cui et al. 2021; XBM, Wang et al. 2020): `keys` [K, D], unit rows
 without gradient, V views per queued sample (row = sample * V + view), are contrast columns after the gathered
 batch's; the anchors stay the local batch. A key is a positive of the anchors of its label (`key_labels`) and a
-negative of the others; without key labels (SimCLR) every queued sample has an id of its own, so its keys are only
+negative of the others; without key labels (SimCLR) the keys carry an id no anchor has, so they are only
 negatives. Every option above holds over the larger contrast set; `positives_cap` ranks the queued samples after the
 batch's, in the order the keys come (the queue's slot order). Dense concatenates the keys to the batch; tiled walks
 them as a second, gradient-free part of the columns.
