@@ -312,11 +312,12 @@ def queue_steps(device: torch.device, steps: int, batch: int, queue: int, dim: i
 
 
 def part_queue(check: Check) -> dict[str, Any]:
-    """The labelled queue on the device: 4 steps that fill and wrap it (65,536 keys of 128 on a GPU)."""
+    """The labelled queue on the device: steps that fill and wrap it (on a GPU 10 steps of 4,096 images, 2 views,
+    into 65,536 keys of 128)."""
     if check.smoke:
-        return queue_steps(check.device, 4, 16, 96, 16)
-    result = queue_steps(check.device, 4, 4096, 65536, 128)
-    if not result["finite"] or result["filled"] != 16384:
+        return queue_steps(check.device, 4, 16, 48, 16)
+    result = queue_steps(check.device, 10, 4096, 65536, 128)
+    if not result["finite"] or result["filled"] != 32768:
         raise AssertionError(f"the queue step went wrong: {result}")
     return result
 
