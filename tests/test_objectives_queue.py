@@ -230,8 +230,9 @@ def _elastic_queue(root: Path, out: Path, plan: list[tuple[int, str | None]]) ->
 @pytest.mark.slow
 def test_elastic_resume_two_three_one_keeps_the_queue(tmp_path: Path):
     """A 2-rank run resumed on 3 ranks, then on 1, ends with the uninterrupted 1-process run's queue: the same
-    labels, pointer and fill count exactly, the keys up to float noise (the ranks sum gradients in another order);
-    every rank's file of the 3-rank checkpoint holds the same queue."""
+    labels (of the same samples), pointer and fill count exactly; every rank's file of every checkpoint holds the
+    same queue. The keys are not compared: the weights themselves drift apart across world sizes (per-rank batch
+    norm, another summation order), as in tests/test_elastic.py, which compares the samples only."""
     from data_images import write_coded
 
     root = write_coded(tmp_path / "data", 4, 9)
@@ -240,7 +241,8 @@ def test_elastic_resume_two_three_one_keeps_the_queue(tmp_path: Path):
     queues = [torch.load(p / "rank_0.pt", weights_only=True)["data"]["key_queue"] for p in (want, got)]
     assert (queues[0]["ptr"], queues[0]["filled"]) == (queues[1]["ptr"], queues[1]["filled"]) == (12 * 6 % 8, 8)
     assert torch.equal(queues[0]["labels"], queues[1]["labels"])
-    torch.testing.assert_close(queues[1]["keys"], queues[0]["keys"], rtol=0, atol=1e-3)
+    norms = queues[1]["keys"].norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     ranks = sorted((tmp_path / "elastic").glob("**/rank_*.pt"))
     assert ranks  # the kept checkpoints' rank files
     by_dir: dict[Path, list] = {}
