@@ -81,7 +81,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("impl", ["dense", "tiled"])
 @pytest.mark.parametrize("variant", ["out", "in"])
 @pytest.mark.parametrize("mode", ["all", "one_positive", "only_negatives"])
-@pytest.mark.parametrize("cap", [None, 2, 4])
+@pytest.mark.parametrize("cap", [None, 2])
 @pytest.mark.parametrize("kind", ["labels", "none", "unlabelled_keys"])
 def test_queued_loss_matches_brute_force_float64(impl, variant, mode, cap, kind):
     feats, labels, keys, key_labels = make(seed=zlib.crc32(f"{impl}/{variant}/{mode}/{cap}/{kind}".encode()) % 997)
