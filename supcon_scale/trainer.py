@@ -171,7 +171,14 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     # metrics.jsonl and its sinks, the log lines, the time shares, the collapse watch
     watch = None if objectives.trains_classifier(cfg.loss.name) else objective.uniform_loss  # embeddings only
     logger = TrainLogger(cfg, engine, total_steps, feeders, watch)
-    hooks = [*feeders, logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
+    # the objective's hooks (its key queue) are stateful: in the list the Checkpointer saves and restores
+    hooks = [
+        *feeders,
+        logger,
+        *objective.hooks(),
+        *hooks,
+        *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics),
+    ]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
 

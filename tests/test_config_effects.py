@@ -25,6 +25,7 @@ from supcon_scale import config, engines, models, objectives, trainer
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
 from supcon_scale.engines import EngineSpec
+from supcon_scale.hooks import StepInfo
 from supcon_scale.resilience import NonFiniteError, NonFiniteGuard, PreemptionHandler
 
 CTX = Context(rank=0, world_size=1, local_rank=0)
@@ -160,6 +161,22 @@ def objective_loss(cfg: config.RunConfig) -> Any:
 
 
 @_quiet
+def queued_loss(cfg: config.RunConfig) -> Any:
+    """The objective's hooks and its loss on fixed features at the second of two applied steps (a queue, if any,
+    then holds the first step's keys)."""
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
+    objective = objectives.build(cfg, NUM_CLASSES, CTX)
+    losses = []
+    for step in (1, 2):
+        features = torch.randn(8, cfg.data.views, cfg.model.feat_dim, generator=g)
+        losses.append(objective(features, labels).detach())
+        for hook in objective.hooks():
+            hook.on_step(StepInfo(step, 0, losses[-1], True, 16, False, step == 2))
+    return {"hooks": [type(h).__name__ for h in objective.hooks()], "loss": losses[-1]}
+
+
+@_quiet
 def run_monitors(cfg: config.RunConfig) -> Any:
     """The monitors trainer.fit adds (at 4 steps per epoch) and their cadence."""
     hooks = trainer.monitors(cfg, _engine(cfg), 4, None)
@@ -278,6 +295,7 @@ EFFECTS: dict[str, tuple] = {
     "loss.denominator_mode": (objective_loss, [], "one_positive"),
     "loss.positives_cap": (objective_loss, [], "1"),
     "loss.ce_weight": (model_loss, MODEL, "0.5"),
+    "loss.queue_size": (queued_loss, ["model.feat_dim=8"], "4"),
     "optim.name": (engine_steps, ENGINE, "sgd"),
     "optim.base_lr": (engine_steps, ENGINE, "1"),
     "optim.scale_lr": (engine_steps, [*ENGINE, "data.global_batch_size=8"], "false"),

@@ -5,9 +5,9 @@ mid-epoch), times `once` against `roi` decoding, trains every engine end to end 
 (ddp bf16/fp16, fsdp bf16, deepspeed ZeRO-1/2, ddp compiled), checks the CUDA-only kernels (global batch norm
 against `F.batch_norm`, the gradient-carrying gather) on a one-rank NCCL group, counts the synchronisations of a
 training step (`torch.cuda.set_sync_debug_mode`), and runs `bench_train` (ResNet-50, then ViT-B/16: SupCon against
-cross-entropy, bf16) and `bench_loss` (tiled, M = 65,536). A failing part is recorded and the others still run; the
-exit status is 1 if any failed. `--smoke` runs the same parts tiny on the CPU (the CUDA-only ones report "skipped"),
-as the tests do.
+cross-entropy, bf16), `bench_loss` (tiled, M = 65,536) and a labelled queue's steps (`loss.queue_size`). A failing
+part is recorded and the others still run; the exit status is 1 if any failed. `--smoke` runs the same parts tiny
+on the CPU (the CUDA-only ones report "skipped"), as the tests do.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import sys
 import time
@@ -286,6 +287,41 @@ def part_bench_loss(check: Check) -> dict[str, Any]:
     return {"rows": json.loads(path.read_text())}
 
 
+def queue_steps(device: torch.device, steps: int, batch: int, queue: int, dim: int) -> dict[str, Any]:
+    """`steps` SupCon steps (tiled loss) of a linear encoder with a labelled key queue of `queue` keys on `device`:
+    the keys enter after each applied step (`objectives.queue.KeyQueue`). The CPU tests run it too."""
+    from supcon_scale.hooks import StepInfo
+
+    cfg = config.load(None, [f"model.feat_dim={dim}", f"loss.queue_size={queue}", "loss.impl=tiled"])
+    objective = objectives.build(cfg, 10, distributed.Context(device=device))
+    (keys,) = objective.hooks()
+    g = torch.Generator(device=device).manual_seed(0)
+    model = torch.nn.Linear(32, dim).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(1, steps + 1):
+        x = torch.randn(batch, 2, 32, device=device, generator=g)
+        y = torch.randint(0, 10, (batch,), device=device, generator=g)
+        loss = objective(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        keys.on_step(StepInfo(step, 0, loss.detach(), True, 2 * batch, False, step == steps))
+        losses.append(loss.item())
+    return {"losses": losses, "filled": keys.filled, "finite": all(map(math.isfinite, losses))}
+
+
+def part_queue(check: Check) -> dict[str, Any]:
+    """The labelled queue on the device: steps that fill and wrap it (on a GPU 10 steps of 4,096 images, 2 views,
+    into 65,536 keys of 128)."""
+    if check.smoke:
+        return queue_steps(check.device, 4, 16, 48, 16)
+    result = queue_steps(check.device, 10, 4096, 65536, 128)
+    if not result["finite"] or result["filled"] != 32768:
+        raise AssertionError(f"the queue step went wrong: {result}")
+    return result
+
+
 PARTS: list[tuple[str, Callable[[Check], dict[str, Any]]]] = [
     ("cuda", part_cuda),
     ("dali_loader", part_dali_loader),
@@ -296,6 +332,7 @@ PARTS: list[tuple[str, Callable[[Check], dict[str, Any]]]] = [
     ("bench_train", part_bench_train),
     ("bench_train_vit", part_bench_train_vit),
     ("bench_loss", part_bench_loss),
+    ("queue", part_queue),
 ]
 
 

@@ -3,6 +3,10 @@
 `matmul` is the bare `Z @ Z.T` forward+backward measured in the same run (the speed baseline); `peer` is
 pytorch-metric-learning's SupConLoss when installed. On the CPU each case runs in a fresh subprocess so its peak
 RSS is its own; `baseline_bytes` is that process's peak once the inputs exist, before the loss runs.
+
+`--queue K` adds, for every case, its twin with a labelled queue of K keys (`loss.queue_size`: K unit key rows
+and K / 2 labels, made before the baseline like the inputs, since the queue is the run's state, not the loss's): the
+loss over the M + K contrast set, and `matmul` over the same set (M x (M + K)).
 """
 
 from __future__ import annotations
@@ -24,15 +28,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_case(impl: str, views: int, dim: int, device: str, repeats: int, classes: int = 1000) -> dict:
-    """Time `repeats` forward+backward passes of one implementation on M = `views` embeddings (in this process)."""
+def run_case(impl: str, views: int, dim: int, device: str, repeats: int, classes: int = 1000, queue: int = 0) -> dict:
+    """Time `repeats` forward+backward passes of one implementation on M = `views` embeddings (in this process),
+    against `queue` queued keys besides the batch."""
     import torch
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(views // 2, 2, dim, generator=gen).to(dev)
     labels = torch.randint(0, classes, (views // 2,), generator=gen).to(dev)
-    fn = _loss_fn(impl)
+    keys = torch.randn(queue, dim, generator=gen)
+    keys = keys.div_(keys.norm(dim=1, keepdim=True)).to(dev)  # in place: no freed copy hides in the baseline peak
+    key_labels = torch.randint(0, classes, (queue // 2,), generator=gen).to(dev)
+    fn = _loss_fn(impl, keys, key_labels)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -59,20 +67,23 @@ def run_case(impl: str, views: int, dim: int, device: str, repeats: int, classes
         "peak_bytes": int(peak),
         "baseline_bytes": int(baseline),
         "repeats": repeats,
+        "queue": queue,
     }
 
 
-def _loss_fn(impl: str):
+def _loss_fn(impl: str, keys, key_labels):
     import torch
 
     if impl == "matmul":
 
         def bare(f, labels):
             z = f.reshape(-1, f.shape[-1])
-            return (z @ z.T).sum()
+            return (z @ (torch.cat([z, keys]) if keys.shape[0] else z).T).sum()
 
         return bare
     if impl == "peer":
+        if keys.shape[0]:
+            raise SystemExit("impl peer has no queue (pytorch-metric-learning's SupConLoss)")
         try:
             from pytorch_metric_learning.losses import SupConLoss as PeerLoss
         except ImportError:
@@ -85,7 +96,8 @@ def _loss_fn(impl: str):
         return run_peer
     from supcon_scale.losses import SupConLoss
 
-    return SupConLoss(temperature=0.1, impl=impl, gather=False)
+    loss = SupConLoss(temperature=0.1, impl=impl, gather=False)
+    return (lambda f, labels: loss(f, labels, keys, key_labels)) if keys.shape[0] else loss
 
 
 def _parse_list(text: str, cast, name: str) -> list:
@@ -95,8 +107,9 @@ def _parse_list(text: str, cast, name: str) -> list:
         raise SystemExit(f"--{name}: expected a comma-separated list, got {text!r}") from None
 
 
-def _run_subprocess(impl: str, views: int, dim: int, device: str, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "supcon_scale.bench.loss", "--case", f"{impl},{views},{dim},{device},{repeats}"]
+def _run_subprocess(impl: str, views: int, dim: int, device: str, repeats: int, timeout: float, queue: int = 0) -> dict:
+    case = f"{impl},{views},{dim},{device},{repeats},{queue}"
+    cmd = [sys.executable, "-m", "supcon_scale.bench.loss", "--case", case]
     row = {
         "impl": impl,
         "views": views,
@@ -106,6 +119,7 @@ def _run_subprocess(impl: str, views: int, dim: int, device: str, repeats: int, 
         "peak_bytes": None,
         "baseline_bytes": None,
         "repeats": repeats,
+        "queue": queue,
     }
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
@@ -126,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it is reported failed")
     parser.add_argument("--json", dest="json_path", help="write the rows as JSON here")
+    parser.add_argument("--queue", type=int, default=0, help="also each case with a labelled queue of K keys")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     args = parser.parse_args(argv)
     if args.case:
-        impl, views, dim, device, repeats = args.case.split(",")
-        print(json.dumps(run_case(impl, int(views), int(dim), device, int(repeats))))
+        impl, views, dim, device, repeats, queue = args.case.split(",")
+        print(json.dumps(run_case(impl, int(views), int(dim), device, int(repeats), queue=int(queue))))
         return 0
     views = _parse_list(args.views, int, "views")
     impls = _parse_list(args.impls, str, "impls")
@@ -141,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--views: every M must be an even number >= 2 (two views per image)")
     if args.repeats < 1 or args.dim < 1:
         parser.error("--repeats and --dim must be >= 1")
+    if args.queue < 0 or args.queue % 2:
+        parser.error("--queue: K must be an even number >= 0 (two views per queued image)")
+    if args.queue and "peer" in impls:
+        parser.error("--queue: impl peer has no queue")
     if args.device == "cuda":
         import torch
 
@@ -149,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for m in views:
         for impl in impls:
-            rows.append(_run_subprocess(impl, m, args.dim, args.device, args.repeats, args.timeout))
+            for k in (0, args.queue) if args.queue else (0,):
+                rows.append(_run_subprocess(impl, m, args.dim, args.device, args.repeats, args.timeout, k))
             if args.json_path:  # after every case: a later failure (or a killed run) keeps the finished figures
                 Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
@@ -172,22 +192,28 @@ def _print_table(rows: list[dict], machine: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"SupCon loss forward+backward ({machine})")
-    for col in ("impl", "M", "D", "median s", "x matmul", "peak above baseline"):
+    for col in ("impl", "M", "K", "D", "median s", "x matmul", "peak above baseline", "above plain"):
         table.add_column(col, justify="left" if col == "impl" else "right")
-    bare = {(r["views"], r["dim"]): r["seconds"] for r in rows if r["impl"] == "matmul" and r["seconds"]}
+
+    def case(r: dict) -> tuple:
+        return r["views"], r.get("queue", 0), r["dim"]
+
+    bare = {case(r): r["seconds"] for r in rows if r["impl"] == "matmul" and r["seconds"]}
+    above = {(r["impl"], *case(r)): r["peak_bytes"] - r["baseline_bytes"] for r in rows if r["seconds"] is not None}
     for r in rows:
+        names = (r["impl"], str(r["views"]), str(r.get("queue", 0)), str(r["dim"]))
         if r["seconds"] is None:
-            table.add_row(r["impl"], str(r["views"]), str(r["dim"]), r.get("error", "failed"), "", "")
+            table.add_row(*names, r.get("error", "failed"), "", "", "")
             continue
-        ref = bare.get((r["views"], r["dim"]))
-        above = (r["peak_bytes"] - r["baseline_bytes"]) / 2**20
+        ref = bare.get(case(r))
+        plain = above.get((r["impl"], r["views"], 0, r["dim"])) if r.get("queue") else None
+        mine = above[(r["impl"], *case(r))]
         table.add_row(
-            r["impl"],
-            str(r["views"]),
-            str(r["dim"]),
+            *names,
             f"{r['seconds']:.3f}",
             f"{r['seconds'] / ref:.2f}" if ref else "-",
-            f"{above:,.1f} MiB",
+            f"{mine / 2**20:,.1f} MiB",
+            "-" if plain is None else f"{(mine - plain) / 2**20:+,.1f} MiB",
         )
     Console().print(table)
 

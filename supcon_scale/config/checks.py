@@ -31,6 +31,7 @@ def check_run(cfg: RunConfig, world_size: int | None = None, device_type: str | 
             f"loss.name={cfg.loss.name} {why.get(cfg.loss.name, 'is not supcon')} (set loss.ce_weight=0)"
         )
     _check_sampler(cfg)
+    check_queue(cfg)
 
 
 def _check_sampler(cfg: RunConfig) -> None:
@@ -46,4 +47,26 @@ def _check_sampler(cfg: RunConfig) -> None:
         warnings.warn(
             f"data.m_per_class={data.m_per_class} does nothing with data.sampler=random (set data.sampler=m_per_class)",
             stacklevel=2,
+        )
+
+
+QUEUE_BUDGET_BYTES = 2**30  # the key queue's float32 rows on the device: at most 1 GiB (MoCo's 65,536 x 128 is 32 MiB)
+
+
+def check_queue(cfg: RunConfig) -> None:
+    """`loss.queue_size`: whole samples of data.views views, within the memory budget, and a loss that has keys."""
+    size = cfg.loss.queue_size
+    if size == 0:
+        return
+    if cfg.loss.name not in ("supcon", "simclr"):
+        raise ConfigError(
+            f"loss.queue_size={size} needs loss.name=supcon or simclr; loss.name={cfg.loss.name} has "
+            + ("label vectors, which a queue's keys do not carry" if cfg.loss.name == "genscl" else "no embeddings")
+        )
+    if size % cfg.data.views:
+        raise ConfigError(f"loss.queue_size={size} must be a multiple of data.views={cfg.data.views} (whole samples)")
+    if size * cfg.model.feat_dim * 4 > QUEUE_BUDGET_BYTES:
+        raise ConfigError(
+            f"loss.queue_size={size} keys of model.feat_dim={cfg.model.feat_dim} floats take "
+            f"{size * cfg.model.feat_dim * 4 / 2**30:.2f} GiB, over the queue's 1 GiB budget"
         )

@@ -207,7 +207,8 @@ class LossConfig:
     )
     queue_size: int = key(
         0,
-        "labelled queue: key views of earlier steps added to the contrast set (a multiple of data.views); 0: off",
+        "labelled queue: key views of earlier steps added to the contrast set (a multiple of data.views, "
+        "queue_size * model.feat_dim * 4 bytes <= 1 GiB; supcon and simclr); 0: off",
         ge=0,
     )
     ce_weight: float = key(

@@ -98,8 +98,9 @@ class Positives:
         assert kind in ("neg", "den"), kind
         return other.to(dtype)
 
-    def weighted_sum(self, za: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(self, za: torch.Tensor, zc: torch.Tensor, zk: torch.Tensor | None = None) -> torch.Tensor:
         """sum_c w_rc (z_r . z_c), self excluded, without the [n, M] matrix: class sums (ids) or Y^T Z (vectors).
+        `zk`: a queue's keys, contrast rows after zc's (ids only), in the class sums without gradient.
 
         The self term z_r . z_r is |z_r|^2, 1 for a unit row and 0 for a zero row, and has zero gradient through the
         normalisation, so it is subtracted as that constant (saving two [M, D] temporaries).
@@ -107,7 +108,7 @@ class Positives:
         self_dot = (torch.linalg.vector_norm(za.detach(), dim=1) > 0).to(za.dtype)
         if self.anchor_vecs is None:
             k = self.num_ids or int(self.contrast_ids.max()) + 1
-            return _ClassSumDot.apply(za, zc, self.anchor_ids, self.contrast_ids, k) - self_dot
+            return _ClassSumDot.apply(za, zc, self.anchor_ids, self.contrast_ids, k, zk) - self_dot
         proj = self.contrast_vecs.to(zc.dtype).T @ zc  # [C, D]
         ya = self.anchor_vecs.to(zc.dtype)
         return torch.linalg.vecdot(ya @ proj, za) - self.self_weight().to(zc.dtype) * self_dot
@@ -118,14 +119,21 @@ class _ClassSumDot(torch.autograd.Function):
 
     Autograd would keep the gathered [M, D] class sums for backward and build two more [M, D] temporaries there;
     this keeps the [classes, D] sums and works in row chunks. When the anchors are the contrast set (one process,
-    every view an anchor) both gradients land in one buffer.
+    every view an anchor) both gradients land in one buffer. A queue's keys `zk` (contrast rows M.., ids after the
+    batch's) add their class sums without gradient.
     """
 
     CHUNK = 4096
 
     @staticmethod
-    def forward(ctx, za, zc, anchor_ids, contrast_ids, k: int):
-        sums = zc.new_zeros((k, zc.shape[1])).index_add_(0, contrast_ids, zc)
+    def forward(ctx, za, zc, anchor_ids, contrast_ids, k: int, zk=None):
+        if zk is None:
+            sums = zc.new_zeros((k, zc.shape[1])).index_add_(0, contrast_ids, zc)
+        else:
+            m = zc.shape[0]
+            sums = zc.new_zeros((k, zc.shape[1])).index_add_(0, contrast_ids[:m], zc)
+            sums.index_add_(0, contrast_ids[m:], zk)
+            contrast_ids = contrast_ids[:m]  # the rows that take a gradient
         out = za.new_empty(za.shape[0])
         for i in range(0, za.shape[0], _ClassSumDot.CHUNK):
             j = i + _ClassSumDot.CHUNK
@@ -149,8 +157,8 @@ class _ClassSumDot(torch.autograd.Function):
             for i in range(0, za.shape[0], _ClassSumDot.CHUNK):
                 j = i + _ClassSumDot.CHUNK
                 grad_za[i:j] += grad_sums[contrast_ids[i:j]]
-            return grad_za, None, None, None, None
-        return grad_za, grad_sums[contrast_ids], None, None, None
+            return grad_za, None, None, None, None, None
+        return grad_za, grad_sums[contrast_ids], None, None, None, None
 
 
 def compact_ids(labels: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,14 @@ image's other views). With N the negatives (other labels) and P the kept positiv
   all           : LSE over P and N in place of LSE_c (a dropped positive leaves the row entirely)
   only_negatives: LSE_N in place of LSE_c (anchors with no negative are left out: the loss is unbounded there)
   one_positive  : L_out = mean_P softplus(LSE_N - s_p),  L_in = log |P| - LSE_P logsigmoid(s_p - LSE_N)
+
+A queue (MoCo, He et al. 2020; with labels PaCo, Cui et al. 2021; XBM, Wang et al. 2020): `keys` [K, D], unit rows
+without gradient, V views per queued sample (row = sample * V + view), are contrast columns after the gathered
+batch's; the anchors stay the local batch. A key is a positive of the anchors of its label (`key_labels`) and a
+negative of the others; without key labels (SimCLR) the keys carry an id no anchor has, so they are only
+negatives. Every option above holds over the larger contrast set; `positives_cap` ranks the queued samples after the
+batch's, in the order the keys come (the queue's slot order). Dense concatenates the keys to the batch; tiled walks
+them as a second, gradient-free part of the columns.
 """
 
 from __future__ import annotations
@@ -162,12 +170,21 @@ class SupConLoss(nn.Module):
             return self.temperature / self.base_temperature
         return 1.0
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        key_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mean loss over this rank's anchors; `keys` [K, D] (a queue's, no gradient) and their `key_labels`
+        [K // V] extend the contrast set (module docstring). Without keys (or K = 0) the loss is the plain one."""
         if features.ndim != 3:
             raise ValueError(f"features must be [batch, views, dim], got shape {tuple(features.shape)}")
         if not self.use_labels:
-            labels = None
+            labels, key_labels = None, None
         b, v, d = features.shape
+        keys, key_labels = _check_keys(keys, key_labels, labels, v, d)
         if labels is not None and (
             labels.ndim not in (1, 2, 3) or labels.shape[0] != b or (labels.ndim == 3 and labels.shape[1] != v)
         ):
@@ -181,11 +198,21 @@ class SupConLoss(nn.Module):
         # fp32 even under autocast: exp overflows bf16/fp16
         with torch.autocast(device_type=device_type, enabled=False):
             dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-            return self._loss(features.to(dtype), labels, b, v)
+            if keys is None:
+                return self._loss(features.to(dtype), labels, b, v)
+            return self._loss(features.to(dtype), labels, b, v, keys.detach().to(dtype), key_labels)
 
     # ---------------------------------------------------------------------------------------------------------
 
-    def _loss(self, features: torch.Tensor, labels: torch.Tensor | None, b: int, v: int) -> torch.Tensor:
+    def _loss(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor | None,
+        b: int,
+        v: int,
+        zk: torch.Tensor | None = None,
+        key_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         z = normalize(features).reshape(b * v, -1)  # sample-major rows: row = sample * V + view
         rank, world = distributed.world()
         gathering = self.gather and world > 1
@@ -195,7 +222,8 @@ class SupConLoss(nn.Module):
             zc, offset = distributed.all_gather_with_grad(z, sizes)
         else:
             zc, offset = z, 0
-        pos = self._positives(labels, b, v, offset, zc.shape[0], gathering, z.device, sizes)
+        keyed = (0, None) if zk is None else (zk.shape[0], key_labels)
+        pos = self._positives(labels, b, v, offset, zc.shape[0], gathering, z.device, sizes, keyed)
         anchor_rows = torch.arange(b, device=z.device) * v if self.contrast == "one" else None
         za = z if anchor_rows is None else z[anchor_rows]
 
@@ -215,7 +243,7 @@ class SupConLoss(nn.Module):
             if n_local < za.shape[0]:  # anchors without positives are left out (their |P(i)| is 0), never NaN
                 za, pos, weight = za[keep], pos.select(keep), weight[keep]
 
-        rows = self._rows(za, zc, pos, weight) * self.scale_factor()
+        rows = self._rows(za, zc, pos, weight, zk) * self.scale_factor()
         if not gathering:
             return rows.sum() / max(n_local, 1)
         # DDP averages the ranks' losses (and gradients). Ranks may hold different numbers of valid anchors (uneven
@@ -234,8 +262,10 @@ class SupConLoss(nn.Module):
         gathering: bool,
         device: torch.device,
         sizes: list[int] | None = None,
+        keyed: tuple[int, torch.Tensor | None] = (0, None),
     ) -> Positives:
-        """Ids or unit label vectors for the contrast rows and for this rank's anchors."""
+        """Ids or unit label vectors for the contrast rows (the batch's m, then a queue's k = keyed[0] keys with
+        their labels keyed[1]) and for this rank's anchors."""
         official = self.denominator_mode != "all" or self.positives_cap is not None
         if official and labels is not None and labels.ndim != 1:
             raise ValueError(
@@ -249,14 +279,17 @@ class SupConLoss(nn.Module):
         stride = v if self.contrast == "one" else 1
         host = range(offset, offset + b * v, stride)
         self_col = torch.arange(offset, offset + b * v, stride, device=device)
-        if labels is None:  # SimCLR: the positives of a view are the other views of its image
+        k, key_labels = keyed
+        if labels is None:  # SimCLR: the positives of a view are the other views of its image (a key's: none)
             contrast_ids = torch.arange(m, device=device) // v
+            if k:  # every key: one id no anchor has (a key is never a positive)
+                contrast_ids = torch.cat([contrast_ids, contrast_ids.new_full((k,), m // v)])
             return Positives(
-                self_col // v, contrast_ids, None, None, self_col, views=v, self_col_host=host, num_ids=m // v
+                self_col // v, contrast_ids, None, None, self_col, views=v, self_col_host=host, num_ids=m // v + (k > 0)
             )
         all_labels = distributed.all_gather_no_grad(labels, [n // v for n in sizes]) if sizes else labels
         if labels.ndim == 1:
-            ids = compact_ids(all_labels)
+            ids = compact_ids(all_labels) if k == 0 else _sample_ids(all_labels, key_labels, k // v)
             contrast_ids = ids.repeat_interleave(v)
             pos = Positives(
                 contrast_ids[self_col],
@@ -266,7 +299,7 @@ class SupConLoss(nn.Module):
                 self_col,
                 views=v,
                 self_col_host=host,
-                num_ids=all_labels.shape[0],
+                num_ids=all_labels.shape[0] + (k > 0),
             )
             return pos if self.positives_cap is None else capped(pos, ids, self.positives_cap // v)
         if labels.ndim == 3:  # per-view vectors (GenSCL mixes each view on its own): rows are sample-major already
@@ -291,17 +324,21 @@ class SupConLoss(nn.Module):
     def _use_tiled(self, n: int, m: int) -> bool:
         return self.impl == "tiled" or (self.impl == "auto" and n * m > self.auto_threshold)
 
-    def _rows(self, za: torch.Tensor, zc: torch.Tensor, pos: Positives, weight: torch.Tensor) -> torch.Tensor:
-        """Per-anchor loss (unscaled) for anchors that all have positives."""
+    def _rows(
+        self, za: torch.Tensor, zc: torch.Tensor, pos: Positives, weight: torch.Tensor, zk: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-anchor loss (unscaled) for anchors that all have positives; `zk`: a queue's keys (columns after zc)."""
         inv_tau = 1.0 / self.temperature
         if za.shape[0] == 0:
             return za.sum(1) * 0.0 + zc.sum() * 0.0  # keeps the graph connected for DDP
-        use_tiled = self._use_tiled(za.shape[0], zc.shape[0])
+        use_tiled = self._use_tiled(za.shape[0], zc.shape[0] + (0 if zk is None else zk.shape[0]))
+        if not use_tiled and zk is not None:  # dense: the keys are simply more (gradient-free) contrast rows
+            zc, zk = torch.cat([zc, zk]), None
         inside = self.variant == "in"
         if self.denominator_mode == "one_positive":  # each positive has its own denominator: a second pass
             if use_tiled:
-                (lse_n,) = tiled.row_stats(za, zc, pos, inv_tau, self.block_size, ("neg",), False)
-                part = tiled.one_positive(za, zc, lse_n, pos, inv_tau, self.block_size, inside)
+                (lse_n,) = tiled.row_stats(za, zc, pos, inv_tau, self.block_size, ("neg",), False, zk)
+                part = tiled.one_positive(za, zc, lse_n, pos, inv_tau, self.block_size, inside, zk)
             else:
                 part = dense.one_positive(za, zc, pos, inv_tau, inside)
             return torch.log(weight) - part if inside else part / weight
@@ -311,10 +348,43 @@ class SupConLoss(nn.Module):
         # L_out's positive sum: low rank without a cap; with one, the kept set depends on the anchor, so blockwise.
         linear = not inside and pos.cap is not None
         masks = (den, "pos") if inside else (den,)
-        stats = (tiled.row_stats if use_tiled else dense.row_stats)(
-            za, zc, pos, inv_tau, self.block_size, masks, linear
-        )
+        if use_tiled:
+            stats = tiled.row_stats(za, zc, pos, inv_tau, self.block_size, masks, linear, zk)
+        else:
+            stats = dense.row_stats(za, zc, pos, inv_tau, self.block_size, masks, linear)
         if inside:
             return stats[0] - stats[1] + torch.log(weight)
-        positive_sum = stats[1] if linear else pos.weighted_sum(za, zc) * inv_tau
+        positive_sum = stats[1] if linear else pos.weighted_sum(za, zc, zk) * inv_tau
         return stats[0] - positive_sum / weight
+
+
+def _check_keys(
+    keys: torch.Tensor | None, key_labels: torch.Tensor | None, labels: torch.Tensor | None, v: int, d: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A queue's keys and labels checked against the batch's shapes; no keys (or K = 0) -> (None, None)."""
+    if keys is None or keys.shape[0] == 0:
+        return None, None
+    if keys.ndim != 2 or keys.shape[1] != d or keys.shape[0] % v:
+        raise ValueError(f"keys must be [K, {d}] with K a multiple of the {v} views, got shape {tuple(keys.shape)}")
+    if labels is not None and labels.ndim != 1:
+        raise ValueError("a queue's keys need integer labels or none (SimCLR); label vectors (GenSCL) have no queue")
+    if key_labels is not None and (key_labels.shape != (keys.shape[0] // v,) or key_labels.is_floating_point()):
+        raise ValueError(
+            f"key_labels must be [{keys.shape[0] // v}] integers (one per queued sample), got "
+            f"{tuple(key_labels.shape)} {key_labels.dtype}"
+        )
+    return keys, key_labels
+
+
+def _sample_ids(labels: torch.Tensor, key_labels: torch.Tensor | None, queued: int) -> torch.Tensor:
+    """Ids of the batch's B samples (compact, < B) then the `queued` samples': the id of the batch's samples of the
+    same label, else (a label no anchor has, or no key labels) B, which no anchor has. Only equality with an anchor
+    matters, so the class sums of the positive term stay [B + 1, D] however long the queue."""
+    ids = compact_ids(labels)
+    if key_labels is None:
+        return torch.cat([ids, ids.new_full((queued,), labels.shape[0])])
+    key_labels = key_labels.to(labels.dtype)
+    sorted_labels, order = torch.sort(labels)
+    at = torch.searchsorted(sorted_labels, key_labels).clamp_(max=labels.shape[0] - 1)
+    key_ids = torch.where(sorted_labels[at] == key_labels, ids[order[at]], labels.shape[0])
+    return torch.cat([ids, key_ids])

@@ -9,6 +9,7 @@ from torch import nn
 
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context
+from supcon_scale.hooks import Hook
 from supcon_scale.models import Output
 
 
@@ -58,6 +59,11 @@ class Objective(nn.Module):
     def convention(self) -> dict:
         """What the loss computes (name, temperature, scale ...), written into every checkpoint's meta."""
         return self.loss.convention()
+
+    def hooks(self) -> list[Hook]:
+        """Hooks the objective needs in the training loop (e.g. its key queue); `trainer.build` adds them before
+        the Checkpointer, which saves the stateful ones."""
+        return []
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's random state that a resume must restore (tensors and primitives only: weights_only loads)."""
