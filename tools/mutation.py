@@ -54,8 +54,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "loss: scale factor never applied",
         "supcon_scale/losses/supcon.py",
-        "rows = self._rows(za, zc, pos, weight) * self.scale_factor()",
-        "rows = self._rows(za, zc, pos, weight)",
+        "rows = self._rows(za, zc, pos, weight, zk) * self.scale_factor()",
+        "rows = self._rows(za, zc, pos, weight, zk)",
         ("tests/test_losses_distributed.py::test_loss_scale_holds_across_ranks",),
     ),
     M(
