@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from supcon_scale import distributed
+from supcon_scale import averaging, distributed
 from supcon_scale.config import ModelConfig, RunConfig
 
 
@@ -71,9 +71,16 @@ class SupConModel(nn.Module):
         return concat_outputs([self.embed(group) for group in same_size_groups(x)])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor | Output:
-        """One batch of same-sized images to embeddings (or an `Output`)."""
-        h = self.encoder(x)
-        out = self.head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
+        """One batch of same-sized images to embeddings (or an `Output`: with the momentum sibling, its keys)."""
+        z = self.project(self.encoder, self.head, x)
+        if averaging.sibling(self, "momentum") is None:
+            return z
+        return Output(z, keys=averaging.keys(self, x))
+
+    def project(self, encoder: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`head(encoder(x))`, normalised as this model is: the online pair, or a sibling's (averaging.keys)."""
+        h = encoder(x)
+        out = head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
         return F.normalize(out.float(), dim=-1) if self.normalize else out
 
 
@@ -417,10 +424,13 @@ def load_init(encoder: nn.Module, path: str) -> None:
     encoder.load_state_dict(state)
 
 
-def build(cfg: ModelConfig, num_classes: int | None = None, image_size: int | None = None) -> SupConModel:
+def build(
+    cfg: ModelConfig, num_classes: int | None = None, image_size: int | None = None, ema_decay: float | None = None
+) -> SupConModel:
     """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline).
 
-    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`)."""
+    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`);
+    `ema_decay` (`train.ema_decay`) and `cfg.momentum` add the frozen siblings (averaging.py)."""
     encoder = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, image_size))
     if cfg.init_from is not None:
         load_init(encoder, cfg.init_from)
@@ -435,6 +445,7 @@ def build(cfg: ModelConfig, num_classes: int | None = None, image_size: int | No
         model = SupConModel(encoder, classifier, normalize=False, normalize_input=cfg.normalize_encoder_output)
     if cfg.sync_bn:
         model = convert_global_batchnorm(model)
+    averaging.attach(model, cfg.momentum, ema_decay)  # copies of the batch-norm-converted model, not checkpointed
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.encoder)
     return model

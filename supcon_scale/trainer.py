@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from supcon_scale import config, data, distributed, engines, models, objectives
+from supcon_scale import averaging, config, data, distributed, engines, models, objectives
+from supcon_scale.averaging import SiblingUpdate
 from supcon_scale.checkpoint import Checkpointer
 from supcon_scale.console import NO_CLOCK, Clock, MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
@@ -135,11 +136,12 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     loader = data.build_train_loader(cfg.data, ctx, cfg.seed, Path(cfg.out_dir))
     objective = objectives.build(cfg, loader.num_classes, ctx, loader.classes_present)
     seed_everything(cfg.seed)  # the same weights on every rank and the same RNG streams, whatever ran before
-    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size)
+    model = models.build(cfg.model, objective.classifier_classes, cfg.data.image_size, cfg.train.ema_decay)
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(EngineSpec.from_run(cfg), ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
-    hooks = [logger, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
+    updates = [SiblingUpdate(engine.unwrapped(), total_steps)] if averaging.has_siblings(model) else []
+    hooks = [logger, *updates, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")
 
