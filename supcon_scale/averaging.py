@@ -126,6 +126,11 @@ class SiblingUpdate(Hook):
             update(self.model, info.step, self.total_steps)
 
 
+def update_hooks(model: nn.Module, total_steps: int) -> list[Hook]:
+    """The hooks `trainer.build` adds right after the logger: a `SiblingUpdate` when `model` has a sibling."""
+    return [SiblingUpdate(model, total_steps)] if has_siblings(model) else []
+
+
 def fill_missing(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's model state for a run whose siblings differ from the saving run's (a change that
     `train.allow_changes` accepted): a sibling the checkpoint lacks starts as a copy of its online entries (as a new

@@ -381,9 +381,7 @@ class Checkpointer(Hook):
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
         own = self.engine.unwrapped().state_dict()
-        # A sibling added or removed by an accepted change (model.momentum, train.ema_decay): a new one starts from
-        # the saved online weights, a dropped one is left out (averaging.fill_missing).
-        engine_state["model"] = averaging.fill_missing(engine_state["model"], own)
+        engine_state["model"] = averaging.fill_missing(engine_state["model"], own)  # an accepted sibling change
         check_matching(own, engine_state["model"], str(path))
         step, epoch = int(meta["step"]), int(meta["epoch"])
         if any(k.startswith("optim.") for k in accepted):

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from supcon_scale import averaging, config, data, distributed, engines, models, objectives
-from supcon_scale.averaging import SiblingUpdate
 from supcon_scale.checkpoint import Checkpointer
 from supcon_scale.console import NO_CLOCK, Clock, MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
@@ -140,7 +139,7 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     total_steps, warmup_steps = schedule_steps(cfg.train, loader.steps_per_epoch)
     engine = engines.build(EngineSpec.from_run(cfg), ctx, model, total_steps, warmup_steps)
     logger = TrainLogger(cfg, engine, total_steps)  # metrics.jsonl and its sinks, the log lines, the time shares
-    updates = [SiblingUpdate(engine.unwrapped(), total_steps)] if averaging.has_siblings(model) else []
+    updates = averaging.update_hooks(engine.unwrapped(), total_steps)  # the siblings follow each applied step
     hooks = [logger, *updates, *hooks, *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics)]
     checkpointer = Checkpointer(cfg, ctx, engine, loader, objective, hooks)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, fp16=cfg.precision == "fp16")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from supcon_scale import averaging, checkpoint, config, distributed, engines, export, models, optim, trainer
 from supcon_scale.bench.gpu_check import momentum_step
+from supcon_scale.hooks import Hook
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -218,12 +219,13 @@ def _cfg(digits: Path, out: Path, *extra: str) -> config.RunConfig:
     )  # fmt: skip
 
 
-def test_resume_with_siblings_equals_the_uninterrupted_run_and_exports_the_ema_encoder(small_digits, tmp_path):
+@pytest.mark.slow  # resume in general: tests/test_trainer.py; the siblings loaded on resume: the test below
+@pytest.mark.filterwarnings("ignore:model.momentum")
+def test_resume_with_siblings_equals_the_uninterrupted_run(small_digits, tmp_path):
     from test_trainer import Crash, CrashAt
 
     ctx = distributed.init(seed=0)
-    with pytest.warns(UserWarning, match="model.momentum"):  # nothing consumes the keys without the queue
-        full = trainer.fit(_cfg(small_digits, tmp_path / "full"), ctx)
+    full = trainer.fit(_cfg(small_digits, tmp_path / "full"), ctx)
     per_epoch = full.step // 2
     with pytest.raises(Crash):
         trainer.fit(_cfg(small_digits, tmp_path / "resumed"), ctx, hooks=[CrashAt(per_epoch + 1)])
@@ -236,13 +238,37 @@ def test_resume_with_siblings_equals_the_uninterrupted_run_and_exports_the_ema_e
     for k in (k for k in a if k.startswith("momentum.module.encoder.") and k.endswith("conv1.weight")):
         assert not torch.equal(a[k], a[k.removeprefix("momentum.module.")]), k  # a sibling, not a copy
 
-    ema_file = tmp_path / "full" / export.EMA_FILE
-    online, ema = load_file(str(tmp_path / "full/encoder.safetensors")), load_file(str(ema_file))
+
+@pytest.mark.filterwarnings("ignore:model.momentum")
+def test_siblings_added_on_resume_only_when_allowed_and_the_ema_encoder_exported(small_digits, tmp_path):
+    """A checkpoint without siblings is refused (one line naming the keys) by a run that has them, unless
+    train.allow_changes lists them: then they start from its online weights. The run exports encoder_ema.safetensors,
+    which encoder_from_export and the knn tool read."""
+    ctx = distributed.init(seed=0)
+    out = tmp_path / "run"
+    trainer.fit(_cfg(small_digits, out, "model.momentum=null", "train.ema_decay=null", "train.max_steps=2"), ctx)
+    assert not (out / export.EMA_FILE).exists()
+    with pytest.raises(ValueError, match="train.allow_changes=model.momentum,train.ema_decay") as err:
+        trainer.fit(_cfg(small_digits, out, "train.resume=auto", "train.max_steps=2"), ctx)
+    assert "\n" not in str(err.value)
+    saved = load_file(str(checkpoint.latest(out) / "model.safetensors"))
+    allowed = "train.allow_changes=model.momentum,train.ema_decay,train.max_steps"
+    with pytest.warns(UserWarning, match="model.momentum"):  # nothing consumes the keys without the queue
+        trainer.fit(_cfg(small_digits, out, "train.resume=auto", "train.max_steps=3", allowed), ctx)
+    model = load_file(str(checkpoint.latest(out) / "model.safetensors"))
+    assert any(k.startswith("ema.module.") for k in model)
+    # The new momentum sibling started as the checkpoint's online weights; T = 3 steps, so m_3 = 1 kept them.
+    for k in (k for k in model if k.startswith("momentum.module.") and k.endswith("weight") and "bn" not in k):
+        assert torch.equal(model[k], saved[k.removeprefix("momentum.module.")]), k
+
+    ema_file = out / export.EMA_FILE
+    online, ema = load_file(str(out / "encoder.safetensors")), load_file(str(ema_file))
     assert online.keys() == ema.keys()
     for k in online:  # encoder.safetensors holds the online encoder only, encoder_ema.safetensors the EMA's
-        assert torch.equal(online[k], a[f"encoder.{k}"]) and torch.equal(ema[k], a[f"ema.module.encoder.{k}"]), k
+        assert torch.equal(online[k], model[f"encoder.{k}"]) and torch.equal(ema[k], model[f"ema.module.encoder.{k}"])
+    assert not torch.equal(online["conv1.weight"], ema["conv1.weight"])
     encoder, meta = export.encoder_from_export(ema_file)
-    assert meta == export.read_metadata(tmp_path / "full/encoder.safetensors")
+    assert meta == export.read_metadata(out / "encoder.safetensors")
     assert torch.equal(encoder.conv1.weight, ema["conv1.weight"])
 
     from supcon_scale.evaluation import knn
@@ -254,22 +280,54 @@ def test_resume_with_siblings_equals_the_uninterrupted_run_and_exports_the_ema_e
     assert report.is_file()
 
 
-def test_a_checkpoint_without_siblings_is_refused_unless_allowed_then_they_start_from_its_weights(
-    small_digits, tmp_path
-):
+# ---------------------------------------------------------------------------------------------------------------
+# elastic resume: 2 -> 3 -> 1 ranks, the siblings loaded whole on each new world size
+
+
+class ResumedSiblings(Hook):
+    """On resume, the engine's siblings (gathered whole) against the checkpoint's, exactly."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.engine, self.compared = out, None, []
+
+    def on_resume(self, step: int, epoch: int) -> None:
+        if step == 0:
+            return
+        state = self.engine.state_dict()["model"]  # a collective: every rank
+        if self.engine.ctx.is_main:
+            saved = load_file(str(self.out / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+            names = [k for k in saved if k.startswith(averaging.SIBLINGS)]
+            self.compared.append((step, len(names), all(torch.equal(state[k].cpu(), saved[k]) for k in names)))
+
+
+def _fit_checked(rank: int, world: int, overrides: list[str]) -> list:
     ctx = distributed.init(seed=0)
+    cfg = config.load(None, overrides)
+    hook = ResumedSiblings(Path(cfg.out_dir))
+    parts = trainer.build(cfg, ctx, [hook])
+    hook.engine = parts.engine
+    trainer.run_loop(parts)
+    return hook.compared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine, extra",
+    [("ddp", ()), ("fsdp", ()), pytest.param("deepspeed", ("engine.zero_stage=2",), id="deepspeed-zero2")],
+)
+def test_siblings_resume_whole_on_three_then_one_rank(tmp_path, engine, extra):
+    from data_images import write_coded
+    from test_elastic import _overrides
+
+    root = write_coded(tmp_path / "data", 4, 9)
     out = tmp_path / "run"
-    plain = ("model.momentum=null", "train.ema_decay=null", "train.max_steps=2")
-    trainer.fit(_cfg(small_digits, out, *plain), ctx)
-    with pytest.raises(ValueError, match="train.allow_changes=model.momentum,train.ema_decay") as err:
-        trainer.fit(_cfg(small_digits, out, "train.resume=auto", "train.max_steps=2"), ctx)
-    assert "\n" not in str(err.value)
-    saved = load_file(str(checkpoint.latest(out) / "model.safetensors"))
-    allowed = "train.allow_changes=model.momentum,train.ema_decay,train.max_steps"
-    with pytest.warns(UserWarning, match="model.momentum"):
-        trainer.fit(_cfg(small_digits, out, "train.resume=auto", "train.max_steps=3", allowed), ctx)
-    model = load_file(str(checkpoint.latest(out) / "model.safetensors"))
-    assert any(k.startswith("ema.module.") for k in model)
-    # The new momentum sibling started as the checkpoint's online weights; T = 3 steps, so m_3 = 1 kept them.
-    for k in (k for k in model if k.startswith("momentum.module.") and k.endswith("weight") and "bn" not in k):
-        assert torch.equal(model[k], saved[k.removeprefix("momentum.module.")]), k
+    compared = []
+    for world, stop in [(2, "train.max_steps=2"), (3, "train.max_steps=8"), (1, None)]:
+        overrides = _overrides(root, out, engine, *SIB, *extra, *([stop] if stop else []))
+        compared += run_ranks(_fit_checked, world, overrides, timeout=600)[0]
+    assert [(step, ok) for step, _, ok in compared] == [(2, True), (8, True)] and all(n > 0 for _, n, _ in compared)
+    final = load_file(str(checkpoint.latest(out) / "model.safetensors"))
+    k = next(k for k in final if k.startswith("encoder.") and k.endswith("conv1.weight"))
+    assert not torch.equal(final[f"momentum.module.{k}"], final[k]) and not torch.equal(
+        final[f"ema.module.{k}"], final[k]
+    )
