@@ -64,6 +64,7 @@ def sibling(model: nn.Module, name: str) -> ModelEmaV3 | None:
 
 
 def has_siblings(model: nn.Module) -> bool:
+    """Whether `model` has a momentum or EMA sibling (the trainer then adds `SiblingUpdate`)."""
     return any(sibling(model, name) is not None for name in SIBLINGS)
 
 

@@ -109,6 +109,15 @@ def test_without_siblings_the_forward_is_a_plain_tensor_bit_for_bit():
     assert torch.equal(out, F.normalize(model.head(model.encoder(x)), dim=-1))
 
 
+def test_fill_missing_adds_a_new_sibling_from_the_online_entries_and_drops_a_removed_one():
+    w, b = torch.ones(2), torch.zeros(2)
+    saved = {"encoder.w": w, "head.b": b, "ema.module.encoder.w": 2 * w, "ema.module.head.b": b}
+    own = dict.fromkeys(["encoder.w", "head.b", "momentum.module.encoder.w", "momentum.module.head.b"])
+    got = averaging.fill_missing(saved, own)
+    assert got.keys() == own.keys() and got["momentum.module.encoder.w"] is w and got["momentum.module.head.b"] is b
+    assert averaging.fill_missing({"encoder.w": w, "extra": b}, {"encoder.w": None}) == {"encoder.w": w, "extra": b}
+
+
 def test_gpu_check_momentum_step_on_the_cpu():
     """The device check's step (bench/gpu_check.py) on the CPU: its update equals the formula."""
     report = momentum_step(torch.device("cpu"))
@@ -313,7 +322,11 @@ def _fit_checked(rank: int, world: int, overrides: list[str]) -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "engine, extra",
-    [("ddp", ()), ("fsdp", ()), pytest.param("deepspeed", ("engine.zero_stage=2",), id="deepspeed-zero2")],
+    [
+        pytest.param("ddp", (), id="ddp"),
+        pytest.param("fsdp", (), id="fsdp"),
+        pytest.param("deepspeed", ("engine.zero_stage=2",), id="deepspeed-zero2"),
+    ],
 )
 def test_siblings_resume_whole_on_three_then_one_rank(tmp_path, engine, extra):
     from data_images import write_coded
