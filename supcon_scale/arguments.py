@@ -89,7 +89,11 @@ def linear_eval() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="linear_eval", description="Linear evaluation of a frozen encoder (final-epoch top-1/top-5)."
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or encoder.safetensors")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory or encoder.safetensors (encoder_ema.safetensors: the EMA weights)",
+    )
     p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
     p.add_argument(
         "--protocol", "--preset", dest="preset", default="official", choices=PROTOCOL_NAMES,
@@ -116,7 +120,11 @@ def finetune() -> argparse.ArgumentParser:
         description="Fine-tuning transfer (the paper's section 4.4 protocol family): the whole encoder trains with a "
         "new linear head.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or encoder.safetensors")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory or encoder.safetensors (encoder_ema.safetensors: the EMA weights)",
+    )
     p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -338,7 +346,11 @@ def embed_plot() -> argparse.ArgumentParser:
         description="A 2-D map of an encoder's validation embeddings, coloured by class: what SupCon does to the "
         "geometry.",
     )
-    p.add_argument("--checkpoint", required=True, help="encoder.safetensors (or the run directory holding it)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="encoder.safetensors or encoder_ema.safetensors (or the run directory holding the first)",
+    )
     p.add_argument("--data", required=True, help="dataset root holding val/<class>/*")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the checkpoint, embedding.png)")
     p.add_argument("--method", choices=["auto", "tsne", "umap"], default="auto", help="auto: UMAP when installed")

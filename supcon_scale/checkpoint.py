@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from supcon_scale import distributed
+from supcon_scale import averaging, distributed
 from supcon_scale.config import RunConfig, RunView
 from supcon_scale.config import save as write_config
 from supcon_scale.console import console
@@ -380,7 +380,9 @@ class Checkpointer(Hook):
         accepted = self.check_resume(read_meta(path), Path(path))
         meta, engine_state, rank_state = load(path)
         saved_world = int(meta["world_size"])
-        check_matching(self.engine.unwrapped().state_dict(), engine_state["model"], str(path))
+        own = self.engine.unwrapped().state_dict()
+        engine_state["model"] = averaging.fill_missing(engine_state["model"], own)  # an accepted sibling change
+        check_matching(own, engine_state["model"], str(path))
         step, epoch = int(meta["step"]), int(meta["epoch"])
         if any(k.startswith("optim.") for k in accepted):
             resume.fresh_optimizer(engine_state, self.engine.state_dict())
@@ -473,7 +475,8 @@ class Checkpointer(Hook):
 
     def export(self) -> Path | None:
         """Write the newest checkpoint's encoder to `out_dir/encoder.safetensors` with its construction arguments,
-        and `out_dir/encoder_timm/` (timm's `local-dir:` layout, export.py), on the main rank; its path, or None."""
+        and `out_dir/encoder_timm/` (timm's `local-dir:` layout, export.py), on the main rank; its path, or None.
+        With EMA weights (`train.ema_decay`) their encoder goes to `out_dir/encoder_ema.safetensors` too."""
         if self.newest is None:
             return None
         path = self.out_dir / "encoder.safetensors"
@@ -481,6 +484,10 @@ class Checkpointer(Hook):
             from supcon_scale import export  # export.py reads meta.json through this module
 
             weights = load_tensors(self.newest / "model.safetensors")
-            export.export_encoder(encoder_state(weights), path, export.metadata_from_config(self.cfg.to_dict()))
+            meta = export.metadata_from_config(self.cfg.to_dict())
+            export.export_encoder(encoder_state(weights), path, meta)
             export.write_timm_folder(path, self.out_dir / export.TIMM_FOLDER)
+            ema = encoder_state(weights, "ema.module.encoder.")  # train.ema_decay: the EMA weights' encoder
+            if ema:
+                export.export_encoder(ema, self.out_dir / export.EMA_FILE, meta)
         return path

@@ -38,6 +38,7 @@ from supcon_scale.resilience import NonFiniteError
 from supcon_scale.weights import first_nonfinite, load_matching, load_tensors
 
 ENCODER_FILE = "encoder.safetensors"
+EMA_FILE = "encoder_ema.safetensors"  # the EMA weights' encoder (`train.ema_decay`), in the same format
 TIMM_FOLDER = "encoder_timm"
 
 
@@ -155,7 +156,8 @@ def encoder_file(path: str | Path) -> tuple[Path, dict[str, str]]:
 def encoder_from_export(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
     """The encoder an export describes, with its weights, in eval mode, and the export's metadata.
 
-    `path`: an `encoder.safetensors` file, or a run or checkpoint directory holding one."""
+    `path`: an `encoder.safetensors` file (or `encoder_ema.safetensors`, the EMA weights), or a run or checkpoint
+    directory holding one (a directory means its `encoder.safetensors`: the online weights)."""
     path = Path(path)
     file, meta = _encoder_file(path)
     kwargs = _json(meta, "kwargs", dict, file) if "kwargs" in meta else {}

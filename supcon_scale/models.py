@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from supcon_scale import distributed
+from supcon_scale import averaging, distributed
 from supcon_scale.config import ModelConfig, RunConfig
 
 
@@ -82,14 +82,25 @@ class SupConModel(nn.Module):
         return concat_outputs([self.embed(group) for group in same_size_groups(x)])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor | Output:
-        """One batch of same-sized images to embeddings (or an `Output`)."""
+        """One batch of same-sized images to embeddings, or an `Output` when the run asks for more: the classifier's
+        logits (`loss.ce_weight`), the momentum sibling's keys, the detached encoder features (the online probe)."""
         h = self.encoder(x)
-        out = self.head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
-        z = F.normalize(out.float(), dim=-1) if self.normalize else out
-        if self.classifier is None and not self.keep_features:
+        z = self.project(h, self.head)
+        momentum = averaging.sibling(self, "momentum")
+        if self.classifier is None and not self.keep_features and momentum is None:
             return z
-        logits = None if self.classifier is None else self.classifier(h)
-        return Output(z, logits=logits, features=h.detach() if self.keep_features else None)
+        return Output(
+            z,
+            logits=None if self.classifier is None else self.classifier(h),
+            keys=None if momentum is None else averaging.keys(self, x),
+            features=h.detach() if self.keep_features else None,
+        )
+
+    def project(self, h: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """`head(h)` for encoder features `h`, normalised as this model is: the online head, or a sibling's
+        (averaging.keys)."""
+        out = head(F.normalize(h.float(), dim=-1).to(h.dtype) if self.normalize_input else h)
+        return F.normalize(out.float(), dim=-1) if self.normalize else out
 
 
 def check_local_name(name: object, key: str = "model.encoder") -> str:
@@ -459,15 +470,17 @@ def build(
     cfg: ModelConfig,
     num_classes: int | None = None,
     image_size: int | None = None,
+    ema_decay: float | None = None,
     *,
     ce_classes: int | None = None,
     features: bool = False,
 ) -> SupConModel:
     """The SupCon model; with `num_classes` a linear classifier replaces the projection (cross-entropy baseline).
 
-    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`).
-    `ce_classes` adds a linear classifier on the encoder features beside the projection (`loss.ce_weight`) and
-    `features` returns those features, detached (`train.online_probe`): the forward then returns an `Output`."""
+    `image_size` (`data.image_size`) is the input size of a family that fixes it when built (`encoder_kwargs`);
+    `ema_decay` (`train.ema_decay`) and `cfg.momentum` add the frozen siblings (averaging.py). `ce_classes` adds a
+    linear classifier on the encoder features beside the projection (`loss.ce_weight`) and `features` returns those
+    features, detached (`train.online_probe`): the forward then returns an `Output`."""
     encoder = create_encoder(cfg.encoder, cfg.cifar_stem, kwargs=encoder_kwargs(cfg, image_size))
     if cfg.init_from is not None:
         load_init(encoder, cfg.init_from)
@@ -487,6 +500,7 @@ def build(
         )
     if cfg.sync_bn:
         model = convert_global_batchnorm(model)
+    averaging.attach(model, cfg.momentum, ema_decay)  # copies of the batch-norm-converted model, not checkpointed
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.encoder)
     return model

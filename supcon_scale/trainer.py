@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from supcon_scale import config, data, distributed, engines, models, objectives
+from supcon_scale import averaging, config, data, distributed, engines, models, objectives
 from supcon_scale.checkpoint import Checkpointer
 from supcon_scale.console import NO_CLOCK, Clock, MetricsLog, TrainLogger, console
 from supcon_scale.distributed import Context, seed_everything
@@ -172,9 +172,11 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     watch = None if objectives.trains_classifier(cfg.loss.name) else objective.uniform_loss  # embeddings only
     logger = TrainLogger(cfg, engine, total_steps, feeders, watch)
     # the objective's hooks (its key queue) are stateful: in the list the Checkpointer saves and restores
+    updates = averaging.update_hooks(engine.unwrapped(), total_steps)  # the siblings follow each applied step
     hooks = [
         *feeders,
         logger,
+        *updates,
         *objective.hooks(),
         *hooks,
         *monitors(cfg, engine, loader.steps_per_epoch, logger.metrics),
@@ -203,7 +205,7 @@ def build_model(cfg: config.RunConfig, objective: objectives.Objective) -> model
     """The model `cfg` trains with `objective`: its head (projection or classifier), the classifier beside the
     projection that `loss.ce_weight` trains, and the detached encoder features the online probe reads."""
     return models.build(
-        cfg.model, objective.classifier_classes, cfg.data.image_size,
+        cfg.model, objective.classifier_classes, cfg.data.image_size, cfg.train.ema_decay,
         ce_classes=objective.ce_classes, features=cfg.train.online_probe,
     )  # fmt: skip
 

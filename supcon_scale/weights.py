@@ -15,9 +15,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 
-def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder's entries of a full SupConModel state dict, with the `encoder.` prefix removed."""
-    return {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
+def encoder_state(model_state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    """The encoder's entries of a full SupConModel state dict, with the `encoder.` prefix removed (only the online
+    encoder's: a sibling's are under `momentum.module.encoder.`, `ema.module.encoder.`, which `prefix` can name)."""
+    return {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
 
 
 def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:

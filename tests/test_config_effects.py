@@ -21,7 +21,7 @@ import timm
 import torch
 from data_images import write_noise
 
-from supcon_scale import config, engines, models, objectives, trainer
+from supcon_scale import averaging, config, engines, models, objectives, trainer
 from supcon_scale.data import build_train_loader
 from supcon_scale.distributed import Context
 from supcon_scale.engines import EngineSpec
@@ -124,6 +124,27 @@ def engine_steps(cfg: config.RunConfig) -> Any:
         "scaler": engine.scaler.is_enabled(),
         "channels_last": weight.is_contiguous(memory_format=torch.channels_last),
     }
+
+
+@_quiet
+def sibling_steps(cfg: config.RunConfig) -> Any:
+    """Two engine steps with the update hooks trainer.build adds: the whole state (siblings included) and the keys."""
+    torch.manual_seed(0)
+    engine = _engine(cfg, models.build(cfg.model, None, cfg.data.image_size, cfg.train.ema_decay))
+    hooks = averaging.update_hooks(engine.unwrapped(), trainer.schedule_steps(cfg.train, 4)[0])
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, cfg.data.image_size, cfg.data.image_size, generator=g)
+    target = torch.randn(8, cfg.model.feat_dim, generator=g)
+    keys = []
+    for step in (1, 2):
+        out = engine([x])
+        keys.append(out.keys if isinstance(out, models.Output) else None)
+        z = out.z if isinstance(out, models.Output) else out
+        engine.backward((z.float() - target).pow(2).sum())
+        info = StepInfo(step, 0, torch.zeros(()), engine.step(), 8, False, False)
+        for hook in hooks:
+            hook.on_step(info)
+    return {"state": {k: v.detach().clone() for k, v in engine.unwrapped().state_dict().items()}, "keys": keys}
 
 
 @_quiet
@@ -317,6 +338,8 @@ EFFECTS: dict[str, tuple] = {
     "train.max_bad_steps": (guard_steps, [], "2"),
     "train.online_probe": (probe_update, [], "true"),
     "train.online_probe_lr": (probe_update, ["train.online_probe=true"], "0.5"),
+    "train.ema_decay": (sibling_steps, ENGINE, "0.5", "0.9"),
+    "model.momentum": (sibling_steps, ENGINE, "0.5", "0.99"),
     "train.compile": (engine_built, MODEL, "true"),
     "train.preempt_signal": (preemption, [], "SIGUSR1"),
     "mix.mixup_alpha": (objective_loss, GENSCL, "1.0"),

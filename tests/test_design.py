@@ -27,6 +27,7 @@ LAYERS = {
     "objectives": 2,
     "data": 2,
     "models": 2,
+    "averaging": 2,
     "checkpoint": 2,
     "export": 2,
     "resume": 2,

@@ -4,10 +4,11 @@ It asserts CUDA, runs the DALI GPU loader (layout, dtype, device, memory format,
 mid-epoch), times `once` against `roi` decoding, trains every engine end to end for 6 steps with a resume at step 3
 (ddp bf16/fp16, fsdp bf16, deepspeed ZeRO-1/2, ddp compiled), checks the CUDA-only kernels (global batch norm
 against `F.batch_norm`, the gradient-carrying gather) on a one-rank NCCL group, counts the synchronisations of a
-training step (`torch.cuda.set_sync_debug_mode`), and runs `bench_train` (ResNet-50, then ViT-B/16: SupCon against
-cross-entropy, bf16), `bench_loss` (tiled, M = 65,536) and a labelled queue's steps (`loss.queue_size`). A failing
-part is recorded and the others still run; the exit status is 1 if any failed. `--smoke` runs the same parts tiny
-on the CPU (the CUDA-only ones report "skipped"), as the tests do.
+training step (`torch.cuda.set_sync_debug_mode`), checks the momentum encoder's and the EMA's update on the device
+(`momentum_step`), and runs `bench_train` (ResNet-50, then ViT-B/16: SupCon against cross-entropy, bf16),
+`bench_loss` (tiled, M = 65,536) and a labelled queue's steps (`loss.queue_size`). A failing part is recorded and the
+others still run; the exit status is 1 if any failed. `--smoke` runs the same parts tiny on the CPU (the CUDA-only
+ones report "skipped"), as the tests do.
 """
 
 from __future__ import annotations
@@ -194,6 +195,50 @@ def part_kernels(check: Check) -> dict[str, Any]:
     return {"batch_norm_max_abs_err": bn_err, "gather": "ok"}
 
 
+def momentum_step(device: torch.device, steps: int = 3, total: int = 4) -> dict[str, Any]:
+    """The momentum encoder and EMA on `device` (a ResNet-18 with both siblings, averaging.py): the keys carry no
+    gradient; `steps` updates after moved weights against MoCo v3's cosine lerp and timm's EMA in float64 on the CPU;
+    the update's time. tests/test_averaging.py runs it on the CPU."""
+    import math
+
+    from supcon_scale import averaging
+
+    torch.manual_seed(0)
+    cfg = config.ModelConfig(encoder="resnet18", cifar_stem=True, feat_dim=16, momentum=0.99)
+    model = models.build(cfg, image_size=16, ema_decay=0.9).to(device).train()
+    keys_grad = model([torch.randn(8, 3, 16, 16, device=device)] * 2).keys.requires_grad
+    names = [n for n, _ in model.named_parameters() if n.startswith(("encoder.", "head."))]
+    ref = {n: model.get_parameter(n).detach().double().cpu() for n in names}
+    mom, ema, seconds = dict(ref), dict(ref), []
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            for n in names:
+                model.get_parameter(n).add_(torch.randn_like(model.get_parameter(n)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        averaging.update(model, t, total)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+        m = 1 - (1 - 0.99) * (1 + math.cos(math.pi * t / total)) / 2
+        for n in names:
+            w = model.get_parameter(n).detach().double().cpu()
+            mom[n], ema[n] = m * mom[n] + (1 - m) * w, 0.9 * ema[n] + 0.1 * w
+    err = max(
+        max((model.get_parameter(f"{name}.module.{n}").double().cpu() - want[n]).abs().max().item() for n in names)
+        for name, want in (("momentum", mom), ("ema", ema))
+    )
+    return {"max_error": err, "keys_grad": keys_grad, "update_ms": round(1e3 * min(seconds), 3)}
+
+
+def part_momentum(check: Check) -> dict[str, Any]:
+    """The momentum encoder's keys and update, and the EMA's, on the device against the formulas (averaging.py)."""
+    report = momentum_step(check.device)
+    assert report["max_error"] < 1e-5 and report["keys_grad"] is False, report
+    return report
+
+
 @contextlib.contextmanager
 def _count_syncs(device: torch.device) -> Iterator[list[str]]:
     """Synchronising CUDA calls while the block runs (torch's sync debug mode warns once per call)."""
@@ -328,6 +373,7 @@ PARTS: list[tuple[str, Callable[[Check], dict[str, Any]]]] = [
     ("decode_once_vs_roi", part_decode),
     ("engines", part_engines),
     ("kernels", part_kernels),
+    ("momentum", part_momentum),
     ("syncs_per_step", part_syncs),
     ("bench_train", part_bench_train),
     ("bench_train_vit", part_bench_train_vit),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from timm.optim import Lars
 
-from supcon_scale import arguments, config, data, engines, models, objectives, optim, trainer
+from supcon_scale import arguments, averaging, config, data, engines, models, objectives, optim, trainer
 from supcon_scale.devices import select_device
 from supcon_scale.distributed import Context, temporary_single_process_group
 from supcon_scale.engines.zero_lars import ZeroLars, partition_layout
@@ -72,10 +72,15 @@ def measure(
     engine.train()
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    done = itertools.count(1)
+    siblings = averaging.has_siblings(model)  # model.momentum, train.ema_decay: their update is part of the step
 
     def one_step() -> None:
         views, labels = next(batches)
-        trainer.train_step(engine, objective, views, labels)
+        _, stepped = trainer.train_step(engine, objective, views, labels)
+        step = next(done)
+        if siblings and stepped:
+            averaging.update(engine.unwrapped(), step, steps + warmup)
 
     for _ in range(warmup):
         one_step()

@@ -22,17 +22,23 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from supcon_scale import models
+from supcon_scale import averaging, models
 from supcon_scale.engines.base import TorchEngine
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules to shard separately: the encoder's blocks (a ResNet's stages, a ViT's blocks), in order."""
+    """The submodules to shard separately: the encoder's blocks (a ResNet's stages, a ViT's blocks), in order; then
+    each frozen sibling's (averaging.py) blocks, encoder and head, so a sibling's weights are gathered only when it
+    runs (the momentum encoder's keys) and never for the EMA, and its shards pair with the online ones for the lerp."""
     units = models.blocks(getattr(model, "encoder", model))
     if not units:
         raise ValueError(
             "engine.name=fsdp: cannot find the encoder's blocks to shard (its timm group_matcher names none)"
         )
+    for name in averaging.SIBLINGS:
+        sibling = averaging.sibling(model, name)
+        if sibling is not None:
+            units += [*models.blocks(sibling.module.encoder), sibling.module.encoder, sibling.module.head]
     return units
 
 

@@ -58,6 +58,12 @@ def build(cfg: RunConfig, num_classes: int, ctx: Context, classes_present: int |
         warnings.warn(
             f"mix.* and kd.* only act with loss.name=genscl; loss.name={cfg.loss.name} ignores them", stacklevel=2
         )
+    if cfg.model.momentum is not None and cfg.loss.queue_size == 0:
+        warnings.warn(
+            f"model.momentum={cfg.model.momentum}: the momentum encoder's keys feed only the queue, and "
+            "loss.queue_size=0 has none (set loss.queue_size, or model.momentum=null)",
+            stacklevel=2,
+        )
     return kind.from_config(cfg, num_classes, ctx)
 
 

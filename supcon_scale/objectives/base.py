@@ -48,8 +48,9 @@ class Objective(nn.Module):
     def prepare(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         return views, labels
 
-    def forward(self, features: torch.Tensor, targets: Any) -> torch.Tensor:
-        return self.loss(features, targets)
+    def forward(self, features: torch.Tensor | Output, targets: Any) -> torch.Tensor:
+        # The momentum encoder's keys feed the queue (loss.queue_size); without one they go unused.
+        return self.loss(features.z if isinstance(features, Output) else features, targets)
 
     def uniform_loss(self, views: int) -> float | None:
         """The loss at total collapse (every logit equal) on a step of `views` views over all ranks, which the

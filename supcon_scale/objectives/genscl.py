@@ -13,6 +13,7 @@ from torch import nn
 
 from supcon_scale.config import RunConfig
 from supcon_scale.distributed import Context, rank_seed
+from supcon_scale.models import Output
 from supcon_scale.objectives import teacher
 from supcon_scale.objectives.base import Objective, per_sample
 from supcon_scale.objectives.mix import ViewMixer
@@ -53,6 +54,7 @@ class GenSCLObjective(Objective):
 
     def forward(self, features, targets):
         vectors, soft = targets
+        features = features.z if isinstance(features, Output) else features  # the momentum keys: the queue's
         if soft is None:
             return self.loss(features, vectors)
         if math.isinf(self.alpha):
