@@ -21,6 +21,7 @@ LAYERS = {
     "optim": 1,
     "resilience": 1,
     "hooks": 1,
+    "batchnorm": 1,
     "files": 1,
     "weights": 1,
     "engines": 2,

@@ -15,7 +15,7 @@ from multiproc import run_ranks
 from timm.optim import Lamb, Lars
 from torch.distributed.fsdp import FSDPModule
 
-from supcon_scale import config, engines, models
+from supcon_scale import batchnorm, config, engines, models
 from supcon_scale.distributed import (
     Context,
     all_gather_no_grad,
@@ -411,7 +411,7 @@ def test_sync_bn_conversion():
     cfg = tiny_cfg("ddp", "model.sync_bn=true")
     model = models.build(cfg.model)
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
-    assert sum(isinstance(m, models.GlobalBatchNorm) for m in model.modules()) == 20  # resnet18: 20 BatchNorm layers
+    assert sum(isinstance(m, batchnorm.GlobalBatchNorm) for m in model.modules()) == 20  # resnet18: 20 BatchNorm layers
 
 
 @pytest.mark.parametrize("engine_name", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow), "deepspeed"])

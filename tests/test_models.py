@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from supcon_scale import config, models
+from supcon_scale import batchnorm, config, models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,13 +60,13 @@ def test_activation_checkpointing_same_grads_and_bn_stats_updated_once():
 def test_sync_bn_conversion():
     model = models.build(config.ModelConfig(encoder="resnet18", sync_bn=True))
     kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    assert kinds == {models.GlobalBatchNorm}  # torch.nn.SyncBatchNorm on CUDA, gloo-capable on CPU
+    assert kinds == {batchnorm.GlobalBatchNorm}  # torch.nn.SyncBatchNorm on CUDA, gloo-capable on CPU
 
 
 def _global_bn_rank(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     x_full, w_full = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 3 + 1, torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    bn = models.convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3))).double().train()
+    bn = batchnorm.convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3))).double().train()
     part = slice(rank * 8 // world, (rank + 1) * 8 // world)
     x = x_full[part].clone().requires_grad_(True)
     y = bn(x)

@@ -500,8 +500,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "models: embeddings not normalised",
         "supcon_scale/models.py",
-        "z = F.normalize(out.float(), dim=-1) if self.normalize else out",
-        "z = out",
+        "return F.normalize(out.float(), dim=-1) if self.normalize else out",
+        "return out",
         ("tests/test_models.py",),
     ),
     M(

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from supcon_scale.batchnorm import convert_global_batchnorm
 from supcon_scale.continual.config import ContinualModelConfig
 from supcon_scale.export import encoder_from_export, names_export
-from supcon_scale.models import SupConModel, convert_global_batchnorm, create_encoder, create_head
+from supcon_scale.models import SupConModel, create_encoder, create_head
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

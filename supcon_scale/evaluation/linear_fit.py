@@ -173,7 +173,7 @@ def bn_train_frozen(encoder: nn.Module, global_bn: bool) -> Iterator[None]:
     (stage_2_update_encoder_batch_norm=False). With `global_bn` and several ranks the statistics are the global
     batch's, as the official global batch norm computes them.
     """
-    from supcon_scale.models import FrozenBatchNormStats, GlobalBatchNorm
+    from supcon_scale.batchnorm import FrozenBatchNormStats, GlobalBatchNorm
 
     norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     classes = [m.__class__ for m in norms]
