@@ -30,7 +30,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "queue_momentum": {"label": "+ queue 1,024, momentum encoder 0.99", "batch": 32,
                        "overrides": ["loss.queue_size=1024", "model.momentum=0.99"]},
     "m_per_class": {"label": f"m_per_class sampler (m = {M_PER_CLASS})", "batch": 32,
-                    "overrides": ["data.sampler=m_per_class", f"data.m_per_class={M_PER_CLASS}"]},
+                    "overrides": ["data.sampler=m_per_class", f"data.m_per_class={M_PER_CLASS}"],
+                    "note": f"m = {M_PER_CLASS}, the smallest m that divides 32 with 32 / m <= 10 digits: 8 digits "
+                            "a batch, every image with 3 others of its digit (7 positives per anchor with 2 views); "
+                            "drawn at random, 0.9^31 = 3.8% of the images have no other of their digit in a batch "
+                            "of 32."},
     "plain_256": {"label": "plain SupCon", "batch": 256, "overrides": []},
 }  # fmt: skip
 COST_ARMS = ("plain", "queue", "queue_momentum", "m_per_class")  # the batch-32 arms, timed in one process
@@ -192,22 +196,26 @@ def costs(args: argparse.Namespace, data_root: Path, out: Path) -> list[dict[str
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Prepare, train and probe every (arm, seed), time the steps, and write the JSON and the Markdown table."""
+    from supcon_scale import config
     from supcon_scale.bench import small_batch_report as report
     from supcon_scale.files import write_text
 
     start, out = time.time(), args.out.resolve()
     machine = report.machine()
     data_root, few_root = prepare(out, args.labels_per_class, args.subset_seed)
+    plan = {(arm, seed): overrides(args, arm, seed, data_root, out / "runs" / arm / f"seed_{seed}", args.epochs)
+            for arm in args.arms for seed in args.seeds}  # fmt: skip
+    for cfg in plan.values():  # every arm's config parses before the first run starts, not 20 minutes in
+        config.load(RECIPE, cfg)
     runs = []
-    for arm in args.arms:
-        for seed in args.seeds:
-            run_dir = out / "runs" / arm / f"seed_{seed}"
-            cfg = overrides(args, arm, seed, data_root, run_dir, args.epochs)
-            record = train(arm, seed, cfg, run_dir, out / "logs" / f"{arm}_seed_{seed}.log")
-            if "error" not in record:
-                record["probes"] = evaluate(run_dir, data_root, few_root)
-            runs.append(record)
-            print(_progress(record), flush=True)
+    for (arm, seed), cfg in plan.items():
+        run_dir, name = out / "runs" / arm / f"seed_{seed}", f"{arm}_seed_{seed}"
+        record = train(arm, seed, cfg, run_dir, out / "logs" / f"{name}.log")
+        probe_file = out / "probes" / f"{name}_few{args.labels_per_class}_subset{args.subset_seed}.json"
+        if "error" not in record:
+            record["probes"] = _probes(record, run_dir, data_root, few_root, probe_file)
+        runs.append(record)
+        print(_progress(record), flush=True)
     cost_start = time.time()
     cost = costs(args, data_root, out)
     result = _result(args, runs, cost, machine, data_root, time.time() - cost_start, time.time() - start)
@@ -216,6 +224,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(report.markdown(result))
     print(f"wrote {out / 'small_batch.json'} and {out / 'small_batch.md'}")
     return result
+
+
+def _probes(record: dict[str, Any], run_dir: Path, data_root: Path, few_root: Path, saved: Path) -> dict[str, Any]:
+    """The run's probes: read back from `saved` for a reused run (a rerun after a failure), else `evaluate`d."""
+    from supcon_scale.files import write_text
+
+    if record.get("reused") and saved.is_file():
+        return json.loads(saved.read_text())
+    probes = evaluate(run_dir, data_root, few_root)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    write_text(saved, json.dumps(probes))
+    return probes
 
 
 def _progress(record: dict[str, Any]) -> str:
@@ -253,5 +273,12 @@ def _result(
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every run finished, 1 when one failed (its row says so), 2 on bad options."""
-    result = run(parse(argv))
+    args = parse(argv)
+    from supcon_scale import config
+
+    try:
+        result = run(args)
+    except config.ConfigError as exc:  # an arm's override the merged schema refuses: before any run started
+        print(f"small_batch_evidence: error: {exc}", file=sys.stderr)
+        return 2
     return 1 if any("error" in r for r in result["runs"]) else 0

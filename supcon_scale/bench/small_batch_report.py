@@ -104,7 +104,8 @@ def summarise(runs: list[dict], arms: dict[str, dict[str, Any]], cost: list[dict
     for name, arm_runs in by_arm.items():
         row: dict[str, Any] = {"label": arms[name]["label"], "batch": arms[name]["batch"],
                                "failed": [r["seed"] for r in arm_runs if "error" in r],
-                               "steps": [r.get("steps") for r in arm_runs if "probes" in r]}  # fmt: skip
+                               "steps": [r.get("steps") for r in arm_runs if "probes" in r],
+                               "note": arms[name].get("note")}  # fmt: skip
         for probe in PROBES:
             row[probe] = arm_summary(arm_runs, probe)
             row[f"{probe}_vs_plain"] = None if name == BASELINE else compare(arm_runs, base, probe)
@@ -165,5 +166,6 @@ def markdown(report: dict[str, Any]) -> str:
         "pooled pairs; *within noise* when either interval covers 0. Step time: median over "
         f"{setup['cost_repeats']} interleaved repeats of each arm's median step (of {setup['cost_steps']}, batch 32, "
         "loader and hooks included) over plain's in the same repeat.",
+        *(f"\n{row['label']}: {row['note']}" for row in body["arms"].values() if row.get("note")),
     ]
     return "\n".join(lines) + "\n"
