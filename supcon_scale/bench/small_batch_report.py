@@ -137,6 +137,12 @@ def _delta(c: dict[str, Any] | None) -> str:
     return f"{100 * c['mean_difference']:+.1f} [{_pct(lo)}, {_pct(hi)}]{seeds}, p={p:.2g}: {c['verdict']}"
 
 
+def _load(m: dict[str, Any]) -> str:
+    """The 1-minute load averages at the start and the end, when known: was the machine shared?"""
+    start, end = m.get("load_average_1_5_15"), m.get("load_average_at_end")
+    return "" if not start or not end else f" Load average {start[0]:.1f} at the start, {end[0]:.1f} at the end."
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The table for docs/BENCHMARKS.md and the README, with its machine, protocol and how to read it."""
     body, m, setup = report["summary"], report["machine"], report["setup"]
@@ -147,7 +153,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', '.join(map(str, setup['seeds']))}; one process on {m['cpu']} ({m['cores']} cores), torch {m['torch']}. "
         f"Linear probe `{setup['probe']}` on the frozen encoder; top-1 in %: mean over seeds [pooled 95% Wilson "
         f"interval] (n = seeds x val images); few labels: {setup['labels_per_class']} train images per digit, "
-        "the same seeded subset for every run.",
+        f"the same seeded subset for every run.{_load(m)}"
+        + (f" The whole experiment took {report['wall_s'] / 60:.0f} min." if report.get("wall_s") else ""),
         "",
         "| arm | batch | steps | top-1, all labels | vs plain | top-1, few labels | vs plain | step time vs plain |",
         "|---|---:|---:|---|---|---|---|---:|",
