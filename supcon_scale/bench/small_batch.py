@@ -122,8 +122,13 @@ def train(arm: str, seed: int, cfg_overrides: list[str], run_dir: Path, log: Pat
         cmd = [sys.executable, "-m", "supcon_scale.cli", "train", "--config", RECIPE, *cfg_overrides]
         start = time.perf_counter()
         log.parent.mkdir(parents=True, exist_ok=True)
+        import supcon_scale
+
+        # the run imports this very package, whatever else an installed copy or the caller's PYTHONPATH holds
+        here = str(Path(supcon_scale.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         record["train_s"] = time.perf_counter() - start
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-3:]
