@@ -56,7 +56,10 @@ def arm_summary(runs: list[dict], probe: str) -> dict[str, Any]:
     correct = sum(r["probes"][probe]["correct"] for r in scored)
     n = sum(r["probes"][probe]["num_val"] for r in scored)
     return {
-        "seeds": sorted(top1), "top1_per_seed": top1, "mean_top1": statistics.fmean(top1.values()) if top1 else None,
+        "seeds": sorted(top1), "top1_per_seed": top1,
+        "interval_95_per_seed": {r["seed"]: wilson_interval(*(r["probes"][probe][k] for k in ("correct", "num_val")))
+                                 for r in scored},
+        "mean_top1": statistics.fmean(top1.values()) if top1 else None,
         "pooled_correct": correct, "pooled_n": n, "pooled_interval_95": wilson_interval(correct, n) if n else None,
         "num_train": scored[0]["probes"][probe]["num_train"] if scored else None,
     }  # fmt: skip
@@ -81,6 +84,7 @@ def compare(arm: list[dict], base: list[dict], probe: str) -> dict[str, Any] | N
         "seeds": seeds, "difference_per_seed": diffs, "mean_difference": statistics.fmean(diffs),
         "seed_interval_95": over_seeds, "pooled_difference": pooled["difference"],
         "pooled_interval_95": pooled["interval"], "mcnemar": test, "within_noise": noise, "verdict": verdict,
+        "mcnemar_per_seed": {s: mcnemar(mine[s]["val_correct"], theirs[s]["val_correct"]) for s in seeds},
     }  # fmt: skip
 
 
