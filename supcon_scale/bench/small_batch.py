@@ -181,14 +181,15 @@ def step_seconds(args: argparse.Namespace, arm: str, data_root: Path, run_dir: P
 
 
 def costs(args: argparse.Namespace, data_root: Path, out: Path) -> list[dict[str, float]]:
-    """`--cost-repeats` rounds, each timing every batch-32 arm once in turn: [{arm: median step seconds}]."""
+    """`--cost-repeats` rounds, each timing every batch-32 arm once in turn (the order rotated each round):
+    [{arm: median step seconds}]."""
     import shutil
 
     arms = [a for a in COST_ARMS if a in args.arms or a == "plain"]
     rounds = []
     for i in range(args.cost_repeats):
         row = {}
-        for arm in arms:
+        for arm in arms[i % len(arms) :] + arms[: i % len(arms)]:  # rotated: no arm is always first or last
             run_dir = out / "cost" / f"{arm}_{i}"
             shutil.rmtree(run_dir, ignore_errors=True)
             try:
