@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from supcon_scale.bench.loader import main, write_synthetic
@@ -153,3 +155,65 @@ def test_ks_statistic_matches_scipy_and_bound_holds_for_one_distribution():
     assert abs(ks_statistic(a, b) - ks_2samp(a, b).statistic) < 1e-12
     same = [ks_statistic(rng.normal(size=300), rng.normal(size=300)) for _ in range(200)]
     assert np.mean(np.array(same) > ks_bound(300, 300, alpha=0.05)) < 0.12  # ~5% by construction
+
+
+def _fake_run(arm: str, seed: int, right: int, extra: int = 0, n: int = 360) -> dict:
+    """A finished run whose all-labels probe gets the first `right` val images, and `extra` more, right; its
+    few-labels probe the same minus 100."""
+
+    def probe(k: int) -> dict:
+        correct = [i < k for i in range(n)]
+        return {"top1": k / n, "correct": k, "num_val": n, "num_train": 1437, "val_correct": correct}
+
+    return {"arm": arm, "seed": seed, "steps": 44, "probes": {"all": probe(right + extra), "few": probe(right - 100)}}
+
+
+def test_small_batch_report_statistics_and_table_on_fake_runs():
+    """bench/small_batch_report.py on made-up probe results (no training): pooled counts, the paired comparisons
+    with plain (t over seeds by its formula), the verdicts, the step-cost medians, JSON and Markdown."""
+    from scipy.stats import t
+
+    from supcon_scale.bench import small_batch, small_batch_report
+
+    seeds = (0, 1, 2)
+    runs = [_fake_run("plain", s, 300) for s in seeds]
+    runs += [_fake_run("queue", s, 300, extra=4 * (s + 1)) for s in seeds]  # +4, +8, +12 images: +2.2 points
+    runs += [_fake_run("m_per_class", s, 300) for s in seeds]  # the same images right: no difference at all
+    runs += [{"arm": "plain_256", "seed": s, "error": "exit 1: boom"} for s in seeds]
+    cost = [{"plain": 1.0, "queue": 1.5}, {"plain": 2.0, "queue": 2.6}, {"plain": 1.0, "queue": 1.2}]
+    arms = {a: small_batch.ARMS[a] for a in ("plain", "queue", "m_per_class", "plain_256")}
+    body = small_batch_report.summarise(runs, arms, cost)
+    plain, queue, mpc = (body["arms"][a] for a in ("plain", "queue", "m_per_class"))
+    assert plain["all"]["pooled_correct"] == 900 and plain["all"]["pooled_n"] == 1080
+    assert plain["all_vs_plain"] is None and body["arms"]["plain_256"]["failed"] == [0, 1, 2]
+    c = queue["all_vs_plain"]
+    diffs = [4 / 360, 8 / 360, 12 / 360]
+    half = t.ppf(0.975, 2) * (4 / 360) / math.sqrt(3)  # stdev of 4, 8, 12 images is 4 images
+    assert c["mean_difference"] == pytest.approx(8 / 360) and c["difference_per_seed"] == pytest.approx(diffs)
+    assert c["seed_interval_95"] == pytest.approx((8 / 360 - half, 8 / 360 + half))
+    assert (c["mcnemar"]["only_a"], c["mcnemar"]["only_b"]) == (24, 0) and c["mcnemar"]["p_value"] < 1e-6
+    assert c["pooled_difference"] == pytest.approx(24 / 1080)
+    # t over 3 seeds covers 0 (4.30 x 2.3 / 1.73 > 2.2 points) though McNemar is sure: within noise, conservatively
+    assert c["seed_interval_95"][0] < 0 < c["pooled_interval_95"][0] and c["verdict"] == "within noise"
+    assert mpc["few_vs_plain"]["mcnemar"]["p_value"] == 1.0 and mpc["few_vs_plain"]["within_noise"]
+    assert body["step_cost"]["queue"]["ratio_to_plain"] == pytest.approx(1.3)
+    assert body["step_cost"]["plain"]["median_step_s"] == 1.0
+    setup = {"num_train": 1437, "num_val": 360, "base_lr": 3.0, "epochs": 2, "seeds": list(seeds), "probe": "fast",
+             "labels_per_class": 5, "cost_repeats": 3, "cost_steps": 10}  # fmt: skip
+    report = {"setup": setup, "machine": {"cpu": "test CPU", "cores": 2, "torch": "x"}, "summary": body}
+    json.loads(json.dumps(report))
+    table = small_batch_report.markdown(report).splitlines()
+    rows = [line for line in table if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 5 and "test CPU (2 cores)" in table[0]
+    assert rows[2].startswith("| + queue 1,024 (encoder keys) | 32 | 44 | 85.6 [83.3, 87.5] (n=1080) | +2.2 [")
+    assert rows[2].endswith("within noise | 1.30x |") and "failed seeds: [0, 1, 2]" in rows[4]
+
+
+def test_small_batch_options_are_checked(tmp_path, capsys):
+    from supcon_scale.bench.small_batch import main
+
+    for bad in (["--arms", "plain,nope"], ["--seeds", "0,x"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(tmp_path), *bad])
+        assert exc.value.code == 2
+    assert "--arms: unknown nope" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest
 
-from supcon_scale.evaluation.stats import mcnemar
+from supcon_scale.evaluation.stats import mcnemar, paired_difference
 
 
 def _pair(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:
@@ -36,6 +36,19 @@ def test_mcnemar_hand_computed():
     # 0 vs 6: 2 / 64; 3 vs 3: 1
     assert mcnemar(*_pair(10, 0, 6, 2))["p_value"] == pytest.approx(2 / 64, rel=1e-12)
     assert mcnemar(*_pair(10, 3, 3, 2))["p_value"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_paired_difference_matches_the_published_newcombe_interval():
+    # Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables" (2017), ch. 8: complete response
+    # before and after consolidation therapy (Cavo et al. 2012), the paired table [[59, 6], [16, 80]]: the
+    # Newcombe square-and-add interval of the difference is -0.0621 (95% CI -0.1186 to -0.0046).
+    got = paired_difference(*_pair(59, 6, 16, 80))
+    assert got["n"] == 161 and got["difference"] == pytest.approx(-10 / 161, abs=1e-12)
+    assert got["interval"] == pytest.approx((-0.1186, -0.0046), abs=5e-5)
+    swapped = paired_difference(*_pair(59, 16, 6, 80))  # A and B exchanged: the interval mirrors
+    assert swapped["interval"] == pytest.approx((0.0046, 0.1186), abs=5e-5)
+    same = paired_difference(*_pair(30, 0, 0, 5))
+    assert same["difference"] == 0 and same["interval"][0] < 0 < same["interval"][1]
 
 
 def test_no_discordant_image_is_p_one_not_an_error():
