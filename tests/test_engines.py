@@ -314,8 +314,8 @@ def _dtensor_norms(rank: int, world: int) -> float:
     [
         ("deepspeed", ("engine.zero_stage=3", "optim.name=sgd"), "engine.zero_stage=3"),
         ("deepspeed", ("precision=fp16",), "precision=fp16"),
-        ("ddp", ("precision=bf16",), "data.image_size=16 on the CPU"),  # tiny_cfg's 16 px: the bf16 kernel bug
-        ("fsdp", ("precision=bf16",), "data.image_size=16 on the CPU"),
+        ("ddp", ("precision=bf16",), "precision=bf16 with 16 px views"),  # tiny_cfg's 16 px: the bf16 kernel bug
+        ("fsdp", ("precision=bf16",), "precision=bf16 with 16 px views"),
     ],
 )
 def test_refused_combinations(engine_name, overrides, message):

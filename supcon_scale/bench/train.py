@@ -77,7 +77,7 @@ def measure(
 
     def one_step() -> None:
         views, labels = next(batches)
-        _, stepped = trainer.train_step(engine, objective, views, labels)
+        stepped = trainer.train_step(engine, objective, views, labels).stepped
         step = next(done)
         if siblings and stepped:
             averaging.update(engine.unwrapped(), step, steps + warmup)
