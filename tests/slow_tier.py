@@ -64,5 +64,7 @@ SLOW_TWINS: frozenset[str] = frozenset(
         "tests/test_bench.py::test_bench_tool_runs_both_backends_and_writes_json",
         "tests/test_losses.py::test_bench_loss_tool_smoke",
         "tests/test_gpu_ready.py::test_gpu_check_smoke_runs_every_part_and_writes_json",
+        # the queue's resume without siblings (# the same test with the momentum encoder and EMA, the queue included)
+        "tests/test_objectives_queue.py::test_resume_with_a_queue_is_exact[queue]",
     }
 )
