@@ -171,8 +171,8 @@ def build(cfg: config.RunConfig, ctx: Context, hooks: Sequence[Hook] = ()) -> Lo
     # metrics.jsonl and its sinks, the log lines, the time shares, the collapse watch
     watch = None if objectives.trains_classifier(cfg.loss.name) else objective.uniform_loss  # embeddings only
     logger = TrainLogger(cfg, engine, total_steps, feeders, watch)
-    # the objective's hooks (its key queue) are stateful: in the list the Checkpointer saves and restores
     updates = averaging.update_hooks(engine.unwrapped(), total_steps)  # the siblings follow each applied step
+    # the objective's hooks (its key queue) are stateful: in the list the Checkpointer saves and restores
     hooks = [
         *feeders,
         logger,
